@@ -1,0 +1,342 @@
+"""Readers, image decoding and bad-row accounting, on tiny files written per test."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tldr_jax.config_lib import data_config
+from tldr_jax.data import images as images_lib
+from tldr_jax.data.dataset import load_set
+from tldr_jax.data.readers import read_records
+from tldr_jax.data.records import SKIP_REASONS, BadRowError, Skips
+
+
+def _image(seed: int, shape: tuple[int, int] = (12, 16)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write_images(root: Path, n: int, fmt: str = "PNG") -> list[str]:
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"img/{i}.{'png' if fmt == 'PNG' else 'jpg'}"
+        (root / name).write_bytes(_encode(_image(i), fmt))
+        names.append(name)
+    return names
+
+
+def _cfg(**kw):
+    return data_config(image_size=8, decode_workers=2, **kw)
+
+
+def _resized(seed: int, size: int = 8) -> np.ndarray:
+    return np.asarray(Image.fromarray(_image(seed)).resize((size, size), Image.BICUBIC))
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+def test_decode_image_formats(tmp_path):
+    a = _image(0)
+    want = _resized(0)
+    np.testing.assert_array_equal(images_lib.decode_image(_encode(a), 8), want)
+    (tmp_path / "a.png").write_bytes(_encode(a))
+    np.testing.assert_array_equal(images_lib.decode_image(tmp_path / "a.png", 8), want)
+    np.testing.assert_array_equal(images_lib.decode_image(a, 8), want)
+    same = images_lib.decode_image(_image(1, (8, 8)), 8)
+    np.testing.assert_array_equal(same, _image(1, (8, 8)))
+    jpeg = images_lib.decode_image(_encode(a, "JPEG"), 8)
+    assert jpeg.shape == (8, 8, 3) and jpeg.dtype == np.uint8
+    assert np.abs(jpeg.astype(int) - want).mean() < 40  # lossy, but the same picture
+    grey = Image.fromarray(a[..., 0])
+    buf = io.BytesIO()
+    grey.save(buf, format="PNG")
+    out = images_lib.decode_image(buf.getvalue(), 8)
+    assert out.shape == (8, 8, 3) and (out[..., 0] == out[..., 2]).all()
+
+
+def test_decode_image_errors(tmp_path):
+    with pytest.raises(images_lib.MissingImageError):
+        images_lib.decode_image(tmp_path / "nope.png", 8)
+    with pytest.raises(images_lib.NotAnImageError):
+        images_lib.decode_image(b"this is text, not an image", 8)
+    for fmt in ("PNG", "JPEG"):
+        data = _encode(_image(0, (40, 40)), fmt)
+        with pytest.raises(images_lib.TruncatedImageError):
+            images_lib.decode_image(data[: len(data) // 2], 8)
+    assert images_lib.TruncatedImageError.reason == "truncated_image"
+    assert images_lib.MissingImageError.reason == "missing_image"
+
+
+def test_normalize_roundtrip():
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    y = images_lib.normalize(x)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y[0, 0, 1], (1 / 255 - images_lib.MEAN) / images_lib.STD, 1e-6)
+    np.testing.assert_array_equal(images_lib.denormalize(y), x)
+
+
+# --- formats ------------------------------------------------------------------------------
+
+
+def test_blip_json(tmp_path):
+    names = _write_images(tmp_path / "root", 3)
+    rows = [{"image": n, "caption": f"A Photo #{i} of: things!"} for i, n in enumerate(names)]
+    (tmp_path / "blip.json").write_text(json.dumps(rows))
+    skips = Skips()
+    recs = read_records(str(tmp_path / "blip.json"), str(tmp_path / "root"), skips)
+    assert [r.sample_id for r in recs] == ["blip:0", "blip:1", "blip:2"]
+    assert recs[1].captions == ("a photo 1 of things",)
+    assert recs[1].image == str(tmp_path / "root" / "img/1.png")
+    assert recs[1].image_key == "img/1.png"
+    ds = load_set(str(tmp_path / "blip.json"), _cfg(image_root=str(tmp_path / "root")), "train")
+    assert len(ds) == 3 and ds.rows_read == 3 and sum(ds.skipped.values()) == 0
+    assert set(ds.skipped) == set(SKIP_REASONS)
+    np.testing.assert_array_equal(ds.images[2], _resized(2))
+    assert ds.captions[0] == ["a photo 0 of things"]
+    sub = ds.subset([2, 0])
+    assert sub.ids == ["blip:2", "blip:0"] and (sub.images[0] == ds.images[2]).all()
+
+
+def test_image_paths_default_to_annotation_folder(tmp_path):
+    names = _write_images(tmp_path, 1)
+    (tmp_path / "a.json").write_text(json.dumps([{"image": names[0], "caption": "x"}]))
+    recs = read_records(str(tmp_path / "a.json"), "", Skips())
+    assert recs[0].image == str(tmp_path / names[0])
+
+
+def test_karpathy_train_rows_are_pairs(tmp_path):
+    names = _write_images(tmp_path, 2)
+    rows = [
+        {"image": names[0], "caption": "first a", "image_id": "7"},
+        {"image": names[0], "caption": "first b", "image_id": "7"},
+        {"image": names[1], "caption": "second", "image_id": 9},
+    ]
+    (tmp_path / "k.json").write_text(json.dumps(rows))
+    ds = load_set(str(tmp_path / "k.json"), _cfg(image_root=str(tmp_path)), "train")
+    assert ds.ids == ["7", "7#1", "9"]
+    assert ds.captions == [["first a"], ["first b"], ["second"]]
+    np.testing.assert_array_equal(ds.images[0], ds.images[1])
+    np.testing.assert_array_equal(ds.images[2], _resized(1))
+
+
+def test_karpathy_eval(tmp_path):
+    names = _write_images(tmp_path, 2)
+    rows = [
+        {"image": n, "caption": [f"cap {i} {j}." for j in range(5)]} for i, n in enumerate(names)
+    ]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    ds = load_set(str(tmp_path / "test.json"), _cfg(image_root=str(tmp_path)), "test")
+    assert ds.ids == ["test:0", "test:1"]
+    assert ds.captions[1] == [f"cap 1 {j}" for j in range(5)]
+    assert ds.image_keys == names
+
+
+def test_json_lines_fallback(tmp_path):
+    names = _write_images(tmp_path, 2)
+    lines = [
+        json.dumps({"image": names[0], "caption": "one"}),
+        '{"image": "broken',
+        "",
+        json.dumps({"image": names[1], "caption": "two", "id": "b"}),
+    ]
+    (tmp_path / "rows.json").write_text("\n".join(lines))
+    skips = Skips()
+    recs = read_records(str(tmp_path / "rows.json"), "", skips)
+    assert [r.sample_id for r in recs] == ["rows:1", "b"]
+    assert skips.as_dict() == {"malformed_row": 1}
+    with pytest.raises(BadRowError, match=r"rows\.json, row 2: malformed_row"):
+        read_records(str(tmp_path / "rows.json"), "", Skips(strict=True))
+
+
+def test_tsv_with_and_without_header(tmp_path):
+    names = _write_images(tmp_path, 2)
+    body = f"A Cat!\t{names[0]}\nA dog\t{names[1]}\n"
+    (tmp_path / "cc.tsv").write_text("caption\turl\n" + body)
+    (tmp_path / "plain.tsv").write_text(body)
+    a = read_records(str(tmp_path / "cc.tsv"), str(tmp_path), Skips())
+    b = read_records(str(tmp_path / "plain.tsv"), str(tmp_path), Skips())
+    assert [r.captions for r in a] == [("a cat",), ("a dog",)] == [r.captions for r in b]
+    assert [r.sample_id for r in a] == ["cc:2", "cc:3"]
+    assert [r.sample_id for r in b] == ["plain:1", "plain:2"]
+    ds = load_set(str(tmp_path / "cc.tsv"), _cfg(image_root=str(tmp_path)), "train")
+    np.testing.assert_array_equal(ds.images[1], _resized(1))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for ext, data in files.items():
+                _add(tar, f"{key}.{ext}", data)
+
+
+def test_webdataset_shards(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    meta = json.dumps({"url": "http://x", "key": "k"}).encode()
+    # Written out of name order: shards must still be read sorted by name.
+    _write_shard(shards / "00001.tar", {"000010000": {"jpg": _encode(_image(2)), "txt": b"C"}})
+    _write_shard(
+        shards / "00000.tar",
+        {
+            "000000000": {"jpg": _encode(_image(0)), "txt": b"A cat.", "json": meta},
+            "000000001": {"png": _encode(_image(1)), "json": b'{"caption": "from json"}'},
+        },
+    )
+    (shards / "00000.parquet").write_bytes(b"ignored")
+    recs = read_records(str(shards), "", Skips())
+    assert [r.sample_id for r in recs] == ["00000/000000000", "00000/000000001", "00001/000010000"]
+    assert [r.captions for r in recs] == [("a cat",), ("from json",), ("c",)]
+    assert recs[1].image_key == "00000.tar/000000001.png"
+    ds = load_set(str(shards), _cfg(), "train")
+    np.testing.assert_array_equal(ds.images[1], _resized(1))
+
+
+def test_max_rows(tmp_path):
+    names = _write_images(tmp_path, 3)
+    rows = [{"image": n, "caption": "x"} for n in names]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    ds = load_set(str(tmp_path / "a.json"), _cfg(max_rows=2), "train")
+    assert ds.ids == ["a:0", "a:1"] and ds.rows_read == 2
+
+
+# --- bad rows -------------------------------------------------------------------------------
+
+
+def _bad_json(tmp_path: Path, bad_row: object) -> Path:
+    names = _write_images(tmp_path, 1)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"image": names[0], "caption": "good"}, bad_row]))
+    return path
+
+
+def _bad_file(tmp_path: Path, reason: str) -> tuple[Path, str]:
+    """A file with one good row and one bad row of `reason`; and what the strict error
+    must name (the row)."""
+    if reason in ("missing_image", "truncated_image", "not_an_image"):
+        data = {
+            "missing_image": None,
+            "truncated_image": _encode(_image(5, (40, 40)))[:300],
+            "not_an_image": b"plain text",
+        }[reason]
+        if data is not None:
+            (tmp_path / "x.png").write_bytes(data)
+        return _bad_json(tmp_path, {"image": "x.png", "caption": "bad"}), "row bad:1"
+    if reason == "empty_caption":
+        return _bad_json(tmp_path, {"image": "img/0.png", "caption": " ...!"}), "row 1"
+    if reason == "no_caption":
+        return _bad_json(tmp_path, {"image": "img/0.png"}), "row 1"
+    if reason == "malformed_row":
+        return _bad_json(tmp_path, ["not", "an", "object"]), "row 1"
+    if reason == "non_utf8":
+        names = _write_images(tmp_path, 1)
+        path = tmp_path / "bad.tsv"
+        path.write_bytes(f"good\t{names[0]}\n".encode() + b"caf\xe9\timg/0.png\n")
+        return path, "row 2"
+    assert reason == "unreadable_shard"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "00000.tar", {"0": {"png": _encode(_image(0)), "txt": b"good"}})
+    (shards / "00001.tar").write_bytes(b"\x00garbage" * 100)
+    return shards, "00001.tar"
+
+
+@pytest.mark.parametrize("reason", SKIP_REASONS)
+def test_bad_rows_counted(tmp_path, reason):
+    path, _ = _bad_file(tmp_path, reason)
+    ds = load_set(str(path), _cfg(image_root=str(tmp_path)), "train")
+    assert len(ds) == 1 and ds.captions == [["good"]]
+    assert ds.skipped == {r: int(r == reason) for r in SKIP_REASONS}
+    assert ds.rows_read == 2
+
+
+@pytest.mark.parametrize("reason", SKIP_REASONS)
+def test_bad_rows_strict(tmp_path, reason):
+    path, where = _bad_file(tmp_path, reason)
+    with pytest.raises(BadRowError) as err:
+        load_set(str(path), _cfg(image_root=str(tmp_path), strict=True), "train")
+    msg = str(err.value)
+    assert path.name in msg and where in msg and reason in msg, msg
+
+
+def test_more_malformed_rows(tmp_path):
+    names = _write_images(tmp_path, 1)
+    rows = [
+        {"image": names[0], "caption": "good"},
+        {"caption": "no image"},
+        {"image": names[0], "caption": 5},
+        {"image": names[0], "caption": ["ok", 3]},
+        {"image": names[0], "caption": None},
+        {"image": names[0], "caption": ["", "..."]},
+    ]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    (tmp_path / "m.tsv").write_text(f"good\t{names[0]}\nno tab here\n\t{names[0]}\n")
+    skips = Skips()
+    assert len(read_records(str(tmp_path / "m.json"), str(tmp_path), skips)) == 1
+    assert skips.as_dict() == {"malformed_row": 3, "no_caption": 1, "empty_caption": 1}
+    skips = Skips()
+    assert len(read_records(str(tmp_path / "m.tsv"), str(tmp_path), skips)) == 1
+    assert skips.as_dict() == {"malformed_row": 1, "empty_caption": 1}
+    # Non-UTF-8 bytes inside a JSON list are caught per row, the rest of the file is read.
+    raw = json.dumps([{"image": names[0], "caption": "XX"}, {"image": names[0], "caption": "b"}])
+    (tmp_path / "u.json").write_bytes(raw.encode().replace(b"XX", b"\xff\xfe"))
+    skips = Skips()
+    assert [r.captions for r in read_records(str(tmp_path / "u.json"), "", skips)] == [("b",)]
+    assert skips.as_dict() == {"non_utf8": 1}
+
+
+def test_tfds_source(tmp_path):
+    """A TFDS dataset prepared locally as array_record (no TensorFlow, no download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                        "image/id": np.int64,
+                        "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+                    }
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(3):
+                captions = {"text": [f"Caption {i} A.", f"caption {i} b"]}
+                image = io.BytesIO(_encode(_image(i)))
+                yield i, {"image": image, "image/id": 100 + i, "captions": captions}
+
+    TinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = _cfg(image_root=str(tmp_path))
+    ds = load_set("tfds:tiny_captions:train", cfg, "train")
+    assert sorted(ds.ids) == ["100", "101", "102"]
+    for sid, caps, image in zip(ds.ids, ds.captions, ds.images, strict=True):
+        i = int(sid) - 100
+        assert caps == [f"caption {i} a", f"caption {i} b"]
+        np.testing.assert_array_equal(image, _resized(i))

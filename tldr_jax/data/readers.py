@@ -1,0 +1,314 @@
+"""Readers for every supported input format, all producing `records.Record` lists.
+
+Formats (picked by `read_records` from the path):
+  * BLIP pre-training JSON: a list of {"image", "caption": str}.
+  * Karpathy train JSON: rows {"image", "caption": str, "image_id"}, one row per caption.
+  * Karpathy eval JSON: rows {"image", "caption": [str, ...]}, one row per image.
+  * JSON lines of the same objects (also the fallback when a whole .json file fails to parse).
+  * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
+  * A directory of img2dataset webdataset shards `*.tar` (`KEY.jpg` + `KEY.txt` + `KEY.json`).
+  * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads).
+
+Sample ids are stable and unique: an explicit `sample_id` / `id` / `image_id` field when the
+row has one, else `<file stem>:<row>` (JSON list: 0-based element index; line formats:
+1-based line number), for webdataset `<shard stem>/<__key__>`. A repeated id gets `#k`
+appended for its k-th repeat (Karpathy train rows share their image's `image_id`).
+
+Relative image paths are joined with `image_root`, or with the annotation file's folder when
+`image_root` is empty. Images are not opened here: decoding (and the missing / truncated /
+not-an-image accounting) happens once, in `dataset.load_set`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tldr_jax.data.records import Record, Skips, clean_caption
+
+_ID_FIELDS = ("sample_id", "id", "image_id")
+_TSV_HEADER_CAPTION = {"caption", "captions", "text", "title"}
+_TSV_HEADER_IMAGE = {"url", "image", "image_path", "image_url", "path", "file", "filepath"}
+_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+_TFDS_CAPTION_FIELDS = ("captions/text", "caption", "captions", "text", "caption/text")
+_TFDS_ID_FIELDS = ("image/id", "id", "image_id")
+
+
+class _Limit(Exception):
+    """Raised internally when max_rows input rows have been read."""
+
+
+def _has_bad_utf8(*texts: str) -> bool:
+    # Text decoded with errors="surrogateescape" keeps undecodable bytes as lone surrogates.
+    return any(any("\udc80" <= ch <= "\udcff" for ch in t) for t in texts)
+
+
+def _resolve(image: str, image_root: str, base_dir: str) -> str:
+    if os.path.isabs(image):
+        return image
+    return os.path.join(image_root or base_dir, image)
+
+
+def _captions(value: Any) -> tuple[str, ...] | None:
+    """Cleaned non-empty captions of a str or list-of-str field; None if malformed."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        return None
+    return tuple(c for c in map(clean_caption, value) if c)
+
+
+class _RecordSink:
+    """Collects records, enforces max_rows over rows read, and makes ids unique."""
+
+    def __init__(self, skips: Skips, max_rows: int):
+        self.skips = skips
+        self.max_rows = max_rows
+        self.rows_read = 0
+        self.records: list[Record] = []
+        self._ids: set[str] = set()
+        self._next_suffix: dict[str, int] = {}
+
+    def row(self) -> None:
+        """Counts one input row; call before handling it."""
+        if self.max_rows and self.rows_read >= self.max_rows:
+            raise _Limit
+        self.rows_read += 1
+
+    def add(self, sample_id: str, image: Any, captions: tuple[str, ...], key: str) -> None:
+        k = self._next_suffix.get(sample_id, 0)
+        unique = f"{sample_id}#{k}" if k else sample_id
+        while unique in self._ids:
+            k += 1
+            unique = f"{sample_id}#{k}"
+        self._next_suffix[sample_id] = k + 1
+        self._ids.add(unique)
+        self.records.append(Record(unique, image, captions, key))
+
+
+def _json_row(
+    row: Any, file: str, where: int, default_id: str, image_root: str, sink: _RecordSink
+) -> None:
+    skips = sink.skips
+    if not isinstance(row, dict):
+        return skips.skip("malformed_row", file, where, f"not an object: {type(row).__name__}")
+    image = row.get("image")
+    if not isinstance(image, str) or not image:
+        return skips.skip("malformed_row", file, where, "no 'image' string")
+    if row.get("caption") is None:
+        return skips.skip("no_caption", file, where)
+    captions = _captions(row["caption"])
+    if captions is None:
+        return skips.skip("malformed_row", file, where, "'caption' is not a str or list of str")
+    raw = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+    if _has_bad_utf8(image, *raw):
+        return skips.skip("non_utf8", file, where)
+    if not captions:
+        return skips.skip("empty_caption", file, where)
+    sample_id = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), "")
+    base_dir = os.path.dirname(os.path.abspath(file))
+    sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image)
+
+
+def _read_json(path: str, image_root: str, sink: _RecordSink) -> None:
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    stem = Path(path).stem
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        data = [data]
+    if isinstance(data, list):
+        for i, row in enumerate(data):
+            sink.row()
+            _json_row(row, path, i, f"{stem}:{i}", image_root, sink)
+        return
+    # Not one JSON list: read it as JSON lines, one object per line.
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        sink.row()
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            reason = "non_utf8" if _has_bad_utf8(line) else "malformed_row"
+            sink.skips.skip(reason, path, lineno, f"line {lineno}: {e.msg}")
+            continue
+        _json_row(row, path, lineno, f"{stem}:{lineno}", image_root, sink)
+
+
+def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
+    stem = Path(path).stem
+    base_dir = os.path.dirname(os.path.abspath(path))
+    skips = sink.skips
+    for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            sink.row()
+            skips.skip("non_utf8", path, lineno)
+            continue
+        fields = line.split("\t")
+        if (
+            lineno == 1
+            and len(fields) >= 2
+            and fields[0].strip().lower() in _TSV_HEADER_CAPTION
+            and fields[1].strip().lower() in _TSV_HEADER_IMAGE
+        ):
+            continue
+        sink.row()
+        if len(fields) < 2 or not fields[1].strip():
+            skips.skip("malformed_row", path, lineno, "expected caption<TAB>image_path")
+            continue
+        caption, image = clean_caption(fields[0]), fields[1].strip()
+        if not caption:
+            skips.skip("empty_caption", path, lineno)
+            continue
+        sink.add(f"{stem}:{lineno}", _resolve(image, image_root, base_dir), (caption,), image)
+
+
+def _shard_samples(shard: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes} in the shard's own order (webdataset key = name up to the
+    first dot of the basename)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = os.path.split(member.name)
+            if base.startswith("."):
+                continue
+            stem, _, ext = base.partition(".")
+            key = f"{folder}/{stem}" if folder else stem
+            f = tar.extractfile(member)
+            assert f is not None
+            samples.setdefault(key, {})[ext.lower()] = f.read()
+    return samples
+
+
+def _read_webdataset(path: str, sink: _RecordSink) -> None:
+    shards = sorted(p for p in Path(path).iterdir() if p.suffix == ".tar" and p.is_file())
+    if not shards:
+        raise FileNotFoundError(f"{path}: no .tar shards")
+    skips = sink.skips
+    for shard in shards:
+        try:
+            samples = _shard_samples(shard)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            # A shard that cannot be read to the end is dropped as a whole: its tail is unknown.
+            sink.row()
+            skips.skip("unreadable_shard", str(shard), "-", str(e))
+            continue
+        for key, files in samples.items():
+            sink.row()
+            ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
+            if ext is None:
+                skips.skip("missing_image", str(shard), key, "no image file for this key")
+                continue
+            caption_bytes = files.get("txt")
+            if caption_bytes is None and "json" in files:
+                try:
+                    meta = json.loads(files["json"].decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    meta = {}
+                cap = meta.get("caption") if isinstance(meta, dict) else None
+                caption_bytes = cap.encode("utf-8", "surrogatepass") if cap else None
+            if caption_bytes is None:
+                skips.skip("no_caption", str(shard), key)
+                continue
+            try:
+                caption = clean_caption(caption_bytes.decode("utf-8"))
+            except UnicodeDecodeError:
+                skips.skip("non_utf8", str(shard), key)
+                continue
+            if not caption:
+                skips.skip("empty_caption", str(shard), key)
+                continue
+            sink.add(f"{shard.stem}/{key}", files[ext], (caption,), f"{shard.name}/{key}.{ext}")
+
+
+def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
+    """`tfds:NAME[:split]` via `tfds.data_source` (array_record files already prepared under
+    `data_dir`, else TFDS_DATA_DIR or ~/tensorflow_datasets). Images stay encoded."""
+    import tensorflow_datasets as tfds
+
+    name, _, split = spec.removeprefix("tfds:").partition(":")
+    split = split or "train"
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+    if not image_keys:
+        raise ValueError(f"{spec}: the dataset has no Image feature")
+    image_key = image_keys[0]
+    source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    skips = sink.skips
+    for i in range(len(source)):
+        sink.row()
+        example = dict(_flatten(source[i]))
+        field = next((k for k in _TFDS_CAPTION_FIELDS if k in example), None)
+        if field is None:
+            skips.skip("no_caption", spec, i)
+            continue
+        value = example[field]
+        raw = list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
+        try:
+            texts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw]
+        except UnicodeDecodeError:
+            skips.skip("non_utf8", spec, i)
+            continue
+        captions = tuple(c for c in map(clean_caption, texts) if c)
+        if not captions:
+            skips.skip("empty_caption", spec, i)
+            continue
+        explicit = next((example[k] for k in _TFDS_ID_FIELDS if k in example), None)
+        sample_id = str(explicit) if explicit is not None else f"{name}:{split}:{i}"
+        filename = example.get(f"{image_key}/filename", example.get("image/filename"))
+        if isinstance(filename, bytes):
+            filename = filename.decode("utf-8", "replace")
+        sink.add(sample_id, example[image_key], captions, filename or f"{spec}:{i}")
+
+
+def read_records(path: str, image_root: str, skips: Skips, max_rows: int = 0) -> list[Record]:
+    """Reads one input (file, shard directory or `tfds:` spec) into records, in input order.
+
+    Bad rows are counted in `skips` (or raise `BadRowError` when `skips.strict`); at most
+    `max_rows` input rows (good or bad) are read when it is positive. For `tfds:` inputs a
+    non-empty `image_root` is used as the TFDS data_dir.
+    """
+    sink = _RecordSink(skips, max_rows)
+    try:
+        if path.startswith("tfds:"):
+            _read_tfds(path, image_root, sink)
+        elif os.path.isdir(path):
+            _read_webdataset(path, sink)
+        elif not os.path.isfile(path):
+            raise FileNotFoundError(f"no such input: {path}")
+        elif Path(path).suffix.lower() in (".tsv", ".txt"):
+            _read_tsv(path, image_root, sink)
+        elif Path(path).suffix.lower() in (".json", ".jsonl"):
+            _read_json(path, image_root, sink)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(4096).lstrip()
+            reader = _read_json if head[:1] in (b"[", b"{") else _read_tsv
+            reader(path, image_root, sink)
+    except _Limit:
+        pass
+    return sink.records
