@@ -88,6 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    # Config files may import their siblings (`from configs import pretrain`).
+    for i, a in enumerate(argv):
+        path = a.split("=", 1)[1] if a.startswith("--config=") else None
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path:
+            sys.path.insert(0, str(Path(path.split(":")[0]).resolve().parent.parent))
+
     config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory for checkpoints and summaries.")
     flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")

@@ -31,7 +31,9 @@ def initialize(
         num_processes = int(os.environ["TLDR_NUM_PROCESSES"])
     if process_id is None and os.environ.get("TLDR_PROCESS_ID"):
         process_id = int(os.environ["TLDR_PROCESS_ID"])
-    auto_env = any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID"))
+    auto_env = any(
+        k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
+    )
     explicit = coordinator_address is not None and (num_processes or 1) > 1
     if explicit:
         # CPU processes need a cross-process collective backend; harmless on GPU/TPU.

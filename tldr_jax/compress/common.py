@@ -1,0 +1,43 @@
+"""Helpers shared by the compress stages: stage directories, id <-> row maps, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from tldr_jax.data.dataset import ImageTextSet, load_set
+
+
+def stage_dir(workdir: str | Path, stage: str) -> Path:
+    d = Path(workdir) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def shared_cache(
+    config: ml_collections.ConfigDict, workdir: str | Path
+) -> ml_collections.ConfigDict:
+    """A copy of the config whose cache_dir is the compress run's one shared cache."""
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.cache_dir = cfg.get("cache_dir", "") or str(Path(workdir) / "cache")
+    return cfg
+
+
+def load_train(config: ml_collections.ConfigDict) -> ImageTextSet:
+    return load_set(config.data.train, config.data, "train")
+
+
+def load_test(config: ml_collections.ConfigDict) -> ImageTextSet:
+    return load_set(config.data.test, config.data, "test")
+
+
+def rows_of(ds_ids: list[str], ids: np.ndarray | list[str]) -> np.ndarray:
+    """Row positions of `ids` in a set whose ids are `ds_ids` (raises on an unknown id)."""
+    pos = {sid: i for i, sid in enumerate(ds_ids)}
+    missing = [str(i) for i in ids if str(i) not in pos]
+    if missing:
+        raise KeyError(f"{len(missing)} ids not in the training set, e.g. {missing[:3]}")
+    return np.array([pos[str(i)] for i in ids], np.int64)

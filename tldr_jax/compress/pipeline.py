@@ -1,0 +1,197 @@
+"""`tldr-jax compress`: the six TL;DR stages in order, then the retrieval comparison.
+
+A stage whose summary W/<stage>.json exists is finished and skipped; an interrupted stage
+resumes from its own checkpoint. The comparison pre-trains the dual encoder from scratch on
+(a) the full set, (b) the TL;DR subset (its new captions), (c) a seeded random subset of
+the same size, and evaluates all three on the clean test split. Budget `steps` gives every
+run the full set's number of optimizer steps (equal compute); `epochs` gives every run the
+same number of epochs (the subsets then train ~1/fraction times shorter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache, stage_dir
+from tldr_jax.eval.retrieval import RECALL_KEYS
+from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
+from tldr_jax.utils import dist, io
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train-captioner", "extract", "select", "score", "caption", "write")
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    from tldr_jax.cli import run_stage
+
+    walls: dict[str, float] = {}
+    for stage in STAGES:
+        done = Path(workdir) / f"{stage}.json"
+        if done.exists():
+            log.info("compress: %s already finished, skipping", stage)
+            walls[stage] = float(io.read_json(done).get("wall_s", 0.0))
+            continue
+        log.info("compress: running %s", stage)
+        walls[stage] = float(run_stage(stage, config, workdir)["wall_s"])
+    return walls
+
+
+def _recalls(summary: dict) -> dict[str, float]:
+    return {k: float(summary[k]) for k in RECALL_KEYS}
+
+
+def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    cfg = shared_cache(config, workdir)
+    out = stage_dir(workdir, "eval")
+    train, test = load_train(cfg), load_test(cfg)
+    full = io.read_json(Path(workdir) / "score" / "full_retrieval.json")
+    manifest = io.read_json(Path(workdir) / "compress" / "manifest.json")["rows"]
+    tldr_rows = rows_of(train.ids, [m["id"] for m in manifest])
+    new_caps = [[e["caption"]] for e in io.read_json(Path(workdir) / "compress" / "train.json")]
+    tldr = dataclasses.replace(train.subset(tldr_rows), captions=new_caps)
+    rng = np.random.default_rng(int(cfg.seed) + 12345)
+    random_rows = np.sort(rng.choice(len(train), size=len(tldr_rows), replace=False))
+    random_set = train.subset(random_rows)
+
+    budget = str(cfg.retrieval_eval.budget)
+    num_steps = int(full["steps"]) if budget == "steps" else None
+    text_encoder = make_text_encoder(cfg)
+    results = {"full": {**_recalls(full), "pairs": len(train), "steps": int(full["steps"])}}
+    for name, subset in (("tldr", tldr), ("random", random_set)):
+        cached = out / f"{name}.json"
+        if cached.exists():
+            summary = io.read_json(cached)
+        else:
+            summary, _ = train_and_evaluate(
+                cfg,
+                out / name,
+                subset,
+                test,
+                text_encoder,
+                num_steps=num_steps,
+                name=f"eval-{name}",
+            )
+            if dist.is_main():
+                io.write_json(cached, summary)
+        results[name] = {**_recalls(summary), "pairs": len(subset), "steps": int(summary["steps"])}
+    for r in results.values():
+        r["mean_r1"] = 0.5 * (r["tr_r1"] + r["ir_r1"])
+    return {"budget": budget, **results}
+
+
+def _world_composition(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+    """For the embedded world only, and only for the report: what the kept rows were."""
+    if config.data.train:
+        return None
+    from tldr_jax.data.world import make_world
+
+    world = make_world(config.data.world)
+    label_of = {r.sample_id: lab for r, lab in zip(world.train, world.labels, strict=True)}
+    manifest = io.read_json(Path(workdir) / "compress" / "manifest.json")["rows"]
+
+    def frac(labels: list[str]) -> dict[str, float]:
+        n = max(len(labels), 1)
+        return {k: round(labels.count(k) / n, 4) for k in ("clean", "misaligned", "duplicate")}
+
+    return {
+        "input": frac(list(world.labels)),
+        "kept": frac([label_of[m["id"]] for m in manifest]),
+    }
+
+
+def plot_recalls(path: Path, retrieval: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("full", "tldr", "random") if n in retrieval]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(names)
+    x = np.arange(len(RECALL_KEYS))
+    for i, n in enumerate(names):
+        vals = [retrieval[n][k] for k in RECALL_KEYS]
+        ax.bar(x + i * width, vals, width, label=f"{n} ({retrieval[n]['pairs']} pairs)")
+    ax.set_xticks(x + width * (len(names) - 1) / 2, RECALL_KEYS)
+    ax.set_ylabel("recall (%)")
+    ax.legend()
+    io.save_figure(fig, path)
+
+
+def write_report(workdir: str, summary: dict[str, Any]) -> None:
+    lines = [
+        "# TL;DR compression report",
+        "",
+        f"Input rows: {summary['input_rows']}; kept: {summary['kept_rows']} "
+        f"({100 * summary['fraction']:.1f}%). Skipped rows: {summary['skipped'] or 'none'}.",
+        "",
+        "Stage wall times (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_wall_s"].items()),
+        "",
+    ]
+    ret = summary.get("retrieval")
+    if ret:
+        lines += [
+            f"## Retrieval on the test split (budget: same {ret['budget']})",
+            "",
+            "| train set | pairs | steps | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | mean R@1 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n in ("full", "tldr", "random"):
+            r = ret[n]
+            cells = " | ".join(f"{r[k]:.1f}" for k in (*RECALL_KEYS, "mean_r1"))
+            lines.append(f"| {n} | {r['pairs']} | {r['steps']} | {cells} |")
+        lines += ["", "![recall](recall.png)", ""]
+    comp = summary.get("world_composition")
+    if comp:
+        lines += [
+            "## What was kept (embedded world labels; used for this report only)",
+            "",
+            f"Input: {comp['input']}  ",
+            f"Kept: {comp['kept']}",
+            "",
+        ]
+    lines += [
+        "![cluster sizes](select/cluster_sizes.png)",
+        "![alignment scores](score_histogram.png)",
+        "",
+    ]
+    io.write_text(Path(workdir) / "report.md", "\n".join(lines))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    t0 = time.time()
+    walls = run_stages(config, workdir)
+    write_summary = io.read_json(Path(workdir) / "write.json")
+    train_summary = io.read_json(Path(workdir) / "score.json")
+    summary: dict[str, Any] = {
+        "input_rows": int(write_summary["input_rows"]),
+        "kept_rows": int(write_summary["kept_rows"]),
+        "fraction": float(write_summary["fraction"]),
+        "rows_read": int(train_summary.get("rows_read", write_summary["input_rows"])),
+        "skipped": train_summary.get("skipped", {}),
+        "train_json": write_summary["train_json"],
+        "image_root": write_summary["image_root"],
+        "stage_wall_s": walls,
+    }
+    if config.retrieval_eval.enabled:
+        t1 = time.time()
+        summary["retrieval"] = retrieval_comparison(config, workdir)
+        summary["stage_wall_s"]["retrieval_eval"] = round(time.time() - t1, 3)
+        if dist.is_main():
+            plot_recalls(Path(workdir) / "recall.png", summary["retrieval"])
+    comp = _world_composition(config, workdir)
+    if comp:
+        summary["world_composition"] = comp
+    summary["total_s"] = round(time.time() - t0, 3)
+    if dist.is_main():
+        write_report(workdir, summary)
+    return summary

@@ -1,0 +1,100 @@
+"""Stage `score`: image-text alignment score for every pair, and a top-fraction filter.
+
+The scorer is a dual encoder trained on the full (noisy) set itself: misaligned captions are
+a minority, so the model learns the majority alignment and scores them low. Its retrieval on
+the test split is also the "full set" baseline of the compress report. The filter keeps the
+best-aligned `score.keep_fraction` of the rows that `select` kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache, stage_dir
+from tldr_jax.train.pretrain import (
+    embed_captions,
+    embed_images,
+    embed_texts,
+    flat_captions,
+    make_text_encoder,
+    train_and_evaluate,
+)
+from tldr_jax.utils import dist, io
+
+log = logging.getLogger(__name__)
+
+
+def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the best `round(fraction * n)` scores (ties: lower index first), sorted."""
+    n_keep = int(round(float(fraction) * len(scores)))
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:n_keep])
+
+
+def plot_score_histogram(
+    path: Path, all_scores: np.ndarray, selected: np.ndarray, kept: np.ndarray
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(float(all_scores.min()), float(all_scores.max()), 50)
+    ax.hist(all_scores, bins=bins, alpha=0.5, label=f"all rows ({len(all_scores)})")
+    ax.hist(selected, bins=bins, alpha=0.5, label=f"after k-means selection ({len(selected)})")
+    ax.hist(kept, bins=bins, alpha=0.7, label=f"after alignment filter ({len(kept)})")
+    ax.set_xlabel("image-text alignment score (cosine)")
+    ax.set_ylabel("pairs")
+    ax.legend()
+    io.save_figure(fig, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    out = stage_dir(workdir, "score")
+    cfg = shared_cache(config, workdir)
+    train, test = load_train(cfg), load_test(cfg)
+    text_encoder = make_text_encoder(cfg)
+
+    # The scorer: a dual encoder on the full set (resumes from its own checkpoints).
+    full_summary, model = train_and_evaluate(cfg, out, train, test, text_encoder, name="score-full")
+
+    # Score every row: cosine between its image and its (first) caption.
+    caps, offsets = flat_captions(train)
+    txt = embed_texts(model, embed_captions(text_encoder, caps, Path(cfg.cache_dir), 256))
+    img = embed_images(model, train)
+    scores = np.sum(img * txt[offsets], axis=1).astype(np.float32)
+
+    sel = np.load(Path(workdir) / "select" / "selected.npz")
+    sel_rows = rows_of(train.ids, sel["ids"])
+    keep_local = top_fraction(scores[sel_rows], float(cfg.score.keep_fraction))
+    kept_rows = np.sort(sel_rows[keep_local])
+
+    if dist.is_main():
+        ids = np.array(train.ids)
+        io.write_npz(out / "scores.npz", ids=ids, scores=scores)
+        io.write_npz(out / "kept.npz", ids=ids[kept_rows], scores=scores[kept_rows])
+        plot_score_histogram(
+            Path(workdir) / "score_histogram.png", scores, scores[sel_rows], scores[kept_rows]
+        )
+        io.write_json(out / "full_retrieval.json", full_summary)
+    return {
+        "input_rows": len(train),
+        "selected_rows": len(sel_rows),
+        "kept_rows": len(kept_rows),
+        "keep_fraction": float(cfg.score.keep_fraction),
+        "score_mean_all": float(scores.mean()),
+        "score_mean_selected": float(scores[sel_rows].mean()),
+        "score_mean_kept": float(scores[kept_rows].mean()),
+        "scorer_retrieval": {
+            k: full_summary[k] for k in full_summary if k.startswith(("tr_", "ir_"))
+        },
+        "scorer_steps": full_summary["steps"],
+        "rows_read": train.rows_read,
+        "skipped": dict(train.skipped),
+    }

@@ -1,0 +1,95 @@
+"""Stage `write`: the new BLIP-format training file and its manifest (SPEC A.6).
+
+caption = original + "; " + generated (mode `append`, the reference), or the generated caption
+alone (`generated`), or the generated caption replacing the original only where one exists
+(`replace`). A kept sample with no generated caption keeps its original caption.
+Image paths are written exactly as the input had them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from tldr_jax.compress.common import load_train, rows_of, stage_dir
+from tldr_jax.utils import dist, io
+
+MODES = ("append", "replace", "generated")
+
+
+def combine(original: str, generated: str | None, mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"write.mode must be one of {MODES}, got {mode!r}")
+    if not generated:
+        return original
+    if mode == "append":
+        return f"{original}; {generated}"
+    return generated
+
+
+def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
+    """Where the file's relative image paths resolve. The embedded world is written to
+    WORKDIR/world once so its training file is usable by any BLIP-format reader."""
+    if config.data.train:
+        return str(config.data.image_root)
+    from tldr_jax.data.world import make_world, write_world
+
+    world_dir = Path(workdir) / "world"
+    if not (world_dir / "train.json").exists() and dist.is_main():
+        write_world(make_world(config.data.world), world_dir)
+    dist.barrier("world-written")
+    return str(world_dir)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    out = stage_dir(workdir, "compress")
+    train = load_train(config)
+    kept = np.load(Path(workdir) / "score" / "kept.npz")
+    rows = rows_of(train.ids, kept["ids"])
+    generated: dict[str, str] = io.read_json(Path(workdir) / "caption" / "generated.json")
+    clusters = np.load(Path(workdir) / "select" / "clusters.npz")
+    cluster_of = dict(zip(clusters["ids"].tolist(), clusters["assignments"].tolist(), strict=True))
+
+    mode = str(config.write.mode)
+    entries, manifest = [], []
+    for r, score in zip(rows, kept["scores"], strict=True):
+        sid = train.ids[r]
+        original = train.captions[r][0]
+        caption = combine(original, generated.get(sid), mode)
+        entries.append({"image": train.image_keys[r], "caption": caption})
+        manifest.append(
+            {
+                "id": sid,
+                "image": train.image_keys[r],
+                "cluster": int(cluster_of.get(sid, -1)),
+                "score": float(score),
+                "original": original,
+                "generated": generated.get(sid),
+            }
+        )
+    image_root = image_root_for(config, workdir)
+    without_generated = sum(1 for m in manifest if not m["generated"])
+    if dist.is_main():
+        io.write_json(out / "train.json", entries, indent=None)
+        io.write_json(
+            out / "manifest.json",
+            {
+                "image_root": image_root,
+                "mode": mode,
+                "rows": manifest,
+                "config": config.to_dict(),
+            },
+            indent=None,
+        )
+    return {
+        "input_rows": len(train),
+        "kept_rows": len(entries),
+        "fraction": len(entries) / max(len(train), 1),
+        "mode": mode,
+        "kept_without_generated_caption": without_generated,
+        "train_json": str(out / "train.json"),
+        "image_root": image_root,
+    }

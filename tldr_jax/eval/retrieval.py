@@ -1,0 +1,126 @@
+"""Image-text retrieval recall@K with BLIP semantics, computed on device in chunks.
+
+image->text: an image's rank is the best rank among its ground-truth captions.
+text->image: each caption has exactly one ground-truth image.
+R@K = percentage of queries whose rank < K.
+
+Ties are broken as a stable descending sort would (the lower index ranks first), so the
+result is deterministic and matches `np.argsort(-s, kind="stable")`.
+The full (images x captions) score matrix is never materialised: scores are computed for a
+block of queries at a time and reduced to ranks inside one jitted function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
+
+
+def _rank_of(scores: jax.Array, gt: jax.Array) -> jax.Array:
+    """Rank of column `gt` in each row of `scores` under a stable descending sort.
+
+    scores: (Q, C); gt: (Q,) int. Returns (Q,) int32.
+    """
+    gt_score = jnp.take_along_axis(scores, gt[:, None], axis=1)
+    cols = jnp.arange(scores.shape[1])[None, :]
+    ahead = (scores > gt_score) | ((scores == gt_score) & (cols < gt[:, None]))
+    return jnp.sum(ahead, axis=1, dtype=jnp.int32)
+
+
+@jax.jit
+def _i2t_ranks(scores: jax.Array, gt_caps: jax.Array) -> jax.Array:
+    """scores: (Q, T); gt_caps: (Q, G) caption ids padded with -1. Best rank over G."""
+    valid = gt_caps >= 0
+    safe = jnp.where(valid, gt_caps, 0)
+    ranks = jax.vmap(lambda g: _rank_of(scores, g), in_axes=1, out_axes=1)(safe)
+    return jnp.min(jnp.where(valid, ranks, jnp.iinfo(jnp.int32).max), axis=1)
+
+
+@jax.jit
+def _t2i_ranks(scores: jax.Array, gt_img: jax.Array) -> jax.Array:
+    return _rank_of(scores, gt_img)
+
+
+@functools.partial(jax.jit, static_argnames=())
+def _block_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
+    return jnp.dot(q, keys.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def image_to_caption_lists(txt2img: np.ndarray, num_images: int) -> np.ndarray:
+    """(num_images, max_captions) caption ids per image, padded with -1."""
+    txt2img = np.asarray(txt2img)
+    counts = np.bincount(txt2img, minlength=num_images)
+    out = np.full((num_images, max(int(counts.max(initial=0)), 1)), -1, np.int32)
+    fill = np.zeros(num_images, np.int64)
+    for t, i in enumerate(txt2img):
+        out[i, fill[i]] = t
+        fill[i] += 1
+    return out
+
+
+def _recall(ranks: np.ndarray, ks: tuple[int, ...]) -> list[float]:
+    return [float(100.0 * np.mean(ranks < k)) for k in ks]
+
+
+def ranks_from_scores(
+    sim: np.ndarray | jax.Array, txt2img: np.ndarray, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks from a given (images x captions) score matrix (used on precomputed scores)."""
+    sim = jnp.asarray(sim)
+    n_img, n_txt = sim.shape
+    gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
+    gt_img = jnp.asarray(np.asarray(txt2img, np.int32))
+    i2t = [_i2t_ranks(sim[s : s + chunk], gt_caps[s : s + chunk]) for s in range(0, n_img, chunk)]
+    t2i = [
+        _t2i_ranks(sim[:, s : s + chunk].T, gt_img[s : s + chunk]) for s in range(0, n_txt, chunk)
+    ]
+    return np.concatenate([np.asarray(r) for r in i2t]), np.concatenate(
+        [np.asarray(r) for r in t2i]
+    )
+
+
+def recall_at_k(
+    sim: np.ndarray | jax.Array, txt2img: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@K (percent) from a score matrix (images x captions)."""
+    i2t, t2i = ranks_from_scores(sim, txt2img)
+    return _as_dict(_recall(i2t, ks), _recall(t2i, ks), ks)
+
+
+def _as_dict(tr: list[float], ir: list[float], ks: tuple[int, ...]) -> dict[str, float]:
+    out = {f"tr_r{k}": v for k, v in zip(ks, tr, strict=True)}
+    out.update({f"ir_r{k}": v for k, v in zip(ks, ir, strict=True)})
+    return out
+
+
+def retrieval_metrics(
+    img_emb: np.ndarray | jax.Array,
+    txt_emb: np.ndarray | jax.Array,
+    txt2img: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk: int = 512,
+) -> dict[str, float]:
+    """Recall@K from embeddings (scores = dot products), blockwise: memory O(chunk x N)."""
+    img = jnp.asarray(img_emb, jnp.float32)
+    txt = jnp.asarray(txt_emb, jnp.float32)
+    n_img, n_txt = img.shape[0], txt.shape[0]
+    gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
+    gt_img = jnp.asarray(np.asarray(txt2img, np.int32))
+    i2t = np.concatenate(
+        [
+            np.asarray(_i2t_ranks(_block_scores(img[s : s + chunk], txt), gt_caps[s : s + chunk]))
+            for s in range(0, n_img, chunk)
+        ]
+    )
+    t2i = np.concatenate(
+        [
+            np.asarray(_t2i_ranks(_block_scores(txt[s : s + chunk], img), gt_img[s : s + chunk]))
+            for s in range(0, n_txt, chunk)
+        ]
+    )
+    return _as_dict(_recall(i2t, ks), _recall(t2i, ks), ks)

@@ -1,0 +1,296 @@
+"""Dual-encoder pre-training and retrieval evaluation: stages `pretrain` and `evaluate`.
+
+Reads top to bottom like big_vision's train.py: data, model, state, mesh, loop, evaluation,
+checkpoint, summary. The text side is the frozen pretrained BERT (MiniLM by default): its
+embeddings are computed once per caption and cached, and a trainable projection head maps
+them into the joint space (SPEC B.1), so a CPU run spends its time on the image tower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from tldr_jax.data.dataset import ImageTextSet, load_set
+from tldr_jax.data.pipeline import eval_batches, train_iterator
+from tldr_jax.eval.retrieval import retrieval_metrics
+from tldr_jax.models import make_image_encoder
+from tldr_jax.models.bert import TextEncoder
+from tldr_jax.models.heads import ProjectionHead
+from tldr_jax.train import state as train_state
+from tldr_jax.train.checkpoint import Checkpointer
+from tldr_jax.train.losses import info_nce, l2_normalize
+from tldr_jax.utils import dist, preemption
+from tldr_jax.utils.mesh import data_sharding, make_mesh, replicated, shard_batch
+from tldr_jax.utils.metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+
+
+class DualEncoder(nnx.Module):
+    """Image tower + projection, and a projection head over frozen text embeddings."""
+
+    def __init__(
+        self,
+        image_encoder: nnx.Module,
+        text_dim: int,
+        embed_dim: int,
+        *,
+        head_dropout: float,
+        temperature: float,
+        learn_temperature: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.image_encoder = image_encoder
+        img_dim = int(image_encoder.out_dim)
+        out_dim = embed_dim or img_dim
+        self.image_proj = nnx.Linear(img_dim, out_dim, rngs=rngs) if embed_dim else None
+        self.text_head = ProjectionHead(text_dim, out_dim, dropout=head_dropout, rngs=rngs)
+        log_scale = jnp.log(jnp.asarray(1.0 / temperature, jnp.float32))
+        self.log_scale = nnx.Param(log_scale) if learn_temperature else nnx.Variable(log_scale)
+
+    def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        feats = self.image_encoder(images, train=train)
+        return self.image_proj(feats) if self.image_proj is not None else feats
+
+    def encode_text(self, text_emb: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.text_head(text_emb, train=train)
+
+    def logit_scale(self) -> jax.Array:
+        # Clipped at 100 as in CLIP so a learned temperature cannot blow up the logits.
+        return jnp.minimum(jnp.exp(self.log_scale[...]), 100.0)
+
+
+def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int) -> DualEncoder:
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    m = config.model
+    image_encoder = make_image_encoder(
+        m.image, dict(m.image_kwargs), config.data.image_size, rngs=rngs
+    )
+    return DualEncoder(
+        image_encoder,
+        text_dim,
+        int(m.embed_dim),
+        head_dropout=float(m.head_dropout),
+        temperature=float(m.temperature),
+        learn_temperature=bool(m.learn_temperature),
+        rngs=rngs,
+    )
+
+
+def contrastive_loss(model: DualEncoder, batch: dict, train: bool) -> tuple[jax.Array, dict]:
+    img = model.encode_image(batch["image"], train=train)
+    txt = model.encode_text(batch["text_emb"], train=train)
+    loss = info_nce(img, txt, model.logit_scale())
+    return loss, {"logit_scale": model.logit_scale()}
+
+
+def flat_captions(ds: ImageTextSet) -> tuple[list[str], np.ndarray]:
+    """All captions in one list, with the offset of each sample's first caption."""
+    counts = np.array([len(c) for c in ds.captions], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return [c for caps in ds.captions for c in caps], offsets
+
+
+def make_text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
+    t = config.text
+    return TextEncoder(t.model_dir, pooling=t.pooling, max_len=int(t.max_len))
+
+
+def embed_captions(
+    text_encoder: TextEncoder, captions: list[str], cache_dir: Path, batch_size: int
+) -> np.ndarray:
+    return text_encoder.embed_cached(captions, cache_dir, batch_size=batch_size)
+
+
+def embed_images(model: DualEncoder, ds: ImageTextSet, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised image embeddings of every image in `ds`, in order."""
+    encode = nnx.jit(lambda m, x: l2_normalize(m.encode_image(x, train=False)))
+    out = []
+    for batch in eval_batches(ds, batch_size):
+        out.append(np.asarray(encode(model, jnp.asarray(batch["image"])))[batch["valid"]])
+    return np.concatenate(out)
+
+
+def embed_texts(model: DualEncoder, text_emb: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """L2-normalised joint-space embeddings of frozen text-encoder embeddings."""
+    encode = nnx.jit(lambda m, t: l2_normalize(m.encode_text(t, train=False)))
+    return np.concatenate(
+        [
+            np.asarray(encode(model, jnp.asarray(text_emb[s : s + batch_size])))
+            for s in range(0, len(text_emb), batch_size)
+        ]
+    )
+
+
+def evaluate_retrieval(
+    model: DualEncoder, test: ImageTextSet, test_text_emb: np.ndarray
+) -> dict[str, float]:
+    """Embeds every test image and caption and computes recall@1/5/10 both ways."""
+    txt2img = np.repeat(np.arange(len(test)), [len(c) for c in test.captions])
+    return retrieval_metrics(embed_images(model, test), embed_texts(model, test_text_emb), txt2img)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    train: ImageTextSet,
+    test: ImageTextSet,
+    text_encoder: TextEncoder,
+    *,
+    num_steps: int | None = None,
+    name: str = "pretrain",
+) -> tuple[dict[str, Any], DualEncoder]:
+    """Trains a dual encoder from scratch (or resumes) on `train`; evaluates on `test`.
+
+    `num_steps` overrides config.train.epochs (used to give subsets the same step budget).
+    Checkpoints go to workdir/checkpoints; metrics to workdir/metrics/<name>.csv|png.
+    Returns the summary and the trained model.
+    """
+    workdir = Path(workdir)
+    cache_dir = Path(config.get("cache_dir", "") or workdir / "cache")
+    seed = int(config.seed)
+    tc = config.train
+    batch_size = int(tc.batch_size)
+    if len(train) < batch_size:
+        raise ValueError(f"{len(train)} training pairs < batch size {batch_size}")
+
+    # --- Text embeddings (frozen encoder, computed once, cached).
+    t0 = time.time()
+    train_caps, train_off = flat_captions(train)
+    test_caps, _ = flat_captions(test)
+    tb = int(config.text.batch_size)
+    train_txt = embed_captions(text_encoder, train_caps, cache_dir, tb)
+    test_txt = embed_captions(text_encoder, test_caps, cache_dir, tb)
+    text_s = time.time() - t0
+
+    # --- Mesh, model, optimiser, state.
+    mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+    steps_per_epoch = len(train) // batch_size
+    total = int(num_steps) if num_steps else int(tc.epochs) * steps_per_epoch
+    model = build_model(config, train_txt.shape[1], seed)
+    model_def, params, rest = train_state.split_model(model)
+    tx = train_state.make_optimizer(tc, total, steps_per_epoch)
+    state = train_state.init_state(params, rest, tx)
+    shardings = train_state.state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    step_fn = jax.jit(
+        train_state.make_train_step(model_def, tx, contrastive_loss, seed),
+        in_shardings=(shardings, data_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    data_iter = train_iterator(train, batch_size, seed)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.get("keep", 2)))
+    start = ckpt.latest_step() or 0
+    if start:
+        state, _ = ckpt.restore(start, state, data_iter=data_iter)
+        log.info("%s: resumed from step %d", name, start)
+    logger = MetricLogger(workdir, name, resume_step=start)
+
+    # --- Train loop.
+    t0 = time.time()
+    ckpt_every = int(tc.get("ckpt_every", 0)) or total
+    log_every = max(int(tc.get("log_every", 50)), 1)
+    metrics: dict[str, Any] = {}
+    pbar = tqdm(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
+    for step in pbar:
+        batch = next(data_iter)
+        text_emb = train_txt[train_off[batch["index"]] + batch["caption_index"]]
+        global_batch = shard_batch({"image": batch["image"], "text_emb": text_emb}, mesh)
+        state, metrics = step_fn(state, global_batch)
+        done = step + 1
+        if done % log_every == 0 or done == total:
+            scalars = {k: float(v) for k, v in metrics.items()}
+            logger.log(done, **scalars)
+            pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
+        if done % ckpt_every == 0 or done == total:
+            ckpt.save(done, state, extra={"name": name}, data_iter=data_iter)
+        if preemption.requested():
+            ckpt.save(done, state, extra={"name": name}, data_iter=data_iter)
+            logger.close()
+            raise preemption.stop(name, done)
+    train_s = time.time() - t0
+    logger.close()
+
+    # --- Evaluation.
+    t0 = time.time()
+    model = model_def.merge(state["params"], state["rest"])
+    recall = evaluate_retrieval(model, test, test_txt)
+    ckpt.close()
+    summary = {
+        **recall,
+        "steps": total,
+        "epochs": round(total / max(steps_per_epoch, 1), 3),
+        "batch_size": batch_size,
+        "train_pairs": len(train),
+        "test_images": len(test),
+        "test_captions": len(test_caps),
+        "final_loss": float(metrics["loss"]) if metrics else None,
+        "time_s": {"text_embed": text_s, "train": train_s, "eval": time.time() - t0},
+    }
+    return summary, model
+
+
+def _data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
+    skipped: dict[str, int] = {}
+    for s in (train.skipped, test.skipped):
+        for k, v in s.items():
+            skipped[k] = skipped.get(k, 0) + v
+    return {
+        "rows_read": train.rows_read,
+        "test_rows_read": test.rows_read,
+        "skipped": skipped,
+        "skipped_train": dict(train.skipped),
+        "skipped_test": dict(test.skipped),
+        "train_source": train.source,
+        "test_source": test.source,
+    }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`tldr-jax pretrain`: train a dual encoder, evaluate retrieval, write pretrain.json."""
+    train = load_set(config.data.train, config.data, "train")
+    test = load_set(config.data.test, config.data, "test")
+    result, _ = train_and_evaluate(config, workdir, train, test, make_text_encoder(config))
+    return {**result, **_data_summary(train, test)}
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`tldr-jax evaluate`: restore the latest checkpoint in workdir and evaluate it."""
+    workdir_p = Path(workdir)
+    ckpt = Checkpointer(workdir_p / "checkpoints")
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir_p / 'checkpoints'}")
+    test = load_set(config.data.test, config.data, "test")
+    text_encoder = make_text_encoder(config)
+    test_caps, _ = flat_captions(test)
+    cache_dir = Path(config.get("cache_dir", "") or workdir_p / "cache")
+    test_txt = embed_captions(text_encoder, test_caps, cache_dir, int(config.text.batch_size))
+    model = build_model(config, test_txt.shape[1], int(config.seed))
+    model_def, params, rest = train_state.split_model(model)
+    tx = train_state.make_optimizer(config.train, 1)
+    target = train_state.init_state(params, rest, tx)
+    state, _ = ckpt.restore(step, target)
+    ckpt.close()
+    model = model_def.merge(state["params"], state["rest"])
+    recall = evaluate_retrieval(model, test, test_txt)
+    return {
+        **recall,
+        "checkpoint_step": int(step),
+        "rows_read": test.rows_read,
+        "skipped": dict(test.skipped),
+        "test_images": len(test),
+        "test_captions": len(test_caps),
+    }
