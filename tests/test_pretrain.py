@@ -1,0 +1,182 @@
+"""Dual-encoder training: sharded == single device, resume == uninterrupted, CLI on disk."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import pretrain as pretrain_config
+from tldr_jax.data.world import make_world, write_world
+from tldr_jax.train import pretrain
+from tldr_jax.train import state as train_state
+from tldr_jax.utils import preemption
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    config = pretrain_config.get_config("small")
+    config.data.image_size = 16
+    config.data.world.update(image_size=16, num_pairs=256, num_test=48, num_clean=16)
+    config.model.image_kwargs.update(depth=2, width=8)
+    config.model.embed_dim = 32
+    config.train.update(batch_size=32, epochs=1, warmup_steps=2, log_every=2, ckpt_every=3)
+    return config
+
+
+def _mesh(n: int) -> jax.sharding.Mesh:
+    return jax.make_mesh(
+        (n, 1), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:n]
+    )
+
+
+def _run_steps(config, mesh, batches, fsdp: bool = False):
+    model = pretrain.build_model(config, batches[0]["text_emb"].shape[1], 0)
+    model_def, params, rest = train_state.split_model(model)
+    tx = train_state.make_optimizer(config.train, 10)
+    state = train_state.init_state(params, rest, tx)
+    shardings = train_state.state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    step = jax.jit(
+        train_state.make_train_step(model_def, tx, pretrain.contrastive_loss, 0),
+        in_shardings=(shardings, NamedSharding(mesh, P(("data", "fsdp")))),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+    )
+    losses = []
+    for b in batches:
+        state, metrics = step(state, b)
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state["params"]), losses
+
+
+def test_sharded_equals_single_device():
+    assert jax.device_count() == 8
+    config = tiny_config()
+    # SGD: Adam divides by sqrt(v), which turns float-noise gradients (e.g. of a conv bias
+    # that instance norm cancels) into full-size updates whose sign is noise.
+    config.train.update(optimizer="sgd", momentum=0.9, lr=0.05, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+            "text_emb": rng.normal(size=(16, 24)).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
+    p1, l1 = _run_steps(config, _mesh(1), batches)
+    p8, l8 = _run_steps(config, _mesh(8), batches)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    # FSDP over 4 devices x data 2 gives the same numbers too.
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    p_fsdp, l_fsdp = _run_steps(config, mesh, batches)
+    np.testing.assert_allclose(l1, l_fsdp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_sets():
+    from tldr_jax.data.dataset import load_set
+
+    config = tiny_config()
+    return config, load_set("", config.data, "train"), load_set("", config.data, "test")
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return pretrain.make_text_encoder(tiny_config())
+
+
+def test_resume_after_preemption_matches_uninterrupted(
+    tmp_path, tiny_sets, text_encoder, monkeypatch
+):
+    config, train, test = tiny_sets
+    config.cache_dir = str(tmp_path / "cache")
+    full, _ = pretrain.train_and_evaluate(
+        config, tmp_path / "a", train, test, text_encoder, num_steps=6
+    )
+    calls = {"n": 0}
+
+    def preempt_at_4():
+        calls["n"] += 1
+        return calls["n"] == 4
+
+    monkeypatch.setattr(preemption, "requested", preempt_at_4)
+    with pytest.raises(preemption.Preempted, match="step 4"):
+        pretrain.train_and_evaluate(config, tmp_path / "b", train, test, text_encoder, num_steps=6)
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    resumed, _ = pretrain.train_and_evaluate(
+        config, tmp_path / "b", train, test, text_encoder, num_steps=6
+    )
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5)
+    for k in ("tr_r1", "tr_r5", "ir_r1", "ir_r5"):
+        assert resumed[k] == pytest.approx(full[k], abs=1e-6)
+    # The metric CSV holds each step once even though the run was interrupted.
+    rows = (tmp_path / "b" / "metrics" / "pretrain.csv").read_text().splitlines()[1:]
+    steps = [int(r.split(",")[0]) for r in rows if ",loss," in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def _cli(*args, cwd=REPO):
+    env = {
+        "XLA_FLAGS": "",
+        "JAX_PLATFORMS": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tldr_jax.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
+    config, _, _ = tiny_sets
+    world_dir = tmp_path / "world"
+    write_world(make_world(config.data.world), world_dir)
+    work = tmp_path / "run"
+    overrides = [
+        "--config.data.image_size=16",
+        "--config.model.image_kwargs.depth=2",
+        "--config.model.image_kwargs.width=8",
+        "--config.model.embed_dim=32",
+        "--config.train.batch_size=32",
+        "--config.train.epochs=1",
+        f"--config.data.train={world_dir / 'train.json'}",
+        f"--config.data.test={world_dir / 'test.json'}",
+        f"--config.data.image_root={world_dir}",
+    ]
+    r = _cli(
+        "pretrain", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((work / "pretrain.json").read_text())
+    for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "skipped", "rows_read"):
+        assert k in summary
+    assert summary["rows_read"] == 256 and summary["test_images"] == 48
+    assert (work / "metrics" / "pretrain.png").exists()
+    r = _cli(
+        "evaluate", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((work / "evaluate.json").read_text())
+    for k in ("tr_r1", "ir_r1", "ir_r10"):
+        assert ev[k] == pytest.approx(summary[k], abs=1e-6)
+
+
+def test_cli_rejects_unknown_stage():
+    r = _cli("no-such-stage", "--config", "configs/pretrain.py", "--workdir", "/tmp/x")
+    assert r.returncode == 2 and "unknown stage" in r.stderr
