@@ -1,0 +1,206 @@
+"""Flax BERT against Hugging Face's PyTorch BertModel (fixture) and a numpy re-implementation."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tldr_jax.models.bert import TextEncoder, load_bert, pool
+
+FIXTURE = "tests/fixtures/bert_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(FIXTURE) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    # max_len 64 so the longest fixture sentence (33 tokens) is not truncated.
+    return TextEncoder(pooling="mean", max_len=64)
+
+
+def test_last_hidden_matches_pytorch(reference):
+    model = load_bert()  # all-MiniLM-L6-v2 from the wheel
+    ids, mask = reference["input_ids"], reference["attention_mask"]
+    hidden = np.asarray(jax.jit(lambda i, m: model(i, m))(ids, mask))
+    valid = mask.astype(bool)
+    assert hidden.shape == reference["last_hidden_state"].shape
+    assert np.abs(hidden - reference["last_hidden_state"])[valid].max() < 1e-4
+    for mode, key in (("mean", "mean_pooled"), ("cls", "cls_pooled")):
+        pooled = np.asarray(pool(jnp.asarray(hidden), mask, mode))
+        assert np.abs(pooled - reference[key]).max() < 1e-4
+
+
+def test_text_encoder_matches_pytorch(encoder, reference):
+    sentences = [str(s) for s in reference["sentences"]]
+    # Same token ids as the HF tokenizer the reference used.
+    valid = reference["attention_mask"].astype(bool)
+    for ids, ref_ids, ref_valid in zip(
+        encoder.tokenize(sentences), reference["input_ids"], valid, strict=True
+    ):
+        assert ids == ref_ids[ref_valid].tolist()
+    # Sentences land in 4 different length buckets (8/16/32/64), padded differently from the
+    # reference's single batch: rows must come back in input order and be pad-invariant.
+    emb = encoder.embed(sentences)
+    assert emb.dtype == np.float32 and emb.shape == (5, encoder.dim) and encoder.dim == 384
+    assert np.abs(emb - reference["mean_pooled"]).max() < 1e-4
+    unit = encoder.embed(sentences, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
+    ref = reference["mean_pooled"]
+    np.testing.assert_allclose(unit, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    assert encoder.embed([]).shape == (0, 384)
+
+
+def test_truncation_keeps_sep(encoder):
+    (ids,) = encoder.tokenize(["word " * 200])
+    assert len(ids) == encoder.max_len and ids[0] == 101 and ids[-1] == 102
+
+
+def test_embed_cached(encoder, reference, tmp_path, monkeypatch):
+    sentences = [str(s) for s in reference["sentences"]][:3]
+    first = encoder.embed_cached(sentences, tmp_path)
+    files = list(tmp_path.glob("text_emb_*.npy"))
+    assert len(files) == 1
+    np.testing.assert_array_equal(np.load(files[0]), first)
+    np.testing.assert_allclose(first, reference["mean_pooled"][:3], atol=1e-4)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(encoder, "embed", fail)
+    np.testing.assert_array_equal(encoder.embed_cached(sentences, tmp_path), first)
+    # Any change of texts or options is a different key.
+    keys = {
+        encoder.cache_key(sentences),
+        encoder.cache_key(sentences[:2]),
+        encoder.cache_key(sentences[::-1]),
+        encoder.cache_key(sentences, normalize=True),
+        encoder.cache_key(["a b", "c"]),
+        encoder.cache_key(["a", "b c"]),
+    }
+    assert len(keys) == 6
+
+
+def test_pool_mean_ignores_padding():
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, 6, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    garbage = np.where(mask[..., None] > 0, hidden, 1e6)
+    out = np.asarray(pool(jnp.asarray(garbage), jnp.asarray(mask), "mean"))
+    ref = np.stack([hidden[i, : mask[i].sum()].mean(0) for i in range(3)])
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(pool(jnp.asarray(hidden), mask, "cls")), hidden[:, 0])
+    with pytest.raises(ValueError):
+        pool(jnp.asarray(hidden), mask, "max")
+
+
+# A tiny random BERT saved as a BertFor* checkpoint ("bert." prefix), checked against numpy.
+TINY = dict(vocab=40, hidden=8, layers=2, heads=2, inter=16, positions=16, eps=1e-12)
+
+
+def _tiny_checkpoint(path):
+    rng = np.random.default_rng(1)
+    h, inter = TINY["hidden"], TINY["inter"]
+    w = lambda *shape: rng.normal(size=shape).astype(np.float32) * 0.5
+    weights = {
+        "embeddings.word_embeddings.weight": w(TINY["vocab"], h),
+        "embeddings.position_embeddings.weight": w(TINY["positions"], h),
+        "embeddings.token_type_embeddings.weight": w(2, h),
+        "embeddings.LayerNorm.weight": 1 + w(h),
+        "embeddings.LayerNorm.bias": w(h),
+    }
+    for i in range(TINY["layers"]):
+        p = f"encoder.layer.{i}."
+        for name in ("self.query", "self.key", "self.value", "output.dense"):
+            weights[p + f"attention.{name}.weight"] = w(h, h)
+            weights[p + f"attention.{name}.bias"] = w(h)
+        weights[p + "attention.output.LayerNorm.weight"] = 1 + w(h)
+        weights[p + "attention.output.LayerNorm.bias"] = w(h)
+        weights[p + "intermediate.dense.weight"] = w(inter, h)
+        weights[p + "intermediate.dense.bias"] = w(inter)
+        weights[p + "output.dense.weight"] = w(h, inter)
+        weights[p + "output.dense.bias"] = w(h)
+        weights[p + "output.LayerNorm.weight"] = 1 + w(h)
+        weights[p + "output.LayerNorm.bias"] = w(h)
+    stored = {"bert." + k: v for k, v in weights.items()}
+    stored["cls.predictions.bias"] = w(TINY["vocab"])  # an MLM head, to be ignored
+    save_file(stored, str(path / "model.safetensors"))
+    config = {
+        "vocab_size": TINY["vocab"],
+        "hidden_size": h,
+        "num_hidden_layers": TINY["layers"],
+        "num_attention_heads": TINY["heads"],
+        "intermediate_size": inter,
+        "max_position_embeddings": TINY["positions"],
+        "type_vocab_size": 2,
+        "layer_norm_eps": TINY["eps"],
+        "hidden_act": "gelu",
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return {k: v.astype(np.float64) for k, v in weights.items()}
+
+
+def _numpy_bert(wt, ids, mask, types):
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + TINY["eps"]) * wt[name + ".weight"] + wt[name + ".bias"]
+
+    def dense(x, name):
+        return x @ wt[name + ".weight"].T + wt[name + ".bias"]
+
+    erf = np.vectorize(math.erf)
+    x = (
+        wt["embeddings.word_embeddings.weight"][ids]
+        + wt["embeddings.position_embeddings.weight"][np.arange(ids.shape[1])]
+        + wt["embeddings.token_type_embeddings.weight"][types]
+    )
+    x = ln(x, "embeddings.LayerNorm")
+    b, length, h = x.shape
+    nh, d = TINY["heads"], h // TINY["heads"]
+    for i in range(TINY["layers"]):
+        p = f"encoder.layer.{i}."
+        q, k, v = (
+            dense(x, p + f"attention.self.{n}").reshape(b, length, nh, d).transpose(0, 2, 1, 3)
+            for n in ("query", "key", "value")
+        )
+        logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+        logits = np.where(mask[:, None, None, :] > 0, logits, -np.inf)
+        attn = np.exp(logits - logits.max(-1, keepdims=True))
+        attn /= attn.sum(-1, keepdims=True)
+        ctx = (attn @ v).transpose(0, 2, 1, 3).reshape(b, length, h)
+        x = ln(x + dense(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        inner = dense(x, p + "intermediate.dense")
+        inner = 0.5 * inner * (1 + erf(inner / np.sqrt(2)))
+        x = ln(x + dense(inner, p + "output.dense"), p + "output.LayerNorm")
+    return x
+
+
+def test_load_prefixed_checkpoint_matches_numpy(tmp_path):
+    weights = _tiny_checkpoint(tmp_path)
+    model = load_bert(tmp_path)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, TINY["vocab"], size=(3, 7)).astype(np.int32)
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], np.int32)
+    types = np.array([[0] * 4 + [1] * 3] * 3, np.int32)
+    out = np.asarray(jax.jit(lambda i, m, t: model(i, m, t))(ids, mask, types))
+    ref = _numpy_bert(weights, ids, mask, types)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4)
+
+
+def test_load_rejects_missing_weights(tmp_path):
+    _tiny_checkpoint(tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    del stored["bert.encoder.layer.1.output.dense.bias"]
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match="layer.1.output.dense.bias"):
+        load_bert(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_bert(tmp_path / "nowhere")

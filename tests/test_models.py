@@ -1,0 +1,293 @@
+"""Image encoders and the projection head: shapes, parameter counts, numpy references,
+signal propagation, and the "student is a pure function of its parameters" property."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tldr_jax.models import make_image_encoder
+from tldr_jax.models.convnet import ConvNet
+from tldr_jax.models.heads import ProjectionHead
+from tldr_jax.models.nfresnet import NFResNet, nf_resnet26, standardize_kernel
+from tldr_jax.models.vit import vit_b16_224
+
+
+def n_params(module: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+# XLA's CPU backend at -O0 compiles the (random-number-heavy) initialisers ~4x faster.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def build(factory, *args, **kwargs):
+    """factory(*args, **kwargs, rngs=Rngs(0)), initialised by one quickly compiled program."""
+    make = lambda: factory(*args, **kwargs, rngs=nnx.Rngs(0))
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    init = jax.jit(lambda: nnx.state(make())).lower().compile(FAST_COMPILE)
+    state = init()
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    return nnx.merge(graphdef, state)
+
+
+def fast_jit(fn, *example_args):
+    """jax.jit(fn) compiled at -O0 for the shapes of example_args (closed-over modules are
+    read as constants)."""
+    return jax.jit(fn).lower(*example_args).compile(FAST_COMPILE)
+
+
+def images(b: int, size: int, seed: int = 0) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
+
+
+# One model per config for the whole file: on CPU, initialisers and ops compile per shape.
+CONFIGS = {
+    "convnet": ("convnet", {"width": 8, "depth": 2}, 16, 8 * 4 * 4),
+    "convnet_gap": ("convnet", {"width": 8, "depth": 2, "pooling": "gap", "norm": "none"}, 16, 8),
+    "vit": ("vit", {"preset": "tiny", "patch_size": 8}, 32, 64),
+    "nfresnet": ("nfresnet", {"preset": "tiny"}, 32, 32),
+}
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    """name -> (module, pure apply(params, x), params); built once per file."""
+    built = {}
+    for key, (name, kwargs, size, _) in CONFIGS.items():
+        model = build(make_image_encoder, name, kwargs, size)
+        graphdef, params = nnx.split(model, nnx.Param)
+        apply = lambda p, x, g=graphdef: nnx.merge(g, p)(x, train=True)
+        built[key] = (model, apply, params)
+    return built
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_encoder_is_pure_function_of_params(encoders, key):
+    _, _, size, out_dim = CONFIGS[key]
+    model, apply, params = encoders[key]
+    assert model.out_dim == out_dim
+    # No batch statistics, RNG state or caches: every variable is a trainable nnx.Param.
+    assert not jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
+    assert not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
+
+    x = images(4, size, seed=2)
+    pure = fast_jit(apply, params, x)
+    y = pure(params, x)
+    assert y.shape == (4, out_dim) and y.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(y)))
+    # The split-and-merge pure function computes what the module computes.
+    np.testing.assert_allclose(y, fast_jit(lambda x: model(x), x)(x), rtol=1e-5, atol=1e-5)
+    # Each sample's feature depends on that sample only (no batch statistics).
+    others = pure(params, x.at[1:].set(images(3, size, seed=3)))
+    np.testing.assert_allclose(others[:1], y[:1], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(others[1:] - y[1:]).max()) > 1e-4
+    # And it is a differentiable function of the parameters.
+    grads = fast_jit(jax.grad(lambda p: jnp.sum(apply(p, x) ** 2)), params)(params)
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+
+
+def test_unknown_encoder_and_preset():
+    with pytest.raises(ValueError, match="unknown image encoder"):
+        make_image_encoder("resnet", {}, 32, nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown nfresnet preset"):
+        make_image_encoder("nfresnet", {"preset": "nf_resnet50"}, 32, nnx.Rngs(0))
+    with pytest.raises(ValueError, match="224"):
+        make_image_encoder("vit", {"preset": "b16"}, 32, nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- ConvNet
+
+
+def _numpy_convnet_layer(x, kernel, bias, scale, shift, eps=1e-5):
+    """conv3x3 SAME -> per-sample per-channel norm -> relu -> avgpool 2x2, by brute force."""
+    b, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = np.zeros((b, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            y += np.einsum("bhwc,cd->bhwd", xp[:, i : i + h, j : j + w], kernel[i, j])
+    y += bias
+    mean = y.mean(axis=(1, 2), keepdims=True)
+    var = y.var(axis=(1, 2), keepdims=True)
+    y = (y - mean) / np.sqrt(var + eps) * scale + shift
+    y = np.maximum(y, 0)
+    return y.reshape(b, h // 2, 2, w // 2, 2, -1).mean(axis=(2, 4))
+
+
+def test_convnet_matches_numpy(encoders):
+    model = nnx.clone(encoders["convnet"][0])
+    # Non-trivial affine parameters so the norm's scale/shift are exercised.
+    for k, gn in enumerate(model.norms):
+        gn.scale[...] = jnp.linspace(0.5, 1.5, 8) + k
+        gn.bias[...] = jnp.linspace(-0.2, 0.2, 8)
+    x = np.asarray(images(2, 16, seed=4), np.float64)
+    ref = x
+    for conv, gn in zip(model.convs, model.norms, strict=True):
+        ref = _numpy_convnet_layer(
+            ref,
+            np.asarray(conv.kernel[...], np.float64),
+            np.asarray(conv.bias[...]),
+            np.asarray(gn.scale[...]),
+            np.asarray(gn.bias[...]),
+        )
+    x = jnp.asarray(x, jnp.float32)
+    y = fast_jit(lambda x: model(x), x)(x)
+    np.testing.assert_allclose(y, ref.reshape(2, -1), atol=1e-4)
+
+
+def test_convnet_default_is_mtt_convnet_d3():
+    model = nnx.eval_shape(lambda: ConvNet(32, rngs=nnx.Rngs(0)))
+    assert (model.width, model.depth, model.norm, model.out_dim) == (128, 3, "instancenorm", 2048)
+    # 3 convs (3->128, 128->128 x2) + 3 GroupNorm affine pairs.
+    assert n_params(model) == (27 * 128 + 128) + 2 * (9 * 128 * 128 + 128) + 3 * 256
+    with pytest.raises(ValueError):
+        ConvNet(30, depth=3, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+def test_vit_tokens_and_cls(encoders):
+    model, apply, params = encoders["vit"]
+    x = images(2, 32)
+    tokens = fast_jit(lambda x: model.tokens(x), x)(x)
+    assert tokens.shape == (2, 1 + 16, 64) and model.num_patches == 16
+    np.testing.assert_allclose(fast_jit(apply, params, x)(params, x), tokens[:, 0], atol=1e-5)
+    # Final LayerNorm (scale 1, bias 0 at init): every token is standardised.
+    np.testing.assert_allclose(tokens.mean(-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(tokens.var(-1), 1.0, atol=1e-3)
+
+
+def test_vit_b16_224_shapes_without_running():
+    model = nnx.eval_shape(lambda: vit_b16_224(rngs=nnx.Rngs(0)))
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    tokens = nnx.eval_shape(lambda m, x: m.tokens(x), model, x)
+    assert tokens.shape == (2, 197, 768)
+    assert model.out_dim == 768
+    # timm vit_base_patch16_224 without its classifier has exactly this many parameters.
+    assert n_params(model) == 85_798_656
+
+
+# ----------------------------------------------------------------------------- NFResNet
+
+
+def test_nf_resnet26_parameter_count_and_layout():
+    model = nnx.eval_shape(lambda: nf_resnet26(rngs=nnx.Rngs(0)))
+    count = n_params(model)
+    assert count == 15_995_184 and abs(count / 16.0e6 - 1) < 0.01
+    assert model.depths == (2, 2, 2, 2) and model.widths == (256, 512, 1024, 2048)
+    assert model.out_dim == 1000
+    trunk = nnx.eval_shape(lambda: nf_resnet26(head_dim=0, rngs=nnx.Rngs(0)))
+    assert n_params(trunk) == 13_946_184 and trunk.out_dim == 2048
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    assert nnx.eval_shape(lambda m, x: m(x), model, x).shape == (2, 1000)
+    feats = nnx.eval_shape(lambda m, x: m.features(x), trunk, x)
+    assert feats.shape == (2, 7, 7, 2048)
+
+
+def test_standardize_kernel_matches_numpy():
+    kernel = np.asarray(jax.random.normal(jax.random.key(0), (3, 3, 5, 4))) * 3 + 1
+    gain = np.array([1.0, 2.0, 0.5, 1.5], np.float32)
+    w = np.asarray(standardize_kernel(jnp.asarray(kernel), jnp.asarray(gain)))
+    flat = kernel.reshape(-1, 4)
+    ref = (flat - flat.mean(0)) / (flat.std(0) * np.sqrt(45)) * gain
+    np.testing.assert_allclose(w.reshape(-1, 4), ref, rtol=1e-4, atol=1e-6)
+    # Hence Var(output) = gain^2 * Var(input) for a unit-variance input at each position.
+    np.testing.assert_allclose((w.reshape(-1, 4) ** 2).sum(0), gain**2, rtol=1e-4)
+
+
+def _block_variances(model: NFResNet, x: jax.Array) -> jax.Array:
+    """Mean channel variance of the output of every residual block."""
+    h = nnx.max_pool(model.stem(x), (3, 3), strides=(2, 2), padding="SAME")
+    variances = []
+    for block in model.blocks:
+        h = block(h)
+        variances.append(jnp.var(h, axis=(0, 1, 2)).mean())
+    return jnp.stack(variances)
+
+
+def test_nfresnet_signal_propagation():
+    """Block-output variance follows the analytic beta^2 = 1 + k alpha^2 (k blocks into a
+    stage) with live residual branches; with SkipInit's zero gains blocks are identities and a
+    transition rescales by 1 / beta^2 of its input."""
+    alpha = 0.3
+    model = build(
+        NFResNet, depths=(2, 2, 2), widths=(16, 32, 64), stem_width=8, alpha=alpha, skip_init=1.0
+    )
+    betas = np.array([b.beta for b in model.blocks])
+    k = np.tile([1, 2], 3)
+    # Beta of a block = sqrt of the expected variance of its input.
+    expected_var = 1.0 + k * alpha**2
+    np.testing.assert_allclose(betas[1:], np.sqrt(expected_var[:-1]), rtol=1e-6)
+    # Smooth, unit-variance "images" (natural images are spatially correlated).
+    x = jax.image.resize(images(8, 8), (8, 64, 64, 3), "cubic")
+    x = x / jnp.std(x)
+    variances = fast_jit(lambda x: _block_variances(model, x), x)(x)
+    np.testing.assert_allclose(variances, expected_var, rtol=0.25)
+
+    for block in model.blocks:
+        block.skip_gain[...] = 0.0
+    h = images(2, 8, seed=1)[..., :1].repeat(16, -1)
+    np.testing.assert_allclose(fast_jit(lambda h: model.blocks[1](h), h)(h), h, rtol=1e-6)
+    variances = np.asarray(fast_jit(lambda x: _block_variances(model, x), x)(x))
+    np.testing.assert_allclose(variances[1::2], variances[::2], rtol=1e-5)  # identity blocks
+    ratios = variances[[2, 4]] / variances[[0, 2]]
+    np.testing.assert_allclose(ratios, 1 / betas[[2, 4]] ** 2, rtol=0.1)
+
+
+# ----------------------------------------------------------------------------- ProjectionHead
+
+
+def _numpy_head(head: ProjectionHead, x: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf)
+    p = x @ np.asarray(head.projection.kernel[...]) + np.asarray(head.projection.bias[...])
+    g = 0.5 * p * (1 + erf(p / np.sqrt(2)))
+    h = g @ np.asarray(head.fc.kernel[...]) + np.asarray(head.fc.bias[...]) + p
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    return h * np.asarray(head.norm.scale[...]) + np.asarray(head.norm.bias[...])
+
+
+@functools.partial(nnx.jit, static_argnames="train")
+def run_head(head: ProjectionHead, x: jax.Array, train: bool = False, key=None) -> jax.Array:
+    return head(x, train=train, rngs=key)
+
+
+def test_projection_head_matches_numpy_in_eval():
+    head = build(ProjectionHead, 6, 32, dropout=0.5)
+    x = np.asarray(images(1, 4)).reshape(8, 6)
+    y = run_head(head, jnp.asarray(x))
+    np.testing.assert_allclose(y, _numpy_head(head, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_head(head, jnp.asarray(x)), y)  # eval is deterministic
+
+
+def test_projection_head_residual_and_layernorm():
+    head = build(ProjectionHead, 6, 32, dropout=0.5)
+    x = images(1, 4, seed=3).reshape(8, 6)
+    head.fc.kernel[...] = jnp.zeros_like(head.fc.kernel[...])
+    projected = x @ head.projection.kernel[...] + head.projection.bias[...]
+    mean, var = projected.mean(-1, keepdims=True), projected.var(-1, keepdims=True)
+    # With the inner layer zeroed, the head is exactly LayerNorm(projection(x)).
+    expected = (projected - mean) / jnp.sqrt(var + 1e-5)
+    np.testing.assert_allclose(run_head(head, x), expected, atol=1e-5)
+
+
+def test_projection_head_dropout_only_in_train():
+    head = build(ProjectionHead, 6, 32, dropout=0.5)
+    x = images(1, 4, seed=5).reshape(8, 6)
+    eval_out = run_head(head, x)
+    a = run_head(head, x, True, jax.random.key(1))
+    b = run_head(head, x, True, jax.random.key(1))
+    c = run_head(head, x, True, jax.random.key(2))
+    np.testing.assert_allclose(a, b)  # a key fixes the mask: usable as a pure function
+    assert float(jnp.abs(a - c).max()) > 1e-3 and float(jnp.abs(a - eval_out).max()) > 1e-3
+    # Without a key, the module's own dropout stream advances between calls.
+    assert float(jnp.abs(run_head(head, x, True) - run_head(head, x, True)).max()) > 1e-3
+    no_drop = build(ProjectionHead, 6, 32, dropout=0.0)
+    np.testing.assert_allclose(run_head(no_drop, x, True), run_head(no_drop, x), rtol=1e-6)

@@ -1,0 +1,66 @@
+"""ConvNet of the dataset-distillation literature (DC / DSA / MTT "ConvNetD3").
+
+`depth` x [conv3x3(width) -> norm -> relu -> avgpool 2x2], then flatten (or global average).
+'instancenorm' is GroupNorm with one group per channel (with affine parameters), as the MTT
+code does: it normalises each sample on its own, so there are no batch statistics and the
+network stays a pure function of its parameters (needed to unroll students in distillation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORMS = ("instancenorm", "none")
+POOLINGS = ("flatten", "gap")
+
+
+class ConvNet(nnx.Module):
+    """MTT-style ConvNet image encoder: (B,H,W,3) -> (B, out_dim)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        width: int = 128,
+        depth: int = 3,
+        norm: str = "instancenorm",
+        pooling: str = "flatten",
+        in_channels: int = 3,
+        rngs: nnx.Rngs,
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if image_size % (2**depth):
+            raise ValueError(f"image_size {image_size} is not divisible by 2**depth={2**depth}")
+        self.image_size: int = image_size
+        self.width: int = width
+        self.depth: int = depth
+        self.norm: str = norm
+        self.pooling: str = pooling
+        self.convs = nnx.List(
+            nnx.Conv(in_channels if i == 0 else width, width, (3, 3), padding="SAME", rngs=rngs)
+            for i in range(depth)
+        )
+        # PyTorch GroupNorm's eps (1e-5), matching the reference implementation.
+        self.norms = nnx.List(
+            nnx.GroupNorm(width, num_groups=width, epsilon=1e-5, rngs=rngs)
+            for _ in range(depth if norm == "instancenorm" else 0)
+        )
+        final = image_size // 2**depth
+        self.out_dim: int = width * final * final if pooling == "flatten" else width
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # No dropout or batch statistics: train and eval are the same function.
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.norm == "instancenorm":
+                x = self.norms[i](x)
+            x = jax.nn.relu(x)
+            x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        if self.pooling == "gap":
+            return jnp.mean(x, axis=(1, 2))
+        return x.reshape(x.shape[0], -1)

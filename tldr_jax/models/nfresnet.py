@@ -1,0 +1,217 @@
+"""Normalizer-free ResNets (Brock, De, Smith 2021: "Characterizing signal propagation to close
+the performance gap in unnormalized ResNets").
+
+No batch norm, so a network is a pure function of its parameters, which trajectory matching
+needs (a student is unrolled as `params -> loss` under `lax.scan`). Signal propagation is kept
+in check analytically instead:
+  * Scaled weight standardisation: every conv uses W_hat = gain * (W - mean) / (std sqrt(fan_in)),
+    so a conv preserves variance at init; gamma-scaled ReLU (gamma = sqrt(2 / (1 - 1/pi)))
+    restores unit variance after the activation.
+  * Residual blocks: h_{i+1} = h_i + alpha * skip_gain * f(h_i / beta_i), where beta_i is the
+    analytically expected std of h_i: Var(h_{i+1}) = Var(h_i) + alpha^2, reset to 1 + alpha^2 at
+    each stage's first (transition) block, whose shortcut sees the normalised input.
+  * `skip_gain` is a learnable scalar per block (SkipInit), initialised to `skip_init`
+    (0 = every block starts as the identity on its shortcut, as in NFNets).
+
+Layout (pre-activation bottlenecks, as DeepMind's NF-ResNets and timm's `nf_resnet*`):
+stem 7x7/2 conv (64) + 3x3/2 max pool; stages of bottleneck blocks [1x1 -> 3x3 (stride) -> 1x1]
+with mid width = 1/4 of the stage width; a strided 1x1 conv shortcut where the shape changes
+(a subsampling conv keeps the variance, where timm's avg-pool shortcut divides it by up to 4);
+final gamma-ReLU and global average pool -> (B, widths[-1]); optionally a linear head to
+`head_dim` features.
+
+Parameter count of `nf_resnet26()`: 15,995,184 = 13,946,184 in the conv trunk (convs with
+gain and bias, 8 skip gains) + 2,049,000 in its 2048 -> 1000 linear head; that is the layout
+and the 16.0M of timm's `nf_resnet26` (whose head is the ImageNet classifier). With
+`head_dim=0` the encoder returns the 2048-d pooled trunk features instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# E[relu(z)^2] - E[relu(z)]^2 = (1 - 1/pi) / 2 for z ~ N(0, 1): this gain makes it 1.
+RELU_GAMMA = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
+
+
+def scaled_relu(x: jax.Array) -> jax.Array:
+    return jax.nn.relu(x) * RELU_GAMMA
+
+
+def standardize_kernel(kernel: jax.Array, gain: jax.Array, eps: float = 1e-4) -> jax.Array:
+    """Scaled WS on an HWIO kernel: zero mean, 1/fan_in variance per output channel, * gain."""
+    fan_in = np.prod(kernel.shape[:-1])
+    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+    return (kernel - mean) * jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+
+
+class WSConv(nnx.Module):
+    """Conv2D (NHWC) with scaled weight standardisation and a learnable per-channel gain."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        stride: int = 1,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.stride: int = stride
+        init = jax.nn.initializers.normal(1.0)  # any scale: the kernel is standardised
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
+        self.gain = nnx.Param(jnp.ones((out_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = standardize_kernel(self.kernel[...], self.gain[...])
+        y = jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=(self.stride, self.stride),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias[...]
+
+
+class NFBottleneck(nnx.Module):
+    """Pre-activation bottleneck: out = shortcut + alpha * skip_gain * f(relu(x / beta))."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        stride: int,
+        *,
+        alpha: float,
+        beta: float,
+        bottle_ratio: float,
+        skip_init: float,
+        rngs: nnx.Rngs,
+    ):
+        mid = max(1, int(round(out_features * bottle_ratio)))
+        self.alpha: float = alpha
+        self.beta: float = beta
+        self.conv1 = WSConv(in_features, mid, 1, rngs=rngs)
+        self.conv2 = WSConv(mid, mid, 3, stride, rngs=rngs)
+        self.conv3 = WSConv(mid, out_features, 1, rngs=rngs)
+        self.shortcut = (
+            WSConv(in_features, out_features, 1, stride, rngs=rngs)
+            if stride != 1 or in_features != out_features
+            else None
+        )
+        self.skip_gain = nnx.Param(jnp.full((), skip_init, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = scaled_relu(x / self.beta)
+        shortcut = x
+        if self.shortcut is not None:
+            # Transition block: the shortcut sees the normalised input (variance resets).
+            shortcut = self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(scaled_relu(out))
+        out = self.conv3(scaled_relu(out))
+        return shortcut + out * (self.alpha * self.skip_gain[...])
+
+
+class NFResNet(nnx.Module):
+    """Normalizer-free bottleneck ResNet image encoder: (B,H,W,3) -> (B, out_dim)."""
+
+    def __init__(
+        self,
+        *,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        widths: Sequence[int] = (256, 512, 1024, 2048),
+        stem_width: int = 64,
+        bottle_ratio: float = 0.25,
+        alpha: float = 0.2,
+        skip_init: float = 0.0,
+        head_dim: int = 0,
+        in_channels: int = 3,
+        rngs: nnx.Rngs,
+    ):
+        if len(depths) != len(widths):
+            raise ValueError(f"depths {depths} and widths {widths} differ in length")
+        self.depths: tuple[int, ...] = tuple(depths)
+        self.widths: tuple[int, ...] = tuple(widths)
+        self.stem = WSConv(in_channels, stem_width, 7, 2, rngs=rngs)
+        blocks = []
+        expected_var = 1.0  # the stem conv preserves the unit variance of normalised pixels
+        in_features = stem_width
+        for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            for i in range(depth):
+                stride = 2 if (i == 0 and stage > 0) else 1
+                blocks.append(
+                    NFBottleneck(
+                        in_features,
+                        width,
+                        stride,
+                        alpha=alpha,
+                        beta=float(np.sqrt(expected_var)),
+                        bottle_ratio=bottle_ratio,
+                        skip_init=skip_init,
+                        rngs=rngs,
+                    )
+                )
+                if i == 0:
+                    expected_var = 1.0  # transition: shortcut = conv(normalised input)
+                expected_var += alpha**2
+                in_features = width
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(self.widths[-1], head_dim, rngs=rngs) if head_dim else None
+        self.out_dim: int = head_dim or self.widths[-1]
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Spatial features before the final activation: (B, H/32, W/32, widths[-1])."""
+        x = self.stem(x)
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # No dropout or batch statistics: train and eval are the same function.
+        x = jnp.mean(scaled_relu(self.features(x)), axis=(1, 2))
+        return self.head(x) if self.head is not None else x
+
+
+def nf_resnet26(
+    *,
+    width_multiplier: float = 1.0,
+    skip_init: float = 0.0,
+    alpha: float = 0.2,
+    head_dim: int = 1000,
+    rngs: nnx.Rngs,
+) -> NFResNet:
+    """NF-ResNet-26: bottleneck blocks [2, 2, 2, 2], widths 256-512-1024-2048, stem 64, and a
+    linear head to `head_dim` (16.0M parameters at the defaults; 13.9M with head_dim=0)."""
+    widths = tuple(int(round(w * width_multiplier)) for w in (256, 512, 1024, 2048))
+    return NFResNet(
+        depths=(2, 2, 2, 2),
+        widths=widths,
+        stem_width=int(round(64 * width_multiplier)),
+        alpha=alpha,
+        skip_init=skip_init,
+        head_dim=head_dim,
+        rngs=rngs,
+    )
+
+
+def nf_resnet_tiny(*, skip_init: float = 0.0, head_dim: int = 0, rngs: nnx.Rngs) -> NFResNet:
+    """Two stages of one block each, 16/32 wide: for tests and laptop-sized configs."""
+    return NFResNet(
+        depths=(1, 1),
+        widths=(16, 32),
+        stem_width=8,
+        skip_init=skip_init,
+        head_dim=head_dim,
+        rngs=rngs,
+    )
