@@ -1,0 +1,182 @@
+"""Peak memory and time per outer distillation iteration, per grad mode and syn_steps.
+
+    python benchmarks/distill_memory.py --json W/distill_memory.json
+    python benchmarks/distill_memory.py --preset nf_resnet26_64 --modes remat,tesla --steps 5,40
+
+Each (mode, syn_steps) point runs in a fresh subprocess so peak RSS (the child's VmHWM) is
+that point's alone. A parent-side watchdog kills a child whose RSS passes --max-rss-mib (so a
+runaway unroll cannot push a shared machine into the kernel OOM killer) and one that passes
+--timeout; both are recorded instead of crashing. Output JSON:
+{"<mode>": {"<syn_steps>": {"peak_mib", "s_per_iter"} | {"error": ...}}}.
+The trajectory endpoints are the student's init plus noise: memory and time do not depend on
+their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PRESETS = {
+    # name: (image encoder, image size, pairs = batch, text embedding dim)
+    "small": ("convnet", 16, 32, 64),
+    # The reference comparison: NF-ResNet-26 (16.0M) + 768 -> 1000 text head (1.8M).
+    "nf_resnet26_64": ("nf_resnet26", 64, 100, 768),
+}
+
+
+def _vm_kib(pid: int | str, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def worker(preset: str, mode: str, syn_steps: int, iters: int) -> dict:
+    import jax
+    from flax import nnx
+
+    from tldr_jax.distill import matching
+    from tldr_jax.distill.student import make_student
+    from tldr_jax.models.convnet import ConvNet
+    from tldr_jax.models.heads import ProjectionHead
+    from tldr_jax.models.nfresnet import nf_resnet26
+
+    encoder, size, pairs, txt_dim = PRESETS[preset]
+    rngs = nnx.Rngs(0)
+    if encoder == "convnet":
+        image_net = ConvNet(size, width=32, depth=2, norm="instancenorm", rngs=rngs)
+    else:
+        image_net = nf_resnet26(rngs=rngs)
+    head = ProjectionHead(txt_dim, image_net.out_dim, rngs=rngs)
+    student, t_img, t_txt = make_student(image_net, head)
+    del image_net, head
+
+    k = jax.random.split(jax.random.key(1), 5)
+    syn = matching.SyntheticSet.create(
+        jax.random.normal(k[0], (pairs, size, size, 3)), jax.random.normal(k[1], (pairs, txt_dim))
+    )
+    start = (t_img, t_txt)
+    target = (
+        t_img + 1e-3 * jax.random.normal(k[2], t_img.shape),
+        t_txt + 1e-3 * jax.random.normal(k[3], t_txt.shape),
+    )
+    opt = matching.make_outer_optimizer()
+    opt_state = opt.init(syn)
+
+    @jax.jit
+    def step(syn, opt_state, key):
+        k_idx, k_drop = jax.random.split(key)
+        idx = matching.sample_minibatches(k_idx, pairs, syn_steps, pairs)
+        return matching.outer_step(
+            syn, opt_state, opt, student, start, target, idx, k_drop, grad_mode=mode
+        )
+
+    t0 = time.perf_counter()
+    out = step(syn, opt_state, jax.random.key(0))
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(iters):
+        syn, opt_state, loss, _ = step(syn, opt_state, jax.random.key(i + 1))
+    jax.block_until_ready(loss)
+    return {
+        "peak_mib": round(_vm_kib("self", "VmHWM") / 1024, 1),
+        "s_per_iter": round((time.perf_counter() - t0) / iters, 3),
+        "first_iter_s": round(compile_s, 2),
+        "params_img": int(t_img.size),
+        "params_txt": int(t_txt.size),
+    }
+
+
+def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset]
+    cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    t0, peak_kib, error = time.monotonic(), 0, None
+    while child.poll() is None:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # child just exited
+            peak_kib = max(peak_kib, _vm_kib(child.pid, "VmRSS"))
+        if peak_kib > args.max_rss_mib * 1024:
+            error = f"oom: RSS passed {args.max_rss_mib} MiB"
+        elif time.monotonic() - t0 > args.timeout:
+            error = f"timeout after {args.timeout} s"
+        if error:
+            child.kill()
+            break
+        time.sleep(0.05)
+    out, err = child.communicate()
+    if error:
+        return {"error": error, "peak_mib_seen": round(peak_kib / 1024, 1)}
+    if child.returncode != 0:
+        return {"error": f"exit {child.returncode}: {err.strip().splitlines()[-1:]}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_table(results: dict, steps: list[int]) -> None:
+    print(
+        f"{'mode':8s} {'steps':>5s} {'peak MiB':>9s} {'x peak@' + str(steps[0]):>10s} "
+        f"{'s/iter':>8s} {'s/step':>7s}"
+    )
+    for mode, points in results.items():
+        base = points.get(str(steps[0]), {}).get("peak_mib")
+        for n in steps:
+            p = points.get(str(n), {})
+            if "error" in p:
+                print(f"{mode:8s} {n:5d} {p['error']}")
+                continue
+            ratio = f"{p['peak_mib'] / base:.2f}x" if base else "-"
+            print(
+                f"{mode:8s} {n:5d} {p['peak_mib']:9.0f} {ratio:>10s} "
+                f"{p['s_per_iter']:8.2f} {p['s_per_iter'] / n:7.3f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--modes", default="unroll,remat,tesla")
+    parser.add_argument("--steps", default="5,10,20,40")
+    parser.add_argument("--iters", type=int, default=2, help="timed iterations after warm-up")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per point")
+    parser.add_argument("--max-rss-mib", type=float, default=16000.0)
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    for mode in modes:
+        if mode not in ("unroll", "remat", "tesla"):
+            parser.error(f"unknown mode {mode!r}")
+
+    if args.worker:
+        print(json.dumps(worker(args.preset, modes[0], steps[0], args.iters)))
+        return
+
+    from tldr_jax.utils.io import write_json
+
+    results: dict = {}
+    for mode in modes:
+        for n in steps:
+            point = run_point(args, mode, n)
+            results.setdefault(mode, {})[str(n)] = point
+            print(f"{mode} syn_steps={n}: {point}", flush=True)
+            if args.json:  # after every point, so a long run keeps what it measured
+                write_json(args.json, results)
+    print_table(results, steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Trajectory-matching math: exactness of remat, finite differences, TESLA, NaN guard."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tldr_jax.distill import matching
+from tldr_jax.distill.student import flatten_params, make_student
+
+M, SIZE, TXT_DIM, EMB = 6, 8, 5, 7
+
+
+class TinyImageNet(nnx.Module):
+    """Conv -> GELU -> global mean pool -> Linear; no batch statistics."""
+
+    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), strides=2, param_dtype=dtype, rngs=rngs)
+        self.out = nnx.Linear(4, EMB, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, *, train=False):
+        return self.out(jax.nn.gelu(self.conv(x)).mean(axis=(1, 2)))
+
+
+class TinyHead(nnx.Module):
+    """A small ProjectionHead look-alike with dropout (exercises the RNG plumbing)."""
+
+    def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.inp = nnx.Linear(TXT_DIM, EMB, param_dtype=dtype, rngs=rngs)
+        self.hidden = nnx.Linear(EMB, EMB, param_dtype=dtype, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.norm = nnx.LayerNorm(EMB, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, *, train=False):
+        h = self.inp(x)
+        return self.norm(h + self.drop(self.hidden(jax.nn.gelu(h)), deterministic=not train))
+
+
+_STUDENTS = {}
+
+
+def _setup(dtype=jnp.float32, seed=0, syn_steps=5, batch_syn=4):
+    # One student object per dtype so jitted functions (static on it) compile once per shape.
+    if dtype not in _STUDENTS:
+        rngs = nnx.Rngs(seed)
+        _STUDENTS[dtype] = make_student(
+            TinyImageNet(dtype=dtype, rngs=rngs), TinyHead(dtype=dtype, rngs=rngs)
+        )
+    student, t_img, t_txt = _STUDENTS[dtype]
+    k = jax.random.split(jax.random.key(seed + 1), 6)
+    syn = matching.SyntheticSet.create(
+        jax.random.normal(k[0], (M, SIZE, SIZE, 3), dtype),
+        jax.random.normal(k[1], (M, TXT_DIM), dtype),
+        step_size=0.3,
+    )
+    syn = syn.replace(lr_img=syn.lr_img.astype(dtype), lr_txt=syn.lr_txt.astype(dtype))
+    start = (t_img, t_txt)
+    target = (
+        t_img + 0.05 * jax.random.normal(k[2], t_img.shape, dtype),
+        t_txt + 0.05 * jax.random.normal(k[3], t_txt.shape, dtype),
+    )
+    idx = matching.sample_minibatches(k[4], M, syn_steps, batch_syn)
+    return student, syn, start, target, idx, k[5]
+
+
+_grad_fn = jax.jit(matching.meta_loss_and_grad, static_argnums=(1,), static_argnames="grad_mode")
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_student_matches_module_and_flat_layout():
+    rngs = nnx.Rngs(0)
+    net, head = TinyImageNet(rngs=rngs), TinyHead(rngs=rngs)
+    student, t_img, t_txt = make_student(net, head)
+    np.testing.assert_array_equal(t_img, flatten_params(net))
+    assert student.num_params == (t_img.size, t_txt.size)
+    x = jax.random.normal(jax.random.key(1), (3, SIZE, SIZE, 3))
+    e = jax.random.normal(jax.random.key(2), (3, TXT_DIM))
+    img, txt = jax.jit(student.apply)(t_img, t_txt, x, e)
+    np.testing.assert_allclose(img, net(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(txt, head(e), rtol=1e-5, atol=1e-6)
+    # Dropout: deterministic for a key, different across keys, absent when off.
+    drop = jax.jit(lambda k: student.apply(t_img, t_txt, x, e, rng=k, train_dropout=True)[1])
+    np.testing.assert_array_equal(drop(jax.random.key(3)), drop(jax.random.key(3)))
+    assert not np.allclose(drop(jax.random.key(3)), drop(jax.random.key(4)))
+
+
+def test_sample_minibatches_cover_each_pair_once_per_pass():
+    idx = np.asarray(matching.sample_minibatches(jax.random.key(0), 10, syn_steps=7, batch_syn=5))
+    assert idx.shape == (7, 5)
+    for p in range(3):  # two steps per permutation
+        assert sorted(idx[2 * p : 2 * p + 2].ravel()) == list(range(10))
+    full = matching.sample_minibatches(jax.random.key(0), 6, syn_steps=3, batch_syn=100)
+    assert full.shape == (3, 6)
+
+
+def test_contrastive_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    logits = 3.0 * an @ bn.T
+
+    def ce(lg):
+        return np.mean(np.log(np.exp(lg).sum(1)) - np.diag(lg))
+
+    want = 0.5 * (ce(logits) + ce(logits.T))
+    np.testing.assert_allclose(matching.contrastive_loss(a, b, 3.0), want, rtol=1e-5)
+
+
+def test_distance_loss_is_one_without_motion_and_zero_on_target():
+    student, syn, start, target, idx, rng = _setup()
+    frozen = syn.replace(lr_img=jnp.zeros(()), lr_txt=jnp.zeros(()))
+    loss = matching.meta_loss(frozen, student, start, target, idx, rng)
+    np.testing.assert_allclose(loss, 2.0, rtol=1e-6)  # 1.0 per modality
+    end = matching.student_unroll(student, syn, start, idx, rng)
+    assert not np.allclose(end[0], start[0])
+    np.testing.assert_allclose(matching.param_distance_loss(end, start, end), 0.0, atol=0)
+    # Per modality: moving only the text head leaves the image term at exactly 1.
+    half = matching.param_distance_loss((start[0], end[1]), start, (target[0], end[1]))
+    np.testing.assert_allclose(half, 1.0, rtol=1e-6)
+
+
+def test_remat_gradient_equals_unroll():
+    # 5 steps = one checkpointed chunk of 3 plus a trailing scan of 2: both remat paths.
+    student, syn, start, target, idx, rng = _setup(syn_steps=5)
+    fn = _grad_fn
+    loss_u, g_u = fn(syn, student, start, target, idx, rng, grad_mode="unroll")
+    loss_r, g_r = fn(syn, student, start, target, idx, rng, grad_mode="remat")
+    np.testing.assert_allclose(loss_r, loss_u, rtol=1e-6)
+    for name in ("images", "texts", "lr_img", "lr_txt"):
+        a, b = getattr(g_r, name), getattr(g_u, name)
+        assert np.linalg.norm(np.asarray(b)) > 0, name
+        assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+
+
+def test_step_size_and_data_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        student, syn, start, target, idx, rng = _setup(dtype=jnp.float64, syn_steps=3)
+        assert syn.images.dtype == jnp.float64 and start[0].dtype == jnp.float64
+        value_and_grad = jax.jit(
+            lambda s: matching.meta_loss_and_grad(
+                s, student, start, target, idx, rng, grad_mode="unroll"
+            )
+        )
+        loss_fn = lambda s: value_and_grad(s)[0]  # noqa: E731
+        _, grads = value_and_grad(syn)
+        eps = 1e-5
+        for name in ("lr_img", "lr_txt"):
+            lr = getattr(syn, name)
+            up = loss_fn(syn.replace(**{name: lr + eps}))
+            down = loss_fn(syn.replace(**{name: lr - eps}))
+            fd = (up - down) / (2 * eps)
+            assert abs(float(fd)) > 1e-3, name
+            np.testing.assert_allclose(getattr(grads, name), fd, rtol=1e-6)
+        # A random direction in image and text space.
+        k1, k2 = jax.random.split(jax.random.key(9))
+        d_img = jax.random.normal(k1, syn.images.shape, jnp.float64)
+        d_txt = jax.random.normal(k2, syn.texts.shape, jnp.float64)
+        moved = lambda t: syn.replace(images=syn.images + t * d_img, texts=syn.texts + t * d_txt)  # noqa: E731
+        fd = (loss_fn(moved(eps)) - loss_fn(moved(-eps))) / (2 * eps)
+        want = jnp.vdot(grads.images, d_img) + jnp.vdot(grads.texts, d_txt)
+        np.testing.assert_allclose(want, fd, rtol=1e-6)
+
+
+def test_tesla_exact_for_one_step_and_reported_against_exact():
+    fn = _grad_fn
+    names = ("images", "texts", "lr_img", "lr_txt")
+
+    # One student step has no cross-step terms: TESLA equals the exact gradient.
+    student, syn, start, target, idx, rng = _setup(syn_steps=1)
+    loss_t, g_t = fn(syn, student, start, target, idx, rng, grad_mode="tesla")
+    loss_e, g_e = fn(syn, student, start, target, idx, rng, grad_mode="unroll")
+    np.testing.assert_allclose(loss_t, loss_e, rtol=1e-6)
+    for name in names:
+        assert _rel_err(getattr(g_t, name), getattr(g_e, name)) < 1e-5, name
+
+    # Several steps: the dropped cross-step terms make it an approximation. Report it.
+    student, syn, start, target, idx, rng = _setup(syn_steps=5)
+    loss_t, g_t = fn(syn, student, start, target, idx, rng, grad_mode="tesla")
+    loss_e, g_e = fn(syn, student, start, target, idx, rng, grad_mode="remat")
+    np.testing.assert_allclose(loss_t, loss_e, rtol=1e-6)
+    print("\ntesla vs exact gradient, 5 student steps:")
+    for name in names:
+        a, b = getattr(g_t, name), getattr(g_e, name)
+        assert np.all(np.isfinite(np.asarray(a))), name
+        rel, cos = _rel_err(a, b), _cos(a, b)
+        print(f"  {name:7s} relative error {rel:.3e}  cosine {cos:+.4f}")
+        if np.ndim(a):  # the data gradients point the same way
+            assert cos > 0.5, (name, cos)
+
+
+def test_outer_step_updates_and_nan_guard_skips():
+    student, syn, start, target, idx, rng = _setup(syn_steps=5)
+    opt = matching.make_outer_optimizer(lr_images=10.0, lr_texts=10.0, lr_step_size=1e-2)
+    state = opt.init(syn)
+    step = jax.jit(matching.outer_step, static_argnums=(2, 3), static_argnames="grad_mode")
+
+    new, new_state, loss, skipped = step(syn, state, opt, student, start, target, idx, rng)
+    assert not bool(skipped) and np.isfinite(loss)
+    _, grads = _grad_fn(syn, student, start, target, idx, rng, grad_mode="remat")
+    # First SGD-momentum step: x - lr * g, with each field's own learning rate.
+    step_taken = (syn.images - new.images) / 10.0
+    np.testing.assert_allclose(step_taken, grads.images, atol=1e-4 * np.abs(grads.images).max())
+    np.testing.assert_allclose(new.lr_img, syn.lr_img - 1e-2 * grads.lr_img, rtol=1e-6)
+
+    # target == start: 0/0 distance -> non-finite loss -> update skipped, state untouched.
+    bad, bad_state, loss, skipped = step(new, new_state, opt, student, start, start, idx, rng)
+    assert bool(skipped) and not np.isfinite(loss)
+    leaves = jax.tree.leaves((bad, bad_state)), jax.tree.leaves((new, new_state))
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,299 @@
+"""Trajectory matching for vision-language dataset distillation: the pure math.
+
+What is learned is a `SyntheticSet` (images in normalised pixel space, text embeddings, one step
+size per modality). How it is scored: a student starts at an expert's parameters at epoch s,
+takes `syn_steps` SGD steps on the synthetic set, and the normalised parameter distance to the
+expert at epoch s + expert_epochs is the meta loss (SPEC B.3). Its gradient w.r.t. the synthetic
+set comes from one of three modes:
+
+- "unroll": reverse mode through the `lax.scan`; memory grows linearly with syn_steps (every
+  step's parameters and activations are kept), like the PyTorch reference.
+- "remat": the same exact gradient with nested (sqrt(N)) checkpointing: the scan runs over
+  chunks of ~sqrt(N) steps, each chunk and each step inside is `jax.checkpoint`ed, so the
+  backward pass keeps O(sqrt(N)) parameter vectors plus one step's activations.
+- "tesla": the TESLA estimator (Cui et al. 2023), memory independent of syn_steps. See
+  `tesla_meta_loss_and_grad` for exactly which terms it drops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from tldr_jax.distill.student import Student
+
+GradMode = Literal["unroll", "remat", "tesla"]
+GRAD_MODES: tuple[str, ...] = ("unroll", "remat", "tesla")
+LOGIT_SCALE = 1.0 / 0.07  # SPEC B.1
+QUIRK_LOGIT_SCALE = math.log(1.0 / 0.07)  # the reference's inner loop: ln(1/0.07) = 2.66
+
+Params = tuple[jax.Array, jax.Array]  # (flat image-encoder params, flat text-head params)
+
+
+@struct.dataclass
+class SyntheticSet:
+    """Everything the outer loop learns. `lr_img` / `lr_txt` are scalar student step sizes."""
+
+    images: jax.Array  # (M, H, W, 3) normalised pixels
+    texts: jax.Array  # (M, D) text-encoder embeddings
+    lr_img: jax.Array
+    lr_txt: jax.Array
+
+    @classmethod
+    def create(cls, images: jax.Array, texts: jax.Array, step_size: float = 0.1) -> SyntheticSet:
+        lr = jnp.asarray(step_size, jnp.float32)
+        return cls(jnp.asarray(images), jnp.asarray(texts), lr, lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+    """How the student trains on the synthetic set. The defaults follow SPEC B.1; the
+    reference's quirks are `logit_scale=QUIRK_LOGIT_SCALE` and `train_dropout=True`."""
+
+    logit_scale: float = LOGIT_SCALE
+    train_dropout: bool = False
+
+
+def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: float) -> jax.Array:
+    """Symmetric InfoNCE on L2-normalised embeddings; pair i matches pair i."""
+    img = img_emb / jnp.linalg.norm(img_emb, axis=-1, keepdims=True).clip(1e-12)
+    txt = txt_emb / jnp.linalg.norm(txt_emb, axis=-1, keepdims=True).clip(1e-12)
+    logits = logit_scale * img @ txt.T
+    labels = jnp.arange(logits.shape[0])
+    i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    return 0.5 * (i2t + t2i)
+
+
+def sample_minibatches(key: jax.Array, num_syn: int, syn_steps: int, batch_syn: int) -> jax.Array:
+    """(syn_steps, batch_syn) int32 indices: consecutive chunks of fresh permutations, so every
+    synthetic pair is used once before any repeats (as the reference does)."""
+    batch_syn = min(batch_syn, num_syn)
+    per_perm = num_syn // batch_syn
+    num_perms = -(-syn_steps // per_perm)
+    keys = jax.random.split(key, num_perms)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, num_syn)[: per_perm * batch_syn])(keys)
+    return perms.reshape(-1, batch_syn)[:syn_steps].astype(jnp.int32)
+
+
+def param_distance_loss(end: Params, start: Params, target: Params) -> jax.Array:
+    """sum over modalities of |end - target|^2 / |start - target|^2 (SPEC B.3).
+
+    1 when the student does not move, 0 when it lands on the target.
+    """
+    return sum(
+        jnp.sum(jnp.square(e - t)) / jnp.sum(jnp.square(s - t))
+        for e, s, t in zip(end, start, target, strict=True)
+    )
+
+
+def _inner_loss(
+    student: Student,
+    inner: InnerLoop,
+    theta: Params,
+    images: jax.Array,
+    texts: jax.Array,
+    rng: jax.Array,
+) -> jax.Array:
+    img, txt = student.apply(
+        theta[0], theta[1], images, texts, rng=rng, train_dropout=inner.train_dropout
+    )
+    return contrastive_loss(img, txt, inner.logit_scale)
+
+
+def _step_fn(
+    student: Student, inner: InnerLoop, syn: SyntheticSet
+) -> Callable[[Params, tuple[jax.Array, jax.Array]], tuple[Params, None]]:
+    """One student SGD step on minibatch `idx` of `syn`, as a `lax.scan` body."""
+
+    def step(theta: Params, xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
+        idx, rng = xs
+        images, texts = syn.images[idx], syn.texts[idx]
+        g = jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, rng))(theta)
+        return (theta[0] - syn.lr_img * g[0], theta[1] - syn.lr_txt * g[1]), None
+
+    return step
+
+
+def _chunk_size(n: int) -> int:
+    return max(1, math.isqrt(n - 1) + 1) if n > 1 else 1  # ceil(sqrt(n))
+
+
+def student_unroll(
+    student: Student,
+    syn: SyntheticSet,
+    theta0: Params,
+    batch_idx: jax.Array,
+    rng: jax.Array,
+    inner: InnerLoop = InnerLoop(),
+    *,
+    remat: bool = False,
+) -> Params:
+    """Runs `batch_idx.shape[0]` student SGD steps from `theta0`; differentiable in `syn`.
+
+    `remat=True` nests the checkpointing: an outer scan over chunks of ceil(sqrt(N)) steps whose
+    body is checkpointed (only chunk-boundary parameters are saved), and a checkpointed step
+    inside (a chunk's backward keeps one parameter vector per step and one step's activations).
+    Steps that do not fill a whole chunk run in a trailing checkpointed scan.
+    """
+    n = batch_idx.shape[0]
+    xs = (batch_idx, jax.random.split(rng, n))
+    step = _step_fn(student, inner, syn)
+    if not remat:
+        return jax.lax.scan(step, theta0, xs)[0]
+
+    step = jax.checkpoint(step)
+    k = _chunk_size(n)
+    n_chunks, rem = divmod(n, k)
+
+    @jax.checkpoint
+    def chunk(theta: Params, chunk_xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
+        return jax.lax.scan(step, theta, chunk_xs)[0], None
+
+    head = jax.tree.map(lambda a: a[: n_chunks * k].reshape(n_chunks, k, *a.shape[1:]), xs)
+    theta = jax.lax.scan(chunk, theta0, head)[0]
+    if rem:
+        theta = jax.lax.scan(step, theta, jax.tree.map(lambda a: a[n_chunks * k :], xs))[0]
+    return theta
+
+
+def meta_loss(
+    syn: SyntheticSet,
+    student: Student,
+    expert_start: Params,
+    expert_target: Params,
+    batch_idx: jax.Array,
+    rng: jax.Array,
+    inner: InnerLoop = InnerLoop(),
+    *,
+    remat: bool = False,
+) -> jax.Array:
+    """The trajectory-matching loss of `syn` for one (expert, start epoch) draw."""
+    end = student_unroll(student, syn, expert_start, batch_idx, rng, inner, remat=remat)
+    return param_distance_loss(end, expert_start, expert_target)
+
+
+def tesla_meta_loss_and_grad(
+    syn: SyntheticSet,
+    student: Student,
+    expert_start: Params,
+    expert_target: Params,
+    batch_idx: jax.Array,
+    rng: jax.Array,
+    inner: InnerLoop = InnerLoop(),
+) -> tuple[jax.Array, SyntheticSet]:
+    """TESLA (Cui et al. 2023): two forward passes, memory independent of syn_steps.
+
+    With plain SGD, theta_N = theta_0 - sum_i lr * g_i(theta_i, X), so the exact gradient is
+      dL/dX = sum_i (-lr) [d g_i/dX + d g_i/d theta_i . d theta_i/dX]^T dL/dtheta_N.
+    TESLA keeps only the direct term d g_i/dX with theta_i held constant (a stop-gradient on
+    the student's parameters at every step), dropping every cross-step term that flows through
+    theta_i's own dependence on X. Likewise dL/dlr = -sum_i g_i . dL/dtheta_N (the exact value
+    also carries the lr-dependence of theta_i). It is exact for syn_steps = 1 and close when the
+    Hessian terms lr * H_i are small. Pass 1 runs the student storing nothing to get theta_N and
+    c = dL/dtheta_N; pass 2 replays the identical steps (same minibatches and dropout keys) and
+    accumulates the VJP of each step's gradient with cotangent -lr * c.
+    """
+    n = batch_idx.shape[0]
+    xs = (batch_idx, jax.random.split(rng, n))
+    step = _step_fn(student, inner, syn)
+
+    theta_end = jax.lax.scan(step, expert_start, xs)[0]
+    loss, c = jax.value_and_grad(param_distance_loss)(theta_end, expert_start, expert_target)
+    cot = (-syn.lr_img * c[0], -syn.lr_txt * c[1])
+
+    def replay(carry, step_xs):
+        theta, g_images, g_texts, g_lr_img, g_lr_txt = carry
+        idx, key = step_xs
+
+        def step_grad(images: jax.Array, texts: jax.Array) -> Params:
+            return jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, key))(theta)
+
+        g, vjp = jax.vjp(step_grad, syn.images[idx], syn.texts[idx])
+        d_images, d_texts = vjp(cot)
+        carry = (
+            (theta[0] - syn.lr_img * g[0], theta[1] - syn.lr_txt * g[1]),
+            g_images.at[idx].add(d_images),
+            g_texts.at[idx].add(d_texts),
+            g_lr_img - jnp.vdot(g[0], c[0]),
+            g_lr_txt - jnp.vdot(g[1], c[1]),
+        )
+        return carry, None
+
+    zero = jnp.zeros((), loss.dtype)
+    init = (expert_start, jnp.zeros_like(syn.images), jnp.zeros_like(syn.texts), zero, zero)
+    _, g_images, g_texts, g_lr_img, g_lr_txt = jax.lax.scan(replay, init, xs)[0]
+    return loss, SyntheticSet(g_images, g_texts, g_lr_img, g_lr_txt)
+
+
+def meta_loss_and_grad(
+    syn: SyntheticSet,
+    student: Student,
+    expert_start: Params,
+    expert_target: Params,
+    batch_idx: jax.Array,
+    rng: jax.Array,
+    inner: InnerLoop = InnerLoop(),
+    *,
+    grad_mode: GradMode = "remat",
+) -> tuple[jax.Array, SyntheticSet]:
+    """(meta loss, its gradient w.r.t. every field of `syn`) under the chosen `grad_mode`."""
+    args = (student, expert_start, expert_target, batch_idx, rng, inner)
+    if grad_mode == "tesla":
+        return tesla_meta_loss_and_grad(syn, *args)
+    if grad_mode not in ("unroll", "remat"):
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    return jax.value_and_grad(meta_loss)(syn, *args, remat=grad_mode == "remat")
+
+
+def make_outer_optimizer(
+    lr_images: float = 1000.0,
+    lr_texts: float = 1000.0,
+    lr_step_size: float = 1e-2,
+    momentum: float = 0.5,
+) -> optax.GradientTransformation:
+    """SGD with momentum and one learning rate per field (SPEC B.3)."""
+    lrs = {"images": lr_images, "texts": lr_texts, "lr_img": lr_step_size, "lr_txt": lr_step_size}
+    return optax.multi_transform(
+        {name: optax.sgd(lr, momentum=momentum) for name, lr in lrs.items()},
+        SyntheticSet(images="images", texts="texts", lr_img="lr_img", lr_txt="lr_txt"),
+    )
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def outer_step(
+    syn: SyntheticSet,
+    opt_state: optax.OptState,
+    optimizer: optax.GradientTransformation,
+    student: Student,
+    expert_start: Params,
+    expert_target: Params,
+    batch_idx: jax.Array,
+    rng: jax.Array,
+    inner: InnerLoop = InnerLoop(),
+    *,
+    grad_mode: GradMode = "remat",
+) -> tuple[SyntheticSet, optax.OptState, jax.Array, jax.Array]:
+    """One outer iteration. Returns (syn, opt_state, loss, skipped): a non-finite loss or
+    gradient leaves `syn` and the optimizer state untouched and sets `skipped` (the NaN guard).
+    """
+    loss, grads = meta_loss_and_grad(
+        syn, student, expert_start, expert_target, batch_idx, rng, inner, grad_mode=grad_mode
+    )
+    ok = jnp.isfinite(loss) & all_finite(grads)
+    # Zero the grads before the update so NaNs cannot leak into the momentum buffers either.
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+    updates, new_state = optimizer.update(safe, opt_state, syn)
+    new_syn = optax.apply_updates(syn, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    return jax.tree.map(keep, new_syn, syn), jax.tree.map(keep, new_state, opt_state), loss, ~ok
