@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     def _main(_: list[str]) -> None:
         from tldr_jax.utils import dist, preemption
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        from absl import logging as absl_logging
+
+        # Orbax and grain log every checkpoint file at INFO through absl; keep ours at INFO.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("tldr_jax").setLevel(logging.INFO)
         dist.initialize(
             flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
         )

@@ -30,6 +30,32 @@ def combine(original: str, generated: str | None, mode: str) -> str:
     return generated
 
 
+def materialise_encoded_images(
+    config: ml_collections.ConfigDict, ids: list[str], out: Path
+) -> dict[str, str] | None:
+    """Webdataset shards and TFDS sources have no image files: write the kept images' encoded
+    bytes (unchanged) under out/images/ and return {sample_id: path relative to out}.
+    Returns None for path-based inputs, whose paths are kept exactly as written."""
+    source = str(config.data.train)
+    if not (source.startswith("tfds:") or (source and Path(source).is_dir())):
+        return None
+    from tldr_jax.data.readers import read_records
+    from tldr_jax.data.records import Skips
+
+    wanted = set(ids)
+    paths: dict[str, str] = {}
+    for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
+        if rec.sample_id not in wanted or not isinstance(rec.image, bytes):
+            continue
+        name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
+        rel = Path("images") / name
+        if dist.is_main():
+            with io.atomic_path(out / rel) as tmp:
+                tmp.write_bytes(rec.image)
+        paths[rec.sample_id] = str(rel)
+    return paths
+
+
 def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
     """Where the file's relative image paths resolve. The embedded world is written to
     WORKDIR/world once so its training file is usable by any BLIP-format reader."""
@@ -54,23 +80,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cluster_of = dict(zip(clusters["ids"].tolist(), clusters["assignments"].tolist(), strict=True))
 
     mode = str(config.write.mode)
+    extracted = materialise_encoded_images(config, [train.ids[r] for r in rows], out)
     entries, manifest = [], []
     for r, score in zip(rows, kept["scores"], strict=True):
         sid = train.ids[r]
         original = train.captions[r][0]
         caption = combine(original, generated.get(sid), mode)
-        entries.append({"image": train.image_keys[r], "caption": caption})
+        image = extracted.get(sid, train.image_keys[r]) if extracted else train.image_keys[r]
+        entries.append({"image": image, "caption": caption})
         manifest.append(
             {
                 "id": sid,
-                "image": train.image_keys[r],
+                "image": image,
                 "cluster": int(cluster_of.get(sid, -1)),
                 "score": float(score),
                 "original": original,
                 "generated": generated.get(sid),
             }
         )
-    image_root = image_root_for(config, workdir)
+    image_root = str(out) if extracted else image_root_for(config, workdir)
     without_generated = sum(1 for m in manifest if not m["generated"])
     if dist.is_main():
         io.write_json(out / "train.json", entries, indent=None)

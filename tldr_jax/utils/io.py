@@ -63,15 +63,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def write_npy(path: str | os.PathLike, array: Any) -> None:
-    with atomic_path(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array))
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array))
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
