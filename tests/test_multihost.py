@@ -1,0 +1,83 @@
+"""Multi-process runs: 2 processes on localhost (2 fake CPU devices each) through
+jax.distributed, launched by launch/local_multiprocess.sh, give the 1-process result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PRETRAIN = [
+    "--config.data.image_size=16",
+    "--config.data.world.image_size=16",
+    "--config.data.world.num_pairs=256",
+    "--config.data.world.num_test=48",
+    "--config.model.image_kwargs.depth=2",
+    "--config.model.image_kwargs.width=8",
+    "--config.model.embed_dim=32",
+    "--config.train.batch_size=32",
+    "--config.train.epochs=1",
+]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        TLDR_BIN=str(Path(sys.executable).parent / "tldr-jax"),
+    )
+    return env
+
+
+def run_multi(n: int, stage: str, *args: str, logdir: Path) -> None:
+    env = _env(2)
+    env["TLDR_LOGDIR"] = str(logdir)
+    r = subprocess.run(
+        ["bash", str(REPO / "launch" / "local_multiprocess.sh"), str(n), stage, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(logdir.glob("*.log")))
+    assert r.returncode == 0, logs
+
+
+def run_single(stage: str, *args: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tldr_jax.cli", stage, *args],
+        cwd=REPO,
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mp")
+    args = ["--config", "configs/pretrain.py:small", *TINY_PRETRAIN]
+    run_multi(2, "pretrain", *args, "--workdir", str(base / "two"), logdir=base / "logs")
+    run_single("pretrain", *args, "--workdir", str(base / "one"))
+    return base
+
+
+def test_two_processes_pretrain_equals_one(pretrain_runs):
+    one = json.loads((pretrain_runs / "one" / "pretrain.json").read_text())
+    two = json.loads((pretrain_runs / "two" / "pretrain.json").read_text())
+    assert two["num_processes"] == 2 and two["num_devices"] == 4
+    assert one["num_processes"] == 1
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+    for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
+        assert two[k] == pytest.approx(one[k], abs=0.5), k
+    # Only process 0 wrote outputs: one summary, one metrics file.
+    assert len(list((pretrain_runs / "two").glob("*.json"))) == 1

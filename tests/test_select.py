@@ -1,0 +1,151 @@
+"""Selection strategies, PCA clamp, features and the `select` stage on fake extract chunks."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from tldr_jax.compress import select_stage
+from tldr_jax.select import features, pca, strategies
+from tldr_jax.utils import io
+
+
+def _clusters(n=103, k=7, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, k, n), rng.random(n).astype(np.float32)
+
+
+def test_target_count():
+    assert strategies.target_count(0.25, 100) == 25
+    assert strategies.target_count(1.0, 7) == 7
+    assert strategies.target_count(30, 100) == 30
+    assert strategies.target_count(30.0, 100) == 30
+    for bad in (0, -0.5, 1, 2.5, 101):
+        with pytest.raises(ValueError):
+            strategies.target_count(bad, 100)
+
+
+@pytest.mark.parametrize("strategy", ["stride", "ratio", "nearest", "random"])
+@pytest.mark.parametrize("count", [1, 13, 51, 52, 80, 103])
+def test_every_strategy_keeps_exact_count(strategy, count):
+    a, d = _clusters()
+    keep = strategies.select(strategy, a, d, count, stride=2, seed=3)
+    assert len(keep) == count == len(np.unique(keep))
+    assert np.all(np.diff(keep) > 0) and keep.min() >= 0 and keep.max() < len(a)
+
+
+def test_stride_is_reference_rule_at_its_natural_count():
+    a, d = _clusters()
+    natural = sum(-(-np.sum(a == j) // 3) for j in range(7))
+    keep = strategies.select_stride(a, natural, stride=3)
+    ref = np.concatenate([np.flatnonzero(a == j)[::3] for j in range(7)])
+    np.testing.assert_array_equal(keep, np.sort(ref))
+
+
+def test_nearest_and_ratio_per_cluster_quotas():
+    a, d = _clusters()
+    keep = strategies.select_nearest(a, d, 40)
+    quota = strategies.cluster_quotas(np.bincount(a, minlength=7), 40)
+    np.testing.assert_array_equal(np.bincount(a[keep], minlength=7), quota)
+    for j in range(7):
+        members = np.flatnonzero(a == j)
+        want = members[np.argsort(d[members], kind="stable")[: quota[j]]]
+        np.testing.assert_array_equal(np.sort(want), keep[a[keep] == j])
+    r1 = strategies.select_ratio(a, 40, seed=1)
+    np.testing.assert_array_equal(r1, strategies.select_ratio(a, 40, seed=1))
+    np.testing.assert_array_equal(np.bincount(a[r1], minlength=7), quota)
+    assert not np.array_equal(r1, strategies.select_ratio(a, 40, seed=2))
+
+
+def test_pca_clamped_and_whitened():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((500, 20)) @ rng.standard_normal((20, 20))).astype(np.float32)
+    p = pca.fit_pca(x, 256, whiten=True, block=128)  # asks more than D, like the reference
+    z = p.transform(x, block=100)
+    assert z.shape == (500, 20)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(np.cov(z.T), np.eye(20), atol=1e-3)
+    from sklearn.decomposition import PCA as SkPCA
+
+    ref = SkPCA(5).fit(x)
+    p5 = pca.fit_pca(x, 5, whiten=False)
+    np.testing.assert_allclose(np.abs(p5.components), np.abs(ref.components_), atol=1e-4)
+    np.testing.assert_allclose(p5.variance, ref.explained_variance_, rtol=1e-4)
+    assert pca.num_components(256, 50, 197) == 50
+
+
+def test_histogram_features():
+    codes = np.array([[0, 2, 2, 3], [1, 1, 1, 1]])
+    h = features.histogram_features(codes, 5)
+    np.testing.assert_allclose(h, [[0.25, 0, 0.5, 0.25, 0], [0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(features.sequence_features(codes), codes.astype(np.float32))
+    np.testing.assert_allclose(np.linalg.norm(features.l2_normalize(h), axis=1), 1.0)
+
+
+def _fake_extract(workdir, n=240, t=12, vocab=16, seed=0):
+    """Chunks written out of order by two 'processes'; each row's codes encode its id."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"img-{i:04d}" for i in rng.permutation(n)])
+    group = rng.integers(0, 4, n)  # 4 well-separated code patterns
+    patterns = rng.integers(0, vocab, (4, t))
+    codes = patterns[group].copy()
+    codes[:, 0] = np.arange(n) % vocab  # a little per-row variation
+    ex = workdir / "extract"
+    chunks = np.array_split(np.arange(n), 5)
+    for c in (3, 0, 4, 1, 2):  # chunk files land in any order, by several processes
+        rows = chunks[c][::-1]  # and rows inside a chunk need not be in input order
+        io.write_npz(ex / f"codes-{c:05d}.npz", ids=ids[rows], codes=codes[rows].astype(np.int32))
+    io.write_json(ex / "ids.json", list(ids))
+    io.write_json(workdir / "extract.json", {"codebook_size": vocab})
+    return ids, codes, group
+
+
+def test_load_codes_keyed_by_id(tmp_path):
+    ids, codes, _ = _fake_extract(tmp_path)
+    got_ids, got_codes = select_stage.load_codes(tmp_path / "extract")
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_codes, codes)
+    (tmp_path / "extract" / "ids.json").unlink()  # fallback: chunk then row order
+    got_ids, got_codes = select_stage.load_codes(tmp_path / "extract")
+    lookup = dict(zip(ids, map(tuple, codes), strict=True))
+    assert all(lookup[i] == tuple(c) for i, c in zip(got_ids, got_codes, strict=True))
+
+
+@pytest.mark.parametrize("feature", ["sequence", "histogram"])
+def test_select_stage_end_to_end(tmp_path, feature):
+    ids, _, group = _fake_extract(tmp_path)
+    config = ml_collections.ConfigDict(
+        {
+            "seed": 0,
+            "select": {
+                "feature": feature,
+                "pca_dim": 256,
+                "whiten": False,
+                "num_clusters": 4,
+                "iterations": 5,
+                "init": "kmeans++",
+                "spherical": False,
+                "strategy": "stride",
+                "stride": 2,
+                "target": 0.25,
+                "seed": 1,
+            },
+        }
+    )
+    summary = select_stage.run(config, str(tmp_path))
+    assert summary["input_rows"] == 240 and summary["kept_rows"] == 60
+    assert summary["pca_dim"] == (12 if feature == "sequence" else 16)  # clamped from 256
+    sel = np.load(tmp_path / "select" / "selected.npz")
+    clu = np.load(tmp_path / "select" / "clusters.npz")
+    rnd = np.load(tmp_path / "select" / "random.npz")
+    np.testing.assert_array_equal(clu["ids"], ids)
+    assert len(sel["ids"]) == 60 == len(rnd["ids"]) and set(sel["ids"]) <= set(ids)
+    pos = {s: i for i, s in enumerate(ids)}
+    assert np.all(np.diff([pos[s] for s in sel["ids"]]) > 0)  # input order
+    # Rows sharing a code pattern share a cluster: features followed their ids.
+    a = clu["assignments"]
+    for g in range(4):
+        assert len(np.unique(a[group == g])) == 1
+    assert (tmp_path / "select" / "cluster_sizes.png").stat().st_size > 0
+    json.dumps(summary)

@@ -1,0 +1,535 @@
+"""JIT k-means that runs unchanged on one CPU, one GPU or a pod.
+
+Layout: points are split over every device of the mesh (leading axis), centroids are
+replicated. One Lloyd step is a `shard_map` in which each device walks its rows in blocks of
+`block_size`: one GEMM against all centroids, fused with the min/argmin, then a segment-sum of
+the block into per-cluster sums and counts. Memory is O(block_size x K), never N x K. The sums,
+counts and objective are `psum`-ed over the mesh and the (cheap, replicated) update runs on
+every device. Out-of-core data goes through `kmeans_streaming`, which makes passes over chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from tldr_jax.utils import mesh as mesh_lib
+
+Init = Literal["kmeans++", "kmeans||"]
+# Relative split applied when an empty cluster takes half of the largest one (as faiss).
+_SPLIT_EPS = 1.0 / 1024.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansResult:
+    centroids: np.ndarray  # (K, D) float32
+    assignments: np.ndarray  # (N,) int32
+    sq_distances: np.ndarray  # (N,) float32, to the assigned centroid
+    objective: float  # sum of squared distances (weighted) after the last update
+    objective_history: np.ndarray  # (iterations,) objective of each step's assignment
+    empty_reseeded: int  # empty clusters re-seeded over all iterations
+
+
+# ----------------------------------------------------------------------------------------
+# Per-device building blocks (operate on local rows; no collectives).
+# ----------------------------------------------------------------------------------------
+
+
+def _dot_xt(x: jax.Array, c: jax.Array, gemm_dtype: Any) -> jax.Array:
+    """x @ c.T in `gemm_dtype` with float32 accumulation (true fp32 on TPU/GPU too)."""
+    gemm_dtype = jnp.dtype(gemm_dtype)
+    precision = lax.Precision.HIGHEST if gemm_dtype == jnp.float32 else None
+    return lax.dot_general(
+        x.astype(gemm_dtype),
+        c.astype(gemm_dtype),
+        (((1,), (1,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _assign_block(
+    xb: jax.Array, c: jax.Array, c_sq: jax.Array, gemm_dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Nearest centroid of each row of a block and the squared distance to it.
+
+    ||x||^2 does not change the argmin, so the GEMM form drops it. The argmin is
+    spelled as min-then-first-match: two single-operand reductions vectorise on XLA CPU,
+    a variadic (value, index) reduce does not (measured ~2x slower). Ties pick the lowest index.
+    """
+    d = c_sq[None, :] - 2.0 * _dot_xt(xb, c, gemm_dtype)
+    dmin = jnp.min(d, axis=1)
+    iota = lax.broadcasted_iota(jnp.int32, d.shape, 1)
+    idx = jnp.min(jnp.where(d == dmin[:, None], iota, d.shape[1]), axis=1)
+    # NaN rows would match nothing; clamp so the scatter stays in range.
+    idx = jnp.minimum(idx, d.shape[1] - 1)
+    # The expanded form cancels badly (and bf16 GEMMs are coarse): recompute the distance
+    # to the chosen centroid directly, O(B D) next to the O(B K D) GEMM.
+    return idx, jnp.sum(jnp.square(xb - c[idx]), axis=1)
+
+
+def _for_blocks(n: int, block: int, fn: Callable[[Any, int, int], Any], carry: Any) -> Any:
+    """Runs fn(carry, start, size) over [0, n) in blocks: a loop over full blocks + static tail."""
+    nb, tail = divmod(n, block)
+    if nb:
+        carry = lax.fori_loop(0, nb, lambda i, c: fn(c, i * block, block), carry)
+    if tail:
+        carry = fn(carry, nb * block, tail)
+    return carry
+
+
+def _varying(tree: Any, axes: tuple[str, ...]) -> Any:
+    """Marks loop-carry initial values as per-device inside shard_map (no-op outside)."""
+    return lax.pcast(tree, axes, to="varying") if axes else tree
+
+
+def _local_stats(
+    x: jax.Array,
+    w: jax.Array,
+    c: jax.Array,
+    *,
+    block: int,
+    gemm_dtype: Any,
+    axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-cluster weighted sums, counts and the objective of this device's rows."""
+    k, dim = c.shape
+    c_sq = jnp.sum(jnp.square(c), axis=1)
+
+    def body(carry, start, size):
+        sums, counts, obj = carry
+        xb = lax.dynamic_slice_in_dim(x, start, size).astype(jnp.float32)
+        wb = lax.dynamic_slice_in_dim(w, start, size)
+        idx, d2 = _assign_block(xb, c, c_sq, gemm_dtype)
+        # segment_sum (a scatter-add, O(B*D)) not a one-hot matmul (O(B*K*D), as costly
+        # as the distance GEMM itself).
+        sums = sums + jax.ops.segment_sum(xb * wb[:, None], idx, k)
+        counts = counts + jax.ops.segment_sum(wb, idx, k)
+        return sums, counts, obj + jnp.sum(wb * d2)
+
+    init = (jnp.zeros((k, dim), jnp.float32), jnp.zeros((k,), jnp.float32), jnp.float32(0))
+    return _for_blocks(x.shape[0], block, body, _varying(init, axes))
+
+
+def _local_assign(
+    x: jax.Array, c: jax.Array, *, block: int, gemm_dtype: Any, axes: tuple[str, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
+    c_sq = jnp.sum(jnp.square(c), axis=1)
+    n = x.shape[0]
+
+    def body(carry, start, size):
+        idx_all, d2_all = carry
+        xb = lax.dynamic_slice_in_dim(x, start, size).astype(jnp.float32)
+        idx, d2 = _assign_block(xb, c, c_sq, gemm_dtype)
+        idx_all = lax.dynamic_update_slice_in_dim(idx_all, idx, start, 0)
+        return idx_all, lax.dynamic_update_slice_in_dim(d2_all, d2, start, 0)
+
+    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
+    return _for_blocks(n, block, body, _varying(init, axes))
+
+
+# ----------------------------------------------------------------------------------------
+# Replicated update.
+# ----------------------------------------------------------------------------------------
+
+
+def _normalize_rows(c: jax.Array, fallback: jax.Array) -> jax.Array:
+    norm = jnp.linalg.norm(c, axis=1, keepdims=True)
+    return jnp.where(norm > 0, c / jnp.maximum(norm, 1e-30), fallback)
+
+
+def reseed_empty(c: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each empty cluster takes half of the currently largest one (split by +-eps, as faiss).
+
+    Returns (centroids, counts, number re-seeded). Deterministic: empties in index order.
+    """
+    sign = jnp.where(jnp.arange(c.shape[1]) % 2 == 0, 1.0, -1.0).astype(c.dtype)
+
+    def cond(state):
+        _, cnt, _ = state
+        return jnp.any(cnt == 0) & (jnp.max(cnt) > 0)
+
+    def body(state):
+        c, cnt, n = state
+        j = jnp.argmax(cnt == 0)
+        big = jnp.argmax(cnt)
+        c_big = c[big]
+        c = (
+            c.at[j]
+            .set(c_big * (1 + _SPLIT_EPS * sign))
+            .at[big]
+            .set(c_big * (1 - _SPLIT_EPS * sign))
+        )
+        half = cnt[big] / 2
+        cnt = cnt.at[j].set(half).at[big].set(cnt[big] - half)
+        return c, cnt, n + 1
+
+    return lax.while_loop(cond, body, (c, counts, jnp.int32(0)))
+
+
+def update_centroids(
+    c: jax.Array, sums: jax.Array, counts: jax.Array, *, spherical: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Means of the assigned points; empty clusters re-seeded; unit norm in spherical mode."""
+    mean = sums / jnp.maximum(counts, 1e-30)[:, None]
+    new = jnp.where((counts > 0)[:, None], mean, c)
+    new, _, n_reseeded = reseed_empty(new, counts)
+    if spherical:
+        # A cluster whose unit vectors cancel out keeps its old direction.
+        new = _normalize_rows(new, c)
+    return new, n_reseeded
+
+
+# ----------------------------------------------------------------------------------------
+# Sharded programs.
+# ----------------------------------------------------------------------------------------
+
+
+def _sharded_stats(mesh: Mesh, block: int, gemm_dtype: Any) -> Callable:
+    axes = mesh_lib.DATA_AXES
+
+    def local(x, w, c):
+        sums, counts, obj = _local_stats(x, w, c, block=block, gemm_dtype=gemm_dtype, axes=axes)
+        return lax.psum((sums, counts, obj), axes)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=(P(), P(), P())
+    )
+
+
+def _sharded_assign(mesh: Mesh, block: int, gemm_dtype: Any) -> Callable:
+    axes = mesh_lib.DATA_AXES
+    local = functools.partial(_local_assign, block=block, gemm_dtype=gemm_dtype, axes=axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P()), out_specs=(P(axes), P(axes)))
+
+
+@functools.lru_cache(maxsize=32)
+def _lloyd_program(
+    mesh: Mesh, iterations: int, block: int, gemm_dtype: Any, spherical: bool
+) -> Callable:
+    stats = _sharded_stats(mesh, block, gemm_dtype)
+    assign = _sharded_assign(mesh, block, gemm_dtype)
+
+    def run(x, w, c):
+        def step(i, state):
+            c, hist, reseeded = state
+            sums, counts, obj = stats(x, w, c)
+            c, n = update_centroids(c, sums, counts, spherical=spherical)
+            return c, hist.at[i].set(obj), reseeded + n
+
+        state = (c, jnp.zeros((iterations,), jnp.float32), jnp.int32(0))
+        c, hist, reseeded = lax.fori_loop(0, iterations, step, state)
+        idx, d2 = assign(x, c)
+        return c, idx, d2, jnp.sum(w * d2), hist, reseeded
+
+    data, rep = mesh_lib.data_sharding(mesh), mesh_lib.replicated(mesh)
+    return jax.jit(
+        run, in_shardings=(data, data, rep), out_shardings=(rep, data, data, rep, rep, rep)
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Initialisation.
+# ----------------------------------------------------------------------------------------
+
+
+def _sample_log_weights(key: jax.Array, logw: jax.Array) -> jax.Array:
+    """One index drawn with probability ~ exp(logw); uniform if every entry is -inf."""
+    logw = jnp.where(jnp.all(jnp.isneginf(logw)), 0.0, logw)
+    return jax.random.categorical(key, logw)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "local_trials"))
+def kmeans_plus_plus(
+    key: jax.Array,
+    x: jax.Array,
+    k: int,
+    weights: jax.Array | None = None,
+    local_trials: int | None = None,
+) -> jax.Array:
+    """Greedy (weighted) k-means++ seeding, as scikit-learn's.
+
+    Each step draws `local_trials` (default 2 + log k) candidates with probability ~ w D(x)^2
+    and keeps the one that lowers the potential most: plain one-draw k-means++ misses a
+    well-separated cluster noticeably often. O(trials k N D) sequential work: run it on a
+    subsample (see `kmeans`) or on k-means|| candidates.
+    """
+    trials = local_trials or 2 + int(np.log(k))
+    x = x.astype(jnp.float32)
+    w = jnp.ones(x.shape[:1], jnp.float32) if weights is None else weights.astype(jnp.float32)
+    logw = jnp.log(w)
+    x_sq = jnp.sum(x * x, axis=1)
+    key, sub = jax.random.split(key)
+    first = x[_sample_log_weights(sub, logw)]
+    c = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(first)
+    d2 = jnp.sum(jnp.square(x - first), axis=1)
+
+    def body(i, state):
+        c, d2, key = state
+        key, sub = jax.random.split(key)
+        # Points already chosen have d2 = 0 -> log 0 = -inf: never drawn again.
+        logits = logw + jnp.log(d2)
+        logits = jnp.where(jnp.all(jnp.isneginf(logits)), logw, logits)
+        cand = x[jax.random.categorical(sub, logits, shape=(trials,))]
+        # Expanded form: (trials, N) memory, not (trials, N, D).
+        dc = x_sq[None] - 2.0 * _dot_xt(cand, x, jnp.float32) + jnp.sum(cand * cand, 1)[:, None]
+        d2_cand = jnp.minimum(d2[None], jnp.maximum(dc, 0.0))
+        best = jnp.argmin(jnp.sum(w[None] * d2_cand, axis=1))
+        return c.at[i].set(cand[best]), d2_cand[best], key
+
+    c, _, _ = lax.fori_loop(1, k, body, (c, d2, key))
+    return c
+
+
+def _kmeans_parallel(
+    key: jax.Array,
+    x: jax.Array,
+    w: jax.Array,
+    k: int,
+    mesh: Mesh,
+    *,
+    rounds: int,
+    oversampling: int,
+    block: int,
+) -> jax.Array:
+    """k-means|| (Bahmani et al., 2012) with a fixed `oversampling` draws per round.
+
+    Each round draws `oversampling` points without replacement with probability ~ w D(x)^2
+    (Gumbel top-k, so the candidate set has a static size); the 1 + rounds * oversampling
+    candidates are then weighted by how many points they attract and reduced to k by
+    weighted k-means++.
+    """
+    data, rep = mesh_lib.data_sharding(mesh), mesh_lib.replicated(mesh)
+    assign = _sharded_assign(mesh, block, jnp.float32)
+    n = x.shape[0]
+    draws = min(oversampling, n)
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def gather(x, idx):
+        return x[idx]
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def draw(key, w, d2):
+        score = jnp.log(w) + jnp.log(d2) + jax.random.gumbel(key, (n,))
+        return lax.top_k(score, draws)[1]
+
+    @functools.partial(jax.jit, out_shardings=data)
+    def closer(x, cand, d2):
+        return jnp.minimum(d2, assign(x, cand)[1])
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def candidate_weights(x, w, cand):
+        return jax.ops.segment_sum(w, assign(x, cand)[0], cand.shape[0])
+
+    keys = jax.random.split(key, rounds + 2)
+    first = jax.random.categorical(keys[0], jnp.log(jax.device_put(w, rep)))
+    cands = [gather(x, first[None])]
+    d2 = closer(x, cands[0], jax.device_put(jnp.full((n,), jnp.inf, jnp.float32), data))
+    for r in range(rounds):
+        idx = draw(keys[r + 1], w, d2)
+        new = gather(x, idx)
+        cands.append(new)
+        d2 = closer(x, new, d2)
+    cand = jnp.concatenate(cands)
+    cw = candidate_weights(x, w, cand)
+    return kmeans_plus_plus(keys[-1], cand, k, cw)
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------------------
+
+
+def _to_global(x: Any, w: Any, mesh: Mesh) -> tuple[jax.Array, jax.Array, int]:
+    """Numpy rows -> sharded arrays, padded with zero-weight rows to a multiple of the devices."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if w is None:
+            w = jax.device_put(jnp.ones(x.shape[:1], jnp.float32), mesh_lib.data_sharding(mesh))
+        return x, w, x.shape[0]
+    x = np.asarray(x, dtype=np.float32)
+    n = x.shape[0]
+    w = np.ones((n,), np.float32) if w is None else np.asarray(w, np.float32)
+    pad = -n % mesh.devices.size
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.float32)])
+        w = np.concatenate([w, np.zeros((pad,), np.float32)])
+    sharding = mesh_lib.data_sharding(mesh)
+    return jax.device_put(x, sharding), jax.device_put(w, sharding), n
+
+
+def initial_centroids(
+    x: jax.Array,
+    w: jax.Array,
+    k: int,
+    *,
+    init: Init,
+    seed: int,
+    mesh: Mesh,
+    init_sample: int,
+    block_size: int,
+) -> jax.Array:
+    """Seeded initial centroids for global (sharded) rows x with weights w (0 = padding).
+
+    'kmeans++': exact k-means++ on a seeded uniform subsample of at most `init_sample`
+    rows (all rows when fewer). 'kmeans||': k-means|| over all rows (5 rounds of 2k draws).
+    """
+    key = jax.random.key(seed)
+    if init == "kmeans++":
+        n = x.shape[0]
+        m = min(n, init_sample)
+        key, sub = jax.random.split(key)
+        rep = mesh_lib.replicated(mesh)
+
+        @functools.partial(jax.jit, out_shardings=(rep, rep))
+        def subsample(key, x, w):
+            if m == n:
+                return x, w
+            # Without replacement; padding rows (w = 0) never enter the sample.
+            idx = lax.top_k(jnp.log(w) + jax.random.gumbel(key, (n,)), m)[1]
+            return x[idx], w[idx]
+
+        xs, ws = subsample(sub, x, w)
+        return kmeans_plus_plus(key, xs, k, ws)
+    if init == "kmeans||":
+        return _kmeans_parallel(key, x, w, k, mesh, rounds=5, oversampling=2 * k, block=block_size)
+    raise ValueError(f"unknown init {init!r}; expected 'kmeans++' or 'kmeans||'")
+
+
+def kmeans(
+    x: np.ndarray | jax.Array,
+    k: int,
+    *,
+    iterations: int = 20,
+    init: Init = "kmeans++",
+    init_centroids: np.ndarray | jax.Array | None = None,
+    spherical: bool = False,
+    seed: int = 0,
+    weights: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    block_size: int = 1024,
+    gemm_dtype: Any = jnp.float32,
+    init_sample: int | None = None,
+) -> KMeansResult:
+    """Lloyd's k-means: `iterations` x (assign + update), then a final assignment.
+
+    x: (N, D) numpy rows (split over the mesh here) or an already sharded global jax Array
+    (multi-process: build it with `mesh.shard_batch`). spherical: rows and centroids are
+    L2-normalised, i.e. cosine k-means. gemm_dtype=jnp.bfloat16 computes the distance GEMM in
+    bf16 with fp32 accumulation (for GPU/TPU; fp32 by default). init_sample: rows used by
+    'kmeans++' (default 64 k).
+    """
+    mesh = mesh or mesh_lib.make_mesh()
+    if spherical:
+        x = _unit_rows(x)
+    xg, wg, n = _to_global(x, weights, mesh)
+    if k > n:
+        raise ValueError(f"k={k} clusters for only {n} points")
+    if init_centroids is None:
+        c0 = initial_centroids(
+            xg,
+            wg,
+            k,
+            init=init,
+            seed=seed,
+            mesh=mesh,
+            init_sample=init_sample or 64 * k,
+            block_size=block_size,
+        )
+    else:
+        c0 = jnp.asarray(init_centroids, jnp.float32)
+        if c0.shape != (k, xg.shape[1]):
+            raise ValueError(f"init_centroids shape {c0.shape} != {(k, xg.shape[1])}")
+    if spherical:
+        c0 = _unit_rows(c0)
+    program = _lloyd_program(mesh, iterations, block_size, jnp.dtype(gemm_dtype), spherical)
+    c, idx, d2, obj, hist, reseeded = program(xg, wg, c0)
+    return KMeansResult(
+        centroids=np.asarray(c),
+        assignments=_host_rows(idx)[:n],
+        sq_distances=_host_rows(d2)[:n],
+        objective=float(obj),
+        objective_history=np.asarray(hist),
+        empty_reseeded=int(reseeded),
+    )
+
+
+def kmeans_streaming(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    init_centroids: np.ndarray,
+    *,
+    iterations: int = 20,
+    spherical: bool = False,
+    mesh: Mesh | None = None,
+    block_size: int = 1024,
+    gemm_dtype: Any = jnp.float32,
+) -> KMeansResult:
+    """k-means over data larger than device memory: each iteration is one pass over `chunks()`.
+
+    `chunks()` returns a fresh iterable of (n_i, D) numpy blocks (e.g. read from the extract
+    chunk files); only one chunk is on the devices at a time. Assignments are in chunk order.
+    """
+    mesh = mesh or mesh_lib.make_mesh()
+    k = init_centroids.shape[0]
+    rep = mesh_lib.replicated(mesh)
+    c = jax.device_put(jnp.asarray(init_centroids, jnp.float32), rep)
+    if spherical:
+        c = _unit_rows(c)
+    dtype = jnp.dtype(gemm_dtype)
+    stats = jax.jit(_sharded_stats(mesh, block_size, dtype), out_shardings=rep)
+    assign = jax.jit(_sharded_assign(mesh, block_size, dtype))
+    update = jax.jit(functools.partial(update_centroids, spherical=spherical))
+
+    def each_chunk() -> Iterable[tuple[jax.Array, jax.Array, int]]:
+        for chunk in chunks():
+            yield _to_global(_unit_rows(chunk) if spherical else chunk, None, mesh)
+
+    hist, reseeded = [], 0
+    for _ in range(iterations):
+        sums = jnp.zeros((k, c.shape[1]), jnp.float32)
+        counts = jnp.zeros((k,), jnp.float32)
+        obj = jnp.float32(0)
+        for xg, wg, _ in each_chunk():
+            s, n_, o = stats(xg, wg, c)
+            sums, counts, obj = sums + s, counts + n_, obj + o
+        c, n_re = update(c, sums, counts)
+        hist.append(float(obj))
+        reseeded += int(n_re)
+    idx_parts, d2_parts = [], []
+    for xg, _, n in each_chunk():
+        idx, d2 = assign(xg, c)
+        idx_parts.append(_host_rows(idx)[:n])
+        d2_parts.append(_host_rows(d2)[:n])
+    d2_all = np.concatenate(d2_parts)
+    return KMeansResult(
+        centroids=np.asarray(c),
+        assignments=np.concatenate(idx_parts),
+        sq_distances=d2_all,
+        objective=float(d2_all.astype(np.float64).sum()),
+        objective_history=np.asarray(hist, np.float32),
+        empty_reseeded=reseeded,
+    )
+
+
+def _unit_rows(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return _normalize_rows(x.astype(jnp.float32), jnp.zeros_like(x, jnp.float32))
+    x = np.asarray(x, np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(norm > 0, x / np.maximum(norm, 1e-30), 0.0).astype(np.float32)
+
+
+def _host_rows(a: jax.Array) -> np.ndarray:
+    """This process's rows of a data-sharded result (all rows on a single process)."""
+    if a.is_fully_addressable:
+        return np.asarray(a)
+    shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
