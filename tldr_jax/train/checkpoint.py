@@ -36,6 +36,8 @@ class Checkpointer:
     ) -> None:
         import grain
 
+        if self._mngr.latest_step() == step:  # e.g. SIGTERM right after a periodic save
+            return
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         items["extra"] = ocp.args.JsonSave(extra or {})
         if data_iter is not None:
