@@ -59,6 +59,10 @@ class InnerLoop:
 
     logit_scale: float = LOGIT_SCALE
     train_dropout: bool = False
+    # Fully unroll the student's `lax.scan`s. XLA:CPU runs convolutions inside while-loop
+    # bodies ~25x slower than straight-line code, so CPU runs unroll (compile time then grows
+    # with syn_steps); GPU/TPU keep the rolled loop.
+    unroll: bool = False
 
 
 def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: float) -> jax.Array:
@@ -146,8 +150,9 @@ def student_unroll(
     n = batch_idx.shape[0]
     xs = (batch_idx, jax.random.split(rng, n))
     step = _step_fn(student, inner, syn)
+    unroll = inner.unroll
     if not remat:
-        return jax.lax.scan(step, theta0, xs)[0]
+        return jax.lax.scan(step, theta0, xs, unroll=unroll)[0]
 
     step = jax.checkpoint(step)
     k = _chunk_size(n)
@@ -155,12 +160,13 @@ def student_unroll(
 
     @jax.checkpoint
     def chunk(theta: Params, chunk_xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
-        return jax.lax.scan(step, theta, chunk_xs)[0], None
+        return jax.lax.scan(step, theta, chunk_xs, unroll=unroll)[0], None
 
     head = jax.tree.map(lambda a: a[: n_chunks * k].reshape(n_chunks, k, *a.shape[1:]), xs)
-    theta = jax.lax.scan(chunk, theta0, head)[0]
+    theta = jax.lax.scan(chunk, theta0, head, unroll=unroll)[0]
     if rem:
-        theta = jax.lax.scan(step, theta, jax.tree.map(lambda a: a[n_chunks * k :], xs))[0]
+        tail = jax.tree.map(lambda a: a[n_chunks * k :], xs)
+        theta = jax.lax.scan(step, theta, tail, unroll=unroll)[0]
     return theta
 
 
@@ -205,7 +211,7 @@ def tesla_meta_loss_and_grad(
     xs = (batch_idx, jax.random.split(rng, n))
     step = _step_fn(student, inner, syn)
 
-    theta_end = jax.lax.scan(step, expert_start, xs)[0]
+    theta_end = jax.lax.scan(step, expert_start, xs, unroll=inner.unroll)[0]
     loss, c = jax.value_and_grad(param_distance_loss)(theta_end, expert_start, expert_target)
     cot = (-syn.lr_img * c[0], -syn.lr_txt * c[1])
 
@@ -229,7 +235,9 @@ def tesla_meta_loss_and_grad(
 
     zero = jnp.zeros((), loss.dtype)
     init = (expert_start, jnp.zeros_like(syn.images), jnp.zeros_like(syn.texts), zero, zero)
-    _, g_images, g_texts, g_lr_img, g_lr_txt = jax.lax.scan(replay, init, xs)[0]
+    _, g_images, g_texts, g_lr_img, g_lr_txt = jax.lax.scan(replay, init, xs, unroll=inner.unroll)[
+        0
+    ]
     return loss, SyntheticSet(g_images, g_texts, g_lr_img, g_lr_txt)
 
 

@@ -1,0 +1,275 @@
+"""Trajectory-matching dataset distillation: stage `distill` (SPEC B.3).
+
+Learns M synthetic pairs (normalised images, text-encoder embeddings) and one step size per
+modality. Each outer iteration draws an expert and a start epoch s < max_start_epoch, runs the
+student from expert(s) for `syn_steps` SGD steps on the synthetic set and matches
+expert(s + expert_epochs) (`matching.outer_step`, NaN guard included). The (expert, epoch) draw
+and the student's minibatches are functions of (seed, iteration), so a resumed run continues
+exactly where the checkpoint left off.
+
+Outputs under W/distill/: Orbax checkpoints (synthetic set, outer optimiser state, iteration),
+distilled.npz (images, texts, lr_img, lr_txt, init_index) and distilled.png (denormalised
+images titled with the nearest real training caption of their text embedding).
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from tldr_jax.data.images import denormalize
+from tldr_jax.distill import expert_trajectories as et
+from tldr_jax.distill import matching
+from tldr_jax.select.kmeans import kmeans
+from tldr_jax.train.checkpoint import Checkpointer
+from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils.mesh import make_mesh, replicated
+from tldr_jax.utils.metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+
+INITS = ("real", "noise", "kmeans")
+
+
+def nearest_distinct(features: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """For each prototype, the nearest row of `features` (cosine) not taken by an earlier one."""
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    p = prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+    sim = p @ f.T
+    taken = np.zeros(len(f), bool)
+    out = np.empty(len(p), np.int64)
+    for i, row in enumerate(sim):
+        j = int(np.argmax(np.where(taken, -np.inf, row)))
+        out[i], taken[j] = j, True
+    return out
+
+
+def initial_pairs(
+    init: str,
+    num_pairs: int,
+    seed: int,
+    images: np.ndarray,
+    texts: np.ndarray,
+    cluster_features: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, texts, real row per pair or -1) to start the synthetic set from.
+
+    real: M random real pairs. noise: Gaussian images (unit variance in normalised pixel space)
+    and Gaussian texts with the real embeddings' per-dimension mean and std. kmeans: spherical
+    k-means (M clusters) of `cluster_features`, then the nearest real pair to each prototype.
+    """
+    n = len(images)
+    rng = np.random.default_rng(seed)
+    if init == "real":
+        idx = np.sort(rng.choice(n, num_pairs, replace=False))
+    elif init == "kmeans":
+        if cluster_features is None:
+            raise ValueError("init='kmeans' needs cluster features")
+        res = kmeans(cluster_features, num_pairs, spherical=True, seed=seed)
+        idx = nearest_distinct(cluster_features, res.centroids)
+    elif init == "noise":
+        imgs = rng.standard_normal((num_pairs, *images.shape[1:])).astype(np.float32)
+        mu, sd = texts.mean(0), texts.std(0)
+        txts = (mu + sd * rng.standard_normal((num_pairs, texts.shape[1]))).astype(np.float32)
+        return imgs, txts, np.full(num_pairs, -1, np.int64)
+    else:
+        raise ValueError(f"distill.init must be one of {INITS}, got {init!r}")
+    return images[idx], texts[idx], idx.astype(np.int64)
+
+
+def nearest_captions(syn_texts: np.ndarray, real_texts: np.ndarray) -> np.ndarray:
+    """Row of the real caption nearest (cosine) to each synthetic text embedding."""
+    a = syn_texts / np.maximum(np.linalg.norm(syn_texts, axis=1, keepdims=True), 1e-12)
+    b = real_texts / np.maximum(np.linalg.norm(real_texts, axis=1, keepdims=True), 1e-12)
+    return np.argmax(a @ b.T, axis=1)
+
+
+def save_grid(path: Path, images: np.ndarray, titles: list[str], max_images: int = 100) -> None:
+    """PNG grid of denormalised images, each titled (wrapped) with its caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(images), max_images)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    pixels = denormalize(images[:n])
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(pixels[i], interpolation="nearest")
+            ax.set_title(textwrap.fill(titles[i], 28), fontsize=5)
+    fig.tight_layout()
+    io.save_figure(fig, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`tldr-jax distill`: learn the synthetic set, save npz + png + checkpoints."""
+    workdir_p = Path(workdir)
+    out_dir = workdir_p / "distill"
+    d, b = config.distill, config.buffer
+    seed = int(config.seed)
+    m, syn_steps = int(d.num_pairs), int(d.syn_steps)
+    expert_epochs, iterations = int(d.expert_epochs), int(d.iterations)
+    epochs = int(b.epochs)
+    max_start = min(int(d.max_start_epoch), epochs - expert_epochs + 1)
+    if max_start < 1:
+        raise ValueError(f"expert_epochs={expert_epochs} > buffer.epochs={epochs}")
+    if d.grad_mode not in matching.GRAD_MODES:
+        raise ValueError(f"distill.grad_mode must be one of {matching.GRAD_MODES}")
+
+    data = et.load_pairs(config, workdir)
+    n = len(data.train)
+    student = et.build_student(config, data.train_txt.shape[1])
+    trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
+    traj_img = np.stack([t["img"] for t in trajs])  # (experts, E+1, P_img)
+    traj_txt = np.stack([t["txt"] for t in trajs])
+
+    cluster = None
+    if d.init == "kmeans":
+        if d.kmeans_features == "text":
+            cluster = data.train_txt
+        elif d.kmeans_features == "image":
+            final = (jnp.asarray(traj_img[0, -1]), jnp.asarray(traj_txt[0, -1]))
+            cluster = et.embed_fn(student)(final, data.train_images, data.train_txt[:1])[0]
+        else:
+            raise ValueError(f"distill.kmeans_features must be text | image: {d.kmeans_features}")
+    images0, texts0, init_idx = initial_pairs(
+        d.init, m, seed, data.train_images, data.train_txt, cluster
+    )
+
+    mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+    rep = replicated(mesh)
+    optimizer = matching.make_outer_optimizer(
+        float(d.lr_images), float(d.lr_texts), float(d.lr_step_size), float(d.momentum)
+    )
+    syn = matching.SyntheticSet.create(images0, texts0, float(d.step_size_init))
+    opt_state = optimizer.init(syn)
+    syn, opt_state = jax.device_put((syn, opt_state), rep)
+    inner = matching.InnerLoop(
+        logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
+        train_dropout=bool(d.quirk_dropout),
+        unroll=jax.default_backend() == "cpu",  # see InnerLoop.unroll
+    )
+    batch_syn = int(d.batch_syn) or m
+
+    @partial(jax.jit, in_shardings=rep, out_shardings=rep)
+    def step(syn, opt_state, expert_start, expert_target, key):
+        k_batch, k_drop = jax.random.split(key)
+        batch_idx = matching.sample_minibatches(k_batch, m, syn_steps, batch_syn)
+        return matching.outer_step(
+            syn,
+            opt_state,
+            optimizer,
+            student,
+            expert_start,
+            expert_target,
+            batch_idx,
+            k_drop,
+            inner,
+            grad_mode=d.grad_mode,
+        )
+
+    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
+    start = ckpt.latest_step() or 0
+    skipped = 0
+    if start:
+        state, extra = ckpt.restore(start, {"syn": syn, "opt_state": opt_state})
+        syn, opt_state = state["syn"], state["opt_state"]
+        skipped = int(extra.get("skipped", 0))
+        log.info("distill: resumed at iteration %d", start)
+    logger = MetricLogger(workdir_p, "distill", resume_step=start)
+
+    base_key = jax.random.key(seed)
+    ckpt_every = int(d.ckpt_every) or iterations
+    log_every = max(int(d.log_every), 1)
+    losses: list[float] = []
+    first_losses: list[float] = []
+    t0 = time.time()
+    pbar = tqdm(range(start, iterations), desc="distill", disable=not dist.is_main(), leave=False)
+    for it in pbar:
+        draw = np.random.default_rng([seed, it])
+        e = int(draw.integers(len(trajs)))
+        s = int(draw.integers(max_start))
+        expert_start = (traj_img[e, s], traj_txt[e, s])
+        expert_target = (traj_img[e, s + expert_epochs], traj_txt[e, s + expert_epochs])
+        syn, opt_state, loss, skip = step(
+            syn, opt_state, expert_start, expert_target, jax.random.fold_in(base_key, it)
+        )
+        done = it + 1
+        loss_f, skip_b = float(loss), bool(skip)
+        skipped += int(skip_b)
+        if skip_b:
+            log.warning("distill: iteration %d non-finite (loss %s), update skipped", done, loss_f)
+        else:
+            losses.append(loss_f)
+            if len(first_losses) < 10 and start == 0:
+                first_losses.append(loss_f)
+        if done % log_every == 0 or done == iterations:
+            logger.log(
+                done,
+                meta_loss=loss_f,
+                lr_img=float(syn.lr_img),
+                lr_txt=float(syn.lr_txt),
+                skipped=skipped,
+            )
+            pbar.set_postfix(loss=f"{loss_f:.4f}", skipped=skipped)
+        if done % ckpt_every == 0 or done == iterations or preemption.requested():
+            ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra={"skipped": skipped})
+        if preemption.requested():
+            ckpt.close()
+            logger.close()
+            raise preemption.stop("distill", done)
+    train_s = time.time() - t0
+    if start == iterations:  # everything was done before; nothing to add to the curves
+        log.info("distill: already finished (%d iterations)", iterations)
+    ckpt.close()
+    logger.close()
+
+    images = np.asarray(syn.images)
+    texts = np.asarray(syn.texts)
+    lr_img, lr_txt = float(syn.lr_img), float(syn.lr_txt)
+    nearest = nearest_captions(texts, data.train_txt)
+    if dist.is_main():
+        io.write_npz(
+            out_dir / "distilled.npz",
+            images=images,
+            texts=texts,
+            lr_img=np.float32(lr_img),
+            lr_txt=np.float32(lr_txt),
+            init_index=init_idx,
+            nearest_caption_index=nearest,
+        )
+        save_grid(out_dir / "distilled.png", images, [data.train_captions[i] for i in nearest])
+    kept_caption = float(np.mean(nearest == init_idx)) if d.init != "noise" else None
+    return {
+        "num_pairs": m,
+        "iterations": iterations,
+        "resumed_from": start,
+        "skipped": skipped,
+        "grad_mode": d.grad_mode,
+        "init": d.init,
+        "syn_steps": syn_steps,
+        "expert_epochs": expert_epochs,
+        "max_start_epoch": max_start,
+        "num_experts_used": len(trajs),
+        "lr_img": lr_img,
+        "lr_txt": lr_txt,
+        "meta_loss_first10": float(np.mean(first_losses)) if first_losses else None,
+        "meta_loss_last10": float(np.mean(losses[-10:])) if losses else None,
+        "nearest_caption_is_init_caption": kept_caption,
+        "distilled_npz": str(out_dir / "distilled.npz"),
+        "time_s": {"distill": train_s},
+    }

@@ -1,0 +1,244 @@
+"""Evaluation of a distilled set against coreset baselines: stage `eval-distilled` (SPEC B.4-5).
+
+Protocol (SPEC B.4): `eval.num_models` fresh models (new seeds, never an expert's) train on a
+set for ~`eval.epochs` epochs with minibatch SGD (batch 64, momentum 0.9, weight decay 5e-4, no
+augmentation, dropout on in the text head as in any real training), then recall@1/5/10 both
+ways on the test split; mean and std over the models. The distilled set trains with its
+learned step sizes (image encoder lr = lr_img, text head lr = lr_txt). Coresets of the same
+budget (random, herding, k-center, forgetting) train with `eval.coreset_lr` for both modalities
+(default 0.1 = the experts' lr; no sweep).
+
+Coreset features: the first expert's final-epoch joint embeddings, L2-normalised image
+embedding concatenated with the L2-normalised text embedding. Forgetting: the per-epoch "pair
+retrieved at rank 1 both ways in its minibatch" record that `buffer` stored for that expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from tldr_jax.distill import coresets
+from tldr_jax.distill import expert_trajectories as et
+from tldr_jax.distill.matching import sample_minibatches
+from tldr_jax.distill.student import Student
+from tldr_jax.utils import dist, io
+from tldr_jax.utils.mesh import make_mesh, replicated
+
+log = logging.getLogger(__name__)
+
+METHODS = ("distilled", "random", "herding", "kcenter", "forgetting")
+
+
+class Evaluator:
+    """Trains fresh models on small sets and evaluates them; caches one trainer per shape/lr."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, student: Student, data: et.PairData
+    ) -> None:
+        self.config = config
+        self.student = student
+        self.data = data
+        self.mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+        self.embed = et.embed_fn(student)
+        self._trainers: dict[tuple, Any] = {}
+
+    def _trainer(self, batch: int, lr_img: float, lr_txt: float) -> tuple[Any, Any, Any]:
+        key = (batch, lr_img, lr_txt)
+        if key not in self._trainers:
+            e = self.config.eval
+
+            def tx(lr: float) -> optax.GradientTransformation:
+                return optax.chain(
+                    optax.add_decayed_weights(float(e.weight_decay)),
+                    optax.sgd(lr, momentum=float(e.momentum)),
+                )
+
+            tx_img, tx_txt = tx(lr_img), tx(lr_txt)
+            trainer = et.make_trainer(self.student, self.mesh, batch, tx_img, tx_txt)
+            self._trainers[key] = (trainer, tx_img, tx_txt)
+        return self._trainers[key]
+
+    def train_and_eval(
+        self, images: np.ndarray, texts: np.ndarray, lr_img: float, lr_txt: float, tag: int
+    ) -> list[dict[str, float]]:
+        """Recall of `eval.num_models` fresh models trained on (images, texts)."""
+        e = self.config.eval
+        n = len(images)
+        batch = min(int(e.batch_size), n)
+        steps = max(1, int(np.ceil(int(e.epochs) * n / batch)))
+        trainer, tx_img, tx_txt = self._trainer(batch, lr_img, lr_txt)
+        rep = replicated(self.mesh)
+        x, t = jax.device_put((np.asarray(images, np.float32), np.asarray(texts, np.float32)), rep)
+        seed = int(self.config.seed)
+        out = []
+        for i in range(int(e.num_models)):
+            # Seeds far from the experts' (seed * 1000 + expert) so no model starts on a buffer.
+            model_seed = 1_000_003 + seed * 1000 + i
+            theta = et.init_params(self.config, texts.shape[1], model_seed)
+            opt_state = (tx_img.init(theta[0]), tx_txt.init(theta[1]))
+            key = jax.random.fold_in(jax.random.key(model_seed), tag)
+            k_batch, k_drop = jax.random.split(key)
+            idx = sample_minibatches(k_batch, n, steps, batch)
+            keys = jax.random.split(k_drop, steps)
+            theta, _, loss, _ = trainer(theta, opt_state, x, t, idx, keys)
+            recall = et.evaluate(self.embed, theta, self.data)
+            recall["final_loss"] = float(loss)
+            out.append(recall)
+        return out
+
+
+def coreset_indices(
+    method: str,
+    budget: int,
+    seed: int,
+    features: np.ndarray,
+    correct: np.ndarray,
+) -> np.ndarray:
+    if method == "random":
+        return coresets.random_coreset(len(features), budget, seed)
+    if method == "herding":
+        return coresets.herding(features, budget)
+    if method == "kcenter":
+        return coresets.kcenter(features, budget, seed)
+    if method == "forgetting":
+        return coresets.forgetting(correct, budget, seed)
+    raise ValueError(f"unknown coreset {method!r}")
+
+
+def _summarise(runs: list[dict[str, float]], **meta: Any) -> dict[str, Any]:
+    return {**et.mean_std(runs), **meta}
+
+
+def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) -> str:
+    keys = et.RECALL_KEYS
+    head = "| pairs | method | " + " | ".join(k.upper().replace("_R", " R@") for k in keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for budget in sorted(results):
+        for method, r in results[budget].items():
+            cells = " | ".join(f"{r[k]['mean']:.1f} ± {r[k]['std']:.1f}" for k in keys)
+            lines.append(f"| {budget} | {method} | {cells} |")
+    if experts:
+        cells = " | ".join(f"{experts[k]['mean']:.1f} ± {experts[k]['std']:.1f}" for k in keys)
+        lines.append(f"| all | experts (full data) | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def recall_plot(path: Path, results: dict[int, dict[str, dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    budgets = sorted(results)
+    for ax, key in zip(axes, ("tr_r1", "ir_r1"), strict=True):
+        for method in METHODS:
+            pts = [(b, results[b][method][key]) for b in budgets if method in results[b]]
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1]["mean"] for p in pts]
+            err = [p[1]["std"] for p in pts]
+            style = dict(marker="*", markersize=12) if method == "distilled" else dict(marker="o")
+            ax.errorbar(xs, ys, yerr=err, label=method, capsize=3, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("training pairs")
+        ax.set_ylabel(key.upper().replace("_R", " R@") + " (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    io.save_figure(fig, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`tldr-jax eval-distilled`: distilled set vs coresets; json + md (+ png) in workdir."""
+    workdir_p = Path(workdir)
+    npz = workdir_p / "distill" / "distilled.npz"
+    if not npz.exists():
+        raise FileNotFoundError(f"{npz} not found: run `tldr-jax distill` first")
+    with np.load(npz) as f:
+        syn = {k: f[k] for k in f.files}
+    seed = int(config.seed)
+    b, e = config.buffer, config.eval
+    data = et.load_pairs(config, workdir)
+    n = len(data.train)
+    student = et.build_student(config, data.train_txt.shape[1])
+    evaluator = Evaluator(config, student, data)
+
+    t0 = time.time()
+    m = len(syn["images"])
+    lr_img, lr_txt = float(syn["lr_img"]), float(syn["lr_txt"])
+    distilled = _summarise(
+        evaluator.train_and_eval(syn["images"], syn["texts"], lr_img, lr_txt, tag=0),
+        num_pairs=m,
+        lr_img=lr_img,
+        lr_txt=lr_txt,
+    )
+
+    # Coreset features and forgetting events from the first finished expert.
+    epochs = int(b.epochs)
+    trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
+    final = (jnp.asarray(trajs[0]["img"][-1]), jnp.asarray(trajs[0]["txt"][-1]))
+    img_f, txt_f = evaluator.embed(final, data.train_images, data.train_txt)
+    features = np.concatenate([img_f, txt_f], axis=1)
+    correct = trajs[0]["correct"][1:]
+    finals = []
+    for i in range(int(b.num_experts)):
+        _, extra, done = et.load_expert(workdir_p, i, epochs, student.num_params, n)
+        if done == epochs and extra.get("recall"):
+            finals.append(extra["recall"][-1])
+    expert_recall = et.mean_std(finals) if finals else None
+
+    main_budget = int(e.coreset_pairs) or m
+    budgets = sorted({main_budget, *(int(x) for x in e.budgets)})
+    coreset_lr = float(e.coreset_lr)
+    results: dict[int, dict[str, dict]] = {bud: {} for bud in budgets}
+    results.setdefault(m, {})["distilled"] = distilled
+    for bud in budgets:
+        if bud > n:
+            log.warning("eval-distilled: budget %d > %d training pairs, skipped", bud, n)
+            continue
+        for j, method in enumerate(METHODS[1:]):
+            idx = coreset_indices(method, bud, seed, features, correct)
+            runs = evaluator.train_and_eval(
+                data.train_images[idx], data.train_txt[idx], coreset_lr, coreset_lr, tag=bud + j
+            )
+            results[bud][method] = _summarise(runs, num_pairs=bud, lr=coreset_lr)
+            log.info(
+                "eval-distilled: %s %d pairs: TR@1 %.1f IR@1 %.1f",
+                method,
+                bud,
+                results[bud][method]["tr_r1"]["mean"],
+                results[bud][method]["ir_r1"]["mean"],
+            )
+
+    summary: dict[str, Any] = {"distilled": distilled}
+    for method in METHODS[1:]:
+        summary[method] = results[main_budget][method]
+    summary["budgets"] = {str(k): v for k, v in sorted(results.items())}
+    summary["experts_full_data"] = expert_recall
+    summary["protocol"] = {
+        "num_models": int(e.num_models),
+        "epochs": int(e.epochs),
+        "batch_size": int(e.batch_size),
+        "momentum": float(e.momentum),
+        "weight_decay": float(e.weight_decay),
+        "coreset_lr": coreset_lr,
+        "coreset_features": "expert 0 final epoch: [image emb, text emb] (L2-normalised)",
+        "forgetting_events": "expert 0, rank-1 in-batch retrieval per epoch (recorded by buffer)",
+    }
+    summary["time_s"] = time.time() - t0
+    if dist.is_main():
+        io.write_text(workdir_p / "eval-distilled.md", markdown_table(results, expert_recall))
+        if len(results) > 1:
+            recall_plot(workdir_p / "eval-distilled.png", results)
+    return summary

@@ -1,0 +1,343 @@
+"""Expert trajectories for trajectory matching: stage `buffer` (SPEC B.2).
+
+N experts train on the real set with plain SGD; after every epoch (epoch 0 = the initial
+weights) the trainable parameters are snapshotted as one flat vector per modality (image
+encoder, text head). The text side is the frozen text encoder's cached embeddings through a
+trainable projection head, so an expert is the same pure function of two flat vectors as a
+distillation student (`student.Student`), and the same jitted SGD code trains both experts
+and evaluation models.
+
+Layout: one Orbax checkpoint directory per expert, W/buffer/expert_NNN, whose step is the number
+of finished epochs and whose state is {"img": (E+1, P_img), "txt": (E+1, P_txt),
+"correct": (E+1, N) bool} (rows past the step are still zero). "correct" records, for the
+forgetting coreset, whether each training pair was retrieved at rank 1 both ways inside its
+own minibatch during that epoch's forward pass (row 0: before training, all False). A rerun
+resumes at the first unfinished expert / epoch; the per-epoch data order and dropout keys are
+functions of (seed, expert, epoch), so a resumed run writes the same vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from tldr_jax.data.dataset import ImageTextSet, load_set
+from tldr_jax.data.images import normalize
+from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
+from tldr_jax.distill.student import Student, flatten_params, make_student
+from tldr_jax.eval.retrieval import retrieval_metrics
+from tldr_jax.models import make_image_encoder
+from tldr_jax.models.heads import ProjectionHead
+from tldr_jax.train import pretrain
+from tldr_jax.train.checkpoint import Checkpointer
+from tldr_jax.train.losses import l2_normalize
+from tldr_jax.utils import dist, preemption
+from tldr_jax.utils.mesh import DATA_AXES, make_mesh, replicated
+from tldr_jax.utils.metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+
+Params = tuple[jax.Array, jax.Array]
+RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class PairData:
+    """The real train / test pairs as the distillation stages consume them.
+
+    train_images: normalised float32 (N, H, W, 3); train_txt: (N, D) frozen text embedding of
+    each pair's first caption; test_txt: every test caption's embedding; txt2img its image.
+    """
+
+    train: ImageTextSet
+    test: ImageTextSet
+    train_images: np.ndarray
+    train_txt: np.ndarray
+    train_captions: list[str]
+    test_images: np.ndarray
+    test_txt: np.ndarray
+    txt2img: np.ndarray
+
+
+def load_pairs(config: ml_collections.ConfigDict, workdir: str | Path) -> PairData:
+    train = load_set(config.data.train, config.data, "train")
+    test = load_set(config.data.test, config.data, "test")
+    cache_dir = Path(config.get("cache_dir", "") or Path(workdir) / "cache")
+    encoder = pretrain.make_text_encoder(config)
+    train_caps = [caps[0] for caps in train.captions]
+    test_caps, _ = pretrain.flat_captions(test)
+    tb = int(config.text.batch_size)
+    return PairData(
+        train=train,
+        test=test,
+        train_images=normalize(train.images),
+        train_txt=pretrain.embed_captions(encoder, train_caps, cache_dir, tb),
+        train_captions=train_caps,
+        test_images=normalize(test.images),
+        test_txt=pretrain.embed_captions(encoder, test_caps, cache_dir, tb),
+        txt2img=np.repeat(np.arange(len(test)), [len(c) for c in test.captions]),
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _modules(config: ml_collections.ConfigDict, text_dim: int, seed: int) -> tuple[Any, Any]:
+    m = config.model
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    image = make_image_encoder(m.image, dict(m.image_kwargs), int(config.data.image_size), rngs)
+    head = ProjectionHead(text_dim, int(image.out_dim), dropout=float(m.head_dropout), rngs=rngs)
+    return image, head
+
+
+def build_student(config: ml_collections.ConfigDict, text_dim: int) -> Student:
+    """The image encoder + text head of `config.model` as a pure `Student`."""
+    return make_student(*_modules(config, text_dim, 0))[0]
+
+
+def init_params(config: ml_collections.ConfigDict, text_dim: int, seed: int) -> Params:
+    """Fresh initial (image, text) flat parameters for a model seeded with `seed`."""
+    image, head = _modules(config, text_dim, seed)
+    return flatten_params(image), flatten_params(head)
+
+
+def _batch_constraint(mesh: Mesh, batch: int) -> Callable[[jax.Array], jax.Array]:
+    """Splits a minibatch over the mesh when it divides evenly; otherwise leaves it alone."""
+    if batch % mesh.devices.size:
+        return lambda x: x
+    sharding = NamedSharding(mesh, P(DATA_AXES))
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+def make_trainer(
+    student: Student,
+    mesh: Mesh,
+    batch: int,
+    tx_img: optax.GradientTransformation,
+    tx_txt: optax.GradientTransformation,
+    *,
+    logit_scale: float = LOGIT_SCALE,
+    dropout: bool = True,
+) -> Callable[..., tuple[Params, Any, jax.Array, np.ndarray]]:
+    """`run(theta, opt_state, images, texts, batch_idx, keys)`: one optimiser step per row of
+    `batch_idx` (steps, batch). Returns (theta, opt_state, mean loss, (steps, batch) bool "pair
+    retrieved at rank 1 both ways in its minibatch").
+
+    A host loop over one jitted step rather than a `lax.scan`: XLA:CPU runs convolutions inside
+    while loops ~25x slower, and the per-step dispatch is negligible elsewhere. Parameters and
+    data are replicated; each minibatch is split over the mesh (data parallel).
+    """
+    constrain = _batch_constraint(mesh, batch)
+    labels = jnp.arange(batch)
+    rep = replicated(mesh)
+
+    @partial(jax.jit, in_shardings=rep, out_shardings=rep)
+    def step(theta, opt_state, images, texts, idx, key):
+        x, t = constrain(images[idx]), constrain(texts[idx])
+
+        def loss_fn(th):
+            img, txt = student.apply(th[0], th[1], x, t, rng=key, train_dropout=dropout)
+            return contrastive_loss(img, txt, logit_scale), (img, txt)
+
+        (loss, (img, txt)), g = jax.value_and_grad(loss_fn, has_aux=True)(theta)
+        sim = l2_normalize(img) @ l2_normalize(txt).T
+        correct = (jnp.argmax(sim, 1) == labels) & (jnp.argmax(sim, 0) == labels)
+        u_img, s_img = tx_img.update(g[0], opt_state[0], theta[0])
+        u_txt, s_txt = tx_txt.update(g[1], opt_state[1], theta[1])
+        return (theta[0] + u_img, theta[1] + u_txt), (s_img, s_txt), loss, correct
+
+    def run(theta, opt_state, images, texts, batch_idx, keys):
+        theta, opt_state = jax.device_put((theta, opt_state), rep)
+        losses, correct = [], []
+        for idx, key in zip(np.asarray(batch_idx), keys, strict=True):
+            theta, opt_state, loss, ok = step(theta, opt_state, images, texts, idx, key)
+            losses.append(loss)
+            correct.append(ok)
+        return theta, opt_state, jnp.mean(jnp.stack(losses)), np.stack(jax.device_get(correct))
+
+    return run
+
+
+def embed_fn(student: Student) -> Callable[[Params, np.ndarray, np.ndarray], tuple]:
+    """(theta, images, texts) -> L2-normalised joint embeddings of every image and text (eval
+    mode), computed in fixed-size padded chunks so each tower compiles once."""
+
+    @partial(jax.jit, static_argnums=0)
+    def tower(is_img: bool, theta: jax.Array, x: jax.Array) -> jax.Array:
+        module = student.image if is_img else student.text
+        return l2_normalize(module.apply(theta, x, rng=None, train=False))
+
+    def run(is_img: bool, theta: jax.Array, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+        out = []
+        for s in range(0, len(x), chunk):
+            part = x[s : s + chunk]
+            pad = chunk - len(part)
+            part = np.concatenate([part, np.repeat(part[-1:], pad, 0)]) if pad else part
+            out.append(np.asarray(tower(is_img, theta, part))[: chunk - pad])
+        return np.concatenate(out)
+
+    return lambda theta, images, texts: (run(True, theta[0], images), run(False, theta[1], texts))
+
+
+def evaluate(embed: Callable, theta: Params, data: PairData) -> dict[str, float]:
+    """Recall@1/5/10 both ways on the test split."""
+    img, txt = embed(theta, data.test_images, data.test_txt)
+    return retrieval_metrics(img, txt, data.txt2img)
+
+
+def mean_std(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{key: {"mean", "std"}} over runs for the six recall keys."""
+    out = {}
+    for k in RECALL_KEYS:
+        values = np.array([r[k] for r in runs], np.float64)
+        out[k] = {"mean": float(values.mean()), "std": float(values.std())}
+    return out
+
+
+def epoch_batches(n: int, batch: int, seed: int, expert: int, epoch: int) -> np.ndarray:
+    """(n // batch, batch) row indices of one epoch: a permutation seeded by (seed, expert,
+    epoch), remainder dropped."""
+    perm = np.random.default_rng([seed, expert, epoch]).permutation(n)
+    steps = n // batch
+    return perm[: steps * batch].reshape(steps, batch).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+def expert_dir(workdir: str | Path, expert: int) -> Path:
+    return Path(workdir) / "buffer" / f"expert_{expert:03d}"
+
+
+def trajectory_target(epochs: int, num_params: tuple[int, int], n: int) -> dict[str, np.ndarray]:
+    return {
+        "img": np.zeros((epochs + 1, num_params[0]), np.float32),
+        "txt": np.zeros((epochs + 1, num_params[1]), np.float32),
+        "correct": np.zeros((epochs + 1, n), bool),
+    }
+
+
+def load_expert(
+    workdir: str | Path, expert: int, epochs: int, num_params: tuple[int, int], n: int
+) -> tuple[dict[str, np.ndarray], dict, int]:
+    """(trajectory arrays, extra JSON, finished epochs) of one expert; 0 epochs if none."""
+    ckpt = Checkpointer(expert_dir(workdir, expert), max_to_keep=1)
+    step = ckpt.latest_step()
+    target = trajectory_target(epochs, num_params, n)
+    if step is None:
+        ckpt.close()
+        return target, {}, 0
+    state, extra = ckpt.restore(step, target)
+    ckpt.close()
+    return {k: np.asarray(v) for k, v in state.items()}, extra, int(step)
+
+
+def load_trajectories(
+    workdir: str | Path, num_experts: int, epochs: int, num_params: tuple[int, int], n: int
+) -> list[dict[str, np.ndarray]]:
+    """Every finished expert's trajectory (experts that did not reach `epochs` are left out)."""
+    out = []
+    for e in range(num_experts):
+        traj, _, done = load_expert(workdir, e, epochs, num_params, n)
+        if done == epochs:
+            out.append(traj)
+    if not out:
+        raise FileNotFoundError(f"no finished expert under {Path(workdir) / 'buffer'}")
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`tldr-jax buffer`: train the experts, snapshot every epoch, write buffer.json."""
+    workdir_p = Path(workdir)
+    b = config.buffer
+    seed, num_experts, epochs = int(config.seed), int(b.num_experts), int(b.epochs)
+    data = load_pairs(config, workdir)
+    n = len(data.train)
+    batch = min(int(b.batch_size), n)
+    mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+    student = build_student(config, data.train_txt.shape[1])
+    # Plain SGD: no momentum or weight decay, so the optimiser state is empty.
+    tx = optax.sgd(float(b.lr))
+    trainer = make_trainer(student, mesh, batch, tx, tx)
+    embed = embed_fn(student)
+    rep = replicated(mesh)
+    images, texts = jax.device_put((data.train_images, data.train_txt), rep)
+    base_key = jax.random.key(seed)
+
+    t0 = time.time()
+    finals: list[dict[str, float]] = []
+    trained_epochs = 0
+    for e in range(num_experts):
+        traj, extra, done = load_expert(workdir_p, e, epochs, student.num_params, n)
+        recall: list[dict[str, float]] = list(extra.get("recall", []))
+        if done == 0:
+            theta = init_params(config, data.train_txt.shape[1], seed * 1000 + e)
+            traj["img"][0], traj["txt"][0] = np.asarray(theta[0]), np.asarray(theta[1])
+            recall = [evaluate(embed, theta, data)]
+        if done == epochs:
+            finals.append(recall[-1])
+            continue
+        log.info("buffer: expert %d resumes at epoch %d", e, done)
+        ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1)
+        logger = MetricLogger(workdir_p, f"buffer_expert_{e:03d}", resume_step=done)
+        theta = (jnp.asarray(traj["img"][done]), jnp.asarray(traj["txt"][done]))
+        opt_state = jax.device_put((tx.init(theta[0]), tx.init(theta[1])), rep)
+        theta = jax.device_put(theta, rep)
+        pbar = tqdm(
+            range(done, epochs), desc=f"expert {e}", disable=not dist.is_main(), leave=False
+        )
+        for epoch in pbar:
+            idx = epoch_batches(n, batch, seed, e, epoch)
+            keys = jax.random.split(jax.random.fold_in(base_key, e * 100_003 + epoch), len(idx))
+            theta, opt_state, loss, correct = trainer(theta, opt_state, images, texts, idx, keys)
+            # Pairs in the dropped remainder keep their previous epoch's value.
+            row = traj["correct"][epoch].copy()
+            row[idx.reshape(-1)] = np.asarray(correct).reshape(-1)
+            traj["correct"][epoch + 1] = row
+            traj["img"][epoch + 1] = np.asarray(theta[0])
+            traj["txt"][epoch + 1] = np.asarray(theta[1])
+            recall.append(evaluate(embed, theta, data))
+            logger.log(epoch + 1, loss=float(loss), **recall[-1])
+            pbar.set_postfix(loss=f"{float(loss):.3f}", tr_r1=f"{recall[-1]['tr_r1']:.1f}")
+            ckpt.save(epoch + 1, traj, extra={"recall": recall})
+            trained_epochs += 1
+            if preemption.requested():
+                ckpt.close()
+                logger.close()
+                raise preemption.stop(f"buffer expert {e}", epoch + 1)
+        ckpt.close()
+        logger.close()
+        finals.append(recall[-1])
+
+    summary: dict[str, Any] = {
+        "num_experts": num_experts,
+        "epochs": epochs,
+        "batch_size": batch,
+        "lr": float(b.lr),
+        "train_pairs": n,
+        "test_images": len(data.test),
+        "test_captions": len(data.txt2img),
+        "num_params": {"img": student.num_params[0], "txt": student.num_params[1]},
+        "trained_epochs_this_run": trained_epochs,
+        "expert_final_recall": mean_std(finals),
+        "time_s": time.time() - t0,
+    }
+    return summary
