@@ -108,6 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.stride = 2
     s.target = 0.5  # fraction of rows (<= 1) or a count (> 1)
     s.seed = 0
+    s.max_in_memory_mb = 4096.0  # larger feature matrices are memory-mapped and streamed
+    s.stream_chunk_rows = 262144  # rows per device transfer when streaming
 
     # 4. Alignment score + top-fraction filter.
     sc = config.score = ml_collections.ConfigDict()

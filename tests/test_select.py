@@ -83,8 +83,12 @@ def test_histogram_features():
     np.testing.assert_allclose(np.linalg.norm(features.l2_normalize(h), axis=1), 1.0)
 
 
-def _fake_extract(workdir, n=240, t=12, vocab=16, seed=0):
-    """Chunks written out of order by two 'processes'; each row's codes encode its id."""
+def write_fake_extract(workdir, n=240, t=12, vocab=16, seed=0):
+    """A fake `extract` output under workdir: W/extract/codes-NNNNN.npz, ids.json, extract.json.
+
+    Chunks are written out of order (as by several processes); rows follow one of 4 code
+    patterns. Returns (ids, codes, pattern of each row). Also used by tests/test_multihost.py.
+    """
     rng = np.random.default_rng(seed)
     ids = np.array([f"img-{i:04d}" for i in rng.permutation(n)])
     group = rng.integers(0, 4, n)  # 4 well-separated code patterns
@@ -102,7 +106,7 @@ def _fake_extract(workdir, n=240, t=12, vocab=16, seed=0):
 
 
 def test_load_codes_keyed_by_id(tmp_path):
-    ids, codes, _ = _fake_extract(tmp_path)
+    ids, codes, _ = write_fake_extract(tmp_path)
     got_ids, got_codes = select_stage.load_codes(tmp_path / "extract")
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_codes, codes)
@@ -112,27 +116,33 @@ def test_load_codes_keyed_by_id(tmp_path):
     assert all(lookup[i] == tuple(c) for i, c in zip(got_ids, got_codes, strict=True))
 
 
-@pytest.mark.parametrize("feature", ["sequence", "histogram"])
-def test_select_stage_end_to_end(tmp_path, feature):
-    ids, _, group = _fake_extract(tmp_path)
-    config = ml_collections.ConfigDict(
-        {
-            "seed": 0,
-            "select": {
-                "feature": feature,
-                "pca_dim": 256,
-                "whiten": False,
-                "num_clusters": 4,
-                "iterations": 5,
-                "init": "kmeans++",
-                "spherical": False,
-                "strategy": "stride",
-                "stride": 2,
-                "target": 0.25,
-                "seed": 1,
-            },
-        }
-    )
+def select_config(**select):
+    """The `select` config of the stage tests (tiny: 4 clusters, 5 iterations)."""
+    base = {
+        "feature": "sequence",
+        "pca_dim": 256,
+        "whiten": False,
+        "num_clusters": 4,
+        "iterations": 5,
+        "init": "kmeans++",
+        "spherical": False,
+        "strategy": "stride",
+        "stride": 2,
+        "target": 0.25,
+        "seed": 1,
+        "max_in_memory_mb": 4096,
+        "stream_chunk_rows": 64,
+    }
+    return ml_collections.ConfigDict({"seed": 0, "select": {**base, **select}})
+
+
+@pytest.mark.parametrize(
+    "feature,budget", [("sequence", 4096), ("histogram", 4096), ("histogram", 1e-3)]
+)
+def test_select_stage_end_to_end(tmp_path, feature, budget):
+    ids, _, group = write_fake_extract(tmp_path)
+    # budget 1e-3 MB: features memory-mapped, PCA to a second map, k-means streamed.
+    config = select_config(feature=feature, max_in_memory_mb=budget)
     summary = select_stage.run(config, str(tmp_path))
     assert summary["input_rows"] == 240 and summary["kept_rows"] == 60
     assert summary["pca_dim"] == (12 if feature == "sequence" else 16)  # clamped from 256
@@ -148,4 +158,6 @@ def test_select_stage_end_to_end(tmp_path, feature):
     for g in range(4):
         assert len(np.unique(a[group == g])) == 1
     assert (tmp_path / "select" / "cluster_sizes.png").stat().st_size > 0
+    assert summary["streamed"] == (budget < 1)
+    assert not list((tmp_path / "select").glob("*.tmp.npy"))  # temporary maps removed
     json.dumps(summary)

@@ -3,6 +3,12 @@
 Reads the `extract` stage's chunks (W/extract/codes-NNNNN.npz with `ids` and `codes`, written
 in any order by any number of processes) and keys every row by its sample id, never by file
 order. Writes W/select/{selected,clusters,random}.npz and W/select/cluster_sizes.png.
+
+Memory: the features are built chunk by chunk into one float32 (N, D) array, PCA'd and
+normalised in place, so the host holds about one copy (plus the devices' copy). Above
+`select.max_in_memory_mb` that array is a memory map under W/select/ and k-means streams it.
+Several processes: each reads every row in the same order, k-means shards the rows over all
+devices, every process gets every assignment, process 0 writes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from tldr_jax.select import features as features_lib
@@ -24,38 +31,101 @@ from tldr_jax.utils import mesh as mesh_lib
 log = logging.getLogger(__name__)
 
 
+def _row_order(extract_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray]:
+    """Chunk files, the chunk row offsets, ordered ids, and each file row's output row (-1: drop).
+
+    Reads only the `ids` of every chunk. Ids are kept as one fixed-width numpy string array
+    and matched by sorting (no per-id Python objects: millions of rows).
+    """
+    files = sorted(extract_dir.glob("codes-*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no codes-*.npz chunks in {extract_dir}; run `extract` first")
+    parts = []
+    for f in files:
+        with np.load(f) as z:
+            parts.append(np.asarray(z["ids"]).astype(str))
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    file_ids = np.concatenate(parts)
+    uniq, first = np.unique(file_ids, return_index=True)
+    if len(first) != len(file_ids):
+        log.warning("select: %d duplicate ids across chunks dropped", len(file_ids) - len(first))
+    order_file = extract_dir / "ids.json"
+    if order_file.exists():
+        wanted = np.asarray(io.read_json(order_file), dtype=str)
+        pos = np.minimum(np.searchsorted(uniq, wanted), len(uniq) - 1)
+        missing = wanted[uniq[pos] != wanted]
+        if len(missing):
+            raise ValueError(f"{len(missing)} ids of ids.json have no codes, e.g. {missing[:3]}")
+        src = first[pos]
+    else:  # chunk file name, then row order
+        src = np.sort(first)
+    dest = np.full(len(file_ids), -1, np.int64)
+    dest[src] = np.arange(len(src))
+    return files, offsets, file_ids[src], dest
+
+
+def _fill_rows(
+    files: list[Path], offsets: np.ndarray, dest: np.ndarray, fn: Any, alloc: Any
+) -> np.ndarray:
+    """out[dest[r]] = fn(codes of file row r) chunk by chunk; `alloc(width, dtype)` makes out."""
+    out = None
+    for i, f in enumerate(files):
+        d = dest[offsets[i] : offsets[i + 1]]
+        keep = d >= 0
+        with np.load(f) as z:
+            rows = fn(np.asarray(z["codes"])[keep])
+        if out is None:
+            out = alloc(rows.shape[1], rows.dtype)
+        out[d[keep]] = rows
+    return out
+
+
 def load_codes(extract_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """All (ids, codes) from the chunk files, ordered by W/extract/ids.json when present.
 
     Without ids.json rows are ordered by chunk file name, then row. Duplicate ids (a chunk
     rewritten after a restart) keep one copy; ids listed in ids.json but missing are an error.
     """
-    extract_dir = Path(extract_dir)
-    files = sorted(extract_dir.glob("codes-*.npz"))
-    if not files:
-        raise FileNotFoundError(f"no codes-*.npz chunks in {extract_dir}; run `extract` first")
-    ids_parts, code_parts = [], []
-    for f in files:
-        with np.load(f) as z:
-            ids_parts.append(np.asarray(z["ids"]).astype(str))
-            code_parts.append(np.asarray(z["codes"], np.int32))
-    ids = np.concatenate(ids_parts)
-    codes = np.concatenate(code_parts)
-    _, first = np.unique(ids, return_index=True)
-    if len(first) != len(ids):
-        log.warning("select: %d duplicate ids across chunks dropped", len(ids) - len(first))
-    keep = np.sort(first)
-    ids, codes = ids[keep], codes[keep]
-    order_file = extract_dir / "ids.json"
-    if order_file.exists():
-        wanted = np.asarray(io.read_json(order_file), dtype=str)
-        position = {sid: i for i, sid in enumerate(ids)}
-        missing = [sid for sid in wanted if sid not in position]
-        if missing:
-            raise ValueError(f"{len(missing)} ids of ids.json have no codes, e.g. {missing[:3]}")
-        rows = np.fromiter((position[sid] for sid in wanted), np.int64, len(wanted))
-        ids, codes = ids[rows], codes[rows]
+    files, offsets, ids, dest = _row_order(Path(extract_dir))
+    codes = _fill_rows(
+        files,
+        offsets,
+        dest,
+        lambda c: c.astype(np.int32),
+        lambda width, dtype: np.empty((len(ids), width), dtype),
+    )
     return ids, codes
+
+
+def load_features(
+    extract_dir: str | Path,
+    feature: features_lib.Feature,
+    codebook_size: int,
+    memmap_path: Path,
+    max_in_memory_mb: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 features) built chunk by chunk straight into one (N, D) array.
+
+    The int32 codes never exist whole. Features larger than `max_in_memory_mb` live in a
+    memory-mapped .npy at `memmap_path` instead of in RAM (an `np.memmap`).
+    """
+    files, offsets, ids, dest = _row_order(Path(extract_dir))
+
+    def alloc(width: int, dtype: Any) -> np.ndarray:
+        shape = (len(ids), width)
+        if len(ids) * width * 4 <= max_in_memory_mb * 2**20:
+            return np.empty(shape, np.float32)
+        memmap_path.parent.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(memmap_path, "w+", np.float32, shape)
+
+    feats = _fill_rows(
+        files,
+        offsets,
+        dest,
+        lambda c: features_lib.make_features(c, feature, codebook_size),
+        alloc,
+    )
+    return ids, feats
 
 
 def _plot_cluster_sizes(sizes: np.ndarray, path: Path) -> None:
@@ -72,27 +142,64 @@ def _plot_cluster_sizes(sizes: np.ndarray, path: Path) -> None:
     io.save_figure(fig, path)
 
 
+def _kmeans(feats: np.ndarray, k: int, cfg: Any, seed: int, mesh: Any, stream: bool) -> Any:
+    iterations = int(cfg.get("iterations", 20))
+    init = cfg.get("init", "kmeans++")
+    spherical = bool(cfg.get("spherical", False))
+    if not stream:
+        return kmeans_lib.kmeans(
+            feats, k, iterations=iterations, init=init, spherical=spherical, seed=seed, mesh=mesh
+        )
+    # Out of core: seeds from a seeded subsample (64 rows per cluster, as the in-memory
+    # k-means++), then one pass over the memory-mapped rows per iteration.
+    n = feats.shape[0]
+    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, 64 * k), replace=False))
+    c0 = kmeans_lib.seed_centroids(np.asarray(feats[sample]), k, init=init, seed=seed, mesh=mesh)
+    chunk = int(cfg.get("stream_chunk_rows", 262144))
+    return kmeans_lib.kmeans_streaming(
+        lambda: (feats[s : s + chunk] for s in range(0, n, chunk)),
+        c0,
+        iterations=iterations,
+        spherical=spherical,
+        mesh=mesh,
+    )
+
+
 def run(config: Any, workdir: str) -> dict:
     cfg = config.select
     out = Path(workdir) / "select"
     seed = int(cfg.get("seed", config.get("seed", 0)))
     timings: dict[str, float] = {}
 
-    # Features.
+    # Features: every process reads every row (same order, same features); k-means shards the rows.
     t0 = time.time()
-    ids, codes = load_codes(Path(workdir) / "extract")
+    extract_dir = Path(workdir) / "extract"
+    feature = cfg.get("feature", "sequence")
     codebook_size = int(io.read_json(Path(workdir) / "extract.json")["codebook_size"])
-    feats = features_lib.make_features(codes, cfg.get("feature", "sequence"), codebook_size)
+    # Per-process file: every process builds its own copy of the rows.
+    memmap_path = out / f"features-{jax.process_index()}.tmp.npy"
+    budget = float(cfg.get("max_in_memory_mb", 4096))
+    ids, feats = load_features(extract_dir, feature, codebook_size, memmap_path, budget)
+    stream = isinstance(feats, np.memmap)
     n, dim = feats.shape
     timings["load_s"] = time.time() - t0
 
-    # PCA (clamped to min(pca_dim, D, N)) and L2 normalisation.
+    # PCA (clamped to min(pca_dim, D, N)) and L2 normalisation, in place where shapes allow.
     t0 = time.time()
     pca_dim = int(cfg.get("pca_dim", 256))
     if pca_dim > 0:
         pca = pca_lib.fit_pca(feats, pca_dim, whiten=bool(cfg.get("whiten", True)))
-        feats = pca.transform(feats)
-    feats = features_lib.l2_normalize(feats)
+        k_pca = pca.components.shape[0]
+        if k_pca == dim:
+            feats = pca.transform(feats, out=feats)
+        elif stream:
+            reduced = np.lib.format.open_memmap(
+                out / f"features-pca-{jax.process_index()}.tmp.npy", "w+", np.float32, (n, k_pca)
+            )
+            feats = pca.transform(feats, out=reduced)
+        else:
+            feats = pca.transform(feats)
+    features_lib.l2_normalize_(feats)
     timings["pca_s"] = time.time() - t0
 
     # k-means.
@@ -100,16 +207,12 @@ def run(config: Any, workdir: str) -> dict:
     k = min(int(cfg.get("num_clusters", 1000)), n)
     mesh_cfg = config.get("mesh", None)
     mesh = mesh_lib.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp)) if mesh_cfg else None
-    result = kmeans_lib.kmeans(
-        feats,
-        k,
-        iterations=int(cfg.get("iterations", 20)),
-        init=cfg.get("init", "kmeans++"),
-        spherical=bool(cfg.get("spherical", False)),
-        seed=seed,
-        mesh=mesh,
-    )
+    result = _kmeans(feats, k, cfg, seed, mesh, stream)
     timings["kmeans_s"] = time.time() - t0
+    pca_out_dim = feats.shape[1]
+    del feats
+    for tmp in out.glob(f"features*-{jax.process_index()}.tmp.npy"):
+        tmp.unlink()
 
     # Selection, and the random baseline of the same size.
     count = strategies.target_count(cfg.get("target", 0.5), n)
@@ -138,15 +241,18 @@ def run(config: Any, workdir: str) -> dict:
         )
         io.write_npz(out / "random.npz", ids=ids[baseline])
         _plot_cluster_sizes(sizes, out / "cluster_sizes.png")
+    # Outputs are complete before any process reports the stage done.
+    dist.barrier("select_written")
     return {
         "input_rows": n,
         "feature_dim": dim,
-        "pca_dim": feats.shape[1],
+        "pca_dim": pca_out_dim,
         "kept_rows": len(keep),
         "fraction": len(keep) / n,
         "num_clusters": k,
         "nonempty_clusters": int((sizes > 0).sum()),
         "objective": result.objective,
         "empty_reseeded": result.empty_reseeded,
+        "streamed": stream,
         **{key: round(v, 3) for key, v in timings.items()},
     }

@@ -37,3 +37,11 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm (all-zero rows stay zero)."""
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norm, eps)).astype(np.float32)
+
+
+def l2_normalize_(x: np.ndarray, block: int = 65536, eps: float = 1e-12) -> np.ndarray:
+    """In-place `l2_normalize` of a float32 array (or memory map), block by block."""
+    for s in range(0, x.shape[0], block):
+        xb = x[s : s + block]
+        xb /= np.maximum(np.linalg.norm(xb, axis=1, keepdims=True), eps)
+    return x

@@ -14,8 +14,14 @@ class PCA:
     variance: np.ndarray  # (k,) explained variance per component
     whiten: bool
 
-    def transform(self, x: np.ndarray, block: int = 65536) -> np.ndarray:
-        """Projects rows onto the components; whitened rows have unit variance per component."""
+    def transform(
+        self, x: np.ndarray, block: int = 65536, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Projects rows onto the components; whitened rows have unit variance per component.
+
+        `out` (N, k) float32 receives the result; it may be `x` itself when k == D (each block
+        is read before it is overwritten), so large inputs are transformed in place.
+        """
         proj = (
             (self.components / np.sqrt(self.variance + 1e-12)[:, None])
             if self.whiten
@@ -23,7 +29,8 @@ class PCA:
         )
         proj = proj.astype(np.float32).T
         mean = self.mean.astype(np.float32)
-        out = np.empty((x.shape[0], proj.shape[1]), np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], proj.shape[1]), np.float32)
         for s in range(0, x.shape[0], block):
             out[s : s + block] = (np.asarray(x[s : s + block], np.float32) - mean) @ proj
         return out
