@@ -81,3 +81,44 @@ def test_two_processes_pretrain_equals_one(pretrain_runs):
         assert two[k] == pytest.approx(one[k], abs=0.5), k
     # Only process 0 wrote outputs: one summary, one metrics file.
     assert len(list((pretrain_runs / "two").glob("*.json"))) == 1
+
+
+SELECT = [
+    "--config",
+    "configs/tldr.py",
+    "--config.select.feature=sequence",
+    "--config.select.num_clusters=4",
+    "--config.select.iterations=5",
+    "--config.select.target=0.25",
+]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in_memory", "streamed"])
+def test_two_processes_select_equals_one(tmp_path, streamed):
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_select import write_fake_extract
+
+    extra = (
+        ["--config.select.max_in_memory_mb=0.001", "--config.select.stream_chunk_rows=64"]
+        if streamed
+        else []
+    )
+    for name in ("one", "two"):
+        write_fake_extract(tmp_path / name)
+    run_single("select", *SELECT, *extra, "--workdir", str(tmp_path / "one"))
+    run_multi(
+        2, "select", *SELECT, *extra, "--workdir", str(tmp_path / "two"), logdir=tmp_path / "logs"
+    )
+    for f in ("selected", "clusters", "random"):
+        a = np.load(tmp_path / "one" / "select" / f"{f}.npz")
+        b = np.load(tmp_path / "two" / "select" / f"{f}.npz")
+        assert set(a.files) == set(b.files)
+        for key in a.files:
+            if key == "distance":
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{f}.{key}")
+    two = json.loads((tmp_path / "two" / "select.json").read_text())
+    assert two["num_processes"] == 2
