@@ -1,0 +1,197 @@
+"""Compress stages train-captioner, extract and caption on a tiny embedded world."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tldr as tldr_config
+from tldr_jax.cli import run_stage
+from tldr_jax.compress import caption_stage, captioner_stage, extract
+from tldr_jax.compress.common import load_train
+from tldr_jax.data.images import normalize
+from tldr_jax.data.tokenizer import load_tokenizer
+from tldr_jax.utils import io, preemption
+from tldr_jax.utils.mesh import make_mesh
+
+TINY_VIT = dict(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+TINY_DECODER = dict(width=16, depth=1, heads=2, mlp_dim=32)
+
+
+def tiny_config():
+    config = tldr_config.get_config("small")
+    config.data.image_size = 16
+    config.data.world.update(image_size=16, num_pairs=96, num_test=8, num_clean=24)
+    c = config.captioner
+    c.update(image_kwargs=TINY_VIT, decoder=TINY_DECODER, num_codes=16, code_dim=8, max_len=12)
+    c.vq_loss = "ema"  # the EMA codebook must survive the generic train step and checkpoints
+    c.train.update(batch_size=32, epochs=1, warmup_steps=1, log_every=1, ckpt_every=2)
+    config.extract.update(chunk_size=40, batch_size=16)
+    cap = config.caption
+    cap.update(image_kwargs=TINY_VIT, decoder=TINY_DECODER, max_len=6, batch_size=8, beam_size=2)
+    cap.train.update(batch_size=8, epochs=1, warmup_steps=1, log_every=1, ckpt_every=100)
+    return config
+
+
+def _restored(config, workdir):
+    return captioner_stage.restore_codebook_captioner(config, workdir, make_mesh())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted train-captioner run (3 steps) in its own workdir."""
+    workdir = tmp_path_factory.mktemp("full")
+    config = tiny_config()
+    summary = run_stage("train-captioner", config, str(workdir))
+    return config, workdir, summary
+
+
+def test_train_captioner_summary_and_ema_state(trained):
+    config, workdir, summary = trained
+    on_disk = io.read_json(workdir / "train-captioner.json")
+    assert on_disk["steps"] == summary["steps"] == 3  # 96 rows // batch 32, one epoch
+    assert summary["tokens_per_image"] == 1 + (16 // 8) ** 2
+    assert summary["num_codes"] == 16
+    assert 0.0 < summary["code_usage"] <= 1.0 and summary["perplexity"] >= 1.0
+    assert np.isclose(
+        summary["final_loss"], summary["final_lm_loss"] + summary["final_vq_loss"], rtol=1e-5
+    )
+    _, state, step = _restored(config, workdir)
+    assert step == 3
+    # The EMA counts start at 1 and move every step: they must have been carried through.
+    assert not np.allclose(np.asarray(state["rest"]["quantizer"]["ema_count"][...]), 1.0)
+    rows = (workdir / "metrics" / "train-captioner.csv").read_text().splitlines()[1:]
+    assert sorted({int(r.split(",")[0]) for r in rows}) == [1, 2, 3]
+
+
+def test_train_captioner_resumes_at_saved_step(trained, tmp_path, monkeypatch):
+    config, full_dir, _ = trained
+    monkeypatch.setattr(preemption, "requested", lambda: True)
+    with pytest.raises(preemption.Preempted, match="step 1"):
+        captioner_stage.run(config, str(tmp_path))
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    summary = captioner_stage.run(config, str(tmp_path))
+    assert summary["resumed_from"] == 1 and summary["steps"] == 3
+    # Same data stream, same per-step RNG: identical to the uninterrupted run.
+    _, resumed, _ = _restored(config, tmp_path)
+    _, full, _ = _restored(config, full_dir)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    rows = (tmp_path / "metrics" / "train-captioner.csv").read_text().splitlines()[1:]
+    steps = [int(r.split(",")[0]) for r in rows if r.split(",")[1] == "loss"]
+    assert steps == [1, 2, 3]
+
+
+def test_chunk_plan_partitions_rows():
+    for n, size, procs in [(96, 40, 1), (96, 40, 2), (100, 7, 3), (5, 10, 4)]:
+        rows = []
+        for p in range(procs):
+            plan = extract.chunk_plan(n, size, p, procs)
+            assert all(c % procs == p for c, _, _ in plan)
+            rows += [r for _, a, b in plan for r in range(a, b)]
+        assert sorted(rows) == list(range(n))
+
+
+def _chunks(out):
+    return {f.name: (np.load(f)["ids"].tolist(), np.load(f)["codes"]) for f in out.glob("*.npz")}
+
+
+def test_extract_keys_codes_by_id_and_resumes(trained):
+    config, workdir, _ = trained
+    summary = run_stage("extract", config, str(workdir))
+    out = workdir / "extract"
+    train = load_train(config)
+    assert summary["rows"] == 96 and summary["chunks"] == 3 and summary["codebook_size"] == 16
+    assert summary["tokens_per_image"] == 5
+    assert io.read_json(out / "ids.json") == train.ids
+
+    # Brute force: the restored model's codes for every training image, looked up by id.
+    model_def, state, _ = _restored(config, workdir)
+    model = model_def.merge(state["params"], state["rest"])
+    want = np.asarray(nnx.jit(lambda m, x: m.codes(x))(model, normalize(train.images)))
+    row_of = {sid: i for i, sid in enumerate(train.ids)}
+    first = _chunks(out)
+    assert sorted(first) == ["codes-00000.npz", "codes-00001.npz", "codes-00002.npz"]
+    seen = []
+    for ids, codes in first.values():
+        assert codes.dtype == np.int32 and codes.shape == (len(ids), 5)
+        np.testing.assert_array_equal(codes, want[[row_of[i] for i in ids]])
+        seen += ids
+    assert sorted(seen) == sorted(train.ids)
+    assert summary["codes_used"] == len(np.unique(want))
+
+    # Resume: a missing chunk is recomputed, the others are left alone; same result.
+    (out / "codes-00001.npz").unlink()
+    mtime = (out / "codes-00000.npz").stat().st_mtime_ns
+    again = extract.run(config, str(workdir))
+    assert again["chunks_written"] == 1
+    assert (out / "codes-00000.npz").stat().st_mtime_ns == mtime
+    second = _chunks(out)
+    for name, (ids, codes) in first.items():
+        assert second[name][0] == ids
+        np.testing.assert_array_equal(second[name][1], codes)
+
+    # Two "processes", the second first: chunk ownership c % 2, nothing lost or duplicated.
+    split_dir = workdir / "extract-2proc"
+    split_dir.mkdir()
+    kw = dict(chunk_size=40, batch_size=16, process_count=2)
+    assert extract.extract_chunks(model, train, split_dir, process_index=1, **kw) == 1
+    assert extract.extract_chunks(model, train, split_dir, process_index=0, **kw) == 2
+    ids, codes = extract.read_chunks(split_dir)
+    assert sorted(ids.tolist()) == sorted(train.ids)
+    np.testing.assert_array_equal(codes, want[[row_of[i] for i in ids]])
+
+
+def test_prompt_tokens_are_a_prefix_of_prompted_captions():
+    tok = load_tokenizer()
+    ids = caption_stage.prompt_token_ids(tok, "a picture of ")
+    assert tok.decode(ids) == "a picture of"
+    full, mask = tok.encode_batch(["a picture of " + "a red ball on grass"], 16)
+    np.testing.assert_array_equal(full[0, 1 : 1 + len(ids)], ids)
+    assert caption_stage.add_prompt("a red ball", "a picture of ") == "a picture of a red ball"
+    assert caption_stage.add_prompt("a picture of a cat", "a picture of ") == "a picture of a cat"
+    text = tok.decode(tok.encode_batch(["a medium-sized dog's toy"], 16)[0][0])
+    assert caption_stage.detokenize(text) == "a medium-sized dog's toy"
+
+
+def test_caption_generates_for_every_kept_id(trained, monkeypatch):
+    config, workdir, _ = trained
+    train = load_train(config)
+    rng = np.random.default_rng(0)
+    kept = np.array(train.ids)[rng.choice(len(train), 11, replace=False)]  # any order
+    io.write_npz(workdir / "score" / "kept.npz", ids=kept, scores=np.zeros(len(kept)))
+    summary = run_stage("caption", config, str(workdir))
+    generated = json.loads((workdir / "caption" / "generated.json").read_text())
+    assert set(generated) == set(kept.tolist())
+    assert all(isinstance(v, str) for v in generated.values())
+    assert summary["rows_captioned"] == 11 and summary["steps"] == 3  # 24 clean images // 8
+    assert summary["empty_generations"] == sum(1 for v in generated.values() if not v)
+    assert (workdir / "caption" / "samples.png").stat().st_size > 0
+    assert [e["generated"] for e in summary["examples"]] == [
+        generated[e["id"]] for e in summary["examples"]
+    ]
+
+    # Rerun: training resumes at its last step, and the complete file is not regenerated.
+    def fail(*args, **kwargs):
+        raise AssertionError("generation should have been skipped")
+
+    monkeypatch.setattr(caption_stage, "generate_texts", fail)
+    again = caption_stage.run(config, str(workdir))
+    assert again["resumed_from"] == 3 and again["rows_captioned"] == 11
+
+
+def test_compact_vocab_round_trip():
+    tok = load_tokenizer()
+    texts = ["a red ball on grass", "two blue squares", "a picture of a red square"]
+    vocab = captioner_stage.CompactVocab.from_texts(tok, texts, 16)
+    full, full_mask = tok.encode_batch(texts, 16)
+    ids, mask = vocab.encode_batch(texts, 16)
+    np.testing.assert_array_equal(mask, full_mask)
+    assert vocab.vocab_size == len(np.unique(np.concatenate([full[full_mask > 0], [0]])))
+    assert ids.max() < vocab.vocab_size and (vocab.cls_id, vocab.sep_id) == (ids[0, 0], ids[0, 6])
+    np.testing.assert_array_equal(vocab.full_ids[ids], full)  # same tokens, compact numbering
+    assert vocab.decode_batch(ids) == tok.decode_batch(full)
+    with pytest.raises(ValueError, match="outside the compact vocabulary"):
+        vocab.encode_batch(["a green ball"], 16)
