@@ -62,7 +62,9 @@ def captioner_train(arg: ml_collections.ConfigDict, epochs: int) -> ml_collectio
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, small=False, reference=False)
+    arg = config_lib.parse_arg(arg, small=False, reference=False, tiny=False)
+    if arg.tiny:
+        arg.small = True
     config = pretrain.get_config("small" if arg.small else None)
     size = 224 if arg.reference else config.data.image_size
     config.data.image_size = size
@@ -130,8 +132,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cap.top_p = 0.9
     cap.temperature = 1.0
     cap.batch_size = 128
-    cap.train = captioner_train(arg, 5 if arg.reference else (6 if arg.small else 10))
+    cap.train = captioner_train(arg, 5 if arg.reference else 10)
     cap.train.schedule = "cosine"
+    if arg.small:  # smaller batches: 6 epochs x 64 left the model nearly image-blind
+        cap.train.batch_size = 32
 
     # 6. Write the new training file.
     w = config.write = ml_collections.ConfigDict()
@@ -141,4 +145,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r = config.retrieval_eval = ml_collections.ConfigDict()
     r.enabled = bool(arg.small)
     r.budget = "steps"  # steps: every run gets the full set's step count | epochs
+    if arg.tiny:
+        shrink_to_tiny(config)
     return config
+
+
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
+    """`:tiny`: a smoke test of every stage in about a minute (tests, CI); not for results."""
+    vit = dict(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+    dec = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
+    config.data.image_size = 16
+    config.data.world.update(image_size=16, num_pairs=192, num_test=24, num_clean=24)
+    config.model.image_kwargs.update(depth=2, width=8)
+    config.model.embed_dim = 32
+    config.train.update(batch_size=32, epochs=2, warmup_steps=2, ckpt_every=4)
+    c = config.captioner
+    c.update(num_codes=16, code_dim=8, max_len=12)
+    c.image_kwargs = vit
+    c.decoder = dec
+    c.train.update(batch_size=32, epochs=2, warmup_steps=1, ckpt_every=3)
+    config.extract.update(chunk_size=64, batch_size=32)
+    config.select.update(num_clusters=8, iterations=5, pca_dim=16)
+    cap = config.caption
+    cap.update(max_len=8, batch_size=16, beam_size=2)
+    cap.image_kwargs = vit
+    cap.decoder = dec
+    cap.train.update(batch_size=16, epochs=1, warmup_steps=1, ckpt_every=2)

@@ -153,7 +153,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
     rep = replicated(mesh)
     optimizer = matching.make_outer_optimizer(
-        float(d.lr_images), float(d.lr_texts), float(d.lr_step_size), float(d.momentum)
+        float(d.lr_images),
+        float(d.lr_texts),
+        float(d.lr_step_size),
+        float(d.momentum),
+        step_size_param=d.step_size_param,
+        max_grad_norm=float(d.max_grad_norm),
     )
     syn = matching.SyntheticSet.create(images0, texts0, float(d.step_size_init))
     opt_state = optimizer.init(syn)
@@ -218,14 +223,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if len(first_losses) < 10 and start == 0:
                 first_losses.append(loss_f)
         if done % log_every == 0 or done == iterations:
+            # The per-iteration loss varies with the (expert, epoch) draw: log the window mean.
+            window = losses[-min(log_every, len(losses)) :] if losses else [loss_f]
             logger.log(
                 done,
-                meta_loss=loss_f,
+                meta_loss=float(np.mean(window)),
                 lr_img=float(syn.lr_img),
                 lr_txt=float(syn.lr_txt),
                 skipped=skipped,
             )
-            pbar.set_postfix(loss=f"{loss_f:.4f}", skipped=skipped)
+            pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
         if done % ckpt_every == 0 or done == iterations or preemption.requested():
             ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra={"skipped": skipped})
         if preemption.requested():

@@ -75,6 +75,8 @@ class Evaluator:
         n = len(images)
         batch = min(int(e.batch_size), n)
         steps = max(1, int(np.ceil(int(e.epochs) * n / batch)))
+        if int(e.get("max_steps", 0)):
+            steps = min(steps, int(e.max_steps))
         trainer, tx_img, tx_txt = self._trainer(batch, lr_img, lr_txt)
         rep = replicated(self.mesh)
         x, t = jax.device_put((np.asarray(images, np.float32), np.asarray(texts, np.float32)), rep)

@@ -88,14 +88,18 @@ def sample_minibatches(key: jax.Array, num_syn: int, syn_steps: int, batch_syn: 
 
 
 def param_distance_loss(end: Params, start: Params, target: Params) -> jax.Array:
-    """sum over modalities of |end - target|^2 / |start - target|^2 (SPEC B.3).
+    """Mean over modalities of |end - target|^2 / |start - target|^2 (SPEC B.3).
 
-    1 when the student does not move, 0 when it lands on the target.
+    1 when the student does not move, 0 when it lands on the target. The reference sums the
+    two terms (2 at rest); the mean keeps the loss on the scale "fraction of the expert's
+    segment left to cover" and halves every meta-gradient, which the outer learning rates
+    (`distill.lr_*`) absorb.
     """
-    return sum(
+    terms = [
         jnp.sum(jnp.square(e - t)) / jnp.sum(jnp.square(s - t))
         for e, s, t in zip(end, start, target, strict=True)
-    )
+    ]
+    return sum(terms) / len(terms)
 
 
 def _inner_loss(
@@ -261,16 +265,57 @@ def meta_loss_and_grad(
     return jax.value_and_grad(meta_loss)(syn, *args, remat=grad_mode == "remat")
 
 
+StepSizeParam = Literal["log", "raw"]
+
+
+def log_space_sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+    """SGD with momentum on log(step size), applied to the raw positive step size.
+
+    The step size enters the student linearly, so a raw SGD step of fixed absolute size can
+    cross zero (a negative step size trains the student *away* from the data, and the meta
+    loss explodes). Descending on u = log(lr) instead: du = lr * dL/dlr, the momentum buffer
+    lives in u-space, and the update lr * expm1(-eta * m) keeps lr > 0 and moves it by a
+    relative amount. The `SyntheticSet` keeps storing the raw step size.
+    """
+    inner = optax.sgd(learning_rate, momentum=momentum)
+
+    def update(grads, state, params):
+        log_updates, state = inner.update(jax.tree.map(jnp.multiply, grads, params), state)
+        return jax.tree.map(lambda u, p: p * jnp.expm1(u), log_updates, params), state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 def make_outer_optimizer(
     lr_images: float = 1000.0,
     lr_texts: float = 1000.0,
     lr_step_size: float = 1e-2,
     momentum: float = 0.5,
+    *,
+    step_size_param: StepSizeParam = "log",
+    max_grad_norm: float = 0.0,
 ) -> optax.GradientTransformation:
-    """SGD with momentum and one learning rate per field (SPEC B.3)."""
-    lrs = {"images": lr_images, "texts": lr_texts, "lr_img": lr_step_size, "lr_txt": lr_step_size}
+    """SGD with momentum and one learning rate per field (SPEC B.3).
+
+    `step_size_param="log"` descends on the log of the step sizes (`log_space_sgd`; then
+    `lr_step_size` is a rate in log space); "raw" is the reference's plain SGD on the step size.
+    `max_grad_norm > 0` clips each field's meta-gradient to that global norm first.
+    """
+    if step_size_param not in ("log", "raw"):
+        raise ValueError(f"step_size_param must be log | raw, got {step_size_param!r}")
+
+    def sgd(lr: float, log_space: bool = False) -> optax.GradientTransformation:
+        tx = log_space_sgd(lr, momentum) if log_space else optax.sgd(lr, momentum=momentum)
+        return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx) if max_grad_norm else tx
+
+    log_space = step_size_param == "log"
     return optax.multi_transform(
-        {name: optax.sgd(lr, momentum=momentum) for name, lr in lrs.items()},
+        {
+            "images": sgd(lr_images),
+            "texts": sgd(lr_texts),
+            "lr_img": sgd(lr_step_size, log_space),
+            "lr_txt": sgd(lr_step_size, log_space),
+        },
         SyntheticSet(images="images", texts="texts", lr_img="lr_img", lr_txt="lr_txt"),
     )
 

@@ -1,0 +1,96 @@
+"""Ablate a finished `compress` run: which part (alignment filter, clustering, captions)
+moves retrieval. Reuses WORKDIR's stage outputs; each variant pre-trains the dual encoder
+from scratch with the full set's step budget and evaluates on the test split.
+
+  python benchmarks/compress_ablation.py --workdir runs/tldr --config configs/tldr.py:small
+
+Variants (same number of pairs as the TL;DR subset unless said):
+  tldr_original_captions  TL;DR rows, original captions (filter + clustering, no captions)
+  tldr_generated_only     TL;DR rows, generated captions alone
+  filter_only             best-scored rows of the whole set (no clustering)
+  clustering_only         random rows among those k-means selection kept (no filter)
+Writes WORKDIR/ablation.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    sys.path.insert(0, str(Path(path).resolve().parent.parent))
+    mod_spec = importlib.util.spec_from_file_location("cfg", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--config", default="configs/tldr.py:small")
+    ap.add_argument("--variants", default="")
+    args = ap.parse_args()
+
+    from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache
+    from tldr_jax.eval.retrieval import RECALL_KEYS
+    from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
+    from tldr_jax.utils import io
+
+    w = Path(args.workdir)
+    cfg = shared_cache(load_config(args.config), w)
+    train, test = load_train(cfg), load_test(cfg)
+    full = io.read_json(w / "score" / "full_retrieval.json")
+    steps = int(full["steps"])
+    manifest = io.read_json(w / "compress" / "manifest.json")["rows"]
+    tldr_rows = rows_of(train.ids, [m["id"] for m in manifest])
+    n = len(tldr_rows)
+    scores = np.load(w / "score" / "scores.npz")["scores"]
+    selected = rows_of(train.ids, np.load(w / "select" / "selected.npz")["ids"])
+    rng = np.random.default_rng(0)
+
+    def with_caps(rows, caps):
+        return dataclasses.replace(train.subset(rows), captions=[[c] for c in caps])
+
+    gen = [m["generated"] or m["original"] for m in manifest]
+    variants = {
+        "tldr_original_captions": train.subset(tldr_rows),
+        "tldr_generated_only": with_caps(tldr_rows, gen),
+        "filter_only": train.subset(np.sort(np.argsort(-scores, kind="stable")[:n])),
+        "clustering_only": train.subset(np.sort(rng.choice(selected, n, replace=False))),
+    }
+    wanted = [v for v in args.variants.split(",") if v] or list(variants)
+    text_encoder = make_text_encoder(cfg)
+    out = {}
+    for name in wanted:
+        summary, _ = train_and_evaluate(
+            cfg,
+            w / "ablation" / name,
+            variants[name],
+            test,
+            text_encoder,
+            num_steps=steps,
+            name=f"ablation-{name}",
+        )
+        out[name] = {k: summary[k] for k in RECALL_KEYS}
+        out[name]["mean_r1"] = 0.5 * (summary["tr_r1"] + summary["ir_r1"])
+        out[name]["pairs"] = len(variants[name])
+        io.write_json(w / "ablation.json", out)
+    print("| variant | pairs | TR@1 | IR@1 | mean R@1 |\n|---|---|---|---|---|")
+    for name, r in out.items():
+        print(
+            f"| {name} | {r['pairs']} | {r['tr_r1']:.1f} | {r['ir_r1']:.1f} | {r['mean_r1']:.1f} |"
+        )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
