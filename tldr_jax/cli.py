@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_: list[str]) -> None:
-        from tldr_jax.utils import dist, preemption
-
         from absl import logging as absl_logging
+
+        from tldr_jax.utils import dist, preemption
 
         # Orbax and grain log every checkpoint file at INFO through absl; keep ours at INFO.
         absl_logging.set_verbosity(absl_logging.WARNING)
