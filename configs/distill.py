@@ -92,7 +92,9 @@ def eval_config(small: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, small=False)
+    arg = config_lib.parse_arg(arg, small=False, tiny=False)
+    if arg.tiny:
+        arg.small = True
     config = ml_collections.ConfigDict()
     config.seed = 0
     size = 32 if arg.small else 64
@@ -109,4 +111,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distill = distill_config(arg.small)
     config.eval = eval_config(arg.small)
     config.cache_dir = ""  # "" = WORKDIR/cache (text embeddings)
+    if arg.tiny:  # a smoke test of the three stages in about a minute (tests); not for results
+        config.data.image_size = 16
+        config.data.world.update(image_size=16, num_pairs=200, num_test=40, num_clean=10)
+        config.model.image_kwargs.update(depth=2, width=8)
+        config.buffer.update(num_experts=2, epochs=2, batch_size=64)
+        config.distill.update(num_pairs=8, syn_steps=2, iterations=6, ckpt_every=2, log_every=1)
+        config.eval.update(num_models=1, epochs=2, budgets=())
     return config
