@@ -122,3 +122,25 @@ def test_two_processes_select_equals_one(tmp_path, streamed):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{f}.{key}")
     two = json.loads((tmp_path / "two" / "select.json").read_text())
     assert two["num_processes"] == 2
+
+
+def test_two_processes_one_distillation_iteration_equals_one(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    args = ["--config", "configs/distill.py:tiny", "--config.cache_dir", str(tmp_path / "c")]
+    run_single("buffer", *args, "--workdir", str(tmp_path / "one"))
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    one_iter = ["--config.distill.iterations=1"]
+    run_single("distill", *args, *one_iter, "--workdir", str(tmp_path / "one"))
+    run_multi(
+        2, "distill", *args, *one_iter, "--workdir", str(tmp_path / "two"), logdir=tmp_path / "logs"
+    )
+    a = np.load(tmp_path / "one" / "distill" / "distilled.npz")
+    b = np.load(tmp_path / "two" / "distill" / "distilled.npz")
+    for k in ("images", "texts", "lr_img", "lr_txt"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    one = json.loads((tmp_path / "one" / "distill.json").read_text())
+    two = json.loads((tmp_path / "two" / "distill.json").read_text())
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
