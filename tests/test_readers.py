@@ -340,3 +340,18 @@ def test_tfds_source(tmp_path):
         i = int(sid) - 100
         assert caps == [f"caption {i} a", f"caption {i} b"]
         np.testing.assert_array_equal(image, _resized(i))
+
+
+def test_process_disagreement_is_a_clear_error_not_a_hang():
+    from tldr_jax.data.dataset import disagreement, fingerprint
+
+    ids = [f"s{i}" for i in range(10)]
+    same = np.stack([fingerprint(ids, 10), fingerprint(ids, 10)])
+    assert disagreement(same, "train.json") is None
+    # Process 1 found one shard unreadable: it kept fewer rows.
+    differ = np.stack([fingerprint(ids, 10), fingerprint(ids[:7], 10)])
+    msg = disagreement(differ, "shards/")
+    assert "process 0: 10 of 10 rows" in msg and "process 1: 7 of 10 rows" in msg
+    # Same count but different rows also differs.
+    swapped = np.stack([fingerprint(ids, 10), fingerprint(ids[::-1], 10)])
+    assert disagreement(swapped, "x") is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -100,6 +101,44 @@ def _decode_all(
     return kept, images
 
 
+def fingerprint(ids: list[str], rows_read: int) -> np.ndarray:
+    """(rows_kept, rows_read, 48-bit digest of the kept ids in order) as int64."""
+    digest = hashlib.sha256("\n".join(ids).encode("utf-8", "surrogateescape")).digest()
+    return np.array([len(ids), rows_read, int.from_bytes(digest[:6], "little")], np.int64)
+
+
+def disagreement(fingerprints: np.ndarray, source: str) -> str | None:
+    """An error message if processes loaded different rows from `source`, else None.
+
+    fingerprints: (num_processes, 3) rows of `fingerprint`. Processes that kept different
+    rows (a file changed or became unreadable between their reads) would otherwise feed
+    inconsistent global batches or wait forever in a collective.
+    """
+    if (fingerprints == fingerprints[0]).all():
+        return None
+    per = ", ".join(
+        f"process {i}: {int(f[0])} of {int(f[1])} rows" for i, f in enumerate(fingerprints)
+    )
+    return (
+        f"{source}: processes loaded different rows ({per}); an input file changed or became "
+        "unreadable while they read it. Fix or remove it (strict=False skips and counts "
+        "unreadable rows consistently once storage is stable) and rerun the same command."
+    )
+
+
+def _check_processes_agree(ids: list[str], rows_read: int, source: str) -> None:
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(fingerprint(ids, rows_read)))
+    msg = disagreement(gathered.reshape(jax.process_count(), -1), source)
+    if msg:
+        raise RuntimeError(msg)
+
+
 def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) -> ImageTextSet:
     """Loads `path` (any format `readers.read_records` knows) decoded at data.image_size.
 
@@ -123,6 +162,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     records, images = _decode_all(records, size, int(data_cfg.decode_workers), skips, source)
     if skips.total:
         log.warning("%s: skipped %s (e.g. %s)", source, skips.as_dict(), skips.examples)
+    _check_processes_agree([r.sample_id for r in records], rows_read, source)
     return ImageTextSet(
         ids=[r.sample_id for r in records],
         images=images,
