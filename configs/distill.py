@@ -95,22 +95,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, small=False, tiny=False)
     if arg.tiny:
         arg.small = True
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    size = 32 if arg.small else 64
-    config.data = config_lib.data_config(image_size=size)
-    config.data.world = config_lib.world_config(
-        image_size=size,
-        num_pairs=4000 if arg.small else 20000,
-        num_test=500 if arg.small else 1000,
-    )
-    config.text = config_lib.text_config()
-    config.mesh = config_lib.mesh_config()
+    config = config_lib.base_config(arg.small)
     config.model = model_config(arg.small)
     config.buffer = buffer_config(arg.small)
     config.distill = distill_config(arg.small)
     config.eval = eval_config(arg.small)
-    config.cache_dir = ""  # "" = WORKDIR/cache (text embeddings)
     if arg.tiny:  # a smoke test of the three stages in about a minute (tests); not for results
         config.data.image_size = 16
         config.data.world.update(image_size=16, num_pairs=200, num_test=40, num_clean=10)

@@ -72,3 +72,20 @@ def mesh_config(**overrides: object) -> ml_collections.ConfigDict:
     m.fsdp = 1  # >1 shards parameters over an 'fsdp' axis
     m.update(overrides)
     return m
+
+
+def base_config(small: bool) -> ml_collections.ConfigDict:
+    """seed + data/world + text + mesh + cache_dir, shared by every stage's config file."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    size = 32 if small else 64
+    config.data = data_config(image_size=size)
+    config.data.world = world_config(
+        image_size=size,
+        num_pairs=4000 if small else 20000,
+        num_test=500 if small else 1000,
+    )
+    config.text = text_config()
+    config.mesh = mesh_config()
+    config.cache_dir = ""  # "" = WORKDIR/cache (text embeddings)
+    return config
