@@ -144,3 +144,94 @@ def test_two_processes_one_distillation_iteration_equals_one(tmp_path):
     one = json.loads((tmp_path / "one" / "distill.json").read_text())
     two = json.loads((tmp_path / "two" / "distill.json").read_text())
     assert two["num_processes"] == 2 and one["num_processes"] == 1
+
+
+_LOAD = """
+import json, sys
+from tldr_jax.utils import dist
+
+address, pid, path, strict = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+dist.initialize(address, 2, pid)
+from tldr_jax.config_lib import data_config
+from tldr_jax.data.dataset import load_set
+
+try:
+    ds = load_set(path, data_config(image_size=8, decode_workers=1, strict=strict), "train")
+except Exception as e:
+    print("ERROR", type(e).__name__, e, flush=True)
+    sys.exit(3)
+out = {"ids": ds.ids, "skipped": ds.skipped, "rows_read": ds.rows_read, "n": len(ds.images)}
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def test_shard_unreadable_on_one_process_is_skipped_and_counted_everywhere(tmp_path):
+    """Process 1 sees shard 00001 truncated: both keep the rows every process read (strict:
+    both stop naming the shard), and neither hangs."""
+    import shutil
+    import socket
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_readers import _encode, _image, _write_shard
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    for s, keys in enumerate([("0", "1"), ("2", "3"), ("4",)]):
+        samples = {k: {"png": _encode(_image(int(k))), "txt": f"cap {k}".encode()} for k in keys}
+        _write_shard(good / f"0000{s}.tar", samples)
+    shutil.copytree(good, bad)
+    data = (bad / "00001.tar").read_bytes()
+    (bad / "00001.tar").write_bytes(data[: len(data) // 3])  # cut inside the first member
+    (tmp_path / "load.py").write_text(_LOAD)
+
+    def run(strict: bool, paths: tuple[Path, Path] = (good, bad)) -> list[tuple[int, str]]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(tmp_path / "load.py"), address, str(pid), str(path)]
+                + ["1" if strict else "0"],
+                cwd=REPO,
+                env=_env(2),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for pid, path in enumerate(paths)
+        ]
+        try:
+            outs = [p.communicate(timeout=90)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()  # only after a timeout (a hang): no-op on exited processes
+        return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+    results = []
+    for rc, out in run(strict=False):
+        assert rc == 0, out[-3000:]
+        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT ") :]))
+    want_ids = ["00000/0", "00000/1", "00002/4"]
+    for r in results:
+        assert r["ids"] == want_ids and r["n"] == 3
+        assert r["rows_read"] == 5  # agreed: the most rows any process read
+    from tldr_jax.data.records import SKIP_REASONS
+
+    zero = dict.fromkeys(SKIP_REASONS, 0)
+    assert results[0]["skipped"] == {**zero, "unreadable_on_other_process": 2}
+    assert results[1]["skipped"] == {**zero, "unreadable_shard": 1}
+
+    errors = []
+    for rc, out in run(strict=True):
+        assert rc == 3, out[-3000:]
+        errors.append(next(x for x in out.splitlines() if x.startswith("ERROR ")))
+    assert errors[0].startswith(f"ERROR BadRowError {good}, row 00001/2: "), errors[0]
+    assert "unreadable_on_other_process (image 00001.tar/2.png" in errors[0], errors[0]
+    assert errors[1].startswith(f"ERROR BadRowError {bad / '00001.tar'}, row -: "), errors[1]
+    assert "unreadable_shard" in errors[1], errors[1]
+    # An input process 1 cannot open at all: it raises, process 0 stops too instead of waiting.
+    (rc0, out0), (rc1, out1) = run(strict=False, paths=(good, tmp_path / "gone"))
+    assert rc0 == 3 and rc1 == 3, out0[-3000:] + out1[-3000:]
+    assert f"ERROR RuntimeError {good}: process 1 failed to load it" in out0, out0[-3000:]
+    assert "ERROR FileNotFoundError" in out1, out1[-3000:]

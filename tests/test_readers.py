@@ -260,7 +260,12 @@ def _bad_file(tmp_path: Path, reason: str) -> tuple[Path, str]:
     return shards, "00001.tar"
 
 
-@pytest.mark.parametrize("reason", SKIP_REASONS)
+# Reasons a single process can meet (unreadable_on_other_process needs several processes:
+# tested through agree_on_rows below and in test_multihost.py).
+ONE_PROCESS_REASONS = tuple(r for r in SKIP_REASONS if r != "unreadable_on_other_process")
+
+
+@pytest.mark.parametrize("reason", ONE_PROCESS_REASONS)
 def test_bad_rows_counted(tmp_path, reason):
     path, _ = _bad_file(tmp_path, reason)
     ds = load_set(str(path), _cfg(image_root=str(tmp_path)), "train")
@@ -269,7 +274,7 @@ def test_bad_rows_counted(tmp_path, reason):
     assert ds.rows_read == 2
 
 
-@pytest.mark.parametrize("reason", SKIP_REASONS)
+@pytest.mark.parametrize("reason", ONE_PROCESS_REASONS)
 def test_bad_rows_strict(tmp_path, reason):
     path, where = _bad_file(tmp_path, reason)
     with pytest.raises(BadRowError) as err:
@@ -342,16 +347,88 @@ def test_tfds_source(tmp_path):
         np.testing.assert_array_equal(image, _resized(i))
 
 
-def test_process_disagreement_is_a_clear_error_not_a_hang():
-    from tldr_jax.data.dataset import disagreement, fingerprint
+def _gathered(per_process: list[list[str]], skipped: list[int], rows_read: list[int]):
+    """What `load_set` gathers from every process: padded id hashes and (kept, read, skipped)."""
+    from tldr_jax.data.dataset import PAD, id_hashes
 
-    ids = [f"s{i}" for i in range(10)]
-    same = np.stack([fingerprint(ids, 10), fingerprint(ids, 10)])
-    assert disagreement(same, "train.json") is None
-    # Process 1 found one shard unreadable: it kept fewer rows.
-    differ = np.stack([fingerprint(ids, 10), fingerprint(ids[:7], 10)])
-    msg = disagreement(differ, "shards/")
-    assert "process 0: 10 of 10 rows" in msg and "process 1: 7 of 10 rows" in msg
-    # Same count but different rows also differs.
-    swapped = np.stack([fingerprint(ids, 10), fingerprint(ids[::-1], 10)])
-    assert disagreement(swapped, "x") is not None
+    width = max(1, *map(len, per_process))
+    hashes = np.full((len(per_process), width), PAD, np.int64)
+    for j, ids in enumerate(per_process):
+        hashes[j, : len(ids)] = id_hashes(ids)
+    meta = np.array(
+        [[len(ids), r, k] for ids, r, k in zip(per_process, rows_read, skipped, strict=True)]
+    )
+    return hashes, meta
+
+
+def test_id_hashes_are_stable_63_bit():
+    import hashlib
+
+    from tldr_jax.data.dataset import id_hashes
+
+    h = id_hashes(["00000/000000000", "00000/000000001", "caf\udce9"])
+    assert h.dtype == np.int64 and (h >= 0).all() and len(set(h.tolist())) == 3
+    # blake2b, not Python's per-process salted hash(): the same in every process and run.
+    digest = hashlib.blake2b(b"00000/000000000", digest_size=8).digest()
+    assert h[0] == int.from_bytes(digest, "little") >> 1
+
+
+def test_processes_keep_the_rows_every_process_read():
+    from tldr_jax.data.dataset import agree_on_rows
+
+    ids = [f"00000/{i}" for i in range(4)] + [f"00001/{i}" for i in range(3)]
+    # Process 1 found shard 00001 unreadable: 4 rows kept, 1 skipped (the shard), 5 read.
+    hashes, meta = _gathered([ids, ids[:4]], skipped=[0, 1], rows_read=[7, 5])
+    a0 = agree_on_rows(ids, hashes, meta, 0, "shards")
+    assert a0.keep.tolist() == [True] * 4 + [False] * 3
+    assert a0.missing_on == {4: (1,), 5: (1,), 6: (1,)} and a0.rows_read == 7
+    a1 = agree_on_rows(ids[:4], hashes, meta, 1, "shards")
+    assert a1.keep.tolist() == [True] * 4 and a1.missing_on == {} and a1.rows_read == 7
+    # Three processes, each missing different rows: only rows all three read survive.
+    p2 = [ids[0], ids[2], ids[3], ids[4]]
+    hashes, meta = _gathered([ids, ids[:4], p2], skipped=[0, 1, 3], rows_read=[7, 5, 7])
+    a = agree_on_rows(p2, hashes, meta, 2, "x")
+    assert a.keep.tolist() == [True, True, True, False] and a.missing_on == {3: (1,)}
+    a = agree_on_rows(ids, hashes, meta, 0, "x")
+    assert np.flatnonzero(a.keep).tolist() == [0, 2, 3]
+    assert a.missing_on == {1: (2,), 4: (1,), 5: (1, 2), 6: (1, 2)}
+    # Everyone agrees: everything kept, nothing dropped, even in strict mode.
+    hashes, meta = _gathered([ids, ids], skipped=[0, 0], rows_read=[7, 7])
+    a = agree_on_rows(ids, hashes, meta, 1, "x", strict=True)
+    assert a.keep.all() and a.missing_on == {} and a.rows_read == 7
+    # Nobody kept anything (zero-size rows padded to width 1).
+    hashes, meta = _gathered([[], []], skipped=[2, 2], rows_read=[2, 2])
+    assert agree_on_rows([], hashes, meta, 0, "x").keep.tolist() == []
+
+
+def test_process_disagreement_in_strict_mode_stops_every_process():
+    from tldr_jax.data.dataset import agree_on_rows
+
+    ids = ["00000/0", "00000/1", "00001/7", "00001/8"]
+    keys = ["00000.tar/0.jpg", "00000.tar/1.jpg", "00001.tar/7.jpg", "00001.tar/8.jpg"]
+    hashes, meta = _gathered([ids, ids[:2]], skipped=[0, 1], rows_read=[4, 3])
+    # Process 0 read every row: it names the first row process 1 could not read, and its file.
+    with pytest.raises(BadRowError) as err:
+        agree_on_rows(ids, hashes, meta, 0, "shards", strict=True, image_keys=keys)
+    msg = str(err.value)
+    assert msg.startswith("shards, row 00001/7: unreadable_on_other_process"), msg
+    assert "00001.tar/7.jpg" in msg and "process 1 could not read it" in msg
+    # Process 1 raises its own first bad row (what 1-process strict mode raises).
+    own = "shards/00001.tar, row -: unreadable_shard (unexpected end of data)"
+    with pytest.raises(BadRowError, match="^shards/00001.tar, row -: unreadable_shard"):
+        agree_on_rows(ids[:2], hashes, meta, 1, "shards", strict=True, first_skip=own)
+    # A process that neither skipped nor holds extra rows still stops, naming the others.
+    hashes, meta = _gathered([ids[:2], ids[:2], ids], skipped=[1, 0, 0], rows_read=[3, 2, 4])
+    with pytest.raises(BadRowError, match="^shards: process 0, 2 skipped rows"):
+        agree_on_rows(ids[:2], hashes, meta, 1, "shards", strict=True)
+    # Non-strict, the same data is kept consistently instead.
+    assert agree_on_rows(ids[:2], hashes, meta, 1, "shards").keep.all()
+
+
+def test_processes_reading_shared_rows_in_different_orders_is_an_error():
+    from tldr_jax.data.dataset import agree_on_rows
+
+    ids = ["a", "b", "c"]
+    hashes, meta = _gathered([ids, ids[::-1]], skipped=[0, 0], rows_read=[3, 3])
+    with pytest.raises(RuntimeError, match="different orders"):
+        agree_on_rows(ids, hashes, meta, 0, "x")

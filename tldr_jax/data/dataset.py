@@ -16,7 +16,7 @@ import numpy as np
 
 from tldr_jax.data import images as images_lib
 from tldr_jax.data import readers, world
-from tldr_jax.data.records import SKIP_REASONS, Record, Skips
+from tldr_jax.data.records import SKIP_REASONS, BadRowError, Record, Skips
 
 log = logging.getLogger(__name__)
 
@@ -101,42 +101,106 @@ def _decode_all(
     return kept, images
 
 
-def fingerprint(ids: list[str], rows_read: int) -> np.ndarray:
-    """(rows_kept, rows_read, 48-bit digest of the kept ids in order) as int64."""
-    digest = hashlib.sha256("\n".join(ids).encode("utf-8", "surrogateescape")).digest()
-    return np.array([len(ids), rows_read, int.from_bytes(digest[:6], "little")], np.int64)
+PAD = -1  # padding of gathered id hashes (a real hash is >= 0)
 
 
-def disagreement(fingerprints: np.ndarray, source: str) -> str | None:
-    """An error message if processes loaded different rows from `source`, else None.
+def id_hashes(ids: Sequence[str]) -> np.ndarray:
+    """A stable 63-bit hash (blake2b) of each sample id, as int64 >= 0."""
+    out = np.empty(len(ids), np.int64)
+    for i, sample_id in enumerate(ids):
+        digest = hashlib.blake2b(sample_id.encode("utf-8", "surrogateescape"), digest_size=8)
+        out[i] = int.from_bytes(digest.digest(), "little") >> 1
+    return out
 
-    fingerprints: (num_processes, 3) rows of `fingerprint`. Processes that kept different
-    rows (a file changed or became unreadable between their reads) would otherwise feed
-    inconsistent global batches or wait forever in a collective.
+
+@dataclasses.dataclass(frozen=True)
+class RowAgreement:
+    """What every process keeps. keep: bool per local row (the rows every process read);
+    rows_read: the most rows any process read; missing_on: local row index -> the processes
+    that could not read it (one entry per dropped row, in input order)."""
+
+    keep: np.ndarray
+    rows_read: int
+    missing_on: dict[int, tuple[int, ...]]
+
+
+def agree_on_rows(
+    ids: Sequence[str],
+    hashes: np.ndarray,
+    meta: np.ndarray,
+    process: int,
+    source: str,
+    *,
+    strict: bool = False,
+    first_skip: str = "",
+    image_keys: Sequence[str] | None = None,
+) -> RowAgreement:
+    """The rows every process keeps, decided from data every process holds (so every process
+    reaches the same decision and none is left waiting in a collective).
+
+    ids: this process's kept sample ids, in input order. hashes: (P, M) int64, row j the
+    `id_hashes` of process j's kept ids padded with PAD; meta: (P, 3) int64, row j process
+    j's (kept rows, rows read, rows skipped). first_skip: this process's first skip message.
+
+    Keeps this process's rows that every process read, in input order. In strict mode any
+    skipped row or disagreement anywhere raises BadRowError on every process, naming the file
+    and row: this process's own first bad row, else its first row another process could not
+    read. Processes that kept their common rows in different orders raise RuntimeError.
     """
-    if (fingerprints == fingerprints[0]).all():
-        return None
-    per = ", ".join(
-        f"process {i}: {int(f[0])} of {int(f[1])} rows" for i, f in enumerate(fingerprints)
-    )
-    return (
-        f"{source}: processes loaded different rows ({per}); an input file changed or became "
-        "unreadable while they read it. Fix or remove it (strict=False skips and counts "
-        "unreadable rows consistently once storage is stable) and rerun the same command."
-    )
+    counts = meta[:, 0]
+    rows = [hashes[j, : int(counts[j])] for j in range(len(meta))]
+    local = rows[process]
+    if len(local) != len(ids):
+        raise ValueError(f"{len(ids)} ids but process {process} sent {len(local)} hashes")
+    common = functools.reduce(np.intersect1d, rows)
+    lacks = np.stack([~np.isin(local, r) for r in rows])  # (P, n): process j lacks row i
+    keep = ~lacks.any(axis=0)
+    missing_on = {
+        int(i): tuple(int(j) for j in np.flatnonzero(lacks[:, i])) for i in np.flatnonzero(~keep)
+    }
+    first = rows[0][np.isin(rows[0], common)]
+    if not all(np.array_equal(r[np.isin(r, common)], first) for r in rows):
+        raise RuntimeError(
+            f"{source}: processes read the rows they share in different orders; an input "
+            "changed while they read it. Rerun once the input is stable."
+        )
+    differ = any(len(r) != len(common) for r in rows)  # ids are unique within a process
+    if strict and (differ or (meta[:, 2] > 0).any()):
+        if first_skip:
+            raise BadRowError(f"{first_skip} [strict mode: every process stops]")
+        if missing_on:
+            i, procs = next(iter(missing_on.items()))
+            key = f"image {image_keys[i]}: " if image_keys else ""
+            raise BadRowError(
+                f"{source}, row {ids[i]}: unreadable_on_other_process ({key}process "
+                f"{', '.join(map(str, procs))} could not read it) [strict mode: every process "
+                "stops]"
+            )
+        bad = [j for j in range(len(meta)) if meta[j, 2] > 0 or len(rows[j]) > len(common)]
+        raise BadRowError(
+            f"{source}: process {', '.join(map(str, bad))} skipped rows or read rows this "
+            "process did not (see its log for the file and row) [strict mode: every process "
+            "stops]"
+        )
+    return RowAgreement(keep=keep, rows_read=int(meta[:, 1].max()), missing_on=missing_on)
 
 
-def _check_processes_agree(ids: list[str], rows_read: int, source: str) -> None:
-    import jax
-
-    if jax.process_count() == 1:
-        return
+def _allgather_int64(x: np.ndarray) -> np.ndarray:
+    """(P, *x.shape) int64 from every process's x (int64, same shape everywhere). Sent as int32
+    pairs: with jax_enable_x64 off, JAX would truncate int64 to int32."""
     from jax.experimental import multihost_utils
 
-    gathered = np.asarray(multihost_utils.process_allgather(fingerprint(ids, rows_read)))
-    msg = disagreement(gathered.reshape(jax.process_count(), -1), source)
-    if msg:
-        raise RuntimeError(msg)
+    halves = np.ascontiguousarray(x, dtype="<i8").view("<i4")
+    out = np.asarray(multihost_utils.process_allgather(halves))
+    return np.ascontiguousarray(out, dtype="<i4").view("<i8").reshape(len(out), *x.shape)
+
+
+def _failed_elsewhere(failed: np.ndarray, source: str) -> str:
+    procs = ", ".join(str(int(j)) for j in np.flatnonzero(failed))
+    return (
+        f"{source}: process {procs} failed to load it (see its log); this process stops too "
+        "rather than wait for it"
+    )
 
 
 def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) -> ImageTextSet:
@@ -148,23 +212,68 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    skips = Skips(strict=bool(data_cfg.strict))
+    import jax
+
+    strict = bool(data_cfg.strict)
+    multi = jax.process_count() > 1
+    # Several processes read non-strictly, then decide together (strict included), so a
+    # process that meets a bad row never leaves the others waiting in a collective.
+    skips = Skips(strict=strict and not multi)
     size = int(data_cfg.image_size)
     max_rows = int(data_cfg.max_rows)
-    if path:
-        records = readers.read_records(path, data_cfg.image_root, skips, max_rows)
-        source = path
-    else:
-        records = getattr(_cached_world(_world_key(data_cfg.world)), role)
-        records = records[:max_rows] if max_rows else records
-        source = f"world:{role}"
-    rows_read = len(records) + skips.total
-    records, images = _decode_all(records, size, int(data_cfg.decode_workers), skips, source)
+    source = path or f"world:{role}"
+    try:
+        if path:
+            records = readers.read_records(path, data_cfg.image_root, skips, max_rows)
+        else:
+            records = getattr(_cached_world(_world_key(data_cfg.world)), role)
+            records = records[:max_rows] if max_rows else records
+        rows_read = len(records) + skips.total
+        records, images = _decode_all(records, size, int(data_cfg.decode_workers), skips, source)
+        error = None
+    except Exception as e:
+        if not multi:
+            raise
+        log.exception("%s: could not load it on process %d", source, jax.process_index())
+        records, images, rows_read, error = [], None, 0, e
+    ids = [r.sample_id for r in records]
+    if multi:
+        meta = np.array([error is not None, len(ids), rows_read, skips.total], np.int64)
+        gathered = _allgather_int64(meta)
+        if gathered[:, 0].any():
+            if error is not None:
+                raise error  # this process's own error, raised once the others know
+            raise RuntimeError(_failed_elsewhere(gathered[:, 0], source))
+        width = max(1, int(gathered[:, 1].max()))  # no zero-size collective
+        local = np.full(width, PAD, np.int64)
+        local[: len(ids)] = id_hashes(ids)
+        agreed = agree_on_rows(
+            ids,
+            _allgather_int64(local),
+            gathered[:, 1:],
+            jax.process_index(),
+            source,
+            strict=strict,
+            first_skip=skips.first,
+            image_keys=[r.image_key for r in records],
+        )
+        for i, procs in agreed.missing_on.items():
+            skips.skip(
+                "unreadable_on_other_process",
+                source,
+                ids[i],
+                f"image {records[i].image_key}: process {', '.join(map(str, procs))} could "
+                "not read it",
+            )
+        if agreed.missing_on:
+            kept = np.flatnonzero(agreed.keep)
+            records, images = [records[i] for i in kept], images[kept]
+            ids = [r.sample_id for r in records]
+        rows_read = agreed.rows_read
     if skips.total:
         log.warning("%s: skipped %s (e.g. %s)", source, skips.as_dict(), skips.examples)
-    _check_processes_agree([r.sample_id for r in records], rows_read, source)
     return ImageTextSet(
-        ids=[r.sample_id for r in records],
+        ids=ids,
         images=images,
         captions=[list(r.captions) for r in records],
         image_keys=[r.image_key for r in records],

@@ -18,6 +18,9 @@ SKIP_REASONS = (
     "malformed_row",
     "non_utf8",
     "unreadable_shard",
+    # Multi-process runs keep only the rows every process could read; a row this process
+    # read but another could not (a shard unreadable there) is dropped and counted here.
+    "unreadable_on_other_process",
 )
 
 
@@ -49,6 +52,7 @@ class Skips:
         self.strict = strict
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, str] = {}
+        self.first = ""  # the first skip's message (what strict mode would have raised)
 
     def skip(self, reason: str, file: str, row: int | str, detail: str = "") -> None:
         assert reason in SKIP_REASONS, reason
@@ -58,11 +62,13 @@ class Skips:
             raise BadRowError(msg)
         self.counts[reason] += 1
         self.examples.setdefault(reason, msg)
+        self.first = self.first or msg
 
     def merge(self, other: Skips) -> None:
         self.counts.update(other.counts)
         for k, v in other.examples.items():
             self.examples.setdefault(k, v)
+        self.first = self.first or other.first
 
     @property
     def total(self) -> int:
