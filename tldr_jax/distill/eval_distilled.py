@@ -31,7 +31,7 @@ from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill.matching import sample_minibatches
 from tldr_jax.distill.student import Student
 from tldr_jax.utils import dist, io
-from tldr_jax.utils.mesh import make_mesh, replicated
+from tldr_jax.utils.mesh import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class Evaluator:
         if int(e.get("max_steps", 0)):
             steps = min(steps, int(e.max_steps))
         trainer, tx_img, tx_txt = self._trainer(batch, lr_img, lr_txt)
-        rep = replicated(self.mesh)
-        x, t = jax.device_put((np.asarray(images, np.float32), np.asarray(texts, np.float32)), rep)
+        x, t = np.asarray(images, np.float32), np.asarray(texts, np.float32)
         seed = int(self.config.seed)
         out = []
         for i in range(int(e.num_models)):

@@ -32,8 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tldr_jax.data.dataset import ImageTextSet, load_set
@@ -47,7 +46,7 @@ from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import l2_normalize
 from tldr_jax.utils import dist, preemption
-from tldr_jax.utils.mesh import DATA_AXES, make_mesh, replicated
+from tldr_jax.utils.mesh import make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -119,12 +118,25 @@ def init_params(config: ml_collections.ConfigDict, text_dim: int, seed: int) -> 
     return flatten_params(image), flatten_params(head)
 
 
-def _batch_constraint(mesh: Mesh, batch: int) -> Callable[[jax.Array], jax.Array]:
-    """Splits a minibatch over the mesh when it divides evenly; otherwise leaves it alone."""
-    if batch % mesh.devices.size:
-        return lambda x: x
-    sharding = NamedSharding(mesh, P(DATA_AXES))
-    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+def _batch_feeder(mesh: Mesh, batch: int) -> Callable[[np.ndarray, np.ndarray], tuple]:
+    """(host rows, batch_idx) -> the minibatch as a global array split over the mesh.
+
+    Every process holds the rows on the host and passes only its own contiguous share of the
+    minibatch (`shard_batch`: process-local data -> one global array, as a Grain
+    ShardByJaxProcess pipeline feeds it), so nothing is replicated on devices. A batch that
+    does not divide over the devices is put whole on every device (replicated) instead.
+    """
+    num_proc = jax.process_count()
+    if batch % mesh.devices.size == 0 and mesh.devices.size % num_proc == 0:
+        me = jax.process_index()
+
+        def feed(rows: np.ndarray, idx: np.ndarray) -> jax.Array:
+            local = np.asarray(idx).reshape(num_proc, -1)[me]
+            return shard_batch(rows[local], mesh)
+
+        return feed
+    rep = replicated(mesh)
+    return lambda rows, idx: jax.device_put(rows[np.asarray(idx)], rep)
 
 
 def make_trainer(
@@ -138,21 +150,19 @@ def make_trainer(
     dropout: bool = True,
 ) -> Callable[..., tuple[Params, Any, jax.Array, np.ndarray]]:
     """`run(theta, opt_state, images, texts, batch_idx, keys)`: one optimiser step per row of
-    `batch_idx` (steps, batch). Returns (theta, opt_state, mean loss, (steps, batch) bool "pair
-    retrieved at rank 1 both ways in its minibatch").
+    `batch_idx` (steps, batch) over host arrays `images`, `texts`. Returns (theta, opt_state,
+    mean loss, (steps, batch) bool "pair retrieved at rank 1 both ways in its minibatch").
 
-    A host loop over one jitted step rather than a `lax.scan`: XLA:CPU runs convolutions inside
-    while loops ~25x slower, and the per-step dispatch is negligible elsewhere. Parameters and
-    data are replicated; each minibatch is split over the mesh (data parallel).
+    A host loop over one jitted step: the per-step dispatch is negligible next to the step.
+    Parameters are replicated; each process feeds its share of every minibatch (data
+    parallel over the mesh, across processes).
     """
-    constrain = _batch_constraint(mesh, batch)
+    feed = _batch_feeder(mesh, batch)
     labels = jnp.arange(batch)
     rep = replicated(mesh)
 
-    @partial(jax.jit, in_shardings=rep, out_shardings=rep)
-    def step(theta, opt_state, images, texts, idx, key):
-        x, t = constrain(images[idx]), constrain(texts[idx])
-
+    @partial(jax.jit, out_shardings=rep)
+    def step(theta, opt_state, x, t, rows, key):
         def loss_fn(th):
             img, txt = student.apply(th[0], th[1], x, t, rng=key, train_dropout=dropout)
             return contrastive_loss(img, txt, logit_scale), (img, txt)
@@ -162,16 +172,30 @@ def make_trainer(
         correct = (jnp.argmax(sim, 1) == labels) & (jnp.argmax(sim, 0) == labels)
         u_img, s_img = tx_img.update(g[0], opt_state[0], theta[0])
         u_txt, s_txt = tx_txt.update(g[1], opt_state[1], theta[1])
-        return (theta[0] + u_img, theta[1] + u_txt), (s_img, s_txt), loss, correct
+        # `rows`: the input row of each global batch position, gathered with `correct`.
+        return (theta[0] + u_img, theta[1] + u_txt), (s_img, s_txt), loss, (correct, rows)
+
+    def in_idx_order(correct: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        # Processes' shares land at their devices' positions of the global batch, which need
+        # not be idx's order: realign so column j answers for row idx[j].
+        perm = np.argsort(rows, kind="stable")
+        return correct[perm[np.searchsorted(rows[perm], idx)]]
 
     def run(theta, opt_state, images, texts, batch_idx, keys):
         theta, opt_state = jax.device_put((theta, opt_state), rep)
-        losses, correct = [], []
+        images, texts = np.asarray(images), np.asarray(texts)
+        row_ids = np.arange(len(images), dtype=np.int32)
+        losses, outs = [], []
         for idx, key in zip(np.asarray(batch_idx), keys, strict=True):
-            theta, opt_state, loss, ok = step(theta, opt_state, images, texts, idx, key)
+            x, t, rows = feed(images, idx), feed(texts, idx), feed(row_ids, idx)
+            theta, opt_state, loss, out = step(theta, opt_state, x, t, rows, key)
             losses.append(loss)
-            correct.append(ok)
-        return theta, opt_state, jnp.mean(jnp.stack(losses)), np.stack(jax.device_get(correct))
+            outs.append(out)
+        correct = [
+            in_idx_order(ok, rows, idx)
+            for (ok, rows), idx in zip(jax.device_get(outs), np.asarray(batch_idx), strict=True)
+        ]
+        return theta, opt_state, jnp.mean(jnp.stack(losses)), np.stack(correct)
 
     return run
 
@@ -278,8 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tx = optax.sgd(float(b.lr))
     trainer = make_trainer(student, mesh, batch, tx, tx)
     embed = embed_fn(student)
-    rep = replicated(mesh)
-    images, texts = jax.device_put((data.train_images, data.train_txt), rep)
+    images, texts = data.train_images, data.train_txt
     base_key = jax.random.key(seed)
 
     t0 = time.time()
@@ -299,8 +322,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1)
         logger = MetricLogger(workdir_p, f"buffer_expert_{e:03d}", resume_step=done)
         theta = (jnp.asarray(traj["img"][done]), jnp.asarray(traj["txt"][done]))
-        opt_state = jax.device_put((tx.init(theta[0]), tx.init(theta[1])), rep)
-        theta = jax.device_put(theta, rep)
+        opt_state = (tx.init(theta[0]), tx.init(theta[1]))  # the trainer places both
         pbar = tqdm(
             range(done, epochs), desc=f"expert {e}", disable=not dist.is_main(), leave=False
         )
