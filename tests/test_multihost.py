@@ -129,8 +129,23 @@ def test_two_processes_one_distillation_iteration_equals_one(tmp_path):
 
     import numpy as np
 
+    from tldr_jax.distill.expert_trajectories import load_expert
+
     args = ["--config", "configs/distill.py:tiny", "--config.cache_dir", str(tmp_path / "c")]
     run_single("buffer", *args, "--workdir", str(tmp_path / "one"))
+    # The experts on 2 processes (each feeding its half of every minibatch) equal 1 process,
+    # parameters and the per-row "retrieved in its minibatch" record alike.
+    run_multi(2, "buffer", *args, "--workdir", str(tmp_path / "two"), logdir=tmp_path / "blogs")
+    info = json.loads((tmp_path / "one" / "buffer.json").read_text())
+    sizes = (info["epochs"], (info["num_params"]["img"], info["num_params"]["txt"]))
+    for e in range(info["num_experts"]):
+        ta, _, done_a = load_expert(tmp_path / "one", e, *sizes, info["train_pairs"])
+        tb, _, done_b = load_expert(tmp_path / "two", e, *sizes, info["train_pairs"])
+        assert done_a == done_b == info["epochs"]
+        np.testing.assert_allclose(ta["img"], tb["img"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ta["txt"], tb["txt"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(ta["correct"], tb["correct"])
+    shutil.rmtree(tmp_path / "two")
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     one_iter = ["--config.distill.iterations=1"]
     run_single("distill", *args, *one_iter, "--workdir", str(tmp_path / "one"))

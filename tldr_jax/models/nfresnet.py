@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tldr_jax.models.conv import conv2d_same, max_pool_same
+
 # E[relu(z)^2] - E[relu(z)]^2 = (1 - 1/pi) / 2 for z ~ N(0, 1): this gain makes it 1.
 RELU_GAMMA = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
 
@@ -72,14 +74,7 @@ class WSConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = standardize_kernel(self.kernel[...], self.gain[...])
-        y = jax.lax.conv_general_dilated(
-            x,
-            w,
-            window_strides=(self.stride, self.stride),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        return y + self.bias[...]
+        return conv2d_same(x, w, self.stride) + self.bias[...]
 
 
 class NFBottleneck(nnx.Module):
@@ -122,6 +117,10 @@ class NFBottleneck(nnx.Module):
         return shortcut + out * (self.alpha * self.skip_gain[...])
 
 
+def _call(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
 class NFResNet(nnx.Module):
     """Normalizer-free bottleneck ResNet image encoder: (B,H,W,3) -> (B, out_dim)."""
 
@@ -136,10 +135,15 @@ class NFResNet(nnx.Module):
         skip_init: float = 0.0,
         head_dim: int = 0,
         in_channels: int = 3,
+        remat_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
         if len(depths) != len(widths):
             raise ValueError(f"depths {depths} and widths {widths} differ in length")
+        # Recompute each block's activations in the backward pass instead of storing them:
+        # a distillation student differentiates its inner SGD step again, which otherwise
+        # keeps every block's forward and backward intermediates of the step alive.
+        self.remat_blocks: bool = remat_blocks
         self.depths: tuple[int, ...] = tuple(depths)
         self.widths: tuple[int, ...] = tuple(widths)
         self.stem = WSConv(in_channels, stem_width, 7, 2, rngs=rngs)
@@ -172,9 +176,9 @@ class NFResNet(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """Spatial features before the final activation: (B, H/32, W/32, widths[-1])."""
         x = self.stem(x)
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = max_pool_same(x, 3, 2)
         for block in self.blocks:
-            x = block(x)
+            x = nnx.remat(_call)(block, x) if self.remat_blocks else block(x)
         return x
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -189,6 +193,7 @@ def nf_resnet26(
     skip_init: float = 0.0,
     alpha: float = 0.2,
     head_dim: int = 1000,
+    remat_blocks: bool = False,
     rngs: nnx.Rngs,
 ) -> NFResNet:
     """NF-ResNet-26: bottleneck blocks [2, 2, 2, 2], widths 256-512-1024-2048, stem 64, and a
@@ -201,6 +206,7 @@ def nf_resnet26(
         alpha=alpha,
         skip_init=skip_init,
         head_dim=head_dim,
+        remat_blocks=remat_blocks,
         rngs=rngs,
     )
 
