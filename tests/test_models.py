@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from tldr_jax.models import make_image_encoder
+from tldr_jax.models.conv import avg_pool, conv2d_same, max_pool_same
 from tldr_jax.models.convnet import ConvNet
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.models.nfresnet import NFResNet, nf_resnet26, standardize_kernel
@@ -211,6 +212,43 @@ def _block_variances(model: NFResNet, x: jax.Array) -> jax.Array:
         h = block(h)
         variances.append(jnp.var(h, axis=(0, 1, 2)).mean())
     return jnp.stack(variances)
+
+
+@pytest.mark.parametrize(
+    "size,k,stride",
+    [(5, 1, 1), (5, 1, 2), (2, 3, 1), (1, 3, 1), (4, 3, 2), (3, 3, 2), (6, 3, 1), (9, 7, 2)],
+)
+def test_conv2d_same_equals_xla_conv_with_gradients(size, k, stride):
+    # The matmul / im2col paths must be the same function as the XLA conv, values and VJPs.
+    kx, kw = jax.random.split(jax.random.key(size * 100 + k * 10 + stride))
+    x = jax.random.normal(kx, (2, size, size + 1, 4))
+    w = jax.random.normal(kw, (k, k, 4, 5))
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    np.testing.assert_allclose(conv2d_same(x, w, stride), ref(x, w), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d_same(x, w, stride))), (0, 1))(x, w)
+    theirs = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, w)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 8])
+def test_max_pool_same_equals_nnx_max_pool(size):
+    x = jax.random.normal(jax.random.key(size), (2, size, size + 1, 3))
+    ref = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(max_pool_same(x, 3, 2), ref)
+
+
+def test_avg_pool_equals_nnx_avg_pool():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 4, 3))
+    ref = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_allclose(avg_pool(x, 2), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        avg_pool(x[:, :7], 2)
 
 
 def test_nfresnet_signal_propagation():

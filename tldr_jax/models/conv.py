@@ -1,0 +1,64 @@
+"""Convolution and pooling written as matmuls, for networks that are differentiated twice.
+
+Trajectory matching differentiates through student SGD steps, so every convolution is
+differentiated twice, usually inside `lax.scan`. XLA:CPU handles those second-order convs
+badly: the weight-gradient conv inside a while loop runs ~35x slower than unrolled (33 s vs
+0.97 s for a 5-step meta-gradient of one 3x3 64-channel conv at batch 100), and a 3x3 kernel
+on a map smaller than the kernel (the 2x2 maps of NF-ResNet's last stage at 64 px) takes a
+degenerate path (0.9 s forward for one 512-channel conv, 85x the matmul form). The same
+function written as im2col + one matmul lowers to dots, slices and pads only: measured on
+2 CPU cores, its 3-step meta-gradient in a scan is 2.4-8.6x faster than XLA's conv unrolled
+(and it has no loop penalty), while first-order forward+backward stays within 0.7-2x.
+The cost is memory: the k*k-times larger patch matrix of each conv input is materialised.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _same_padding(size: int, k: int, stride: int) -> tuple[int, tuple[int, int]]:
+    """Output size and (low, high) padding of a "SAME" window, as XLA computes them."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return out, (total // 2, total - total // 2)
+
+
+def _windows(x: jax.Array, k: int, stride: int, fill: float = 0.0) -> list[jax.Array]:
+    """The k*k strided "SAME" shifts of an NHWC map, each (B, H_out, W_out, C)."""
+    ho, ph = _same_padding(x.shape[1], k, stride)
+    wo, pw = _same_padding(x.shape[2], k, stride)
+    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=fill)
+    hi, wi = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    return [xp[:, i : i + hi : stride, j : j + wi : stride, :] for i in range(k) for j in range(k)]
+
+
+def conv2d_same(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+    """NHWC x HWIO "SAME" convolution (square kernel) as im2col + matmul; a 1x1 kernel is a
+    plain matmul over channels. Equal to `lax.conv_general_dilated(x, w, (s, s), "SAME")`."""
+    k = w.shape[0]
+    if w.shape[1] != k:
+        raise ValueError(f"square kernels only, got {w.shape[:2]}")
+    if k == 1:
+        return x[:, ::stride, ::stride, :] @ w[0, 0]
+    cols = jnp.concatenate(_windows(x, k, stride), axis=-1)
+    return cols @ w.reshape(-1, w.shape[-1])
+
+
+def max_pool_same(x: jax.Array, k: int = 3, stride: int = 2) -> jax.Array:
+    """k x k "SAME" max pool as a max over k*k shifted views: the values of `nnx.max_pool`,
+    with an elementwise gradient (~3.7x faster on XLA:CPU than select-and-scatter)."""
+    views = _windows(x, k, stride, fill=-jnp.inf)
+    out = views[0]
+    for v in views[1:]:
+        out = jnp.maximum(out, v)
+    return out
+
+
+def avg_pool(x: jax.Array, k: int) -> jax.Array:
+    """Non-overlapping k x k average pool ("VALID", stride k) as a reshape and mean."""
+    b, h, w, c = x.shape
+    if h % k or w % k:
+        raise ValueError(f"map {h}x{w} is not divisible by the pool size {k}")
+    return x.reshape(b, h // k, k, w // k, k, c).mean(axis=(2, 4))
