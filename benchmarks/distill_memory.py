@@ -1,7 +1,8 @@
 """Peak memory and time per outer distillation iteration, per grad mode and syn_steps.
 
     python benchmarks/distill_memory.py --json W/distill_memory.json
-    python benchmarks/distill_memory.py --preset nf_resnet26_64 --modes remat,tesla --steps 5,40
+    python benchmarks/distill_memory.py --preset nf_resnet26_64 --modes remat --steps 5,40 \
+        --micro-batches 4
 
 Each (mode, syn_steps) point runs in a fresh subprocess so peak RSS (the child's VmHWM) is
 that point's alone. A parent-side watchdog kills a child whose RSS passes --max-rss-mib (so a
@@ -40,7 +41,7 @@ def _vm_kib(pid: int | str, field: str) -> int:
     return 0
 
 
-def worker(preset: str, mode: str, syn_steps: int, iters: int) -> dict:
+def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: int = 1) -> dict:
     import jax
     from flax import nnx
 
@@ -72,6 +73,7 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int) -> dict:
         t_img + 1e-3 * jax.random.normal(k[2], t_img.shape),
         t_txt + 1e-3 * jax.random.normal(k[3], t_txt.shape),
     )
+    inner = matching.InnerLoop(micro_batches=micro_batches)
     opt = matching.make_outer_optimizer()
     opt_state = opt.init(syn)
 
@@ -80,7 +82,7 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int) -> dict:
         k_idx, k_drop = jax.random.split(key)
         idx = matching.sample_minibatches(k_idx, pairs, syn_steps, pairs)
         return matching.outer_step(
-            syn, opt_state, opt, student, start, target, idx, k_drop, grad_mode=mode
+            syn, opt_state, opt, student, start, target, idx, k_drop, grad_mode=mode, inner=inner
         )
 
     t0 = time.perf_counter()
@@ -104,6 +106,7 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int) -> dict:
 def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset]
     cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
+    cmd += ["--micro-batches", str(args.micro_batches)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
     child = subprocess.Popen(
@@ -157,6 +160,12 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per point")
     parser.add_argument("--max-rss-mib", type=float, default=16000.0)
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="image-tower slices per student step (distill.micro_batches; the same gradient)",
+    )
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,7 +176,7 @@ def main() -> None:
             parser.error(f"unknown mode {mode!r}")
 
     if args.worker:
-        print(json.dumps(worker(args.preset, modes[0], steps[0], args.iters)))
+        print(json.dumps(worker(args.preset, modes[0], steps[0], args.iters, args.micro_batches)))
         return
 
     from tldr_jax.utils.io import write_json

@@ -59,10 +59,15 @@ class InnerLoop:
 
     logit_scale: float = LOGIT_SCALE
     train_dropout: bool = False
-    # Fully unroll the student's `lax.scan`s. XLA:CPU runs convolutions inside while-loop
-    # bodies ~25x slower than straight-line code, so CPU runs unroll (compile time then grows
-    # with syn_steps); GPU/TPU keep the rolled loop.
+    # Fully unroll the student's `lax.scan`s (compile time then grows with syn_steps). Was
+    # the CPU default while XLA:CPU's second-order convs ran ~35x slower inside loops; the
+    # matmul-form convs (models/conv.py) removed that penalty, so the loop stays rolled.
     unroll: bool = False
+    # > 1: the image tower of each student step runs in this many micro-batches (GradCache:
+    # embeddings first, then each micro-batch's parameter VJP with its slice of dL/d
+    # embedding, rematerialised), so a step's second-order intermediates are those of one
+    # micro-batch. The same gradient; it must divide the student batch.
+    micro_batches: int = 1
 
 
 def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: float) -> jax.Array:
@@ -116,6 +121,60 @@ def _inner_loss(
     return contrastive_loss(img, txt, inner.logit_scale)
 
 
+def inner_grad(
+    student: Student,
+    inner: InnerLoop,
+    theta: Params,
+    images: jax.Array,
+    texts: jax.Array,
+    rng: jax.Array,
+) -> Params:
+    """Gradient of the student's contrastive loss on one minibatch w.r.t. its parameters.
+
+    With `inner.micro_batches = k > 1` the image tower is evaluated in k slices: all image
+    embeddings first, then dL/d(embeddings) on the whole batch (InfoNCE couples every pair),
+    then the sum over slices of each slice's parameter VJP. Both slice loops are
+    `jax.checkpoint`ed scans, so differentiating this gradient again (the meta-gradient) keeps
+    one slice's intermediates instead of the whole batch's. Exact: only the summation order
+    changes. Image-tower dropout keys differ per slice (the encoders here have none).
+    """
+    k = int(inner.micro_batches)
+    if k <= 1:
+        return jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, rng))(theta)
+    if images.shape[0] % k:
+        raise ValueError(f"micro_batches={k} does not divide the student batch {images.shape[0]}")
+    k_img, k_txt = jax.random.split(rng)
+    train = inner.train_dropout
+    slices = images.reshape(k, images.shape[0] // k, *images.shape[1:])
+    slice_keys = jax.random.split(k_img, k)
+
+    def tower(th: jax.Array, x: jax.Array, key: jax.Array) -> jax.Array:
+        return student.image.apply(th, x, rng=key if train else None, train=train)
+
+    @jax.checkpoint
+    def embed(_, xs):
+        return None, tower(theta[0], *xs)
+
+    img = jax.lax.scan(embed, None, (slices, slice_keys))[1].reshape(images.shape[0], -1)
+    txt, txt_vjp = jax.vjp(
+        lambda th: student.text.apply(th, texts, rng=k_txt if train else None, train=train),
+        theta[1],
+    )
+    d_img, d_txt = jax.grad(lambda a, b: contrastive_loss(a, b, inner.logit_scale), argnums=(0, 1))(
+        img, txt
+    )
+
+    @jax.checkpoint
+    def accumulate(g, xs):
+        x, key, d = xs
+        _, vjp = jax.vjp(lambda th: tower(th, x, key), theta[0])
+        return g + vjp(d)[0], None
+
+    d_slices = d_img.reshape(k, -1, d_img.shape[-1])
+    g_img = jax.lax.scan(accumulate, jnp.zeros_like(theta[0]), (slices, slice_keys, d_slices))[0]
+    return g_img, txt_vjp(d_txt)[0]
+
+
 def _step_fn(
     student: Student, inner: InnerLoop, syn: SyntheticSet
 ) -> Callable[[Params, tuple[jax.Array, jax.Array]], tuple[Params, None]]:
@@ -123,8 +182,7 @@ def _step_fn(
 
     def step(theta: Params, xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
         idx, rng = xs
-        images, texts = syn.images[idx], syn.texts[idx]
-        g = jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, rng))(theta)
+        g = inner_grad(student, inner, theta, syn.images[idx], syn.texts[idx], rng)
         return (theta[0] - syn.lr_img * g[0], theta[1] - syn.lr_txt * g[1]), None
 
     return step
@@ -224,7 +282,7 @@ def tesla_meta_loss_and_grad(
         idx, key = step_xs
 
         def step_grad(images: jax.Array, texts: jax.Array) -> Params:
-            return jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, key))(theta)
+            return inner_grad(student, inner, theta, images, texts, key)
 
         g, vjp = jax.vjp(step_grad, syn.images[idx], syn.texts[idx])
         d_images, d_texts = vjp(cot)
