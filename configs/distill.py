@@ -79,6 +79,16 @@ def distill_config(small: bool) -> ml_collections.ConfigDict:
     d.quirk_dropout = False  # reference inner loop: dropout active in the student
     d.ckpt_every = 50
     d.log_every = 10
+    # LoRS (Xu et al. 2024; beyond the reference, off by default): also learn a soft
+    # similarity S = diag(a) + (lors_alpha / lors_rank) L R^T (identity at init) used as the
+    # student's contrastive targets, with its own outer learning rate (all three factors).
+    d.lors = False
+    d.lors_rank = 10
+    d.lors_alpha = 0.1  # the LoRS code's default
+    # Not tuned. On `tiny` (6 iterations) lr 10 shrank the diagonal from 1 to 0.46 on average
+    # (it scales each pair's inner gradient, like a per-pair step size) while the off-diagonal
+    # moved 7.5e-4 (R's gradient carries alpha / rank = 0.01); lr 1000 blew the loss up.
+    d.lors_lr = 1.0
     return d
 
 

@@ -91,6 +91,8 @@ def test_distill_outputs_resume_and_eval(buffered):
         assert images.shape == (8, 16, 16, 3) and texts.shape == (8, 384)
         assert np.isfinite(f["lr_img"]) and np.isfinite(f["lr_txt"])
         assert f["nearest_caption_index"].shape == (8,)
+        assert "similarity" not in f.files and "sim_left" not in f.files  # LoRS is off
+    assert first["lors"] is False and "lors_similarity" not in first
     csv = (workdir / "metrics" / "distill.csv").read_text()
     assert "meta_loss" in csv and "skipped" in csv
 
@@ -176,3 +178,85 @@ def test_kill9_mid_distill_then_rerun_matches_uninterrupted(tmp_path):
     b = np.load(tmp_path / "b" / "distill" / "distilled.npz")
     for k in ("images", "texts", "lr_img", "lr_txt"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_distill_lors_saves_similarity_resumes_and_evals(buffered):
+    """`distill.lors=True`: the learned soft similarity is checkpointed (resume), saved in the
+    npz with its factors, reported in distill.json and used by eval-distilled."""
+    import json
+
+    config, root, _ = buffered
+    workdir = root / "lors"
+    shutil.copytree(root / "w", workdir)
+    config = config.copy_and_resolve_references()
+    config.distill.update(lors=True, lors_rank=4, lors_alpha=0.1, lors_lr=100.0, iterations=2)
+    first = run_stage("distill", config, str(workdir))
+    assert first["lors"] is True and first["skipped"] == 0
+    config.distill.iterations = 3
+    second = run_stage("distill", config, str(workdir))
+    assert second["resumed_from"] == 2 and second["skipped"] == 0
+    report = json.loads((workdir / "distill.json").read_text())
+    assert report["lors"] is True
+    with np.load(workdir / "distill" / "distilled.npz") as f:
+        assert {"sim_diag", "sim_left", "sim_right", "similarity"} <= set(f.files)
+        a, left, right, sim = f["sim_diag"], f["sim_left"], f["sim_right"], f["similarity"]
+    assert left.shape == right.shape == (8, 4) and sim.shape == (8, 8)
+    np.testing.assert_allclose(sim, np.diag(a) + 0.1 / 4 * left @ right.T, rtol=1e-5, atol=1e-7)
+    # Learned: R left zero, so S moved off the identity; the summary reports that motion.
+    assert np.abs(right).max() > 0 and np.isfinite(sim).all()
+    off = np.abs(sim[~np.eye(8, dtype=bool)])
+    stats = report["lors_similarity"]
+    assert stats["rank"] == 4
+    assert stats["offdiag_abs_mean"] == pytest.approx(float(off.mean()), rel=1e-5)
+    assert stats["diag_mean"] == pytest.approx(float(np.diag(sim).mean()), rel=1e-5)
+    assert "lors_offdiag" in (workdir / "metrics" / "distill.csv").read_text()
+
+    result = run_stage("eval-distilled", config, str(workdir))
+    assert result["distilled"]["soft_targets"] is True
+    for key in et.RECALL_KEYS:
+        assert 0.0 <= result["distilled"][key]["mean"] <= 100.0
+
+
+def test_trainer_soft_targets_follow_the_fed_rows(tmp_path):
+    """make_trainer with (N, N) targets: one SGD step equals a direct step on the soft loss
+    with targets[idx][:, idx] (batch sharded over the 8 host devices); identity == default."""
+    import jax
+    import optax
+
+    from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
+    from tldr_jax.utils.mesh import make_mesh
+
+    config = tiny_config(tmp_path)
+    dim, n, batch, lr = 12, 16, 8, 0.5
+    student = et.build_student(config, dim)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+    texts = rng.normal(size=(n, dim)).astype(np.float32)
+    targets = (np.eye(n) + 0.2 * rng.normal(size=(n, n))).astype(np.float32)
+    idx = np.array([[9, 2, 14, 0, 5, 11, 7, 3]], np.int32)
+    keys = jax.random.split(jax.random.key(0), 1)
+    tx = optax.sgd(lr)
+    trainer = et.make_trainer(student, make_mesh(), batch, tx, tx, dropout=False)
+    theta0 = et.init_params(config, dim, 5)
+
+    def run(tgt):
+        state = (tx.init(theta0[0]), tx.init(theta0[1]))
+        theta, _, loss, _ = trainer(theta0, state, images, texts, idx, keys, tgt)
+        return jax.device_get(theta), float(loss)
+
+    def direct(tgt):
+        def loss_fn(th):
+            img, txt = student.apply(th[0], th[1], images[idx[0]], texts[idx[0]])
+            return contrastive_loss(img, txt, LOGIT_SCALE, tgt)
+
+        loss, g = jax.value_and_grad(loss_fn)(theta0)
+        return (theta0[0] - lr * g[0], theta0[1] - lr * g[1]), float(loss)
+
+    (soft, soft_loss), (want, want_loss) = run(targets), direct(targets[idx[0]][:, idx[0]])
+    assert soft_loss == pytest.approx(want_loss, rel=1e-5)
+    for a, b, t0 in zip(soft, want, theta0, strict=True):
+        np.testing.assert_allclose(a - t0, b - t0, rtol=1e-4, atol=1e-6 * np.abs(b - t0).max())
+    (hard, hard_loss), (ident, ident_loss) = run(None), run(np.eye(n, dtype=np.float32))
+    assert ident_loss == pytest.approx(hard_loss, rel=1e-6) and soft_loss != hard_loss
+    for a, b in zip(ident, hard, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

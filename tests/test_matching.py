@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from tldr_jax.distill import matching
@@ -288,3 +289,177 @@ def test_meta_gradient_clipping_per_field():
     updates, _ = opt.update(grads, opt.init(syn), syn)
     np.testing.assert_allclose(jnp.linalg.norm(updates.images), 1.0, rtol=1e-5)
     np.testing.assert_allclose(updates.texts, -grads.texts, rtol=1e-6)  # under the norm: kept
+
+
+# --------------------------------------------------------------------------- LoRS (issue #5)
+
+LORS_FIELDS = ("sim_diag", "sim_left", "sim_right")
+
+
+def _with_lors(syn, rank=3, alpha=0.5, random_right=True):
+    """LoRS factors; `random_right` moves S off the identity (R = 0 gives L a zero gradient)."""
+    syn = syn.with_lors(jax.random.key(11), rank, alpha)
+    if random_right:
+        k1, k2 = jax.random.split(jax.random.key(12))
+        dtype = syn.texts.dtype
+        syn = syn.replace(
+            sim_diag=1.0 + 0.1 * jax.random.normal(k1, syn.sim_diag.shape, dtype),
+            sim_right=jax.random.normal(k2, syn.sim_right.shape, dtype),
+        )
+    return syn
+
+
+def _soft_infonce_numpy(a, b, scale, s):
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    logits = scale * an @ bn.T
+
+    def log_softmax(z):
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    i2t = np.mean(-np.sum(s * log_softmax(logits), axis=1))
+    t2i = np.mean(-np.sum(s.T * log_softmax(logits.T), axis=1))
+    return 0.5 * (i2t + t2i)
+
+
+def test_soft_contrastive_loss_identity_equals_hard_and_matches_numpy():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    hard = matching.contrastive_loss(a, b, 3.0)
+    soft = matching.contrastive_loss(a, b, 3.0, jnp.eye(5))
+    np.testing.assert_allclose(soft, hard, rtol=1e-6)
+    # A non-symmetric soft target (rows need not sum to one) against the numpy formula.
+    s = np.eye(5) + 0.3 * rng.normal(size=(5, 5))
+    want = _soft_infonce_numpy(a.astype(np.float64), b.astype(np.float64), 3.0, s)
+    np.testing.assert_allclose(matching.contrastive_loss(a, b, 3.0, s), want, rtol=1e-5)
+    # A 2 x 2 value by hand: unit embeddings at 0 and 90 degrees, logits [[2, 0], [0, 2]].
+    a2 = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    s2 = np.array([[0.8, 0.2], [0.1, 0.9]])
+    ls_hi, ls_lo = 2 - np.log(np.exp(2) + 1), -np.log(np.exp(2) + 1)
+    # rows of log_softmax: [ls_hi, ls_lo] / [ls_lo, ls_hi], the same for logits.T
+    i2t = -(0.8 * ls_hi + 0.2 * ls_lo + 0.1 * ls_lo + 0.9 * ls_hi) / 2
+    t2i = -(0.8 * ls_hi + 0.1 * ls_lo + 0.2 * ls_lo + 0.9 * ls_hi) / 2
+    np.testing.assert_allclose(
+        matching.contrastive_loss(a2, a2, 2.0, s2), 0.5 * (i2t + t2i), rtol=1e-6
+    )
+
+
+def test_lors_similarity_starts_at_identity_and_indexes_submatrix():
+    _, syn, *_ = _setup()
+    assert matching.similarity(syn) is None and not syn.lors
+    init = syn.with_lors(jax.random.key(0), rank=4, alpha=0.1)
+    assert init.sim_left.shape == (M, 4) and init.sim_scale == pytest.approx(0.025)
+    np.testing.assert_array_equal(init.sim_right, 0.0)
+    assert np.linalg.norm(np.asarray(init.sim_left)) > 0
+    np.testing.assert_array_equal(matching.similarity(init), np.eye(M))
+    lors = _with_lors(syn, rank=3, alpha=0.5)
+    a, left, right = (np.asarray(getattr(lors, f), np.float64) for f in LORS_FIELDS)
+    dense = np.diag(a) + 0.5 / 3 * left @ right.T
+    np.testing.assert_allclose(matching.similarity(lors), dense, rtol=1e-5, atol=1e-6)
+    idx = np.array([4, 1, 3])
+    np.testing.assert_allclose(
+        matching.similarity(lors, jnp.asarray(idx)), dense[idx][:, idx], rtol=1e-5, atol=1e-6
+    )
+    # Identity targets through the whole meta-loss: the same as no LoRS.
+    student, syn, start, target, idx, rng = _setup(syn_steps=2)
+    with_id = syn.with_lors(jax.random.key(0))
+    np.testing.assert_allclose(
+        matching.meta_loss(with_id, student, start, target, idx, rng),
+        matching.meta_loss(syn, student, start, target, idx, rng),
+        rtol=1e-6,
+    )
+
+
+def test_lors_meta_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        student, syn, start, target, idx, rng = _setup(dtype=jnp.float64, syn_steps=3)
+        syn = _with_lors(syn)
+        assert syn.sim_left.dtype == jnp.float64
+        value_and_grad = jax.jit(
+            lambda s: matching.meta_loss_and_grad(
+                s, student, start, target, idx, rng, grad_mode="unroll"
+            )
+        )
+        loss_fn = lambda s: value_and_grad(s)[0]  # noqa: E731
+        _, grads = value_and_grad(syn)
+        eps = 1e-5
+        keys = jax.random.split(jax.random.key(13), 3)
+        for name, key in zip(LORS_FIELDS, keys, strict=True):
+            field = getattr(syn, name)
+            d = jax.random.normal(key, field.shape, jnp.float64)
+            up = loss_fn(syn.replace(**{name: field + eps * d}))
+            down = loss_fn(syn.replace(**{name: field - eps * d}))
+            fd = (up - down) / (2 * eps)
+            assert abs(float(fd)) > 1e-6, name
+            np.testing.assert_allclose(jnp.vdot(getattr(grads, name), d), fd, rtol=1e-6)
+
+
+def test_lors_gradients_remat_tesla_and_micro_batches_agree():
+    names = ("images", "texts", "lr_img", "lr_txt", *LORS_FIELDS)
+    grad_fn = jax.jit(
+        matching.meta_loss_and_grad, static_argnums=(1,), static_argnames=("grad_mode", "inner")
+    )
+    # remat == unroll; micro-batched student steps (GradCache) give the same gradient too.
+    student, syn, start, target, idx, rng = _setup(syn_steps=3)
+    syn = _with_lors(syn)
+    x, t = syn.images[idx[0]], syn.texts[idx[0]]
+    targets = matching.similarity(syn, idx[0])
+    sliced = matching.InnerLoop(micro_batches=2)
+    g1 = matching.inner_grad(student, matching.InnerLoop(), start, x, t, rng, targets)
+    g2 = matching.inner_grad(student, sliced, start, x, t, rng, targets)
+    g0 = matching.inner_grad(student, matching.InnerLoop(), start, x, t, rng)
+    for a, b, hard in zip(g2, g1, g0, strict=True):
+        assert _rel_err(a, b) < 1e-5
+        assert _rel_err(hard, b) > 1e-3  # the soft targets do change the step
+    _, ref = grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll")
+    for mode, inner in (("remat", matching.InnerLoop()), ("unroll", sliced)):
+        _, got = grad_fn(syn, student, start, target, idx, rng, inner=inner, grad_mode=mode)
+        for name in names:
+            a, b = getattr(got, name), getattr(ref, name)
+            assert np.linalg.norm(np.asarray(b)) > 0, name
+            assert _rel_err(a, b) < 1e-5, (mode, name, _rel_err(a, b))
+    # TESLA: exact for one student step, LoRS factors included.
+    student, syn, start, target, idx, rng = _setup(syn_steps=1)
+    syn = _with_lors(syn)
+    _, g_t = grad_fn(syn, student, start, target, idx, rng, grad_mode="tesla")
+    _, g_e = grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll")
+    for name in names:
+        assert np.linalg.norm(np.asarray(getattr(g_e, name))) > 0, name
+        assert _rel_err(getattr(g_t, name), getattr(g_e, name)) < 1e-5, name
+
+
+def test_lors_outer_step_updates_factors_with_own_lr():
+    student, syn, start, target, idx, rng = _setup(syn_steps=3)
+    syn = syn.with_lors(jax.random.key(0), rank=3, alpha=0.1)  # S = I: R = 0
+    opt = matching.make_outer_optimizer(
+        lr_images=10.0, lr_texts=10.0, lr_step_size=1e-2, step_size_param="raw", lr_lors=5.0
+    )
+    state = opt.init(syn)
+    step = jax.jit(matching.outer_step, static_argnums=(2, 3), static_argnames="grad_mode")
+    _, grads = _grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll")
+    new, new_state, loss, skipped = step(
+        syn, state, opt, student, start, target, idx, rng, grad_mode="unroll"
+    )
+    assert not bool(skipped) and np.isfinite(loss)
+    assert new.images.shape == syn.images.shape and new.texts.shape == syn.texts.shape
+    # First SGD step: x - lr * g with the LoRS rate. With R = 0, dL/dL = scale * G R = 0 exactly.
+    for name in ("sim_diag", "sim_right"):
+        g = np.asarray(getattr(grads, name))
+        assert np.abs(g).max() > 0, name
+        moved = (np.asarray(getattr(syn, name)) - np.asarray(getattr(new, name))) / 5.0
+        np.testing.assert_allclose(moved, g, atol=1e-4 * np.abs(g).max())
+    np.testing.assert_array_equal(grads.sim_left, 0.0)
+    np.testing.assert_array_equal(new.sim_left, syn.sim_left)
+    assert np.abs(np.asarray(matching.similarity(new)) - np.eye(M)).max() > 0
+    # Second step: R != 0 now, so L moves as well.
+    newer, *_ = step(new, new_state, opt, student, start, target, idx, rng, grad_mode="unroll")
+    assert not np.array_equal(np.asarray(newer.sim_left), np.asarray(new.sim_left))
+    # The NaN guard covers the LoRS fields and their momentum too.
+    bad, bad_state, loss, skipped = step(new, new_state, opt, student, start, start, idx, rng)
+    assert bool(skipped)
+    leaves = jax.tree.leaves((bad, bad_state)), jax.tree.leaves((new, new_state))
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # An optimiser without a LoRS rate refuses a set with factors.
+    with pytest.raises(ValueError, match="lr_lors"):
+        matching.make_outer_optimizer().init(syn)

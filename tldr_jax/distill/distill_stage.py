@@ -10,6 +10,12 @@ exactly where the checkpoint left off.
 Outputs under W/distill/: Orbax checkpoints (synthetic set, outer optimiser state, iteration),
 distilled.npz (images, texts, lr_img, lr_txt, init_index) and distilled.png (denormalised
 images titled with the nearest real training caption of their text embedding).
+
+`distill.lors=True` (off by default; LoRS, Xu et al. 2024, beyond the reference) also learns a
+soft image-text similarity S = diag(a) + (lors_alpha / lors_rank) L R^T, initialised at the
+identity (a = 1, L ~ N(0, 1) from the seed, R = 0), that the student uses as its contrastive
+targets; its factors live in the checkpoints and, with the dense S, in distilled.npz
+(sim_diag, sim_left, sim_right, similarity), which `eval-distilled` then trains with.
 """
 
 from __future__ import annotations
@@ -129,6 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError(f"expert_epochs={expert_epochs} > buffer.epochs={epochs}")
     if d.grad_mode not in matching.GRAD_MODES:
         raise ValueError(f"distill.grad_mode must be one of {matching.GRAD_MODES}")
+    lors = bool(d.get("lors", False))
 
     data = et.load_pairs(config, workdir)
     n = len(data.train)
@@ -159,8 +166,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         float(d.momentum),
         step_size_param=d.step_size_param,
         max_grad_norm=float(d.max_grad_norm),
+        lr_lors=float(d.get("lors_lr", 1.0)) if lors else None,
     )
     syn = matching.SyntheticSet.create(images0, texts0, float(d.step_size_init))
+    if lors:
+        key = jax.random.fold_in(jax.random.key(seed), 0x5105)  # not the outer loop's keys
+        syn = syn.with_lors(key, int(d.get("lors_rank", 10)), float(d.get("lors_alpha", 0.1)))
     opt_state = optimizer.init(syn)
     syn, opt_state = jax.device_put((syn, opt_state), rep)
     inner = matching.InnerLoop(
@@ -187,6 +198,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             inner,
             grad_mode=d.grad_mode,
         )
+
+    @jax.jit
+    def lors_offdiag(syn):
+        sim = matching.similarity(syn)
+        return jnp.sum(jnp.abs(sim - jnp.diag(jnp.diag(sim)))) / max(m * (m - 1), 1)
 
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
     start = ckpt.latest_step() or 0
@@ -226,12 +242,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if done % log_every == 0 or done == iterations:
             # The per-iteration loss varies with the (expert, epoch) draw: log the window mean.
             window = losses[-min(log_every, len(losses)) :] if losses else [loss_f]
+            extra = {}
+            if lors:  # how far the learned targets have moved off the identity
+                extra["lors_offdiag"] = float(lors_offdiag(syn))
             logger.log(
                 done,
                 meta_loss=float(np.mean(window)),
                 lr_img=float(syn.lr_img),
                 lr_txt=float(syn.lr_txt),
                 skipped=skipped,
+                **extra,
             )
             pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
         if done % ckpt_every == 0 or done == iterations or preemption.requested():
@@ -250,6 +270,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     texts = np.asarray(syn.texts)
     lr_img, lr_txt = float(syn.lr_img), float(syn.lr_txt)
     nearest = nearest_captions(texts, data.train_txt)
+    lors_arrays: dict[str, np.ndarray] = {}
+    lors_summary = None
+    if lors:
+        sim = np.asarray(matching.similarity(syn))
+        lors_arrays = {
+            "sim_diag": np.asarray(syn.sim_diag),
+            "sim_left": np.asarray(syn.sim_left),
+            "sim_right": np.asarray(syn.sim_right),
+            "similarity": sim,
+        }
+        off = sim[~np.eye(m, dtype=bool)]
+        lors_summary = {
+            "rank": int(syn.sim_left.shape[1]),
+            "alpha": float(d.get("lors_alpha", 0.1)),
+            "lr": float(d.get("lors_lr", 1.0)),
+            "diag_mean": float(np.mean(np.diag(sim))),
+            "offdiag_abs_mean": float(np.mean(np.abs(off))) if off.size else 0.0,
+            "offdiag_abs_max": float(np.max(np.abs(off))) if off.size else 0.0,
+        }
     if dist.is_main():
         io.write_npz(
             out_dir / "distilled.npz",
@@ -259,6 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             lr_txt=np.float32(lr_txt),
             init_index=init_idx,
             nearest_caption_index=nearest,
+            **lors_arrays,
         )
         save_grid(out_dir / "distilled.png", images, [data.train_captions[i] for i in nearest])
     kept_caption = float(np.mean(nearest == init_idx)) if d.init != "noise" else None
@@ -278,6 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "meta_loss_first10": float(np.mean(first_losses)) if first_losses else None,
         "meta_loss_last10": float(np.mean(losses[-10:])) if losses else None,
         "nearest_caption_is_init_caption": kept_caption,
+        "lors": lors,
+        **({"lors_similarity": lors_summary} if lors else {}),
         "distilled_npz": str(out_dir / "distilled.npz"),
         "time_s": {"distill": train_s},
     }

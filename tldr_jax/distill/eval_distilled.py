@@ -4,9 +4,11 @@ Protocol (SPEC B.4): `eval.num_models` fresh models (new seeds, never an expert'
 set for ~`eval.epochs` epochs with minibatch SGD (batch 64, momentum 0.9, weight decay 5e-4, no
 augmentation, dropout on in the text head as in any real training), then recall@1/5/10 both
 ways on the test split; mean and std over the models. The distilled set trains with its
-learned step sizes (image encoder lr = lr_img, text head lr = lr_txt). Coresets of the same
-budget (random, herding, k-center, forgetting) train with `eval.coreset_lr` for both modalities
-(default 0.1 = the experts' lr; no sweep).
+learned step sizes (image encoder lr = lr_img, text head lr = lr_txt) and, when the npz carries
+a LoRS `similarity` (M, M), with its minibatch sub-matrices as soft contrastive targets.
+Coresets of the same budget (random, herding, k-center, forgetting) train with
+`eval.coreset_lr` for both modalities (default 0.1 = the experts' lr; no sweep) and hard
+(identity) targets.
 
 Coreset features: the first expert's final-epoch joint embeddings, L2-normalised image
 embedding concatenated with the L2-normalised text embedding. Forgetting: the per-epoch "pair
@@ -68,9 +70,16 @@ class Evaluator:
         return self._trainers[key]
 
     def train_and_eval(
-        self, images: np.ndarray, texts: np.ndarray, lr_img: float, lr_txt: float, tag: int
+        self,
+        images: np.ndarray,
+        texts: np.ndarray,
+        lr_img: float,
+        lr_txt: float,
+        tag: int,
+        targets: np.ndarray | None = None,
     ) -> list[dict[str, float]]:
-        """Recall of `eval.num_models` fresh models trained on (images, texts)."""
+        """Recall of `eval.num_models` fresh models trained on (images, texts); with `targets`
+        (N, N) (a LoRS similarity) each minibatch's sub-matrix is its soft contrastive target."""
         e = self.config.eval
         n = len(images)
         batch = min(int(e.batch_size), n)
@@ -90,7 +99,7 @@ class Evaluator:
             k_batch, k_drop = jax.random.split(key)
             idx = sample_minibatches(k_batch, n, steps, batch)
             keys = jax.random.split(k_drop, steps)
-            theta, _, loss, _ = trainer(theta, opt_state, x, t, idx, keys)
+            theta, _, loss, _ = trainer(theta, opt_state, x, t, idx, keys, targets)
             recall = et.evaluate(self.embed, theta, self.data)
             recall["final_loss"] = float(loss)
             out.append(recall)
@@ -178,11 +187,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     m = len(syn["images"])
     lr_img, lr_txt = float(syn["lr_img"]), float(syn["lr_txt"])
+    # LoRS: the learned similarity is the distilled set's contrastive target (coresets: identity).
+    similarity = syn.get("similarity")
     distilled = _summarise(
-        evaluator.train_and_eval(syn["images"], syn["texts"], lr_img, lr_txt, tag=0),
+        evaluator.train_and_eval(
+            syn["images"], syn["texts"], lr_img, lr_txt, tag=0, targets=similarity
+        ),
         num_pairs=m,
         lr_img=lr_img,
         lr_txt=lr_txt,
+        soft_targets=similarity is not None,
     )
 
     # Coreset features and forgetting events from the first finished expert.

@@ -149,9 +149,12 @@ def make_trainer(
     logit_scale: float = LOGIT_SCALE,
     dropout: bool = True,
 ) -> Callable[..., tuple[Params, Any, jax.Array, np.ndarray]]:
-    """`run(theta, opt_state, images, texts, batch_idx, keys)`: one optimiser step per row of
-    `batch_idx` (steps, batch) over host arrays `images`, `texts`. Returns (theta, opt_state,
-    mean loss, (steps, batch) bool "pair retrieved at rank 1 both ways in its minibatch").
+    """`run(theta, opt_state, images, texts, batch_idx, keys, targets=None)`: one optimiser step
+    per row of `batch_idx` (steps, batch) over host arrays `images`, `texts`. Returns (theta,
+    opt_state, mean loss, (steps, batch) bool "pair retrieved at rank 1 both ways in its
+    minibatch"). `targets` (N, N), optional: soft contrastive targets over the N rows (LoRS);
+    each step uses targets[rows][:, rows] for the rows it was fed, in the fed order. None: the
+    identity (hard InfoNCE).
 
     A host loop over one jitted step: the per-step dispatch is negligible next to the step.
     Parameters are replicated; each process feeds its share of every minibatch (data
@@ -162,10 +165,13 @@ def make_trainer(
     rep = replicated(mesh)
 
     @partial(jax.jit, out_shardings=rep)
-    def step(theta, opt_state, x, t, rows, key):
+    def step(theta, opt_state, x, t, rows, key, targets):
+        # The minibatch's soft targets, in the global batch order of the fed rows.
+        sub = None if targets is None else targets[rows][:, rows]
+
         def loss_fn(th):
             img, txt = student.apply(th[0], th[1], x, t, rng=key, train_dropout=dropout)
-            return contrastive_loss(img, txt, logit_scale), (img, txt)
+            return contrastive_loss(img, txt, logit_scale, sub), (img, txt)
 
         (loss, (img, txt)), g = jax.value_and_grad(loss_fn, has_aux=True)(theta)
         sim = l2_normalize(img) @ l2_normalize(txt).T
@@ -181,14 +187,16 @@ def make_trainer(
         perm = np.argsort(rows, kind="stable")
         return correct[perm[np.searchsorted(rows[perm], idx)]]
 
-    def run(theta, opt_state, images, texts, batch_idx, keys):
+    def run(theta, opt_state, images, texts, batch_idx, keys, targets=None):
         theta, opt_state = jax.device_put((theta, opt_state), rep)
+        if targets is not None:
+            targets = jax.device_put(np.asarray(targets, np.float32), rep)
         images, texts = np.asarray(images), np.asarray(texts)
         row_ids = np.arange(len(images), dtype=np.int32)
         losses, outs = [], []
         for idx, key in zip(np.asarray(batch_idx), keys, strict=True):
             x, t, rows = feed(images, idx), feed(texts, idx), feed(row_ids, idx)
-            theta, opt_state, loss, out = step(theta, opt_state, x, t, rows, key)
+            theta, opt_state, loss, out = step(theta, opt_state, x, t, rows, key, targets)
             losses.append(loss)
             outs.append(out)
         correct = [

@@ -39,17 +39,60 @@ Params = tuple[jax.Array, jax.Array]  # (flat image-encoder params, flat text-he
 
 @struct.dataclass
 class SyntheticSet:
-    """Everything the outer loop learns. `lr_img` / `lr_txt` are scalar student step sizes."""
+    """Everything the outer loop learns. `lr_img` / `lr_txt` are scalar student step sizes.
+
+    Optional LoRS (Xu et al. 2024) fields, None when off: a learned soft image-text similarity
+    S = diag(sim_diag) + sim_scale * sim_left @ sim_right.T (M x M) that replaces the identity
+    as the student's contrastive targets (`similarity`). `sim_scale` (alpha / rank) is static.
+    """
 
     images: jax.Array  # (M, H, W, 3) normalised pixels
     texts: jax.Array  # (M, D) text-encoder embeddings
     lr_img: jax.Array
     lr_txt: jax.Array
+    sim_diag: jax.Array | None = None  # (M,)
+    sim_left: jax.Array | None = None  # (M, r)
+    sim_right: jax.Array | None = None  # (M, r)
+    sim_scale: float = struct.field(pytree_node=False, default=0.0)
 
     @classmethod
     def create(cls, images: jax.Array, texts: jax.Array, step_size: float = 0.1) -> SyntheticSet:
         lr = jnp.asarray(step_size, jnp.float32)
         return cls(jnp.asarray(images), jnp.asarray(texts), lr, lr)
+
+    @property
+    def lors(self) -> bool:
+        return self.sim_diag is not None
+
+    def with_lors(self, key: jax.Array, rank: int = 10, alpha: float = 0.1) -> SyntheticSet:
+        """Adds LoRS factors initialised at S = I: diag ones, left ~ N(0, 1), right zeros."""
+        m = self.images.shape[0]
+        dtype = self.texts.dtype
+        return self.replace(
+            sim_diag=jnp.ones((m,), dtype),
+            sim_left=jax.random.normal(key, (m, rank), dtype),
+            sim_right=jnp.zeros((m, rank), dtype),
+            sim_scale=float(alpha) / int(rank),
+        )
+
+
+def lors_similarity(
+    diag: jax.Array, left: jax.Array, right: jax.Array, scale: float, idx: jax.Array | None = None
+) -> jax.Array:
+    """S[idx][:, idx] for S = diag(diag) + scale * left @ right.T; the whole S if idx is None.
+
+    The diagonal part is exact for repeated indices too (entries where idx[i] == idx[j])."""
+    if idx is None:
+        return jnp.diag(diag) + scale * left @ right.T
+    d = jnp.where(idx[:, None] == idx[None, :], diag[idx][:, None], 0.0)
+    return d + scale * left[idx] @ right[idx].T
+
+
+def similarity(syn: SyntheticSet, idx: jax.Array | None = None) -> jax.Array | None:
+    """The LoRS soft targets of minibatch `idx` (B, B) (all M x M if None); None without LoRS."""
+    if not syn.lors:
+        return None
+    return lors_similarity(syn.sim_diag, syn.sim_left, syn.sim_right, syn.sim_scale, idx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +113,25 @@ class InnerLoop:
     micro_batches: int = 1
 
 
-def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, logit_scale: float) -> jax.Array:
-    """Symmetric InfoNCE on L2-normalised embeddings; pair i matches pair i."""
+def contrastive_loss(
+    img_emb: jax.Array,
+    txt_emb: jax.Array,
+    logit_scale: float,
+    targets: jax.Array | None = None,
+) -> jax.Array:
+    """Symmetric InfoNCE on L2-normalised embeddings; pair i matches pair i.
+
+    `targets` (B, B): soft InfoNCE (LoRS) instead, 0.5 * (mean_i -sum_j S_ij log_softmax(
+    logits)_ij + the same on logits.T with S.T); S = I gives the hard loss.
+    """
     img = img_emb / jnp.linalg.norm(img_emb, axis=-1, keepdims=True).clip(1e-12)
     txt = txt_emb / jnp.linalg.norm(txt_emb, axis=-1, keepdims=True).clip(1e-12)
     logits = logit_scale * img @ txt.T
+    if targets is not None:
+        targets = targets.astype(logits.dtype)
+        i2t = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=1), axis=1).mean()
+        t2i = -jnp.sum(targets.T * jax.nn.log_softmax(logits.T, axis=1), axis=1).mean()
+        return 0.5 * (i2t + t2i)
     labels = jnp.arange(logits.shape[0])
     i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
@@ -114,11 +171,12 @@ def _inner_loss(
     images: jax.Array,
     texts: jax.Array,
     rng: jax.Array,
+    targets: jax.Array | None = None,
 ) -> jax.Array:
     img, txt = student.apply(
         theta[0], theta[1], images, texts, rng=rng, train_dropout=inner.train_dropout
     )
-    return contrastive_loss(img, txt, inner.logit_scale)
+    return contrastive_loss(img, txt, inner.logit_scale, targets)
 
 
 def inner_grad(
@@ -128,8 +186,10 @@ def inner_grad(
     images: jax.Array,
     texts: jax.Array,
     rng: jax.Array,
+    targets: jax.Array | None = None,
 ) -> Params:
-    """Gradient of the student's contrastive loss on one minibatch w.r.t. its parameters.
+    """Gradient of the student's contrastive loss on one minibatch w.r.t. its parameters
+    (soft InfoNCE against `targets` (B, B) when given: LoRS).
 
     With `inner.micro_batches = k > 1` the image tower is evaluated in k slices: all image
     embeddings first, then dL/d(embeddings) on the whole batch (InfoNCE couples every pair),
@@ -140,7 +200,9 @@ def inner_grad(
     """
     k = int(inner.micro_batches)
     if k <= 1:
-        return jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, rng))(theta)
+        return jax.grad(lambda t: _inner_loss(student, inner, t, images, texts, rng, targets))(
+            theta
+        )
     if images.shape[0] % k:
         raise ValueError(f"micro_batches={k} does not divide the student batch {images.shape[0]}")
     k_img, k_txt = jax.random.split(rng)
@@ -160,9 +222,9 @@ def inner_grad(
         lambda th: student.text.apply(th, texts, rng=k_txt if train else None, train=train),
         theta[1],
     )
-    d_img, d_txt = jax.grad(lambda a, b: contrastive_loss(a, b, inner.logit_scale), argnums=(0, 1))(
-        img, txt
-    )
+    d_img, d_txt = jax.grad(
+        lambda a, b: contrastive_loss(a, b, inner.logit_scale, targets), argnums=(0, 1)
+    )(img, txt)
 
     @jax.checkpoint
     def accumulate(g, xs):
@@ -182,7 +244,8 @@ def _step_fn(
 
     def step(theta: Params, xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
         idx, rng = xs
-        g = inner_grad(student, inner, theta, syn.images[idx], syn.texts[idx], rng)
+        targets = similarity(syn, idx)
+        g = inner_grad(student, inner, theta, syn.images[idx], syn.texts[idx], rng, targets)
         return (theta[0] - syn.lr_img * g[0], theta[1] - syn.lr_txt * g[1]), None
 
     return step
@@ -264,10 +327,12 @@ def tesla_meta_loss_and_grad(
     TESLA keeps only the direct term d g_i/dX with theta_i held constant (a stop-gradient on
     the student's parameters at every step), dropping every cross-step term that flows through
     theta_i's own dependence on X. Likewise dL/dlr = -sum_i g_i . dL/dtheta_N (the exact value
-    also carries the lr-dependence of theta_i). It is exact for syn_steps = 1 and close when the
-    Hessian terms lr * H_i are small. Pass 1 runs the student storing nothing to get theta_N and
-    c = dL/dtheta_N; pass 2 replays the identical steps (same minibatches and dropout keys) and
-    accumulates the VJP of each step's gradient with cotangent -lr * c.
+    also carries the lr-dependence of theta_i); the LoRS factors (when present) get the same
+    direct term as the data, through each step's soft targets. It is exact for syn_steps = 1
+    and close when the Hessian terms lr * H_i are small. Pass 1 runs the student storing
+    nothing to get theta_N and c = dL/dtheta_N; pass 2 replays the identical steps (same
+    minibatches and dropout keys) and accumulates the VJP of each step's gradient with
+    cotangent -lr * c.
     """
     n = batch_idx.shape[0]
     xs = (batch_idx, jax.random.split(rng, n))
@@ -277,30 +342,48 @@ def tesla_meta_loss_and_grad(
     loss, c = jax.value_and_grad(param_distance_loss)(theta_end, expert_start, expert_target)
     cot = (-syn.lr_img * c[0], -syn.lr_txt * c[1])
 
+    lors = syn.lors
+    sim = (syn.sim_diag, syn.sim_left, syn.sim_right) if lors else ()
+
     def replay(carry, step_xs):
-        theta, g_images, g_texts, g_lr_img, g_lr_txt = carry
+        theta, g_images, g_texts, g_lr_img, g_lr_txt, g_sim = carry
         idx, key = step_xs
 
-        def step_grad(images: jax.Array, texts: jax.Array) -> Params:
-            return inner_grad(student, inner, theta, images, texts, key)
+        def step_grad(images: jax.Array, texts: jax.Array, sim_rows: tuple) -> Params:
+            # LoRS: the (B, B) targets from the minibatch's rows of the factors (same values as
+            # `similarity(syn, idx)`), so the VJP also gives the factors' direct term.
+            targets = lors_similarity(*sim_rows, syn.sim_scale, idx) if lors else None
+            return inner_grad(student, inner, theta, images, texts, key, targets)
 
-        g, vjp = jax.vjp(step_grad, syn.images[idx], syn.texts[idx])
-        d_images, d_texts = vjp(cot)
+        # Full-size factors, gathered inside `lors_similarity`: their VJP is already scattered.
+        g, vjp = jax.vjp(step_grad, syn.images[idx], syn.texts[idx], sim)
+        d_images, d_texts, d_sim = vjp(cot)
         carry = (
             (theta[0] - syn.lr_img * g[0], theta[1] - syn.lr_txt * g[1]),
             g_images.at[idx].add(d_images),
             g_texts.at[idx].add(d_texts),
             g_lr_img - jnp.vdot(g[0], c[0]),
             g_lr_txt - jnp.vdot(g[1], c[1]),
+            jax.tree.map(jnp.add, g_sim, d_sim),
         )
         return carry, None
 
     zero = jnp.zeros((), loss.dtype)
-    init = (expert_start, jnp.zeros_like(syn.images), jnp.zeros_like(syn.texts), zero, zero)
-    _, g_images, g_texts, g_lr_img, g_lr_txt = jax.lax.scan(replay, init, xs, unroll=inner.unroll)[
-        0
-    ]
-    return loss, SyntheticSet(g_images, g_texts, g_lr_img, g_lr_txt)
+    zeros_sim = jax.tree.map(jnp.zeros_like, sim)
+    init = (
+        expert_start,
+        jnp.zeros_like(syn.images),
+        jnp.zeros_like(syn.texts),
+        zero,
+        zero,
+        zeros_sim,
+    )
+    out = jax.lax.scan(replay, init, xs, unroll=inner.unroll)[0]
+    _, g_images, g_texts, g_lr_img, g_lr_txt, g_sim = out
+    grads = syn.replace(images=g_images, texts=g_texts, lr_img=g_lr_img, lr_txt=g_lr_txt)
+    if lors:
+        grads = grads.replace(sim_diag=g_sim[0], sim_left=g_sim[1], sim_right=g_sim[2])
+    return loss, grads
 
 
 def meta_loss_and_grad(
@@ -352,12 +435,15 @@ def make_outer_optimizer(
     *,
     step_size_param: StepSizeParam = "log",
     max_grad_norm: float = 0.0,
+    lr_lors: float | None = None,
 ) -> optax.GradientTransformation:
     """SGD with momentum and one learning rate per field (SPEC B.3).
 
     `step_size_param="log"` descends on the log of the step sizes (`log_space_sgd`; then
     `lr_step_size` is a rate in log space); "raw" is the reference's plain SGD on the step size.
-    `max_grad_norm > 0` clips each field's meta-gradient to that global norm first.
+    `max_grad_norm > 0` clips each field's meta-gradient to that global norm first (the three
+    LoRS factors together as one field). `lr_lors`: the one learning rate of the LoRS factors;
+    None (no LoRS) keeps the optimiser state free of a LoRS group.
     """
     if step_size_param not in ("log", "raw"):
         raise ValueError(f"step_size_param must be log | raw, got {step_size_param!r}")
@@ -367,15 +453,30 @@ def make_outer_optimizer(
         return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx) if max_grad_norm else tx
 
     log_space = step_size_param == "log"
-    return optax.multi_transform(
-        {
-            "images": sgd(lr_images),
-            "texts": sgd(lr_texts),
-            "lr_img": sgd(lr_step_size, log_space),
-            "lr_txt": sgd(lr_step_size, log_space),
-        },
-        SyntheticSet(images="images", texts="texts", lr_img="lr_img", lr_txt="lr_txt"),
-    )
+    transforms = {
+        "images": sgd(lr_images),
+        "texts": sgd(lr_texts),
+        "lr_img": sgd(lr_step_size, log_space),
+        "lr_txt": sgd(lr_step_size, log_space),
+    }
+    if lr_lors is not None:
+        transforms["lors"] = sgd(float(lr_lors))
+
+    def labels(syn: SyntheticSet) -> SyntheticSet:
+        if syn.lors and lr_lors is None:
+            raise ValueError("the synthetic set has LoRS factors: pass lr_lors")
+        lors = "lors" if syn.lors else None
+        return syn.replace(
+            images="images",
+            texts="texts",
+            lr_img="lr_img",
+            lr_txt="lr_txt",
+            sim_diag=lors,
+            sim_left=lors,
+            sim_right=lors,
+        )
+
+    return optax.multi_transform(transforms, labels)
 
 
 def all_finite(tree) -> jax.Array:
