@@ -56,8 +56,9 @@ def distill_config(small: bool) -> ml_collections.ConfigDict:
     d.max_start_epoch = 5 if small else 2
     d.iterations = 200 if small else 2000
     d.batch_syn = 50 if small else 0  # student minibatch; 0 = all M pairs every step
-    # unroll | remat | tesla. remat is ~15x slower on XLA:CPU (checkpointed scans); the small
-    # unroll keeps ~5 steps of a 20k + 0.5M parameter student, a few hundred MB.
+    # unroll | remat | tesla. small: unroll (the reference's behaviour) keeps 10 steps of a
+    # 20k + 0.5M parameter student, a few hundred MB; remat costs about the same time there
+    # (README: benchmarks/distill_memory.py) and is the default for real students.
     d.grad_mode = "unroll" if small else "remat"
     # > 1: each student step runs its image tower in this many slices (GradCache, the same
     # gradient): a step's second-order memory is one slice's. For big students (nf_resnet26).

@@ -177,7 +177,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     inner = matching.InnerLoop(
         logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
         train_dropout=bool(d.quirk_dropout),
-        unroll=jax.default_backend() == "cpu",  # see InnerLoop.unroll
         micro_batches=int(d.get("micro_batches", 1)),
     )
     batch_syn = int(d.batch_syn) or m
