@@ -11,7 +11,7 @@ Command lines (the same workdir for all three stages):
 `small` runs all three stages in about 20 minutes on 2 CPU cores (32 px embedded world, a
 3-layer ConvNet with instancenorm, 4 experts x 8 epochs at lr 0.3, 100 pairs, 200 outer
 iterations of 20 student steps on minibatches of 50 matching 2 expert epochs from a start
-epoch <= 5, 2 evaluation models per set).
+epoch < 5 (max_start_epoch), 2 evaluation models per set).
 The default is the README setting: 100 pairs, syn_steps 8, expert_epochs 1,
 max_start_epoch 2, 20 experts x 10 epochs.
 """
