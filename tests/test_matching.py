@@ -133,6 +133,16 @@ def test_distance_loss_is_one_without_motion_and_zero_on_target():
     np.testing.assert_allclose(half, 0.5, rtol=1e-6)
 
 
+def _exact_meta(student, start, target, idx, rng):
+    """(jitted syn -> (loss, meta-gradient) in unroll mode, syn -> loss) for finite differences."""
+    value_and_grad = jax.jit(
+        lambda s: matching.meta_loss_and_grad(
+            s, student, start, target, idx, rng, grad_mode="unroll"
+        )
+    )
+    return value_and_grad, lambda s: value_and_grad(s)[0]
+
+
 def test_remat_gradient_equals_unroll():
     # 5 steps = one checkpointed chunk of 3 plus a trailing scan of 2: both remat paths.
     student, syn, start, target, idx, rng = _setup(syn_steps=5)
@@ -177,12 +187,7 @@ def test_step_size_and_data_gradients_match_finite_differences():
     with jax.enable_x64(True):
         student, syn, start, target, idx, rng = _setup(dtype=jnp.float64, syn_steps=3)
         assert syn.images.dtype == jnp.float64 and start[0].dtype == jnp.float64
-        value_and_grad = jax.jit(
-            lambda s: matching.meta_loss_and_grad(
-                s, student, start, target, idx, rng, grad_mode="unroll"
-            )
-        )
-        loss_fn = lambda s: value_and_grad(s)[0]  # noqa: E731
+        value_and_grad, loss_fn = _exact_meta(student, start, target, idx, rng)
         _, grads = value_and_grad(syn)
         eps = 1e-5
         for name in ("lr_img", "lr_txt"):
@@ -375,12 +380,7 @@ def test_lors_meta_gradient_matches_finite_differences():
         student, syn, start, target, idx, rng = _setup(dtype=jnp.float64, syn_steps=3)
         syn = _with_lors(syn)
         assert syn.sim_left.dtype == jnp.float64
-        value_and_grad = jax.jit(
-            lambda s: matching.meta_loss_and_grad(
-                s, student, start, target, idx, rng, grad_mode="unroll"
-            )
-        )
-        loss_fn = lambda s: value_and_grad(s)[0]  # noqa: E731
+        value_and_grad, loss_fn = _exact_meta(student, start, target, idx, rng)
         _, grads = value_and_grad(syn)
         eps = 1e-5
         keys = jax.random.split(jax.random.key(13), 3)

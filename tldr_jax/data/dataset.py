@@ -124,6 +124,12 @@ class RowAgreement:
     missing_on: dict[int, tuple[int, ...]]
 
 
+def missing_detail(procs: Sequence[int], image_key: str = "") -> str:
+    """How a dropped row is described, in the skip count's example and in strict errors."""
+    where = f"image {image_key}: " if image_key else ""
+    return f"{where}process {', '.join(map(str, procs))} could not read it"
+
+
 def agree_on_rows(
     ids: Sequence[str],
     hashes: np.ndarray,
@@ -170,11 +176,10 @@ def agree_on_rows(
             raise BadRowError(f"{first_skip} [strict mode: every process stops]")
         if missing_on:
             i, procs = next(iter(missing_on.items()))
-            key = f"image {image_keys[i]}: " if image_keys else ""
+            detail = missing_detail(procs, image_keys[i] if image_keys else "")
             raise BadRowError(
-                f"{source}, row {ids[i]}: unreadable_on_other_process ({key}process "
-                f"{', '.join(map(str, procs))} could not read it) [strict mode: every process "
-                "stops]"
+                f"{source}, row {ids[i]}: unreadable_on_other_process ({detail}) [strict mode: "
+                "every process stops]"
             )
         bad = [j for j in range(len(meta)) if meta[j, 2] > 0 or len(rows[j]) > len(common)]
         raise BadRowError(
@@ -258,13 +263,8 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             image_keys=[r.image_key for r in records],
         )
         for i, procs in agreed.missing_on.items():
-            skips.skip(
-                "unreadable_on_other_process",
-                source,
-                ids[i],
-                f"image {records[i].image_key}: process {', '.join(map(str, procs))} could "
-                "not read it",
-            )
+            detail = missing_detail(procs, records[i].image_key)
+            skips.skip("unreadable_on_other_process", source, ids[i], detail)
         if agreed.missing_on:
             kept = np.flatnonzero(agreed.keep)
             records, images = [records[i] for i in kept], images[kept]
