@@ -61,16 +61,17 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: in
     from tldr_jax.models.convnet import ConvNet
     from tldr_jax.models.heads import ProjectionHead
     from tldr_jax.models.nfresnet import nf_resnet26
+    from tldr_jax.utils.memory import release_host_memory
 
     encoder, size, pairs, txt_dim = PRESETS[preset]
     rngs = nnx.Rngs(0)
     if encoder == "convnet":
         image_net = ConvNet(size, width=32, depth=2, norm="instancenorm", rngs=rngs)
     else:
-        # The exact low-memory mode also recomputes each residual block inside a student step
-        # (models/nfresnet.py remat_blocks): one step's second-order intermediates of this
-        # 16M-parameter net are several GB, more than the checkpointed parameters at 40 steps.
-        image_net = nf_resnet26(remat_blocks=mode == "remat", rngs=rngs)
+        # No per-block remat (models/nfresnet.py remat_blocks) here: recomputing blocks inside
+        # a student step that is itself differentiated twice made one step's meta-backward
+        # bigger (XLA temp 1986 vs 1610 MiB at batch 100), not smaller.
+        image_net = nf_resnet26(rngs=rngs)
     head = ProjectionHead(txt_dim, image_net.out_dim, rngs=rngs)
     student, t_img, t_txt = make_student(image_net, head)
     del image_net, head
@@ -88,8 +89,10 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: in
     opt = matching.make_outer_optimizer()
     opt_state = opt.init(syn)
 
+    # The expert endpoints are arguments, as in the distill stage (a closed-over array would be
+    # baked into the executable as a constant, one more copy per use).
     @jax.jit
-    def step(syn, opt_state, key):
+    def step(syn, opt_state, start, target, key):
         k_idx, k_drop = jax.random.split(key)
         idx = matching.sample_minibatches(k_idx, pairs, syn_steps, pairs)
         return matching.outer_step(
@@ -97,19 +100,22 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: in
         )
 
     t0 = time.perf_counter()
-    compiled = step.lower(syn, opt_state, jax.random.key(0)).compile()
+    compiled = step.lower(syn, opt_state, start, target, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
     compile_peak = _vm_kib("self", "VmHWM")
-    # Reset the peak-RSS counter (Linux clear_refs "5"): XLA's compiler alone can take GBs for
-    # a big unrolled graph; the runtime peak is what a long run keeps paying.
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    # Hand the compiler's freed heap back to the OS (as the distill stage does after its first
+    # step), then reset the peak-RSS counter (Linux clear_refs "5"): XLA's compiler alone can
+    # take GBs for a big graph; the runtime peak is what a long run keeps paying.
+    release_host_memory()
     reset = _reset_peak()
     t0 = time.perf_counter()
-    out = compiled(syn, opt_state, jax.random.key(0))
+    out = compiled(syn, opt_state, start, target, jax.random.key(0))
     jax.block_until_ready(out)
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(iters):
-        syn, opt_state, loss, _ = compiled(syn, opt_state, jax.random.key(i + 1))
+        syn, opt_state, loss, _ = compiled(syn, opt_state, start, target, jax.random.key(i + 1))
         jax.block_until_ready(loss)
     return {
         "peak_mib": round(_vm_kib("self", "VmHWM") / 1024, 1),
@@ -118,6 +124,7 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: in
         "peak_mib_with_compile": round(max(compile_peak, _vm_kib("self", "VmHWM")) / 1024, 1),
         "peak_excludes_compile": reset,
         "compile_s": round(compile_s, 2),
+        "xla_temp_mib": round(temp_mib, 1),
         "first_iter_s": round(first_s, 2),
         "params_img": int(t_img.size),
         "params_txt": int(t_txt.size),

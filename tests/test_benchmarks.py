@@ -22,6 +22,7 @@ def test_distill_memory_json_interface(tmp_path):
         assert point["peak_mib"] > 100  # a whole JAX process, in MiB
         assert point["s_per_iter"] > 0
         assert point["peak_excludes_compile"] in (True, False)
+        assert point["xla_temp_mib"] > 0  # XLA's own figure for the step's scratch buffers
     # The printed table has one row per point with the ratio to the first syn_steps.
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("remat ")]
     rows = [r for r in rows if r[1].isdigit()]  # not the per-point progress lines

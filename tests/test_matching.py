@@ -95,6 +95,14 @@ def test_student_matches_module_and_flat_layout():
     drop = jax.jit(lambda k: student.apply(t_img, t_txt, x, e, rng=k, train_dropout=True)[1])
     np.testing.assert_array_equal(drop(jax.random.key(3)), drop(jax.random.key(3)))
     assert not np.allclose(drop(jax.random.key(3)), drop(jax.random.key(4)))
+    # The states form (what the inner loop carries) applies alike and flattens back exactly.
+    states = student.unflatten(t_img, t_txt)
+    img2, txt2 = jax.jit(student.apply)(*states, x, e)
+    np.testing.assert_array_equal(img2, img)
+    np.testing.assert_array_equal(txt2, txt)
+    back = student.flatten(*states)
+    np.testing.assert_array_equal(back[0], t_img)
+    np.testing.assert_array_equal(back[1], t_txt)
 
 
 def test_sample_minibatches_cover_each_pair_once_per_pass():

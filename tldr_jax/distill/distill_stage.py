@@ -39,6 +39,7 @@ from tldr_jax.distill import matching
 from tldr_jax.select.kmeans import kmeans
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils.memory import release_host_memory
 from tldr_jax.utils.mesh import make_mesh, replicated
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -231,6 +232,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
         done = it + 1
         loss_f, skip_b = float(loss), bool(skip)
+        if it == start:  # compiled: hand the compiler's freed heap (GBs for big students) back
+            release_host_memory(clear_caches=False)
         skipped += int(skip_b)
         if skip_b:
             log.warning("distill: iteration %d non-finite (loss %s), update skipped", done, loss_f)

@@ -30,11 +30,12 @@ class _PureModule:
     num_params: int
 
     def apply(
-        self, theta: jax.Array, x: jax.Array, *, rng: jax.Array | None, train: bool
+        self, theta: jax.Array | nnx.State, x: jax.Array, *, rng: jax.Array | None, train: bool
     ) -> jax.Array:
+        params = self.unravel(theta) if isinstance(theta, jax.Array) else theta
         # Fresh Variables for the non-trainable state: merging the captured ones would try to
         # mutate Variables created outside the current trace (the RNG counters).
-        module = nnx.merge(self.graphdef, self.unravel(theta), jax.tree.map(jnp.asarray, self.rest))
+        module = nnx.merge(self.graphdef, params, jax.tree.map(jnp.asarray, self.rest))
         if train and self.rng_streams:
             if rng is None:
                 raise ValueError("train=True with stochastic layers needs an rng key")
@@ -82,8 +83,15 @@ class Student:
         return img, txt
 
     def unflatten(self, theta_img: jax.Array, theta_txt: jax.Array) -> tuple[nnx.State, nnx.State]:
-        """Flat vectors -> `nnx.Param` states (e.g. to `nnx.update` a module for evaluation)."""
+        """Flat vectors -> `nnx.Param` states (e.g. to `nnx.update` a module for evaluation).
+
+        `apply` takes these states in place of the flat vectors too."""
         return self.image.unravel(theta_img), self.text.unravel(theta_txt)
+
+    @staticmethod
+    def flatten(state_img: nnx.State, state_txt: nnx.State) -> tuple[jax.Array, jax.Array]:
+        """The inverse of `unflatten`: states -> flat vectors in the expert-snapshot layout."""
+        return ravel_pytree(state_img)[0], ravel_pytree(state_txt)[0]
 
 
 def make_student(
