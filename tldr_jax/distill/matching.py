@@ -242,8 +242,14 @@ def inner_grad(
     return g_img, txt_vjp(d_txt)[0]
 
 
-def _sgd(theta, grad, lr: jax.Array):
-    return jax.tree.map(lambda p, g: p - lr * g, theta, grad)
+def _sgd(theta: Params, grad: Params, syn: SyntheticSet) -> Params:
+    """One plain SGD step of both modalities with the learned step sizes (flat vectors or
+    parameter-leaf states alike)."""
+
+    def update(t, g, lr: jax.Array):
+        return jax.tree.map(lambda p, d: p - lr * d, t, g)
+
+    return update(theta[0], grad[0], syn.lr_img), update(theta[1], grad[1], syn.lr_txt)
 
 
 def _step_fn(
@@ -255,7 +261,7 @@ def _step_fn(
         idx, rng = xs
         targets = similarity(syn, idx)
         g = inner_grad(student, inner, theta, syn.images[idx], syn.texts[idx], rng, targets)
-        return (_sgd(theta[0], g[0], syn.lr_img), _sgd(theta[1], g[1], syn.lr_txt)), None
+        return _sgd(theta, g, syn), None
 
     return step
 
@@ -373,7 +379,7 @@ def tesla_meta_loss_and_grad(
         g, vjp = jax.vjp(step_grad, syn.images[idx], syn.texts[idx], sim)
         d_images, d_texts, d_sim = vjp(cot)
         carry = (
-            (theta[0] - syn.lr_img * g[0], theta[1] - syn.lr_txt * g[1]),
+            _sgd(theta, g, syn),
             g_images.at[idx].add(d_images),
             g_texts.at[idx].add(d_texts),
             g_lr_img - jnp.vdot(g[0], c[0]),
