@@ -52,7 +52,68 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: int = 1) -> dict:
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's dense f32 matmul rate under XLA (best of `repeats`): the ceiling for a
+    student step, which is almost all matmuls (convs are im2col + matmul here)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(student, inner, syn, theta) -> dict:
+    """XLA's FLOP count (cost analysis) of one student step's first-order gradient and of its
+    VJP, the second-order pass the meta-gradient adds. Their sum is the least work of one
+    student step of the exact meta-gradient (`unroll`, no recomputation; `remat` recomputes
+    each step's gradient 1-2 more times), in any implementation: divided by the machine's
+    matmul rate it bounds the seconds per student step from below. (Counted on one step:
+    XLA's cost analysis counts a `lax.scan` body once, whatever its trip count.)"""
+    import jax
+
+    from tldr_jax.distill import matching
+
+    b = syn.images.shape[0]
+    key = jax.random.key(0)
+
+    def grad(theta, x, t):
+        return matching.inner_grad(student, inner, theta, x, t, key)
+
+    def second_order(theta, x, t, ct):
+        return jax.vjp(grad, theta, x, t)[1](ct)
+
+    def gflop(f, *args) -> float:
+        cost = jax.jit(f).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost  # older JAX: one dict per device
+        return float(cost.get("flops", 0.0)) / 1e9
+
+    x, t = syn.images[:b], syn.texts[:b]
+    g1 = gflop(grad, theta, x, t)
+    g2 = gflop(second_order, theta, x, t, theta) - g1  # its VJP recomputes the gradient once
+    peak = matmul_peak_gflops()
+    return {
+        "gflop_per_step": round(g1 + g2, 1),
+        "gflop_grad": round(g1, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "min_s_per_step": round((g1 + g2) / peak, 3),
+    }
+
+
+def worker(
+    preset: str,
+    mode: str,
+    syn_steps: int,
+    iters: int,
+    micro_batches: int = 1,
+    with_flops: bool = True,
+) -> dict:
     import jax
     from flax import nnx
 
@@ -99,6 +160,7 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: in
             syn, opt_state, opt, student, start, target, idx, k_drop, grad_mode=mode, inner=inner
         )
 
+    flops = step_flops(student, inner, syn, start) if with_flops else {}
     t0 = time.perf_counter()
     compiled = step.lower(syn, opt_state, start, target, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
@@ -117,10 +179,14 @@ def worker(preset: str, mode: str, syn_steps: int, iters: int, micro_batches: in
     for i in range(iters):
         syn, opt_state, loss, _ = compiled(syn, opt_state, start, target, jax.random.key(i + 1))
         jax.block_until_ready(loss)
-    return {
+    # --iters 0: peak memory only (the first iteration includes compilation).
+    sec = (time.perf_counter() - t0) / iters if iters else None
+    if flops and sec:
+        # The exact gradient's least FLOPs per second at this speed (`remat` does more work).
+        flops["effective_gflops"] = round(flops["gflop_per_step"] * syn_steps / sec, 1)
+    return flops | {
         "peak_mib": round(_vm_kib("self", "VmHWM") / 1024, 1),
-        # --iters 0: peak memory only (the first iteration includes compilation).
-        "s_per_iter": round((time.perf_counter() - t0) / iters, 3) if iters else None,
+        "s_per_iter": round(sec, 3) if sec else None,
         "peak_mib_with_compile": round(max(compile_peak, _vm_kib("self", "VmHWM")) / 1024, 1),
         "peak_excludes_compile": reset,
         "compile_s": round(compile_s, 2),
@@ -135,6 +201,8 @@ def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset]
     cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
     cmd += ["--micro-batches", str(args.micro_batches)]
+    if args.no_flops:
+        cmd.append("--no-flops")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
     child = subprocess.Popen(
@@ -161,9 +229,12 @@ def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
 
 
 def print_table(results: dict, steps: list[int]) -> None:
+    """Peak, its ratio to the first syn_steps, time; with the FLOP count: XLA's GFLOP of one
+    exact student step, the least seconds per step at the machine's matmul rate, and the rate
+    the measured time corresponds to."""
     print(
         f"{'mode':8s} {'steps':>5s} {'peak MiB':>9s} {'x peak@' + str(steps[0]):>10s} "
-        f"{'s/iter':>8s} {'s/step':>7s}"
+        f"{'s/iter':>8s} {'s/step':>7s} {'GFLOP/step':>10s} {'min s/step':>10s} {'GFLOP/s':>8s}"
     )
     for mode, points in results.items():
         base = points.get(str(steps[0]), {}).get("peak_mib")
@@ -175,7 +246,15 @@ def print_table(results: dict, steps: list[int]) -> None:
             ratio = f"{p['peak_mib'] / base:.2f}x" if base else "-"
             sec = p["s_per_iter"]
             timing = f"{sec:8.2f} {sec / n:7.3f}" if sec is not None else f"{'-':>8s} {'-':>7s}"
-            print(f"{mode:8s} {n:5d} {p['peak_mib']:9.0f} {ratio:>10s} {timing}")
+            work = "".join(
+                f" {p[k]:>{w}}" if k in p else f" {'-':>{w}}"
+                for k, w in (
+                    ("gflop_per_step", 10),
+                    ("min_s_per_step", 10),
+                    ("effective_gflops", 8),
+                )
+            )
+            print(f"{mode:8s} {n:5d} {p['peak_mib']:9.0f} {ratio:>10s} {timing}{work}")
 
 
 def main() -> None:
@@ -194,6 +273,11 @@ def main() -> None:
         default=1,
         help="image-tower slices per student step (distill.micro_batches; the same gradient)",
     )
+    parser.add_argument(
+        "--no-flops",
+        action="store_true",
+        help="skip the FLOP count of one student step and the matmul-rate probe",
+    )
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,7 +288,18 @@ def main() -> None:
             parser.error(f"unknown mode {mode!r}")
 
     if args.worker:
-        print(json.dumps(worker(args.preset, modes[0], steps[0], args.iters, args.micro_batches)))
+        print(
+            json.dumps(
+                worker(
+                    args.preset,
+                    modes[0],
+                    steps[0],
+                    args.iters,
+                    args.micro_batches,
+                    with_flops=not args.no_flops,
+                )
+            )
+        )
         return
 
     from tldr_jax.utils.io import write_json

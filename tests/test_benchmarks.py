@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,14 @@ def test_distill_memory_json_interface(tmp_path):
         assert point["s_per_iter"] > 0
         assert point["peak_excludes_compile"] in (True, False)
         assert point["xla_temp_mib"] > 0  # XLA's own figure for the step's scratch buffers
+        # One exact student step's work: the first-order gradient plus its VJP, which costs
+        # more than the gradient; the time bound is that work at the measured matmul rate.
+        assert point["gflop_per_step"] > 2 * point["gflop_grad"] > 0
+        assert point["matmul_peak_gflops"] > 0
+        assert point["min_s_per_step"] == pytest.approx(
+            point["gflop_per_step"] / point["matmul_peak_gflops"], rel=0.01, abs=1e-3
+        )
+        assert point["effective_gflops"] > 0
     # The printed table has one row per point with the ratio to the first syn_steps.
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("remat ")]
     rows = [r for r in rows if r[1].isdigit()]  # not the per-point progress lines

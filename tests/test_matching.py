@@ -151,9 +151,11 @@ def _exact_meta(student, start, target, idx, rng):
     return value_and_grad, lambda s: value_and_grad(s)[0]
 
 
-def test_remat_gradient_equals_unroll():
-    # 5 steps = one checkpointed chunk of 3 plus a trailing scan of 2: both remat paths.
-    student, syn, start, target, idx, rng = _setup(syn_steps=5)
+@pytest.mark.parametrize("syn_steps", [5, matching.NEST_MIN_STEPS + 1])
+def test_remat_gradient_equals_unroll(syn_steps):
+    # 5: per-step checkpoints only; 10: two nested chunks of 4 plus a trailing scan of 2.
+    assert matching._chunk_size(5) == 1 and matching._chunk_size(10) == 4
+    student, syn, start, target, idx, rng = _setup(syn_steps=syn_steps)
     fn = _grad_fn
     loss_u, g_u = fn(syn, student, start, target, idx, rng, grad_mode="unroll")
     loss_r, g_r = fn(syn, student, start, target, idx, rng, grad_mode="remat")

@@ -10,7 +10,8 @@ set comes from one of three modes:
   step's parameters and activations are kept), like the PyTorch reference.
 - "remat": the same exact gradient with nested (sqrt(N)) checkpointing: the scan runs over
   chunks of ~sqrt(N) steps, each chunk and each step inside is `jax.checkpoint`ed, so the
-  backward pass keeps O(sqrt(N)) parameter vectors plus one step's activations.
+  backward pass keeps O(sqrt(N)) parameter vectors plus one step's activations (short runs,
+  N < NEST_MIN_STEPS, checkpoint each step only: N vectors, one recomputation less).
 - "tesla": the TESLA estimator (Cui et al. 2023), memory independent of syn_steps. See
   `tesla_meta_loss_and_grad` for exactly which terms it drops.
 """
@@ -266,8 +267,16 @@ def _step_fn(
     return step
 
 
+# Fewer student steps than this: `remat` checkpoints each step only, without chunks. Nesting
+# saves parameter vectors (N -> ~2 sqrt(N)) but replays every chunk once more in the backward
+# pass, one more inner gradient per step (~25% more work per step); below ~9 steps the few
+# vectors saved are not worth it.
+NEST_MIN_STEPS = 9
+
+
 def _chunk_size(n: int) -> int:
-    return max(1, math.isqrt(n - 1) + 1) if n > 1 else 1  # ceil(sqrt(n))
+    """Steps per checkpointed chunk of `remat`: ceil(sqrt(n)), or 1 (no chunks) for short runs."""
+    return math.isqrt(n - 1) + 1 if n >= NEST_MIN_STEPS else 1
 
 
 def student_unroll(
@@ -285,7 +294,8 @@ def student_unroll(
     `remat=True` nests the checkpointing: an outer scan over chunks of ceil(sqrt(N)) steps whose
     body is checkpointed (only chunk-boundary parameters are saved), and a checkpointed step
     inside (a chunk's backward keeps one parameter vector per step and one step's activations).
-    Steps that do not fill a whole chunk run in a trailing checkpointed scan.
+    Steps that do not fill a whole chunk run in a trailing checkpointed scan. Below
+    `NEST_MIN_STEPS` steps there are no chunks: each step is checkpointed, N vectors kept.
     """
     n = batch_idx.shape[0]
     xs = (batch_idx, jax.random.split(rng, n))
@@ -301,6 +311,8 @@ def student_unroll(
 
     step = jax.checkpoint(step)
     k = _chunk_size(n)
+    if k == 1:
+        return student.flatten(*jax.lax.scan(step, theta, xs, unroll=unroll)[0])
     n_chunks, rem = divmod(n, k)
 
     @jax.checkpoint
