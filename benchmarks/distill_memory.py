@@ -3,6 +3,8 @@
     python benchmarks/distill_memory.py --json W/distill_memory.json
     python benchmarks/distill_memory.py --preset nf_resnet26_64 --modes remat --steps 5,40 \
         --micro-batches 4
+    python benchmarks/distill_memory.py --preset nf_resnet26_64 --modes unroll,remat --steps 5 \
+        --matmul-dtype bfloat16
 
 Each (mode, syn_steps) point runs in a fresh subprocess so peak RSS (the child's VmHWM) is
 that point's alone; `peak_mib` is the peak while running (the counter is reset after XLA
@@ -52,14 +54,15 @@ def _reset_peak() -> bool:
         return False
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """This machine's dense f32 matmul rate under XLA (best of `repeats`): the ceiling for a
-    student step, which is almost all matmuls (convs are im2col + matmul here)."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """This machine's dense matmul rate under XLA (best of `repeats`) for operands in `dtype`
+    with float32 sums: the ceiling for a student step, which is almost all matmuls (convs are
+    im2col + matmul here)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     mm(a, a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -69,7 +72,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def step_flops(student, inner, syn, theta) -> dict:
+def step_flops(student, inner, syn, theta, matmul_dtype: str = "float32") -> dict:
     """XLA's FLOP count (cost analysis) of one student step's first-order gradient and of its
     VJP, the second-order pass the meta-gradient adds. Their sum is the least work of one
     student step of the exact meta-gradient (`unroll`, no recomputation; `remat` recomputes
@@ -97,7 +100,7 @@ def step_flops(student, inner, syn, theta) -> dict:
     x, t = syn.images[:b], syn.texts[:b]
     g1 = gflop(grad, theta, x, t)
     g2 = gflop(second_order, theta, x, t, theta) - g1  # its VJP recomputes the gradient once
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(dtype=matmul_dtype)
     return {
         "gflop_per_step": round(g1 + g2, 1),
         "gflop_grad": round(g1, 1),
@@ -113,6 +116,7 @@ def worker(
     iters: int,
     micro_batches: int = 1,
     with_flops: bool = True,
+    matmul_dtype: str = "float32",
 ) -> dict:
     import jax
     from flax import nnx
@@ -127,12 +131,14 @@ def worker(
     encoder, size, pairs, txt_dim = PRESETS[preset]
     rngs = nnx.Rngs(0)
     if encoder == "convnet":
-        image_net = ConvNet(size, width=32, depth=2, norm="instancenorm", rngs=rngs)
+        image_net = ConvNet(
+            size, width=32, depth=2, norm="instancenorm", matmul_dtype=matmul_dtype, rngs=rngs
+        )
     else:
         # No per-block remat (models/nfresnet.py remat_blocks) here: recomputing blocks inside
         # a student step that is itself differentiated twice made one step's meta-backward
         # bigger (XLA temp 1986 vs 1610 MiB at batch 100), not smaller.
-        image_net = nf_resnet26(rngs=rngs)
+        image_net = nf_resnet26(matmul_dtype=matmul_dtype, rngs=rngs)
     head = ProjectionHead(txt_dim, image_net.out_dim, rngs=rngs)
     student, t_img, t_txt = make_student(image_net, head)
     del image_net, head
@@ -160,7 +166,7 @@ def worker(
             syn, opt_state, opt, student, start, target, idx, k_drop, grad_mode=mode, inner=inner
         )
 
-    flops = step_flops(student, inner, syn, start) if with_flops else {}
+    flops = step_flops(student, inner, syn, start, matmul_dtype) if with_flops else {}
     t0 = time.perf_counter()
     compiled = step.lower(syn, opt_state, start, target, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
@@ -192,6 +198,7 @@ def worker(
         "compile_s": round(compile_s, 2),
         "xla_temp_mib": round(temp_mib, 1),
         "first_iter_s": round(first_s, 2),
+        "matmul_dtype": matmul_dtype,
         "params_img": int(t_img.size),
         "params_txt": int(t_txt.size),
     }
@@ -200,7 +207,7 @@ def worker(
 def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset]
     cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
-    cmd += ["--micro-batches", str(args.micro_batches)]
+    cmd += ["--micro-batches", str(args.micro_batches), "--matmul-dtype", args.matmul_dtype]
     if args.no_flops:
         cmd.append("--no-flops")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -274,6 +281,12 @@ def main() -> None:
         help="image-tower slices per student step (distill.micro_batches; the same gradient)",
     )
     parser.add_argument(
+        "--matmul-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the image tower's matmul operands (model matmul_dtype; sums stay float32)",
+    )
+    parser.add_argument(
         "--no-flops",
         action="store_true",
         help="skip the FLOP count of one student step and the matmul-rate probe",
@@ -297,6 +310,7 @@ def main() -> None:
                     args.iters,
                     args.micro_batches,
                     with_flops=not args.no_flops,
+                    matmul_dtype=args.matmul_dtype,
                 )
             )
         )

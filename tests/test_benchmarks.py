@@ -37,3 +37,12 @@ def test_distill_memory_json_interface(tmp_path):
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("remat ")]
     rows = [r for r in rows if r[1].isdigit()]  # not the per-point progress lines
     assert [r[1] for r in rows] == ["2", "3"] and rows[0][3] == "1.00x"
+    assert {p["matmul_dtype"] for p in results["remat"].values()} == {"float32"}
+    # The bfloat16-matmul student (model matmul_dtype): its own matmul rate bounds its time.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py"), "--modes", "unroll"]
+    cmd += ["--steps", "2", "--iters", "1", "--matmul-dtype", "bfloat16", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    point = json.loads(out.read_text())["unroll"]["2"]
+    assert point["matmul_dtype"] == "bfloat16" and point["s_per_iter"] > 0
+    assert point["gflop_per_step"] > 2 * point["gflop_grad"] > 0

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tldr_jax.models import make_image_encoder
-from tldr_jax.models.conv import avg_pool, conv2d_same, max_pool_same
+from tldr_jax.models.conv import avg_pool, conv2d_same, matmul, max_pool_same
 from tldr_jax.models.convnet import ConvNet
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.models.nfresnet import NFResNet, nf_resnet26, standardize_kernel
@@ -234,6 +234,64 @@ def test_conv2d_same_equals_xla_conv_with_gradients(size, k, stride):
     theirs = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, w)
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """Operand dtypes of every dot_general in a jaxpr, nested jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            inner = getattr(inner, "jaxpr", inner)
+            if hasattr(inner, "eqns"):
+                out += _dot_operand_dtypes(inner)
+    return out
+
+
+def test_bf16_matmul_in_every_derivative_order():
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (3, 4, 6))
+    b = jax.random.normal(kb, (6, 5))
+    np.testing.assert_array_equal(matmul(a, b), a @ b)  # float32: the plain product
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        matmul(a, b, "float16")
+
+    def loss(a, b, dtype):
+        return jnp.sum(jnp.tanh(matmul(a, b, dtype)) ** 2)
+
+    def meta(a, b, dtype):  # the norm of a gradient, differentiated again: second order
+        return jnp.sum(jax.grad(loss, 1)(a, b, dtype) ** 2)
+
+    # Values and derivatives (up to the third order) stay within a few bfloat16 roundings
+    # (2^-8 relative each) of float32 ...
+    for f in (loss, meta):
+        for argnum in (None, 0, 1):
+            fn = f if argnum is None else jax.grad(f, argnum)
+            lo, hi = fn(a, b, "bfloat16"), fn(a, b, "float32")
+            err = np.linalg.norm(np.ravel(lo - hi)) / np.linalg.norm(np.ravel(hi))
+            assert 0 < err < 5e-2, (f.__name__, argnum, err)
+    # ... and every product of the second-order program runs on bfloat16 operands (JAX's own
+    # transpose of a mixed-precision dot would multiply the float32 cotangent in float32).
+    jaxpr = jax.make_jaxpr(jax.grad(meta, (0, 1)), static_argnums=2)(a, b, "bfloat16")
+    dtypes = _dot_operand_dtypes(jaxpr.jaxpr)
+    assert len(dtypes) >= 6 and set(dtypes) == {("bfloat16", "bfloat16")}, dtypes
+
+
+def test_bf16_encoders_close_to_float32():
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    for factory, kwargs in (
+        (NFResNet, dict(depths=(1, 1), widths=(16, 32), stem_width=8, head_dim=6)),
+        (ConvNet, dict(image_size=16, width=8, depth=2)),
+    ):
+        f32 = build(factory, **kwargs)
+        bf16 = build(factory, **kwargs, matmul_dtype="bfloat16")
+        nnx.update(bf16, nnx.state(f32))  # the same parameters
+        want, got = f32(x), bf16(x)
+        assert got.dtype == jnp.float32
+        err = np.linalg.norm(np.ravel(got - want)) / np.linalg.norm(np.ravel(want))
+        assert 0 < err < 2e-2, (factory.__name__, err)
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 8])

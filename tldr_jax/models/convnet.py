@@ -30,6 +30,7 @@ class ConvNet(nnx.Module):
         norm: str = "instancenorm",
         pooling: str = "flatten",
         in_channels: int = 3,
+        matmul_dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
         if norm not in NORMS:
@@ -43,6 +44,8 @@ class ConvNet(nnx.Module):
         self.depth: int = depth
         self.norm: str = norm
         self.pooling: str = pooling
+        # "bfloat16": the convs multiply bfloat16 operands with float32 sums (models/conv.py).
+        self.matmul_dtype: str = matmul_dtype
         self.convs = nnx.List(
             nnx.Conv(in_channels if i == 0 else width, width, (3, 3), padding="SAME", rngs=rngs)
             for i in range(depth)
@@ -60,7 +63,7 @@ class ConvNet(nnx.Module):
         for i, conv in enumerate(self.convs):
             # The conv's own parameters, applied as im2col + matmul (models/conv.py: the
             # students' second-order gradients run several times faster on XLA:CPU).
-            x = conv2d_same(x, conv.kernel[...]) + conv.bias[...]
+            x = conv2d_same(x, conv.kernel[...], 1, self.matmul_dtype) + conv.bias[...]
             if self.norm == "instancenorm":
                 x = self.norms[i](x)
             x = jax.nn.relu(x)
