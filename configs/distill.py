@@ -35,7 +35,7 @@ def model_config(small: bool) -> ml_collections.ConfigDict:
     # "bfloat16": every conv multiplies bfloat16 operands with float32 sums, in the experts,
     # the student's meta-gradient and the evaluation models (models/conv.py). Parameters stay
     # float32. Faster where the hardware has bfloat16 matmuls (TPU, GPU, CPUs with AMX: the
-    # nf_resnet26 student's step 1.8x faster here); the meta-gradient is then an approximation
+    # nf_resnet26 student 2.1x faster here); the meta-gradient is then an approximation
     # (cosine 0.985 to float32 on the test student). Also for `nfresnet`.
     m.image_kwargs.matmul_dtype = "float32"
     m.head_dropout = 0.1
