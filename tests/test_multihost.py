@@ -216,7 +216,8 @@ def test_shard_unreadable_on_one_process_is_skipped_and_counted_everywhere(tmp_p
             for pid, path in enumerate(paths)
         ]
         try:
-            outs = [p.communicate(timeout=90)[0] for p in procs]
+            # 300 s: two JAX processes starting on a loaded 2-core machine took over 90 s once.
+            outs = [p.communicate(timeout=300)[0] for p in procs]
         finally:
             for p in procs:
                 p.kill()  # only after a timeout (a hang): no-op on exited processes
