@@ -260,3 +260,42 @@ def test_trainer_soft_targets_follow_the_fed_rows(tmp_path):
     assert ident_loss == pytest.approx(hard_loss, rel=1e-6) and soft_loss != hard_loss
     for a, b in zip(ident, hard, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stages_read_a_karpathy_set_from_disk(tmp_path):
+    # The three stages on a Karpathy-format set on disk through data.* (the embedded world
+    # written out as PNGs + Karpathy JSON), with one unusable row: skipped and counted.
+    import json
+
+    from tldr_jax.data import world as world_lib
+
+    config = tiny_config(tmp_path / "cache")
+    w = world_lib.make_world(config.data.world)
+    paths = world_lib.write_world(w, tmp_path / "set")
+    rows = json.loads(Path(paths["train_karpathy"]).read_text())
+    rows.append({**rows[0], "image": "images/not_there.png", "image_id": "gone"})
+    train_json = tmp_path / "set" / "karpathy_train_with_a_bad_row.json"
+    train_json.write_text(json.dumps(rows))
+    config.data.update(
+        train=str(train_json), test=str(paths["test"]), image_root=str(tmp_path / "set")
+    )
+    config.buffer.update(num_experts=1, epochs=2)
+    config.distill.update(iterations=2, max_start_epoch=1, expert_epochs=1)
+    workdir = str(tmp_path / "w")
+
+    def nonzero(counts):
+        return {k: v for k, v in counts.items() if v}
+
+    buffer = run_stage("buffer", config, workdir)
+    assert buffer["train_source"] == str(train_json)
+    assert nonzero(buffer["skipped"]) == {"missing_image": 1} and buffer["rows_read"] == len(rows)
+    assert buffer["train_pairs"] == len(w.train) and buffer["test_images"] == len(w.test)
+    distill = run_stage("distill", config, workdir)
+    assert distill["iterations"] == 2 and nonzero(distill["data"]["skipped"]) == {
+        "missing_image": 1
+    }
+    result = run_stage("eval-distilled", config, workdir)
+    assert nonzero(result["skipped_train"]) == {"missing_image": 1}
+    assert not nonzero(result["skipped_test"])
+    for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
+        assert 0.0 <= result[method]["tr_r1"]["mean"] <= 100.0

@@ -37,6 +37,7 @@ from tldr_jax.data.images import denormalize
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill import matching
 from tldr_jax.select.kmeans import kmeans
+from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.utils import dist, io, preemption
 from tldr_jax.utils.memory import release_host_memory
@@ -308,7 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "num_pairs": m,
         "iterations": iterations,
         "resumed_from": start,
-        "skipped": skipped,
+        "skipped": skipped,  # non-finite outer iterations (NaN guard); data rows: "data"
+        "data": pretrain.data_summary(data.train, data.test),
         "grad_mode": d.grad_mode,
         "init": d.init,
         "syn_steps": syn_steps,

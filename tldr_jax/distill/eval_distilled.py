@@ -32,6 +32,7 @@ from tldr_jax.distill import coresets
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill.matching import sample_minibatches
 from tldr_jax.distill.student import Student
+from tldr_jax.train import pretrain
 from tldr_jax.utils import dist, io
 from tldr_jax.utils.mesh import make_mesh
 
@@ -252,6 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "forgetting_events": "expert 0, rank-1 in-batch retrieval per epoch (recorded by buffer)",
     }
     summary["time_s"] = time.time() - t0
+    summary.update(pretrain.data_summary(data.train, data.test))  # rows read, skipped per reason
     if dist.is_main():
         io.write_text(workdir_p / "eval-distilled.md", markdown_table(results, expert_recall))
         if len(results) > 1:

@@ -369,5 +369,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "trained_epochs_this_run": trained_epochs,
         "expert_final_recall": mean_std(finals),
         "time_s": time.time() - t0,
+        **pretrain.data_summary(data.train, data.test),  # rows read and skipped, per reason
     }
     return summary

@@ -242,7 +242,8 @@ def train_and_evaluate(
     return summary, model
 
 
-def _data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
+def data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
+    """Rows read and rows skipped per reason (both sets, and each), and the sources."""
     skipped: dict[str, int] = {}
     for s in (train.skipped, test.skipped):
         for k, v in s.items():
@@ -263,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train = load_set(config.data.train, config.data, "train")
     test = load_set(config.data.test, config.data, "test")
     result, _ = train_and_evaluate(config, workdir, train, test, make_text_encoder(config))
-    return {**result, **_data_summary(train, test)}
+    return {**result, **data_summary(train, test)}
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
