@@ -74,6 +74,10 @@ def distill_config(small: bool) -> ml_collections.ConfigDict:
     # > 1: each student step runs its image tower in this many slices (GradCache, the same
     # gradient): a step's second-order memory is one slice's. For big students (nf_resnet26).
     d.micro_batches = 1
+    # remat: one parameter vector per student step is kept while all syn_steps of them fit in
+    # this many MiB; above it, nested sqrt(N) chunks (less memory, one more inner gradient per
+    # step). NF-ResNet-26 + head: 71 MB per vector, so nesting from 15 steps on.
+    d.remat_budget_mib = 1024.0
     d.init = "real"  # real | noise | kmeans
     d.kmeans_features = "text"  # kmeans init clusters: text (embeddings) | image (expert features)
     d.step_size_init = 0.1

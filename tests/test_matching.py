@@ -67,7 +67,9 @@ def _setup(dtype=jnp.float32, seed=0, syn_steps=5, batch_syn=4):
     return student, syn, start, target, idx, k[5]
 
 
-_grad_fn = jax.jit(matching.meta_loss_and_grad, static_argnums=(1,), static_argnames="grad_mode")
+_grad_fn = jax.jit(
+    matching.meta_loss_and_grad, static_argnums=(1,), static_argnames=("grad_mode", "inner")
+)
 
 
 def _rel_err(a, b):
@@ -151,14 +153,25 @@ def _exact_meta(student, start, target, idx, rng):
     return value_and_grad, lambda s: value_and_grad(s)[0]
 
 
+def test_remat_nests_only_past_its_memory_budget():
+    # Short runs never nest; longer ones nest once their per-step vectors pass the budget.
+    assert matching._chunk_size(5) == 1 and matching._chunk_size(10) == 4
+    assert matching._chunk_size(10, vector_mib=71.0, budget_mib=1024.0) == 1  # 710 MiB fits
+    assert matching._chunk_size(15, vector_mib=71.0, budget_mib=1024.0) == 4  # 1065 does not
+    assert matching._chunk_size(40, vector_mib=71.0, budget_mib=1024.0) == 7
+    assert matching._chunk_size(40, vector_mib=0.5, budget_mib=1024.0) == 1  # a small student
+    assert matching._chunk_size(8, vector_mib=71.0, budget_mib=0.0) == 1
+
+
 @pytest.mark.parametrize("syn_steps", [5, matching.NEST_MIN_STEPS + 1])
 def test_remat_gradient_equals_unroll(syn_steps):
-    # 5: per-step checkpoints only; 10: two nested chunks of 4 plus a trailing scan of 2.
-    assert matching._chunk_size(5) == 1 and matching._chunk_size(10) == 4
+    # 5: per-step checkpoints only; 10 with no memory budget: two nested chunks of 4 plus a
+    # trailing scan of 2.
     student, syn, start, target, idx, rng = _setup(syn_steps=syn_steps)
     fn = _grad_fn
+    nested = matching.InnerLoop(remat_budget_mib=0.0)
     loss_u, g_u = fn(syn, student, start, target, idx, rng, grad_mode="unroll")
-    loss_r, g_r = fn(syn, student, start, target, idx, rng, grad_mode="remat")
+    loss_r, g_r = fn(syn, student, start, target, idx, rng, grad_mode="remat", inner=nested)
     np.testing.assert_allclose(loss_r, loss_u, rtol=1e-6)
     for name in ("images", "texts", "lr_img", "lr_txt"):
         a, b = getattr(g_r, name), getattr(g_u, name)

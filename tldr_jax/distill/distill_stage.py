@@ -180,6 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
         train_dropout=bool(d.quirk_dropout),
         micro_batches=int(d.get("micro_batches", 1)),
+        remat_budget_mib=float(d.get("remat_budget_mib", 1024.0)),
     )
     batch_syn = int(d.batch_syn) or m
 
