@@ -34,6 +34,14 @@ PRESETS = {
     "small": ("convnet", 16, 32, 64),
     # The reference comparison: NF-ResNet-26 (16.0M) + 768 -> 1000 text head (1.8M).
     "nf_resnet26_64": ("nf_resnet26", 64, 100, 768),
+    # A seconds-long stand-in for the reference check (--reference-python).
+    "nf_tiny": ("nf_resnet_tiny", 16, 8, 16),
+}
+
+# The same architecture in benchmarks/reference_torch.py (the PyTorch reference loop).
+TORCH_ARCH = {
+    "nf_resnet26": [],  # its defaults
+    "nf_resnet_tiny": ["--depths", "1,1", "--widths", "16,32", "--stem", "8", "--head-dim", "0"],
 }
 
 
@@ -109,15 +117,9 @@ def step_flops(student, inner, syn, theta, matmul_dtype: str = "float32") -> dic
     }
 
 
-def worker(
-    preset: str,
-    mode: str,
-    syn_steps: int,
-    iters: int,
-    micro_batches: int = 1,
-    with_flops: bool = True,
-    matmul_dtype: str = "float32",
-) -> dict:
+def build(preset: str, matmul_dtype: str = "float32"):
+    """(student, synthetic set, expert start, expert target) of a preset: the student's init
+    and the endpoints as its init plus noise (memory and time do not depend on their values)."""
     import jax
     from flax import nnx
 
@@ -125,8 +127,7 @@ def worker(
     from tldr_jax.distill.student import make_student
     from tldr_jax.models.convnet import ConvNet
     from tldr_jax.models.heads import ProjectionHead
-    from tldr_jax.models.nfresnet import nf_resnet26
-    from tldr_jax.utils.memory import release_host_memory
+    from tldr_jax.models.nfresnet import nf_resnet26, nf_resnet_tiny
 
     encoder, size, pairs, txt_dim = PRESETS[preset]
     rngs = nnx.Rngs(0)
@@ -134,6 +135,8 @@ def worker(
         image_net = ConvNet(
             size, width=32, depth=2, norm="instancenorm", matmul_dtype=matmul_dtype, rngs=rngs
         )
+    elif encoder == "nf_resnet_tiny":
+        image_net = nf_resnet_tiny(matmul_dtype=matmul_dtype, rngs=rngs)
     else:
         # No per-block remat (models/nfresnet.py remat_blocks) here: recomputing blocks inside
         # a student step that is itself differentiated twice made one step's meta-backward
@@ -147,12 +150,79 @@ def worker(
     syn = matching.SyntheticSet.create(
         jax.random.normal(k[0], (pairs, size, size, 3)), jax.random.normal(k[1], (pairs, txt_dim))
     )
-    start = (t_img, t_txt)
     target = (
         t_img + 1e-3 * jax.random.normal(k[2], t_img.shape),
         t_txt + 1e-3 * jax.random.normal(k[3], t_txt.shape),
     )
-    inner = matching.InnerLoop(micro_batches=micro_batches)
+    return student, syn, (t_img, t_txt), target
+
+
+def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
+    """Writes what benchmarks/reference_torch.py --check compares against: this preset's
+    float32 student weights, endpoints and synthetic set by parameter name, minibatch indices,
+    and our inner loss and gradient (first minibatch) and exact meta-loss and meta-gradient."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from tldr_jax.distill import matching
+
+    student, syn, start, target = build(preset)
+    pairs = syn.images.shape[0]
+    idx = matching.sample_minibatches(jax.random.key(7), pairs, syn_steps, pairs)
+    inner = matching.InnerLoop()
+    key = jax.random.key(0)
+    loss, grad = jax.jit(
+        jax.value_and_grad(
+            lambda th: matching._inner_loss(
+                student, inner, th, syn.images[idx[0]], syn.texts[idx[0]], key
+            )
+        )
+    )(start)
+    meta, g = jax.jit(
+        lambda syn, a, b: matching.meta_loss_and_grad(
+            syn, student, a, b, idx, key, inner, grad_mode="remat"
+        )
+    )(syn, start, target)
+    out = {
+        "images": syn.images,
+        "texts": syn.texts,
+        "idx": idx,
+        "lr_img": syn.lr_img,
+        "lr_txt": syn.lr_txt,
+        "inner_loss": loss,
+        "meta_loss": meta,
+        "meta_grad_images": g.images,
+        "meta_grad_texts": g.texts,
+        "meta_grad_lr_img": g.lr_img,
+        "meta_grad_lr_txt": g.lr_txt,
+    }
+    for name, (th_img, th_txt) in (("start", start), ("target", target), ("grad", grad)):
+        for suffix, state in zip(("img", "txt"), student.unflatten(th_img, th_txt), strict=True):
+            for keypath, leaf in nnx.to_flat_state(state):
+                out[f"{name}_{suffix}:" + "/".join(map(str, keypath))] = leaf[...]
+    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in out.items()})
+
+
+def worker(
+    preset: str,
+    mode: str,
+    syn_steps: int,
+    iters: int,
+    micro_batches: int = 1,
+    with_flops: bool = True,
+    matmul_dtype: str = "float32",
+    remat_budget_mib: float = 1024.0,
+) -> dict:
+    import jax
+
+    from tldr_jax.distill import matching
+    from tldr_jax.utils.memory import release_host_memory
+
+    student, syn, start, target = build(preset, matmul_dtype)
+    t_img, t_txt = start
+    pairs = syn.images.shape[0]
+    inner = matching.InnerLoop(micro_batches=micro_batches, remat_budget_mib=remat_budget_mib)
     opt = matching.make_outer_optimizer()
     opt_state = opt.init(syn)
 
@@ -199,17 +269,18 @@ def worker(
         "xla_temp_mib": round(temp_mib, 1),
         "first_iter_s": round(first_s, 2),
         "matmul_dtype": matmul_dtype,
+        # remat's steps per nested chunk (1: every step's parameters kept, no nesting)
+        "remat_chunk": matching._chunk_size(syn_steps, matching._tree_mib(start), remat_budget_mib)
+        if mode == "remat"
+        else None,
         "params_img": int(t_img.size),
         "params_txt": int(t_txt.size),
     }
 
 
-def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset]
-    cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
-    cmd += ["--micro-batches", str(args.micro_batches), "--matmul-dtype", args.matmul_dtype]
-    if args.no_flops:
-        cmd.append("--no-flops")
+def _watch(cmd: list[str], args: argparse.Namespace) -> dict:
+    """Runs one point's child process under the RSS / time watchdog; its last stdout line is
+    the point's JSON."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
     child = subprocess.Popen(
@@ -233,6 +304,63 @@ def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
     if child.returncode != 0:
         return {"error": f"exit {child.returncode}: {err.strip().splitlines()[-1:]}"}
     return json.loads(out.strip().splitlines()[-1])
+
+
+def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset]
+    cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
+    cmd += ["--micro-batches", str(args.micro_batches), "--matmul-dtype", args.matmul_dtype]
+    cmd += ["--remat-budget-mib", str(args.remat_budget_mib)]
+    if args.no_flops:
+        cmd.append("--no-flops")
+    return _watch(cmd, args)
+
+
+def _reference_cmd(args: argparse.Namespace) -> list[str]:
+    encoder, size, pairs, txt_dim = PRESETS[args.preset]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_torch.py")
+    cmd = [args.reference_python, script, *TORCH_ARCH[encoder]]
+    return cmd + ["--size", str(size), "--pairs", str(pairs), "--txt-dim", str(txt_dim)]
+
+
+def run_reference(args: argparse.Namespace, steps: list[int]) -> dict:
+    """The PyTorch reference loop on the same model and data, one process per point, after a
+    check that both sides compute the same function: our float32 weights, data, losses and
+    gradients go to the torch side, which reports relative differences."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "check.npz")
+        cmd = [sys.executable, os.path.abspath(__file__), "--export-check", path]
+        exported = _watch(cmd + ["--preset", args.preset], args)
+        check = (
+            exported
+            if "error" in exported
+            else _watch(_reference_cmd(args) + ["--check", path], args)
+        )
+    print(f"reference check (relative differences, ours vs PyTorch): {check}", flush=True)
+    points = {}
+    for n in steps:
+        cmd = _reference_cmd(args) + ["--syn-steps", str(n), "--iters", str(args.iters)]
+        points[str(n)] = _watch(cmd, args) | {"check": check}
+        print(f"reference syn_steps={n}: {points[str(n)]}", flush=True)
+    return points
+
+
+def print_ratios(results: dict, steps: list[int]) -> None:
+    """Ours / reference, seconds per outer iteration and peak RSS, at each syn_steps."""
+    ref = results.get("reference", {})
+    print(f"{'mode':8s} {'steps':>5s} {'s/iter ours/ref':>16s} {'peak ours/ref':>14s}")
+    for mode, points in results.items():
+        if mode == "reference":
+            continue
+        for n in steps:
+            ours, theirs = points.get(str(n), {}), ref.get(str(n), {})
+            t = [p.get("s_per_iter") for p in (ours, theirs)]
+            m = [p.get("peak_mib") for p in (ours, theirs)]
+            sec = f"{t[0] / t[1]:.2f}x" if all(t) else "-"
+            mem = f"{m[0] / m[1]:.2f}x" if all(m) else "-"
+            print(f"{mode:8s} {n:5d} {sec:>16s} {mem:>14s}")
 
 
 def print_table(results: dict, steps: list[int]) -> None:
@@ -287,12 +415,26 @@ def main() -> None:
         help="the image tower's matmul operands (model matmul_dtype; sums stay float32)",
     )
     parser.add_argument(
+        "--remat-budget-mib",
+        type=float,
+        default=1024.0,
+        help="remat nests its checkpoints once syn_steps parameter vectors pass this "
+        "(distill.remat_budget_mib; 0: always nest from 9 steps)",
+    )
+    parser.add_argument(
         "--no-flops",
         action="store_true",
         help="skip the FLOP count of one student step and the matmul-rate probe",
     )
+    parser.add_argument(
+        "--reference-python",
+        default="",
+        help="an interpreter with torch: also run the PyTorch reference loop "
+        "(benchmarks/reference_torch.py) on the same model, side by side (nf_* presets)",
+    )
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--export-check", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     modes = args.modes.split(",")
     steps = [int(s) for s in args.steps.split(",")]
@@ -300,6 +442,12 @@ def main() -> None:
         if mode not in ("unroll", "remat", "tesla"):
             parser.error(f"unknown mode {mode!r}")
 
+    if args.reference_python and PRESETS[args.preset][0] not in TORCH_ARCH:
+        parser.error(f"no PyTorch reference model for preset {args.preset!r}")
+    if args.export_check:
+        export_reference_check(args.preset, args.export_check)
+        print(json.dumps({"exported": args.export_check}))
+        return
     if args.worker:
         print(
             json.dumps(
@@ -311,6 +459,7 @@ def main() -> None:
                     args.micro_batches,
                     with_flops=not args.no_flops,
                     matmul_dtype=args.matmul_dtype,
+                    remat_budget_mib=args.remat_budget_mib,
                 )
             )
         )
@@ -326,7 +475,13 @@ def main() -> None:
             print(f"{mode} syn_steps={n}: {point}", flush=True)
             if args.json:  # after every point, so a long run keeps what it measured
                 write_json(args.json, results)
+    if args.reference_python:
+        results["reference"] = run_reference(args, steps)
+        if args.json:
+            write_json(args.json, results)
     print_table(results, steps)
+    if args.reference_python:
+        print_ratios(results, steps)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,48 @@ def test_distill_memory_json_interface(tmp_path):
     point = json.loads(out.read_text())["unroll"]["2"]
     assert point["matmul_dtype"] == "bfloat16" and point["s_per_iter"] > 0
     assert point["gflop_per_step"] > 2 * point["gflop_grad"] > 0
+
+
+def test_reference_check_export_matches_the_torch_layout(tmp_path):
+    """The PyTorch reference (benchmarks/reference_torch.py, run only where torch is installed)
+    loads our weights by name: every parameter it builds must be in our export, in its shape
+    once HWIO kernels are read as OIHW, and nothing of ours may be left over."""
+    import importlib.util
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import distill_memory
+    finally:
+        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location(
+        "reference_torch", ROOT / "benchmarks" / "reference_torch.py"
+    )
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+
+    path = tmp_path / "check.npz"
+    distill_memory.export_reference_check("nf_tiny", str(path), syn_steps=2)
+    npz = np.load(path)
+    img_specs, blocks = ref.image_specs((1, 1), (16, 32), 8, 0, 0.2)
+    txt_specs = ref.text_specs(16, 32)
+    assert len(blocks) == 2 and [b[3] for b in blocks] == [True, True]  # both reshape
+    for prefix in ("start", "target", "grad"):
+        for suffix, specs in (("img", img_specs), ("txt", txt_specs)):
+            names = {k.split(":", 1)[1] for k in npz.files if k.startswith(f"{prefix}_{suffix}:")}
+            assert names == {n for n, _ in specs}
+            for name, shape in specs:
+                a = npz[f"{prefix}_{suffix}:{name}"]
+                layout = (
+                    (a.shape[3], a.shape[2], a.shape[0], a.shape[1]) if a.ndim == 4 else a.shape
+                )
+                assert layout == shape, name
+    # The two flat layouts hold the same number of parameters (our student's counts).
+    assert sum(int(np.prod(s)) for _, s in img_specs) == sum(
+        npz[k].size for k in npz.files if k.startswith("start_img:")
+    )
+    assert npz["idx"].shape == (2, 8) and npz["meta_grad_images"].shape == npz["images"].shape
+    # (The endpoints are the init plus 1e-3 noise, so the student overshoots: loss >> 1.)
+    assert np.isfinite(npz["meta_loss"]) and float(npz["meta_loss"]) > 0
+    assert np.linalg.norm(npz["meta_grad_images"]) > 0
