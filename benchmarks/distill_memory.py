@@ -270,9 +270,7 @@ def worker(
         "first_iter_s": round(first_s, 2),
         "matmul_dtype": matmul_dtype,
         # remat's steps per nested chunk (1: every step's parameters kept, no nesting)
-        "remat_chunk": matching._chunk_size(syn_steps, matching._tree_mib(start), remat_budget_mib)
-        if mode == "remat"
-        else None,
+        "remat_chunk": matching.remat_chunk(syn_steps, start, inner) if mode == "remat" else None,
         "params_img": int(t_img.size),
         "params_txt": int(t_txt.size),
     }

@@ -33,6 +33,7 @@ def test_distill_memory_json_interface(tmp_path):
             point["gflop_per_step"] / point["matmul_peak_gflops"], rel=0.01, abs=1e-3
         )
         assert point["effective_gflops"] > 0
+        assert point["remat_chunk"] == 1  # the small preset's parameters fit the budget
     # The printed table has one row per point with the ratio to the first syn_steps.
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("remat ")]
     rows = [r for r in rows if r[1].isdigit()]  # not the per-point progress lines

@@ -161,6 +161,10 @@ def test_remat_nests_only_past_its_memory_budget():
     assert matching._chunk_size(40, vector_mib=71.0, budget_mib=1024.0) == 7
     assert matching._chunk_size(40, vector_mib=0.5, budget_mib=1024.0) == 1  # a small student
     assert matching._chunk_size(8, vector_mib=71.0, budget_mib=0.0) == 1
+    # From parameter shapes (NF-ResNet-26 + head: 71 MiB in float32), with the default budget.
+    nf26 = [jax.ShapeDtypeStruct((71 * 2**18,), jnp.float32)]
+    assert [matching.remat_chunk(n, nf26) for n in (5, 10, 14, 15, 40)] == [1, 1, 1, 4, 7]
+    assert matching.remat_chunk(40, nf26, matching.InnerLoop(remat_budget_mib=4096.0)) == 1
 
 
 @pytest.mark.parametrize("syn_steps", [5, matching.NEST_MIN_STEPS + 1])

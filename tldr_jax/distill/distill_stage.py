@@ -315,6 +315,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "grad_mode": d.grad_mode,
         "init": d.init,
         "syn_steps": syn_steps,
+        # remat: student steps per nested checkpoint chunk (1 = every step's parameters kept)
+        "remat_chunk": (
+            matching.remat_chunk(
+                syn_steps,
+                [jax.ShapeDtypeStruct((n,), jnp.float32) for n in student.num_params],
+                inner,
+            )
+            if d.grad_mode == "remat"
+            else None
+        ),
         "expert_epochs": expert_epochs,
         "max_start_epoch": max_start,
         "num_experts_used": len(trajs),

@@ -287,8 +287,11 @@ def _chunk_size(n: int, vector_mib: float = math.inf, budget_mib: float = 0.0) -
     return math.isqrt(n - 1) + 1
 
 
-def _tree_mib(tree) -> float:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)) / 2**20
+def remat_chunk(n: int, theta: Params, inner: InnerLoop = InnerLoop()) -> int:
+    """Student steps per nested chunk that `remat` uses for `n` steps from parameters shaped
+    like `theta` (arrays or `jax.ShapeDtypeStruct`s); 1 = not nested."""
+    mib = sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(theta)) / 2**20
+    return _chunk_size(n, mib, inner.remat_budget_mib)
 
 
 def student_unroll(
@@ -323,7 +326,7 @@ def student_unroll(
         return student.flatten(*jax.lax.scan(step, theta, xs, unroll=unroll)[0])
 
     step = jax.checkpoint(step)
-    k = _chunk_size(n, _tree_mib(theta0), inner.remat_budget_mib)
+    k = remat_chunk(n, theta0, inner)
     if k == 1:
         return student.flatten(*jax.lax.scan(step, theta, xs, unroll=unroll)[0])
     n_chunks, rem = divmod(n, k)
