@@ -180,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
         train_dropout=bool(d.quirk_dropout),
         micro_batches=int(d.get("micro_batches", 1)),
-        remat_budget_mib=float(d.get("remat_budget_mib", 1024.0)),
+        remat_budget_mib=float(d.get("remat_budget_mib", matching.InnerLoop.remat_budget_mib)),
     )
     batch_syn = int(d.batch_syn) or m
 
@@ -317,11 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "syn_steps": syn_steps,
         # remat: student steps per nested checkpoint chunk (1 = every step's parameters kept)
         "remat_chunk": (
-            matching.remat_chunk(
-                syn_steps,
-                [jax.ShapeDtypeStruct((n,), jnp.float32) for n in student.num_params],
-                inner,
-            )
+            matching.remat_chunk(syn_steps, (traj_img[0, 0], traj_txt[0, 0]), inner)
             if d.grad_mode == "remat"
             else None
         ),
