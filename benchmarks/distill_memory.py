@@ -160,7 +160,9 @@ def build(preset: str, matmul_dtype: str = "float32"):
 def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
     """Writes what benchmarks/reference_torch.py --check compares against: this preset's
     float32 student weights, endpoints and synthetic set by parameter name, minibatch indices,
-    and our inner loss and gradient (first minibatch) and exact meta-loss and meta-gradient."""
+    and our inner loss and gradient (first minibatch) and exact meta-loss and meta-gradient;
+    the meta-gradient also in float64 (the same inputs), the truth both float32 sides are
+    measured against: two float32 programs can round differently by more than they differ."""
     import jax
     import numpy as np
     from flax import nnx
@@ -197,11 +199,29 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
         "meta_grad_lr_img": g.lr_img,
         "meta_grad_lr_txt": g.lr_txt,
     }
+    f64 = lambda tree: jax.tree.map(
+        lambda a: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a, tree
+    )
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        _, g64 = jax.jit(
+            lambda syn, a, b: matching.meta_loss_and_grad(
+                syn, student, a, b, idx, key, inner, grad_mode="unroll"
+            )
+        )(f64(syn), f64(start), f64(target))
+        g64 = jax.tree.map(np.asarray, g64)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    for name in ("images", "texts", "lr_img", "lr_txt"):
+        out[f"f64_meta_grad_{name}"] = getattr(g64, name)
     for name, (th_img, th_txt) in (("start", start), ("target", target), ("grad", grad)):
         for suffix, state in zip(("img", "txt"), student.unflatten(th_img, th_txt), strict=True):
             for keypath, leaf in nnx.to_flat_state(state):
                 out[f"{name}_{suffix}:" + "/".join(map(str, keypath))] = leaf[...]
-    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in out.items()})
+    np.savez(
+        path, **{k: np.asarray(v, np.float64 if "f64" in k else np.float32) for k, v in out.items()}
+    )
 
 
 def worker(

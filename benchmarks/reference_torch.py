@@ -287,6 +287,25 @@ def run_check(args: argparse.Namespace) -> dict:
     g_img, g_txt = torch.autograd.grad(loss, th)
     meta = ref.meta_loss(images, texts, lr_img, lr_txt, start, target, idx)
     meta.backward()
+    theirs = {
+        "images": images.grad.permute(0, 2, 3, 1),
+        "texts": texts.grad,
+        "lr_img": lr_img.grad,
+        "lr_txt": lr_txt.grad,
+    }
+    # Both float32 meta-gradients against the float64 one (same inputs, computed by JAX).
+    truth = {
+        n: torch.from_numpy(npz[f"f64_meta_grad_{n}"])
+        for n in theirs
+        if f"f64_meta_grad_{n}" in npz
+    }
+    vs_float64 = {
+        side: {n: _rel(grads[n].double(), t) for n, t in truth.items()}
+        for side, grads in (
+            ("reference", theirs),
+            ("ours", {n: torch.from_numpy(np.asarray(npz[f"meta_grad_{n}"])) for n in theirs}),
+        )
+    }
     return {
         "inner_loss": _rel(loss.detach(), torch.tensor(float(npz["inner_loss"]))),
         "inner_grad_img": _rel(g_img, _flat_from(npz, "grad_img", ref.img_specs)),
@@ -298,7 +317,7 @@ def run_check(args: argparse.Namespace) -> dict:
         "meta_grad_texts": _rel(texts.grad, torch.from_numpy(npz["meta_grad_texts"])),
         "meta_grad_lr_img": _rel(lr_img.grad, torch.tensor(float(npz["meta_grad_lr_img"]))),
         "meta_grad_lr_txt": _rel(lr_txt.grad, torch.tensor(float(npz["meta_grad_lr_txt"]))),
-    }
+    } | ({"vs_float64": vs_float64} if truth else {})
 
 
 def main() -> None:

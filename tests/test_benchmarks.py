@@ -55,6 +55,7 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
     once HWIO kernels are read as OIHW, and nothing of ours may be left over."""
     import importlib.util
 
+    import jax
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -71,6 +72,11 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
     path = tmp_path / "check.npz"
     distill_memory.export_reference_check("nf_tiny", str(path), syn_steps=2)
     npz = np.load(path)
+    assert not jax.config.jax_enable_x64  # the float64 truth did not leak into this process
+    for name in ("images", "texts", "lr_img", "lr_txt"):
+        truth, ours = npz[f"f64_meta_grad_{name}"], npz[f"meta_grad_{name}"]
+        assert truth.dtype == np.float64 and truth.shape == ours.shape
+        assert np.linalg.norm(ours - truth) <= 1e-4 * np.linalg.norm(truth), name
     img_specs, blocks = ref.image_specs((1, 1), (16, 32), 8, 0, 0.2)
     txt_specs = ref.text_specs(16, 32)
     assert len(blocks) == 2 and [b[3] for b in blocks] == [True, True]  # both reshape

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tldr_jax.models import make_image_encoder
-from tldr_jax.models.conv import avg_pool, conv2d_same, matmul, max_pool_same
+from tldr_jax.models.conv import avg_pool_cf, conv2d_same, from_cf, matmul, max_pool_cf, to_cf
 from tldr_jax.models.convnet import ConvNet
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.models.nfresnet import NFResNet, nf_resnet26, standardize_kernel
@@ -206,11 +206,11 @@ def test_standardize_kernel_matches_numpy():
 
 def _block_variances(model: NFResNet, x: jax.Array) -> jax.Array:
     """Mean channel variance of the output of every residual block."""
-    h = nnx.max_pool(model.stem(x), (3, 3), strides=(2, 2), padding="SAME")
+    h = max_pool_cf(model.stem(to_cf(x)), 3, 2)  # channel-first (C, B, H, W) inside
     variances = []
     for block in model.blocks:
         h = block(h)
-        variances.append(jnp.var(h, axis=(0, 1, 2)).mean())
+        variances.append(jnp.var(h, axis=(1, 2, 3)).mean())
     return jnp.stack(variances)
 
 
@@ -295,18 +295,18 @@ def test_bf16_encoders_close_to_float32():
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 8])
-def test_max_pool_same_equals_nnx_max_pool(size):
+def test_max_pool_cf_equals_nnx_max_pool(size):
     x = jax.random.normal(jax.random.key(size), (2, size, size + 1, 3))
     ref = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-    np.testing.assert_array_equal(max_pool_same(x, 3, 2), ref)
+    np.testing.assert_array_equal(from_cf(max_pool_cf(to_cf(x), 3, 2)), ref)
 
 
-def test_avg_pool_equals_nnx_avg_pool():
+def test_avg_pool_cf_equals_nnx_avg_pool():
     x = jax.random.normal(jax.random.key(0), (2, 8, 4, 3))
     ref = nnx.avg_pool(x, (2, 2), strides=(2, 2))
-    np.testing.assert_allclose(avg_pool(x, 2), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(from_cf(avg_pool_cf(to_cf(x), 2)), ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="divisible"):
-        avg_pool(x[:, :7], 2)
+        avg_pool_cf(to_cf(x[:, :7]), 2)
 
 
 def test_nfresnet_signal_propagation():
@@ -330,12 +330,54 @@ def test_nfresnet_signal_propagation():
 
     for block in model.blocks:
         block.skip_gain[...] = 0.0
-    h = images(2, 8, seed=1)[..., :1].repeat(16, -1)
+    h = to_cf(images(2, 8, seed=1)[..., :1].repeat(16, -1))
     np.testing.assert_allclose(fast_jit(lambda h: model.blocks[1](h), h)(h), h, rtol=1e-6)
     variances = np.asarray(fast_jit(lambda x: _block_variances(model, x), x)(x))
     np.testing.assert_allclose(variances[1::2], variances[::2], rtol=1e-5)  # identity blocks
     ratios = variances[[2, 4]] / variances[[0, 2]]
     np.testing.assert_allclose(ratios, 1 / betas[[2, 4]] ** 2, rtol=0.1)
+
+
+def _nfresnet_nhwc_reference(model: NFResNet, x: jax.Array) -> jax.Array:
+    """The NF-ResNet forward written plainly: channel-last maps, XLA's own convolution and
+    max pool, the HWIO standardised kernels."""
+
+    def conv(m, h):
+        w = standardize_kernel(m.kernel[...], m.gain[...])
+        s = (m.stride, m.stride)
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(h, w, s, "SAME", dimension_numbers=dims) + m.bias[...]
+
+    act = lambda h: jax.nn.relu(h) * np.sqrt(2 / (1 - 1 / np.pi))
+    h = nnx.max_pool(conv(model.stem, x), (3, 3), strides=(2, 2), padding="SAME")
+    for blk in model.blocks:
+        out = act(h / blk.beta)
+        shortcut = conv(blk.shortcut, out) if blk.shortcut is not None else h
+        out = conv(blk.conv3, act(conv(blk.conv2, act(conv(blk.conv1, out)))))
+        h = shortcut + out * (blk.alpha * blk.skip_gain[...])
+    h = jnp.mean(act(h), axis=(1, 2))
+    return h @ model.head.kernel[...] + model.head.bias[...]
+
+
+def test_nfresnet_channel_first_equals_channel_last_reference():
+    # Channel-first im2col inside; the same function (values, gradients w.r.t. parameters
+    # and images) as the plain channel-last network on XLA's convolutions.
+    model = build(NFResNet, depths=(1, 1), widths=(16, 32), stem_width=8, head_dim=6, skip_init=0.5)
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = jax.random.normal(jax.random.key(3), (3, 13, 16, 3))
+
+    def loss(fn, p, x):
+        return jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p), x)))
+
+    ours = lambda m, x: m(x)
+    np.testing.assert_allclose(
+        ours(model, x), _nfresnet_nhwc_reference(model, x), rtol=1e-5, atol=1e-5
+    )
+    assert model.features(x).shape == (3, 2, 2, 32)
+    g_ours = jax.grad(lambda p, x: loss(ours, p, x), (0, 1))(params, x)
+    g_ref = jax.grad(lambda p, x: loss(_nfresnet_nhwc_reference, p, x), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- ProjectionHead

@@ -11,6 +11,13 @@ function written as im2col + one matmul lowers to dots, slices and pads only: me
 (and it has no loop penalty), while first-order forward+backward stays within 0.7-2x.
 The cost is memory: the k*k-times larger patch matrix of each conv input is materialised.
 
+Maps are channel-first, (C, B, H, W), inside the networks (`conv2d_cf`, `max_pool_cf`,
+`avg_pool_cf`); images enter and features leave channel-last. With channel-last maps the
+weight gradient of every conv (a sum over B*H*W) was a product of two operands transposed
+along their long axis, and XLA:CPU materialised a transposed copy of the cotangent for each:
+a third of a student step's second-order pass. Channel-first, every product of every
+derivative order is a small weight-shaped matrix times a long contiguous one.
+
 `matmul_dtype="bfloat16"` runs every matmul (forward, backward and second-order) on bfloat16
 operands with float32 accumulation, the precision TPUs use for float32 matmuls by default.
 CPUs with AMX or AVX512-BF16 run these several times faster than float32 matmuls (measured
@@ -78,35 +85,74 @@ def _same_padding(size: int, k: int, stride: int) -> tuple[int, tuple[int, int]]
 
 
 def _windows(x: jax.Array, k: int, stride: int, fill: float = 0.0) -> list[jax.Array]:
-    """The k*k strided "SAME" shifts of an NHWC map, each (B, H_out, W_out, C)."""
-    ho, ph = _same_padding(x.shape[1], k, stride)
-    wo, pw = _same_padding(x.shape[2], k, stride)
-    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=fill)
+    """The k*k strided "SAME" shifts of a channel-first (C, B, H, W) map, each
+    (C, B, H_out, W_out), in (row, column) order."""
+    ho, ph = _same_padding(x.shape[2], k, stride)
+    wo, pw = _same_padding(x.shape[3], k, stride)
+    xp = jnp.pad(x, ((0, 0), (0, 0), ph, pw), constant_values=fill)
     hi, wi = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-    return [xp[:, i : i + hi : stride, j : j + wi : stride, :] for i in range(k) for j in range(k)]
+    return [xp[:, :, i : i + hi : stride, j : j + wi : stride] for i in range(k) for j in range(k)]
+
+
+def kernel_matrix(w: jax.Array) -> jax.Array:
+    """HWIO kernel (k, k, C_in, C_out) -> the (C_out, k*k*C_in) matrix `conv2d_cf` takes."""
+    return w.reshape(-1, w.shape[-1]).T
+
+
+def conv2d_cf(
+    x: jax.Array, wmat: jax.Array, k: int, stride: int = 1, matmul_dtype: str = "float32"
+) -> jax.Array:
+    """Channel-first "SAME" convolution: x (C_in, B, H, W), wmat (C_out, k*k*C_in) (see
+    `kernel_matrix`; columns in (row, column, channel) order) -> (C_out, B, H_out, W_out).
+
+    One matmul `wmat @ cols`, cols = the (k*k*C_in, B*H_out*W_out) im2col matrix (for k = 1
+    the strided input itself). With the batch and spatial axes minor, every product of every
+    derivative order is a small-by-big matmul whose long axis is contiguous, a form XLA:CPU
+    hands to its matmul library as is. Channel-last (B*H*W, C) operands made each weight
+    gradient (a sum over B*H*W) a matmul of two transposed long operands, which XLA:CPU ran
+    after materialising a transpose of the cotangent: the transposes took a third of a
+    student step's second-order pass (NF-ResNet-26, 64 px, batch 100: 7.2 s channel-last,
+    3.8 s channel-first, the same matmul FLOPs). matmul_dtype: see `matmul`."""
+    if wmat.shape[1] != k * k * x.shape[0]:
+        raise ValueError(f"kernel matrix {wmat.shape} does not fit {k}x{k} x {x.shape[0]} channels")
+    if k == 1:
+        cols = x[:, :, ::stride, ::stride]
+    else:
+        # The patch matrix stays float32 (rounded inside `matmul`): built in bfloat16, its
+        # transpose (the input gradient: k*k shifted slices padded and summed) was summed in
+        # bfloat16 too, a rounding per add, and ran slower (XLA:CPU emulates bfloat16 adds).
+        cols = jnp.concatenate(_windows(x, k, stride), axis=0)
+    c, b, h, w = cols.shape
+    out = matmul(wmat, cols.reshape(c, -1), matmul_dtype)
+    return out.reshape(-1, b, h, w)
 
 
 def conv2d_same(
     x: jax.Array, w: jax.Array, stride: int = 1, matmul_dtype: str = "float32"
 ) -> jax.Array:
-    """NHWC x HWIO "SAME" convolution (square kernel) as im2col + matmul; a 1x1 kernel is a
-    plain matmul over channels. Equal to `lax.conv_general_dilated(x, w, (s, s), "SAME")`.
-    matmul_dtype: see `matmul`."""
+    """NHWC x HWIO "SAME" convolution (square kernel): `conv2d_cf` between two transposes.
+    Equal to `lax.conv_general_dilated(x, w, (s, s), "SAME")`. matmul_dtype: see `matmul`."""
     k = w.shape[0]
     if w.shape[1] != k:
         raise ValueError(f"square kernels only, got {w.shape[:2]}")
-    if k == 1:
-        return matmul(x[:, ::stride, ::stride, :], w[0, 0], matmul_dtype)
-    # The patch matrix stays float32 (rounded inside `matmul`): built in bfloat16, its
-    # transpose (the input gradient: k*k shifted slices padded and summed) was summed in
-    # bfloat16 too, a rounding per add, and ran slower (XLA:CPU emulates bfloat16 adds).
-    cols = jnp.concatenate(_windows(x, k, stride), axis=-1)
-    return matmul(cols, w.reshape(-1, w.shape[-1]), matmul_dtype)
+    y = conv2d_cf(to_cf(x), kernel_matrix(w), k, stride, matmul_dtype)
+    return from_cf(y)
 
 
-def max_pool_same(x: jax.Array, k: int = 3, stride: int = 2) -> jax.Array:
-    """k x k "SAME" max pool as a max over k*k shifted views: the values of `nnx.max_pool`,
-    with an elementwise gradient (~3.7x faster on XLA:CPU than select-and-scatter)."""
+def to_cf(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> channel-first (C, B, H, W)."""
+    return jnp.transpose(x, (3, 0, 1, 2))
+
+
+def from_cf(x: jax.Array) -> jax.Array:
+    """Channel-first (C, B, H, W) -> (B, H, W, C)."""
+    return jnp.transpose(x, (1, 2, 3, 0))
+
+
+def max_pool_cf(x: jax.Array, k: int = 3, stride: int = 2) -> jax.Array:
+    """k x k "SAME" max pool of a (C, B, H, W) map as a max over k*k shifted views: the values
+    of `nnx.max_pool`, with an elementwise gradient (~3.7x faster on XLA:CPU than
+    select-and-scatter)."""
     views = _windows(x, k, stride, fill=-jnp.inf)
     out = views[0]
     for v in views[1:]:
@@ -114,9 +160,9 @@ def max_pool_same(x: jax.Array, k: int = 3, stride: int = 2) -> jax.Array:
     return out
 
 
-def avg_pool(x: jax.Array, k: int) -> jax.Array:
-    """Non-overlapping k x k average pool ("VALID", stride k) as a reshape and mean."""
-    b, h, w, c = x.shape
+def avg_pool_cf(x: jax.Array, k: int) -> jax.Array:
+    """Non-overlapping k x k average pool ("VALID", stride k) of a (C, B, H, W) map."""
+    c, b, h, w = x.shape
     if h % k or w % k:
         raise ValueError(f"map {h}x{w} is not divisible by the pool size {k}")
-    return x.reshape(b, h // k, k, w // k, k, c).mean(axis=(2, 4))
+    return x.reshape(c, b, h // k, k, w // k, k).mean(axis=(3, 5))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tldr_jax.models.conv import avg_pool, conv2d_same
+from tldr_jax.models.conv import avg_pool_cf, conv2d_cf, from_cf, kernel_matrix, to_cf
 
 NORMS = ("instancenorm", "none")
 POOLINGS = ("flatten", "gap")
@@ -60,14 +60,26 @@ class ConvNet(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # No dropout or batch statistics: train and eval are the same function.
+        # Channel-first (C, B, H, W) inside (models/conv.py `conv2d_cf`: the students'
+        # second-order gradients run several times faster on XLA:CPU as im2col + matmul, and
+        # channel-first keeps every weight gradient's long axis contiguous).
+        x = to_cf(x)
         for i, conv in enumerate(self.convs):
-            # The conv's own parameters, applied as im2col + matmul (models/conv.py: the
-            # students' second-order gradients run several times faster on XLA:CPU).
-            x = conv2d_same(x, conv.kernel[...], 1, self.matmul_dtype) + conv.bias[...]
+            wmat = kernel_matrix(conv.kernel[...])
+            x = conv2d_cf(x, wmat, 3, 1, self.matmul_dtype) + conv.bias[...][:, None, None, None]
             if self.norm == "instancenorm":
-                x = self.norms[i](x)
+                x = _instance_norm(x, self.norms[i])
             x = jax.nn.relu(x)
-            x = avg_pool(x, 2)
+            x = avg_pool_cf(x, 2)
         if self.pooling == "gap":
-            return jnp.mean(x, axis=(1, 2))
-        return x.reshape(x.shape[0], -1)
+            return jnp.mean(x, axis=(2, 3)).T
+        return from_cf(x).reshape(x.shape[1], -1)  # (B, H*W*C): the channel-last order
+
+
+def _instance_norm(x: jax.Array, gn: nnx.GroupNorm) -> jax.Array:
+    """`gn` (one group per channel) on a (C, B, H, W) map: each sample's channel normalised
+    over its H x W positions, then gn's per-channel scale and bias."""
+    mean = jnp.mean(x, axis=(2, 3), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(2, 3), keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + gn.epsilon)
+    return y * gn.scale[...][:, None, None, None] + gn.bias[...][:, None, None, None]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tldr_jax.models.conv import conv2d_same, matmul, max_pool_same
+from tldr_jax.models.conv import conv2d_cf, from_cf, matmul, max_pool_cf, to_cf
 
 # E[relu(z)^2] - E[relu(z)]^2 = (1 - 1/pi) / 2 for z ~ N(0, 1): this gain makes it 1.
 RELU_GAMMA = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
@@ -45,22 +45,31 @@ def scaled_relu(x: jax.Array) -> jax.Array:
     return jax.nn.relu(x) * RELU_GAMMA
 
 
+def standardize_kernel_matrix(kernel: jax.Array, gain: jax.Array, eps: float = 1e-4) -> jax.Array:
+    """Scaled WS of an HWIO kernel as the (C_out, fan_in) matrix `conv2d_cf` takes: every row
+    (output channel) with zero mean and 1/fan_in variance, times its gain."""
+    fan_in = int(np.prod(kernel.shape[:-1]))
+    # Transposed while still a raw parameter: the transpose fuses into the elementwise ops
+    # below, so the matmuls of every derivative order see a row-major (C_out, fan_in) matrix.
+    rows = kernel.reshape(fan_in, -1).T
+    # Per-channel sums as (C, fan_in) @ (fan_in, 1) products, not reductions: XLA:CPU's column
+    # reductions took ~48 ms for one 1024 x 2048 kernel (its first and second derivatives, in
+    # every student step, were 0.7 of 3.4 s); a dot takes well under 1.
+    ones = jnp.full((fan_in, 1), 1.0 / fan_in, kernel.dtype)
+    mean = rows @ ones
+    var = jnp.square(rows - mean) @ ones
+    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain[:, None]
+    return (rows - mean) * scale
+
+
 def standardize_kernel(kernel: jax.Array, gain: jax.Array, eps: float = 1e-4) -> jax.Array:
     """Scaled WS on an HWIO kernel: zero mean, 1/fan_in variance per output channel, * gain."""
-    fan_in = int(np.prod(kernel.shape[:-1]))
-    # Per-channel sums as (1, fan_in) @ (fan_in, C) products, not reductions over the leading
-    # axes: XLA:CPU's column reductions took ~48 ms for one 1024 x 2048 kernel (its first and
-    # second derivatives, in every student step, were 0.7 of 3.4 s); a dot takes well under 1.
-    flat = kernel.reshape(fan_in, -1)
-    ones = jnp.full((1, fan_in), 1.0 / fan_in, kernel.dtype)
-    mean = ones @ flat
-    var = ones @ jnp.square(flat - mean)
-    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
-    return ((flat - mean) * scale).reshape(kernel.shape)
+    return standardize_kernel_matrix(kernel, gain, eps).T.reshape(kernel.shape)
 
 
 class WSConv(nnx.Module):
-    """Conv2D (NHWC) with scaled weight standardisation and a learnable per-channel gain."""
+    """Conv2D with scaled weight standardisation and a learnable per-channel gain, on
+    channel-first (C, B, H, W) maps (models/conv.py `conv2d_cf`); the kernel is HWIO."""
 
     def __init__(
         self,
@@ -81,8 +90,10 @@ class WSConv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = standardize_kernel(self.kernel[...], self.gain[...])
-        return conv2d_same(x, w, self.stride, self.matmul_dtype) + self.bias[...]
+        wmat = standardize_kernel_matrix(self.kernel[...], self.gain[...])
+        k = self.kernel.shape[0]
+        y = conv2d_cf(x, wmat, k, self.stride, self.matmul_dtype)
+        return y + self.bias[...][:, None, None, None]
 
 
 class NFBottleneck(nnx.Module):
@@ -188,17 +199,22 @@ class NFResNet(nnx.Module):
         self.head = nnx.Linear(self.widths[-1], head_dim, rngs=rngs) if head_dim else None
         self.out_dim: int = head_dim or self.widths[-1]
 
-    def features(self, x: jax.Array) -> jax.Array:
-        """Spatial features before the final activation: (B, H/32, W/32, widths[-1])."""
-        x = self.stem(x)
-        x = max_pool_same(x, 3, 2)
+    def features_cf(self, x: jax.Array) -> jax.Array:
+        """Spatial features before the final activation, channel-first: (B, H, W, 3) images ->
+        (widths[-1], B, H/32, W/32). Every map inside is channel-first (see WSConv)."""
+        x = self.stem(to_cf(x))
+        x = max_pool_cf(x, 3, 2)
         for block in self.blocks:
             x = nnx.remat(_call)(block, x) if self.remat_blocks else block(x)
         return x
 
+    def features(self, x: jax.Array) -> jax.Array:
+        """Spatial features before the final activation: (B, H/32, W/32, widths[-1])."""
+        return from_cf(self.features_cf(x))
+
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # No dropout or batch statistics: train and eval are the same function.
-        x = jnp.mean(scaled_relu(self.features(x)), axis=(1, 2))
+        x = jnp.mean(scaled_relu(self.features_cf(x)), axis=(2, 3)).T
         if self.head is None:
             return x
         return matmul(x, self.head.kernel[...], self.matmul_dtype) + self.head.bias[...]
