@@ -181,11 +181,13 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
             )
         )
     )(start)
-    meta, g = jax.jit(
-        lambda syn, a, b: matching.meta_loss_and_grad(
-            syn, student, a, b, idx, key, inner, grad_mode="remat"
-        )
-    )(syn, start, target)
+    meta_and_grad = jax.jit(
+        lambda syn, a, b, mode: matching.meta_loss_and_grad(
+            syn, student, a, b, idx, key, inner, grad_mode=mode
+        ),
+        static_argnums=3,
+    )
+    meta, g = meta_and_grad(syn, start, target, "remat")
     out = {
         "images": syn.images,
         "texts": syn.texts,
@@ -205,11 +207,7 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
     x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
-        _, g64 = jax.jit(
-            lambda syn, a, b: matching.meta_loss_and_grad(
-                syn, student, a, b, idx, key, inner, grad_mode="unroll"
-            )
-        )(f64(syn), f64(start), f64(target))
+        _, g64 = meta_and_grad(f64(syn), f64(start), f64(target), "unroll")
         g64 = jax.tree.map(np.asarray, g64)
     finally:
         jax.config.update("jax_enable_x64", x64)

@@ -14,7 +14,7 @@ from tldr_jax.models import make_image_encoder
 from tldr_jax.models.conv import avg_pool_cf, conv2d_same, from_cf, matmul, max_pool_cf, to_cf
 from tldr_jax.models.convnet import ConvNet
 from tldr_jax.models.heads import ProjectionHead
-from tldr_jax.models.nfresnet import NFResNet, nf_resnet26, standardize_kernel
+from tldr_jax.models.nfresnet import NFResNet, nf_resnet26, scaled_relu, standardize_kernel
 from tldr_jax.models.vit import vit_b16_224
 
 
@@ -348,7 +348,7 @@ def _nfresnet_nhwc_reference(model: NFResNet, x: jax.Array) -> jax.Array:
         dims = ("NHWC", "HWIO", "NHWC")
         return jax.lax.conv_general_dilated(h, w, s, "SAME", dimension_numbers=dims) + m.bias[...]
 
-    act = lambda h: jax.nn.relu(h) * np.sqrt(2 / (1 - 1 / np.pi))
+    act = scaled_relu
     h = nnx.max_pool(conv(model.stem, x), (3, 3), strides=(2, 2), padding="SAME")
     for blk in model.blocks:
         out = act(h / blk.beta)

@@ -149,6 +149,11 @@ def from_cf(x: jax.Array) -> jax.Array:
     return jnp.transpose(x, (1, 2, 3, 0))
 
 
+def per_channel(v: jax.Array) -> jax.Array:
+    """A per-channel vector (C,) shaped (C, 1, 1, 1), to broadcast over a (C, B, H, W) map."""
+    return v[:, None, None, None]
+
+
 def max_pool_cf(x: jax.Array, k: int = 3, stride: int = 2) -> jax.Array:
     """k x k "SAME" max pool of a (C, B, H, W) map as a max over k*k shifted views: the values
     of `nnx.max_pool`, with an elementwise gradient (~3.7x faster on XLA:CPU than

@@ -12,7 +12,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tldr_jax.models.conv import avg_pool_cf, conv2d_cf, from_cf, kernel_matrix, to_cf
+from tldr_jax.models.conv import (
+    avg_pool_cf,
+    conv2d_cf,
+    from_cf,
+    kernel_matrix,
+    per_channel,
+    to_cf,
+)
 
 NORMS = ("instancenorm", "none")
 POOLINGS = ("flatten", "gap")
@@ -66,7 +73,7 @@ class ConvNet(nnx.Module):
         x = to_cf(x)
         for i, conv in enumerate(self.convs):
             wmat = kernel_matrix(conv.kernel[...])
-            x = conv2d_cf(x, wmat, 3, 1, self.matmul_dtype) + conv.bias[...][:, None, None, None]
+            x = conv2d_cf(x, wmat, 3, 1, self.matmul_dtype) + per_channel(conv.bias[...])
             if self.norm == "instancenorm":
                 x = _instance_norm(x, self.norms[i])
             x = jax.nn.relu(x)
@@ -82,4 +89,4 @@ def _instance_norm(x: jax.Array, gn: nnx.GroupNorm) -> jax.Array:
     mean = jnp.mean(x, axis=(2, 3), keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=(2, 3), keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + gn.epsilon)
-    return y * gn.scale[...][:, None, None, None] + gn.bias[...][:, None, None, None]
+    return y * per_channel(gn.scale[...]) + per_channel(gn.bias[...])

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tldr_jax.models.conv import conv2d_cf, from_cf, matmul, max_pool_cf, to_cf
+from tldr_jax.models.conv import conv2d_cf, from_cf, matmul, max_pool_cf, per_channel, to_cf
 
 # E[relu(z)^2] - E[relu(z)]^2 = (1 - 1/pi) / 2 for z ~ N(0, 1): this gain makes it 1.
 RELU_GAMMA = float(np.sqrt(2.0 / (1.0 - 1.0 / np.pi)))
@@ -93,7 +93,7 @@ class WSConv(nnx.Module):
         wmat = standardize_kernel_matrix(self.kernel[...], self.gain[...])
         k = self.kernel.shape[0]
         y = conv2d_cf(x, wmat, k, self.stride, self.matmul_dtype)
-        return y + self.bias[...][:, None, None, None]
+        return y + per_channel(self.bias[...])
 
 
 class NFBottleneck(nnx.Module):
