@@ -29,6 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tldr_jax.utils import hostenv  # noqa: E402 (no JAX import: the parent stays light)
+
 PRESETS = {
     # name: (image encoder, image size, pairs = batch, text embedding dim)
     "small": ("convnet", 16, 32, 64),
@@ -231,6 +233,7 @@ def worker(
     with_flops: bool = True,
     matmul_dtype: str = "float32",
     remat_budget_mib: float = 1024.0,
+    scan_unroll: bool = False,
 ) -> dict:
     import jax
 
@@ -240,7 +243,9 @@ def worker(
     student, syn, start, target = build(preset, matmul_dtype)
     t_img, t_txt = start
     pairs = syn.images.shape[0]
-    inner = matching.InnerLoop(micro_batches=micro_batches, remat_budget_mib=remat_budget_mib)
+    inner = matching.InnerLoop(
+        micro_batches=micro_batches, remat_budget_mib=remat_budget_mib, unroll=scan_unroll
+    )
     opt = matching.make_outer_optimizer()
     opt_state = opt.init(syn)
 
@@ -287,6 +292,7 @@ def worker(
         "xla_temp_mib": round(temp_mib, 1),
         "first_iter_s": round(first_s, 2),
         "matmul_dtype": matmul_dtype,
+        "scan_unroll": scan_unroll,
         # remat's steps per nested chunk (1: every step's parameters kept, no nesting)
         "remat_chunk": matching.remat_chunk(syn_steps, start, inner) if mode == "remat" else None,
         "params_img": int(t_img.size),
@@ -299,6 +305,14 @@ def _watch(cmd: list[str], args: argparse.Namespace) -> dict:
     the point's JSON."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
+    # Both sides (ours and the PyTorch reference) run under the same malloc settings: glibc's
+    # huge-page malloc where the CLI would turn it on (tldr_jax/utils/hostenv.py), or off.
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t]
+    tunables = [t for t in tunables if not t.startswith(hostenv.TUNABLE)]
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    if not args.no_malloc_hugepages:
+        env = hostenv.hugepage_env(env) or env
     child = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
     )
@@ -319,7 +333,9 @@ def _watch(cmd: list[str], args: argparse.Namespace) -> dict:
         return {"error": error, "peak_mib_seen": round(peak_kib / 1024, 1)}
     if child.returncode != 0:
         return {"error": f"exit {child.returncode}: {err.strip().splitlines()[-1:]}"}
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1]) | {
+        "malloc_hugepages": hostenv.malloc_hugepages_active(env)
+    }
 
 
 def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
@@ -327,6 +343,8 @@ def run_point(args: argparse.Namespace, mode: str, steps: int) -> dict:
     cmd += ["--modes", mode, "--steps", str(steps), "--iters", str(args.iters)]
     cmd += ["--micro-batches", str(args.micro_batches), "--matmul-dtype", args.matmul_dtype]
     cmd += ["--remat-budget-mib", str(args.remat_budget_mib)]
+    if args.scan_unroll:
+        cmd.append("--scan-unroll")
     if args.no_flops:
         cmd.append("--no-flops")
     return _watch(cmd, args)
@@ -438,6 +456,18 @@ def main() -> None:
         "(distill.remat_budget_mib; 0: always nest from 9 steps)",
     )
     parser.add_argument(
+        "--scan-unroll",
+        action="store_true",
+        help="fully unroll the student's scan (distill.scan_unroll; compile time grows with "
+        "syn_steps)",
+    )
+    parser.add_argument(
+        "--no-malloc-hugepages",
+        action="store_true",
+        help="run every point (ours and the reference) without glibc's huge-page malloc "
+        "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, on by default where it applies, as in the CLI)",
+    )
+    parser.add_argument(
         "--no-flops",
         action="store_true",
         help="skip the FLOP count of one student step and the matmul-rate probe",
@@ -476,6 +506,7 @@ def main() -> None:
                     with_flops=not args.no_flops,
                     matmul_dtype=args.matmul_dtype,
                     remat_budget_mib=args.remat_budget_mib,
+                    scan_unroll=args.scan_unroll,
                 )
             )
         )

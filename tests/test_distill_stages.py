@@ -84,6 +84,7 @@ def test_distill_outputs_resume_and_eval(buffered):
     shutil.copytree(root / "w", workdir)
     first = run_stage("distill", config, str(workdir))
     assert first["resumed_from"] == 0 and first["skipped"] == 0
+    assert first["scan_unroll"] is False and first["malloc_hugepages"] in (True, False)
     # A tiny student's per-step parameters fit any budget: remat would not nest.
     assert first["remat_chunk"] == (1 if config.distill.grad_mode == "remat" else None)
     out = workdir / "distill"

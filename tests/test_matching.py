@@ -183,6 +183,19 @@ def test_remat_gradient_equals_unroll(syn_steps):
         assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
 
 
+def test_unrolled_scan_gives_the_same_meta_gradient():
+    # distill.scan_unroll: the student's scan fully unrolled, the same function.
+    student, syn, start, target, idx, rng = _setup(syn_steps=4)
+    loss_r, g_r = _grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll")
+    inner = matching.InnerLoop(unroll=True)
+    loss_u, g_u = _grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll", inner=inner)
+    np.testing.assert_allclose(loss_u, loss_r, rtol=1e-6)
+    for name in ("images", "texts", "lr_img", "lr_txt"):
+        a, b = getattr(g_u, name), getattr(g_r, name)
+        assert np.linalg.norm(np.asarray(b)) > 0, name
+        assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+
+
 def test_micro_batched_inner_gradient_is_exact():
     # GradCache-style slices of the image tower: the same step gradient and the same
     # meta-gradient (every path, incl. through dL/d embedding), with text dropout on.

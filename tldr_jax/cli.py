@@ -59,7 +59,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     """Runs one stage and writes `workdir/<name>.json` (main process only)."""
     import jax
 
-    from tldr_jax.utils import dist, io
+    from tldr_jax.utils import dist, hostenv, io
 
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -69,6 +69,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     summary["wall_s"] = round(time.time() - t0, 3)
     summary.setdefault("num_processes", jax.process_count())
     summary.setdefault("num_devices", jax.device_count())
+    summary.setdefault("malloc_hugepages", hostenv.malloc_hugepages_active())
     if dist.is_main():
         io.write_json(Path(workdir) / f"{name}.json", summary)
     dist.barrier(f"stage-{name}-done")
@@ -76,6 +77,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    as_process = argv is None
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(USAGE)
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"tldr-jax: unknown stage {stage!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    if as_process:
+        # Before JAX loads: restart under glibc's huge-page malloc where it pays off on this
+        # host (utils/hostenv.py; TLDR_JAX_MALLOC_HUGEPAGES=0 to keep the environment as is).
+        from tldr_jax.utils import hostenv
+
+        hostenv.reexec_with_malloc_hugepages()
 
     from absl import app, flags
     from ml_collections import config_flags

@@ -104,9 +104,10 @@ class InnerLoop:
 
     logit_scale: float = LOGIT_SCALE
     train_dropout: bool = False
-    # Fully unroll the student's `lax.scan`s (compile time then grows with syn_steps). Was
-    # the CPU default while XLA:CPU's second-order convs ran ~35x slower inside loops; the
-    # matmul-form convs (models/conv.py) removed that penalty, so the loop stays rolled.
+    # Fully unroll the student's `lax.scan`s (`distill.scan_unroll`; compile time then grows
+    # with syn_steps). Was the CPU default while XLA:CPU's second-order convs ran ~35x slower
+    # inside loops; the matmul-form convs (models/conv.py) removed that penalty, so the loop
+    # stays rolled by default (what unrolling still buys: README, distillation figures).
     unroll: bool = False
     # > 1: the image tower of each student step runs in this many micro-batches (GradCache:
     # embeddings first, then each micro-batch's parameter VJP with its slice of dL/d
