@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tldr_jax.utils import hostenv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +19,8 @@ def test_distill_memory_json_interface(tmp_path):
     out = tmp_path / "dm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py"), "--modes", "remat"]
     cmd += ["--steps", "2,3", "--iters", "1", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert set(results) == {"remat"} and set(results["remat"]) == {"2", "3"}
@@ -34,6 +38,11 @@ def test_distill_memory_json_interface(tmp_path):
         )
         assert point["effective_gflops"] > 0
         assert point["remat_chunk"] == 1  # the small preset's parameters fit the budget
+        assert point["scan_unroll"] is False
+        # Children run under the CLI's malloc choice for this host (tldr_jax/utils/hostenv.py).
+        assert point["malloc_hugepages"] is hostenv.malloc_hugepages_active(
+            hostenv.hugepage_env(env) or env
+        )
     # The printed table has one row per point with the ratio to the first syn_steps.
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("remat ")]
     rows = [r for r in rows if r[1].isdigit()]  # not the per-point progress lines
@@ -42,10 +51,12 @@ def test_distill_memory_json_interface(tmp_path):
     # The bfloat16-matmul student (model matmul_dtype): its own matmul rate bounds its time.
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py"), "--modes", "unroll"]
     cmd += ["--steps", "2", "--iters", "1", "--matmul-dtype", "bfloat16", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    cmd += ["--scan-unroll", "--no-malloc-hugepages"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     point = json.loads(out.read_text())["unroll"]["2"]
     assert point["matmul_dtype"] == "bfloat16" and point["s_per_iter"] > 0
+    assert point["scan_unroll"] is True and point["malloc_hugepages"] is False
     assert point["gflop_per_step"] > 2 * point["gflop_grad"] > 0
 
 
