@@ -11,6 +11,7 @@ import pytest
 from tldr_jax.utils import hostenv
 
 HOST = {"platform": "linux", "glibc": (2, 36), "thp": "madvise"}
+ARGS = ("--config", "configs/distill.py:tiny", "--workdir")
 
 
 def test_hugepage_env_adds_the_tunable_where_it_pays_off():
@@ -94,15 +95,7 @@ def test_cli_process_restarts_under_the_tunable(tmp_path):
     for opt_out, want in (("1", expected), ("0", False)):
         workdir = tmp_path / opt_out
         r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tldr_jax.cli",
-                "make-world",
-                "--config",
-                "configs/distill.py:tiny",
-            ]
-            + ["--workdir", str(workdir)],
+            [sys.executable, "-m", "tldr_jax.cli", "make-world", *ARGS, str(workdir)],
             cwd=repo,
             env=env | {hostenv.OPT_OUT: opt_out},
             capture_output=True,

@@ -77,6 +77,17 @@ def _rel_err(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+META_FIELDS = ("images", "texts", "lr_img", "lr_txt")
+
+
+def _assert_same_meta_grad(got, ref, names=META_FIELDS, label=""):
+    """Every field of `got` within 1e-5 relative of `ref`'s, which must not be all zero."""
+    for name in names:
+        a, b = getattr(got, name), getattr(ref, name)
+        assert np.linalg.norm(np.asarray(b)) > 0, (label, name)
+        assert _rel_err(a, b) < 1e-5, (label, name, _rel_err(a, b))
+
+
 def _cos(a, b):
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -177,10 +188,7 @@ def test_remat_gradient_equals_unroll(syn_steps):
     loss_u, g_u = fn(syn, student, start, target, idx, rng, grad_mode="unroll")
     loss_r, g_r = fn(syn, student, start, target, idx, rng, grad_mode="remat", inner=nested)
     np.testing.assert_allclose(loss_r, loss_u, rtol=1e-6)
-    for name in ("images", "texts", "lr_img", "lr_txt"):
-        a, b = getattr(g_r, name), getattr(g_u, name)
-        assert np.linalg.norm(np.asarray(b)) > 0, name
-        assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+    _assert_same_meta_grad(g_r, g_u)
 
 
 def test_unrolled_scan_gives_the_same_meta_gradient():
@@ -190,10 +198,7 @@ def test_unrolled_scan_gives_the_same_meta_gradient():
     inner = matching.InnerLoop(unroll=True)
     loss_u, g_u = _grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll", inner=inner)
     np.testing.assert_allclose(loss_u, loss_r, rtol=1e-6)
-    for name in ("images", "texts", "lr_img", "lr_txt"):
-        a, b = getattr(g_u, name), getattr(g_r, name)
-        assert np.linalg.norm(np.asarray(b)) > 0, name
-        assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+    _assert_same_meta_grad(g_u, g_r)
 
 
 def test_micro_batched_inner_gradient_is_exact():
@@ -215,10 +220,7 @@ def test_micro_batched_inner_gradient_is_exact():
         loss1, m1 = grad_fn(syn, student, start, target, idx, rng, inner=inner, grad_mode=mode)
         loss2, m2 = grad_fn(syn, student, start, target, idx, rng, inner=sliced, grad_mode=mode)
         np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
-        for name in ("images", "texts", "lr_img", "lr_txt"):
-            a, b = getattr(m2, name), getattr(m1, name)
-            assert np.linalg.norm(np.asarray(b)) > 0, name
-            assert _rel_err(a, b) < 1e-5, (mode, name, _rel_err(a, b))
+        _assert_same_meta_grad(m2, m1, label=mode)
     with np.testing.assert_raises_regex(ValueError, "does not divide"):
         matching.inner_grad(student, matching.InnerLoop(micro_batches=3), start, x, t, rng)
 
@@ -249,7 +251,7 @@ def test_step_size_and_data_gradients_match_finite_differences():
 
 def test_tesla_exact_for_one_step_and_reported_against_exact():
     fn = _grad_fn
-    names = ("images", "texts", "lr_img", "lr_txt")
+    names = META_FIELDS
 
     # One student step has no cross-step terms: TESLA equals the exact gradient.
     student, syn, start, target, idx, rng = _setup(syn_steps=1)
@@ -435,7 +437,7 @@ def test_lors_meta_gradient_matches_finite_differences():
 
 
 def test_lors_gradients_remat_tesla_and_micro_batches_agree():
-    names = ("images", "texts", "lr_img", "lr_txt", *LORS_FIELDS)
+    names = (*META_FIELDS, *LORS_FIELDS)
     grad_fn = jax.jit(
         matching.meta_loss_and_grad, static_argnums=(1,), static_argnames=("grad_mode", "inner")
     )
@@ -454,10 +456,7 @@ def test_lors_gradients_remat_tesla_and_micro_batches_agree():
     _, ref = grad_fn(syn, student, start, target, idx, rng, grad_mode="unroll")
     for mode, inner in (("remat", matching.InnerLoop()), ("unroll", sliced)):
         _, got = grad_fn(syn, student, start, target, idx, rng, inner=inner, grad_mode=mode)
-        for name in names:
-            a, b = getattr(got, name), getattr(ref, name)
-            assert np.linalg.norm(np.asarray(b)) > 0, name
-            assert _rel_err(a, b) < 1e-5, (mode, name, _rel_err(a, b))
+        _assert_same_meta_grad(got, ref, names, label=mode)
     # TESLA: exact for one student step, LoRS factors included.
     student, syn, start, target, idx, rng = _setup(syn_steps=1)
     syn = _with_lors(syn)
@@ -522,7 +521,7 @@ def test_bf16_matmul_meta_gradient_close_to_float32():
             syn, student, start, target, idx, rng, grad_mode="remat"
         )
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)
-    for name in ("images", "texts", "lr_img", "lr_txt"):
+    for name in META_FIELDS:
         a, b = getattr(grads["bfloat16"], name), getattr(grads["float32"], name)
         assert np.linalg.norm(np.asarray(b)) > 0, name
         # Measured: cosine 0.985 and 17% relative error for images and texts, 1-3% for the
