@@ -302,3 +302,52 @@ def test_stages_read_a_karpathy_set_from_disk(tmp_path):
     assert not nonzero(result["skipped_test"])
     for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
         assert 0.0 <= result[method]["tr_r1"]["mean"] <= 100.0
+
+
+def test_stages_read_karpathys_split_file_one_pair_per_caption(tmp_path):
+    # Karpathy's original `dataset_*.json` (an 'images' list, several captions per image, the
+    # split per image): buffer and distill read its train split by role, and every caption
+    # of a train image is a pair of its own (the reference's one-row-per-caption files).
+    import json
+
+    from tldr_jax.data import world as world_lib
+
+    config = tiny_config(tmp_path / "cache")
+    w = world_lib.make_world(config.data.world)
+    world_lib.write_world(w, tmp_path / "set")
+    images = []
+    for i in range(0, len(w.train) - 1, 2):  # image i with its caption and its neighbour's
+        caps = [w.train[i].captions[0], w.train[i + 1].captions[0]]
+        entry = {"filename": w.train[i].image_key, "split": "train" if i % 4 else "restval"}
+        images.append({**entry, "sentences": [{"raw": c} for c in caps], "imgid": i})
+    for r in w.test:
+        images.append(
+            {
+                "filename": r.image_key,
+                "split": "test",
+                "sentences": [{"raw": c} for c in r.captions],
+            }
+        )
+    split_file = tmp_path / "set" / "dataset_world.json"
+    split_file.write_text(json.dumps({"images": images, "dataset": "world"}))
+    config.data.update(train=str(split_file), test=str(split_file), image_root="")
+    config.buffer.update(num_experts=1, epochs=2)
+    config.distill.update(iterations=1, max_start_epoch=1, expert_epochs=1)
+
+    data = et.load_pairs(config, tmp_path / "w")
+    n_images = len(w.train) // 2
+    assert len(data.train) == n_images and data.num_pairs == 2 * n_images
+    np.testing.assert_array_equal(data.pair_record, np.repeat(np.arange(n_images), 2))
+    np.testing.assert_array_equal(data.train_images[2 * 3 + 1], normalize(w.train[6].image))
+    assert data.train_captions[:2] == [w.train[0].captions[0], w.train[1].captions[0]]
+    assert len(data.test) == len(w.test) and len(data.txt2img) == sum(
+        len(r.captions) for r in w.test
+    )
+
+    workdir = str(tmp_path / "w")
+    buffer = run_stage("buffer", config, workdir)
+    assert buffer["train_pairs"] == 2 * n_images and buffer["train_records"] == n_images
+    assert buffer["rows_read"] == n_images and buffer["test_rows_read"] == len(w.test)
+    distill = run_stage("distill", config, workdir)
+    assert distill["iterations"] == 1
+    assert (Path(workdir) / "distill" / "distilled.npz").exists()

@@ -145,6 +145,101 @@ def test_karpathy_eval(tmp_path):
     assert ds.image_keys == names
 
 
+def _karpathy_split_file(tmp_path: Path) -> list[str]:
+    """Karpathy's original `dataset_coco.json` layout: an 'images' list, split per image."""
+    names = _write_images(tmp_path / "val2014", 5)
+    splits = ["train", "restval", "test", "val", "train"]
+    images = []
+    for i, (name, split) in enumerate(zip(names, splits, strict=True)):
+        sentences = [{"raw": f"Cap {i} {j}.", "tokens": ["cap"]} for j in range(3)]
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "split": split,
+                "sentences": sentences,
+                "imgid": i,
+                "cocoid": 1000 + i,
+            }
+        )
+    # Bad rows, all in the train split.
+    images.append({"filepath": "val2014", "split": "train", "sentences": [{"raw": "x"}]})
+    images.append({"filename": names[0], "split": "train", "sentences": []})
+    images.append({"filename": names[0], "split": "train", "sentences": [{"raw": " .. "}]})
+    images.append({"filename": "val2014/gone.png", "split": "train", "sentences": [{"raw": "y"}]})
+    images.append({"filename": names[1], "sentences": [{"raw": "no split"}]})
+    tokens_only = [{"tokens": ["a", "b"]}]
+    images.append(
+        {"filepath": "val2014", "filename": names[1], "split": "train", "sentences": tokens_only}
+    )
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return names
+
+
+def test_karpathy_split_file(tmp_path):
+    names = _karpathy_split_file(tmp_path)
+    path = str(tmp_path / "dataset_coco.json")
+    train = load_set(path, _cfg(), "train")
+    # train + restval, one record per image with all its captions; the image paths joined
+    # as filepath/filename under the file's folder; ids from cocoid (imgid when it is absent).
+    assert train.ids[:3] == ["1000", "1001", "1004"]
+    assert train.captions[0] == [f"cap 0 {j}" for j in range(3)]
+    assert train.image_keys[:3] == [f"val2014/{names[i]}" for i in (0, 1, 4)]
+    np.testing.assert_array_equal(train.images[2], _resized(4))
+    assert train.captions[3] == ["a b"]  # a sentence with tokens only
+    assert train.ids[3] == "dataset_coco:10"  # neither cocoid nor imgid: file stem + index
+    # The other splits' images are not rows of this input; the bad train rows are counted.
+    assert train.rows_read == 3 + 6
+    assert dict(train.skipped) == {
+        "malformed_row": 2,  # no filename; no split
+        "no_caption": 1,
+        "empty_caption": 1,
+        "missing_image": 1,
+    } | {
+        k: 0
+        for k in SKIP_REASONS
+        if k not in ("malformed_row", "no_caption", "empty_caption", "missing_image")
+    }
+    test = load_set(path, _cfg(), "test")
+    # The row without a split is a bad row of every role that reads the file.
+    assert test.ids == ["1002"] and test.rows_read == 2 and test.skipped["malformed_row"] == 1
+    val = load_set(path + ":val", _cfg(), "test")  # a suffix names the split(s)
+    assert val.ids == ["1003"]
+    both = load_set(path + ":val+test", _cfg(), "train")
+    assert both.ids == ["1002", "1003"]
+    with pytest.raises(BadRowError, match=r"dataset_coco\.json, row 5: malformed_row"):
+        load_set(path, _cfg(strict=True), "train")
+    with pytest.raises(ValueError, match="say which split"):
+        read_records(path, "", Skips())  # no role and no suffix
+    (tmp_path / "blip.json").write_text(json.dumps([{"image": names[0], "caption": "a"}]))
+    with pytest.raises(ValueError, match="only for Karpathy split files"):
+        read_records(str(tmp_path / "blip.json") + ":train", "", Skips())
+
+
+def test_pairs_one_row_per_caption():
+    from tldr_jax.data.dataset import ImageTextSet
+
+    images = np.stack([_image(i, (4, 4)) for i in range(3)])
+    ds = ImageTextSet(
+        ids=["a", "b", "c"],
+        images=images,
+        captions=[["a0"], ["b0", "b1", "b2"], ["c0", "c1"]],
+        image_keys=["a.png", "b.png", "c.png"],
+        rows_read=4,
+        skipped={"missing_image": 1},
+        source="x",
+    )
+    pairs, record = ds.pairs()
+    assert pairs.ids == ["a", "b/c0", "b/c1", "b/c2", "c/c0", "c/c1"]
+    assert pairs.captions == [["a0"], ["b0"], ["b1"], ["b2"], ["c0"], ["c1"]]
+    np.testing.assert_array_equal(record, [0, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(pairs.images, images[record])
+    assert pairs.image_keys == ["a.png", "b.png", "b.png", "b.png", "c.png", "c.png"]
+    assert (pairs.rows_read, pairs.skipped, pairs.source) == (4, {"missing_image": 1}, "x")
+    single = ds.subset([0])
+    assert single.pairs()[0] is single  # one caption per row: the set itself
+
+
 def test_json_lines_fallback(tmp_path):
     names = _write_images(tmp_path, 2)
     lines = [
@@ -345,6 +440,21 @@ def test_tfds_source(tmp_path):
         i = int(sid) - 100
         assert caps == [f"caption {i} a", f"caption {i} b"]
         np.testing.assert_array_equal(image, _resized(i))
+
+    # TL;DR's stages take it as (image, caption) pairs, and `write` finds every pair's image.
+    import ml_collections
+
+    from tldr_jax.compress.write import materialise_encoded_images
+
+    pairs, record = ds.pairs()
+    assert sorted(pairs.ids) == [f"{100 + i}/c{k}" for i in range(3) for k in range(2)]
+    config = ml_collections.ConfigDict({"data": {"train": "tfds:tiny_captions:train"}})
+    config.data.image_root = str(tmp_path)
+    paths = materialise_encoded_images(config, pairs.ids[:3], tmp_path / "out")
+    assert sorted(paths) == sorted(pairs.ids[:3])
+    for sid in pairs.ids[:3]:
+        image = images_lib.decode_image(tmp_path / "out" / paths[sid], 8)
+        np.testing.assert_array_equal(image, pairs.images[pairs.ids.index(sid)])
 
 
 def _gathered(per_process: list[list[str]], skipped: list[int], rows_read: list[int]):

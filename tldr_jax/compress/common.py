@@ -27,7 +27,9 @@ def shared_cache(
 
 
 def load_train(config: ml_collections.ConfigDict) -> ImageTextSet:
-    return load_set(config.data.train, config.data, "train")
+    """The training set as (image, caption) pairs: TL;DR selects, scores and rewrites pairs,
+    so a row with several captions is one pair per caption (`ImageTextSet.pairs`)."""
+    return load_set(config.data.train, config.data, "train").pairs()[0]
 
 
 def load_test(config: ml_collections.ConfigDict) -> ImageTextSet:

@@ -8,6 +8,7 @@ Image paths are written exactly as the input had them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,19 @@ def materialise_encoded_images(
     wanted = set(ids)
     paths: dict[str, str] = {}
     for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
-        if rec.sample_id not in wanted or not isinstance(rec.image, bytes):
+        # A row with several captions is one pair per caption, ids `<id>/c<k>` (`pairs`).
+        pair_ids = [rec.sample_id]
+        if len(rec.captions) > 1:
+            pair_ids = [f"{rec.sample_id}/c{k}" for k in range(len(rec.captions))]
+        pair_ids = [p for p in pair_ids if p in wanted]
+        if not pair_ids or not isinstance(rec.image, bytes):
             continue
         name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
         rel = Path("images") / name
         if dist.is_main():
             with io.atomic_path(out / rel) as tmp:
                 tmp.write_bytes(rec.image)
-        paths[rec.sample_id] = str(rel)
+        paths.update(dict.fromkeys(pair_ids, str(rel)))
     return paths
 
 
@@ -60,7 +66,13 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     """Where the file's relative image paths resolve. The embedded world is written to
     WORKDIR/world once so its training file is usable by any BLIP-format reader."""
     if config.data.train:
-        return str(config.data.image_root)
+        if config.data.image_root:
+            return str(config.data.image_root)
+        # The readers resolve a file's relative paths against its own folder.
+        from tldr_jax.data.readers import split_suffix_of
+
+        source = split_suffix_of(str(config.data.train))[0]
+        return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else ""
     from tldr_jax.data.world import make_world, write_world
 
     world_dir = Path(workdir) / "world"

@@ -55,6 +55,30 @@ class ImageTextSet:
             image_keys=[self.image_keys[i] for i in idx],
         )
 
+    def pairs(self) -> tuple[ImageTextSet, np.ndarray]:
+        """One row per (image, caption) pair, and each pair's row in this set.
+
+        A row with several captions (Karpathy eval rows, Karpathy's `dataset_*.json`, TFDS
+        `coco_captions`) becomes one row per caption, its image repeated, as a
+        one-row-per-caption Karpathy train file gives them; the k-th caption's id is
+        `<id>/c<k>` (a one-caption row keeps its id). A set whose rows all have one caption
+        is returned as it is.
+        """
+        counts = np.array([len(c) for c in self.captions], np.int64)
+        record = np.repeat(np.arange(len(self)), counts)
+        if np.all(counts == 1):
+            return self, record
+        expanded = dataclasses.replace(
+            self.subset(record),
+            ids=[
+                sid if len(caps) == 1 else f"{sid}/c{k}"
+                for sid, caps in zip(self.ids, self.captions, strict=True)
+                for k in range(len(caps))
+            ],
+            captions=[[c] for caps in self.captions for c in caps],
+        )
+        return expanded, record
+
 
 def _world_key(cfg: Any) -> str:
     return json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), sort_keys=True)
@@ -229,7 +253,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     source = path or f"world:{role}"
     try:
         if path:
-            records = readers.read_records(path, data_cfg.image_root, skips, max_rows)
+            records = readers.read_records(path, data_cfg.image_root, skips, max_rows, role)
         else:
             records = getattr(_cached_world(_world_key(data_cfg.world)), role)
             records = records[:max_rows] if max_rows else records

@@ -4,6 +4,12 @@ Formats (picked by `read_records` from the path):
   * BLIP pre-training JSON: a list of {"image", "caption": str}.
   * Karpathy train JSON: rows {"image", "caption": str, "image_id"}, one row per caption.
   * Karpathy eval JSON: rows {"image", "caption": [str, ...]}, one row per image.
+  * Karpathy's original split file (`dataset_flickr30k.json`, `dataset_coco.json`, ...):
+    {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}, ...]}, ...]}, one
+    record per image with all its captions. The split comes from the role the file is read
+    for (train and clean: "train" + "restval", test: "test"), or from a suffix naming it:
+    `dataset_coco.json:val`, `dataset_coco.json:train+restval`. Images of other splits are
+    not rows of this input (not read, not counted).
   * JSON lines of the same objects (also the fallback when a whole .json file fails to parse).
   * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
   * A directory of img2dataset webdataset shards `*.tar` (`KEY.jpg` + `KEY.txt` + `KEY.json`).
@@ -38,6 +44,14 @@ _TSV_HEADER_IMAGE = {"url", "image", "image_path", "image_url", "path", "file", 
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 _TFDS_CAPTION_FIELDS = ("captions/text", "caption", "captions", "text", "caption/text")
 _TFDS_ID_FIELDS = ("image/id", "id", "image_id")
+_KARPATHY_ID_FIELDS = ("cocoid", "imgid")
+# Splits of Karpathy's original files read for each role (`dataset.ROLES`) without a suffix.
+# clean: the captioner's clean caption set (SPEC A.5: Karpathy COCO train).
+KARPATHY_SPLITS = {
+    "train": ("train", "restval"),
+    "test": ("test",),
+    "clean": ("train", "restval"),
+}
 
 
 class _Limit(Exception):
@@ -116,13 +130,84 @@ def _json_row(
     sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image)
 
 
-def _read_json(path: str, image_root: str, sink: _RecordSink) -> None:
+def _karpathy_image(
+    row: Any, file: str, where: int, stem: str, image_root: str, sink: _RecordSink
+) -> None:
+    """One image entry of a Karpathy `dataset_*.json` (already known to be in the split)."""
+    skips = sink.skips
+    name = row.get("filename")
+    if not isinstance(name, str) or not name:
+        return skips.skip("malformed_row", file, where, "no 'filename' string")
+    folder = row.get("filepath") or ""
+    if not isinstance(folder, str):
+        return skips.skip("malformed_row", file, where, "'filepath' is not a string")
+    sentences = row.get("sentences")
+    if not sentences:
+        return skips.skip("no_caption", file, where)
+    if not isinstance(sentences, list) or not all(isinstance(x, dict) for x in sentences):
+        return skips.skip("malformed_row", file, where, "'sentences' is not a list of objects")
+    raw = []
+    for x in sentences:
+        text = x.get("raw")
+        if text is None and isinstance(x.get("tokens"), list):
+            text = " ".join(t for t in x["tokens"] if isinstance(t, str))
+        if not isinstance(text, str):
+            return skips.skip("malformed_row", file, where, "a sentence without 'raw' text")
+        raw.append(text)
+    image = os.path.join(folder, name)
+    if _has_bad_utf8(image, *raw):
+        return skips.skip("non_utf8", file, where)
+    captions = tuple(c for c in map(clean_caption, raw) if c)
+    if not captions:
+        return skips.skip("empty_caption", file, where)
+    sample_id = next((str(row[k]) for k in _KARPATHY_ID_FIELDS if row.get(k) not in (None, "")), "")
+    base_dir = os.path.dirname(os.path.abspath(file))
+    sink.add(sample_id or f"{stem}:{where}", _resolve(image, image_root, base_dir), captions, image)
+
+
+def _read_karpathy(
+    images: list, path: str, splits: tuple[str, ...], image_root: str, sink: _RecordSink
+) -> None:
+    stem = Path(path).stem
+    for i, row in enumerate(images):
+        split = row.get("split") if isinstance(row, dict) else None
+        if split is not None and split not in splits:
+            continue  # another split's image: not a row of this input
+        sink.row()
+        if not isinstance(row, dict):
+            sink.skips.skip("malformed_row", path, i, f"not an object: {type(row).__name__}")
+        elif not isinstance(split, str):
+            sink.skips.skip("malformed_row", path, i, "no 'split' string")
+        else:
+            _karpathy_image(row, path, i, stem, image_root, sink)
+
+
+def _is_karpathy(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("images"), list) and "image" not in data
+
+
+def _read_json(
+    path: str,
+    image_root: str,
+    sink: _RecordSink,
+    splits: tuple[str, ...] | None = None,
+    split_suffix: bool = False,
+) -> None:
     text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
     stem = Path(path).stem
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None
+    if _is_karpathy(data):
+        if splits is None:
+            raise ValueError(
+                f"{path}: a Karpathy split file (an 'images' list): say which split to read "
+                f"with a suffix, e.g. {path}:test"
+            )
+        return _read_karpathy(data["images"], path, splits, image_root, sink)
+    if split_suffix:
+        raise ValueError(f"{path}: a ':split' suffix is only for Karpathy split files")
     if isinstance(data, dict):
         data = [data]
     if isinstance(data, list):
@@ -285,14 +370,34 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
         sink.add(sample_id, example[image_key], captions, filename or f"{spec}:{i}")
 
 
-def read_records(path: str, image_root: str, skips: Skips, max_rows: int = 0) -> list[Record]:
+def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:
+    """`FILE:SPLIT[+SPLIT]` (FILE exists, the whole string does not) -> (FILE, splits); any
+    other input -> (path, None)."""
+    if path.startswith("tfds:") or os.path.exists(path) or ":" not in path:
+        return path, None
+    base, _, suffix = path.rpartition(":")
+    if not os.path.isfile(base):
+        return path, None
+    splits = tuple(x for x in suffix.split("+") if x)
+    if not splits:
+        raise ValueError(f"{path}: empty split suffix")
+    return base, splits
+
+
+def read_records(
+    path: str, image_root: str, skips: Skips, max_rows: int = 0, role: str = ""
+) -> list[Record]:
     """Reads one input (file, shard directory or `tfds:` spec) into records, in input order.
 
     Bad rows are counted in `skips` (or raise `BadRowError` when `skips.strict`); at most
     `max_rows` input rows (good or bad) are read when it is positive. For `tfds:` inputs a
-    non-empty `image_root` is used as the TFDS data_dir.
+    non-empty `image_root` is used as the TFDS data_dir. `role` ("train", "test", "clean")
+    picks the split of a Karpathy split file read without a `:split` suffix.
     """
     sink = _RecordSink(skips, max_rows)
+    path, suffix_splits = split_suffix_of(path)
+    split_suffix = suffix_splits is not None
+    splits = suffix_splits if split_suffix else KARPATHY_SPLITS.get(role)
     try:
         if path.startswith("tfds:"):
             _read_tfds(path, image_root, sink)
@@ -302,13 +407,15 @@ def read_records(path: str, image_root: str, skips: Skips, max_rows: int = 0) ->
             raise FileNotFoundError(f"no such input: {path}")
         elif Path(path).suffix.lower() in (".tsv", ".txt"):
             _read_tsv(path, image_root, sink)
-        elif Path(path).suffix.lower() in (".json", ".jsonl"):
-            _read_json(path, image_root, sink)
+        elif split_suffix or Path(path).suffix.lower() in (".json", ".jsonl"):
+            _read_json(path, image_root, sink, splits, split_suffix)
         else:
             with open(path, "rb") as f:
                 head = f.read(4096).lstrip()
-            reader = _read_json if head[:1] in (b"[", b"{") else _read_tsv
-            reader(path, image_root, sink)
+            if head[:1] in (b"[", b"{"):
+                _read_json(path, image_root, sink, splits)
+            else:
+                _read_tsv(path, image_root, sink)
     except _Limit:
         pass
     return sink.records

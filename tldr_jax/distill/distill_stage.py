@@ -148,7 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
 
     data = et.load_pairs(config, workdir)
-    n = len(data.train)
+    n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
     traj_img = np.stack([t["img"] for t in trajs])  # (experts, E+1, P_img)

@@ -181,7 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     seed = int(config.seed)
     b, e = config.buffer, config.eval
     data = et.load_pairs(config, workdir)
-    n = len(data.train)
+    n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     evaluator = Evaluator(config, student, data)
 

@@ -62,8 +62,12 @@ RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
 class PairData:
     """The real train / test pairs as the distillation stages consume them.
 
-    train_images: normalised float32 (N, H, W, 3); train_txt: (N, D) frozen text embedding of
-    each pair's first caption; test_txt: every test caption's embedding; txt2img its image.
+    A train pair is one (image, caption): a train record with several captions (a Karpathy
+    eval-style row, the original Karpathy `dataset_*.json`, TFDS `coco_captions`) gives one
+    pair per caption, its image repeated, as the reference's one-row-per-caption Karpathy
+    train files do. train_images: normalised float32 (N, H, W, 3); train_txt: (N, D) frozen
+    text embedding of each pair's caption; pair_record: each pair's row in `train`;
+    test_txt: every test caption's embedding; txt2img its image.
     """
 
     train: ImageTextSet
@@ -74,6 +78,11 @@ class PairData:
     test_images: np.ndarray
     test_txt: np.ndarray
     txt2img: np.ndarray
+    pair_record: np.ndarray
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.train_txt)
 
 
 def load_pairs(config: ml_collections.ConfigDict, workdir: str | Path) -> PairData:
@@ -81,18 +90,20 @@ def load_pairs(config: ml_collections.ConfigDict, workdir: str | Path) -> PairDa
     test = load_set(config.data.test, config.data, "test")
     cache_dir = Path(config.get("cache_dir", "") or Path(workdir) / "cache")
     encoder = pretrain.make_text_encoder(config)
-    train_caps = [caps[0] for caps in train.captions]
+    pairs, pair_record = train.pairs()
+    train_caps = [caps[0] for caps in pairs.captions]
     test_caps, _ = pretrain.flat_captions(test)
     tb = int(config.text.batch_size)
     return PairData(
         train=train,
         test=test,
-        train_images=normalize(train.images),
+        train_images=normalize(pairs.images),
         train_txt=pretrain.embed_captions(encoder, train_caps, cache_dir, tb),
         train_captions=train_caps,
         test_images=normalize(test.images),
         test_txt=pretrain.embed_captions(encoder, test_caps, cache_dir, tb),
         txt2img=np.repeat(np.arange(len(test)), [len(c) for c in test.captions]),
+        pair_record=pair_record,
     )
 
 
@@ -302,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     b = config.buffer
     seed, num_experts, epochs = int(config.seed), int(b.num_experts), int(b.epochs)
     data = load_pairs(config, workdir)
-    n = len(data.train)
+    n = data.num_pairs
     batch = min(int(b.batch_size), n)
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
     student = build_student(config, data.train_txt.shape[1])
@@ -363,6 +374,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "batch_size": batch,
         "lr": float(b.lr),
         "train_pairs": n,
+        "train_records": len(data.train),
         "test_images": len(data.test),
         "test_captions": len(data.txt2img),
         "num_params": {"img": student.num_params[0], "txt": student.num_params[1]},
