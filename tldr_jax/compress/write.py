@@ -40,17 +40,15 @@ def materialise_encoded_images(
     source = str(config.data.train)
     if not (source.startswith("tfds:") or (source and Path(source).is_dir())):
         return None
+    from tldr_jax.data import dataset
     from tldr_jax.data.readers import read_records
     from tldr_jax.data.records import Skips
 
     wanted = set(ids)
     paths: dict[str, str] = {}
     for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
-        # A row with several captions is one pair per caption, ids `<id>/c<k>` (`pairs`).
-        pair_ids = [rec.sample_id]
-        if len(rec.captions) > 1:
-            pair_ids = [f"{rec.sample_id}/c{k}" for k in range(len(rec.captions))]
-        pair_ids = [p for p in pair_ids if p in wanted]
+        # TL;DR's stages see one pair per caption (`ImageTextSet.pairs`).
+        pair_ids = [p for p in dataset.pair_ids(rec.sample_id, len(rec.captions)) if p in wanted]
         if not pair_ids or not isinstance(rec.image, bytes):
             continue
         name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
@@ -68,11 +66,10 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     if config.data.train:
         if config.data.image_root:
             return str(config.data.image_root)
-        # The readers resolve a file's relative paths against its own folder.
-        from tldr_jax.data.readers import split_suffix_of
+        from tldr_jax.data.readers import annotation_folder, split_suffix_of
 
         source = split_suffix_of(str(config.data.train))[0]
-        return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else ""
+        return annotation_folder(source) if os.path.isfile(source) else ""
     from tldr_jax.data.world import make_world, write_world
 
     world_dir = Path(workdir) / "world"

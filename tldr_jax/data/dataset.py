@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 ROLES = ("train", "test", "clean")
 
 
+def pair_ids(sample_id: str, num_captions: int) -> list[str]:
+    """The ids of a row's (image, caption) pairs (`ImageTextSet.pairs`): the row's own id for
+    one caption, `<id>/c<k>` for the k-th of several."""
+    if num_captions == 1:
+        return [sample_id]
+    return [f"{sample_id}/c{k}" for k in range(num_captions)]
+
+
 @dataclasses.dataclass
 class ImageTextSet:
     """N images (uint8, decoded once) with their captions, in input order.
@@ -71,9 +79,9 @@ class ImageTextSet:
         expanded = dataclasses.replace(
             self.subset(record),
             ids=[
-                sid if len(caps) == 1 else f"{sid}/c{k}"
+                p
                 for sid, caps in zip(self.ids, self.captions, strict=True)
-                for k in range(len(caps))
+                for p in pair_ids(sid, len(caps))
             ],
             captions=[[c] for caps in self.captions for c in caps],
         )

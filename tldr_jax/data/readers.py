@@ -63,6 +63,11 @@ def _has_bad_utf8(*texts: str) -> bool:
     return any(any("\udc80" <= ch <= "\udcff" for ch in t) for t in texts)
 
 
+def annotation_folder(path: str) -> str:
+    """Where a file's relative image paths resolve when `data.image_root` is empty."""
+    return os.path.dirname(os.path.abspath(path))
+
+
 def _resolve(image: str, image_root: str, base_dir: str) -> str:
     if os.path.isabs(image):
         return image
@@ -126,7 +131,7 @@ def _json_row(
     if not captions:
         return skips.skip("empty_caption", file, where)
     sample_id = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), "")
-    base_dir = os.path.dirname(os.path.abspath(file))
+    base_dir = annotation_folder(file)
     sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image)
 
 
@@ -161,7 +166,7 @@ def _karpathy_image(
     if not captions:
         return skips.skip("empty_caption", file, where)
     sample_id = next((str(row[k]) for k in _KARPATHY_ID_FIELDS if row.get(k) not in (None, "")), "")
-    base_dir = os.path.dirname(os.path.abspath(file))
+    base_dir = annotation_folder(file)
     sink.add(sample_id or f"{stem}:{where}", _resolve(image, image_root, base_dir), captions, image)
 
 
@@ -231,7 +236,7 @@ def _read_json(
 
 def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
     stem = Path(path).stem
-    base_dir = os.path.dirname(os.path.abspath(path))
+    base_dir = annotation_folder(path)
     skips = sink.skips
     for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
