@@ -214,6 +214,9 @@ def test_karpathy_split_file(tmp_path):
     (tmp_path / "blip.json").write_text(json.dumps([{"image": names[0], "caption": "a"}]))
     with pytest.raises(ValueError, match="only for Karpathy split files"):
         read_records(str(tmp_path / "blip.json") + ":train", "", Skips())
+    (tmp_path / "cc.tsv").write_text(f"a cap\t{names[0]}\n")
+    with pytest.raises(ValueError, match="only for Karpathy split files"):
+        read_records(str(tmp_path / "cc.tsv") + ":train", "", Skips())
 
 
 def test_pairs_one_row_per_caption():

@@ -410,10 +410,11 @@ def read_records(
             _read_webdataset(path, sink)
         elif not os.path.isfile(path):
             raise FileNotFoundError(f"no such input: {path}")
+        elif split_suffix or Path(path).suffix.lower() in (".json", ".jsonl"):
+            # A suffix is for Karpathy split files: any other file (a TSV too) is an error.
+            _read_json(path, image_root, sink, splits, split_suffix)
         elif Path(path).suffix.lower() in (".tsv", ".txt"):
             _read_tsv(path, image_root, sink)
-        elif split_suffix or Path(path).suffix.lower() in (".json", ".jsonl"):
-            _read_json(path, image_root, sink, splits, split_suffix)
         else:
             with open(path, "rb") as f:
                 head = f.read(4096).lstrip()
