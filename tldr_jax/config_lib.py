@@ -51,6 +51,10 @@ def data_config(**overrides: object) -> ml_collections.ConfigDict:
     d.image_size = 64  # images are decoded and resized to this square size
     d.max_rows = 0  # 0 = all rows
     d.decode_workers = 8  # threads for image decoding
+    # A folder: each input set on disk is decoded once into a memory-mapped .npy there and
+    # mapped by every later load (stages, reruns), so sets larger than host memory work and
+    # compress's stages do not decode again. "" = decode into memory at every load.
+    d.cache_dir = ""
     d.world = world_config()
     d.update(overrides)
     return d

@@ -7,15 +7,15 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from tldr_jax.data import images as images_lib
-from tldr_jax.data import readers, world
+from tldr_jax.data import imagestore, readers, world
+from tldr_jax.data.imagestore import ImageRows
 from tldr_jax.data.records import SKIP_REASONS, BadRowError, Record, Skips
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,16 @@ def pair_ids(sample_id: str, num_captions: int) -> list[str]:
 class ImageTextSet:
     """N images (uint8, decoded once) with their captions, in input order.
 
-    ids: stable sample ids; images: uint8 (N, H, W, 3); captions: per image, one caption
+    ids: stable sample ids; images: uint8 (N, H, W, 3), an array or an `ImageRows` (rows
+    sharing an image file share one decoded copy, possibly memory-mapped from
+    data.cache_dir; index it like the array); captions: per image, one caption
     for a pre-training pair or several (Karpathy eval rows); image_keys: the image field as
     the input wrote it; rows_read: input rows read (good or bad); skipped: count per skip
     reason (every reason present, zeros included); source: where the set came from.
     """
 
     ids: list[str]
-    images: np.ndarray
+    images: np.ndarray | ImageRows
     captions: list[list[str]]
     image_keys: list[str]
     rows_read: int
@@ -58,7 +60,7 @@ class ImageTextSet:
         return dataclasses.replace(
             self,
             ids=[self.ids[i] for i in idx],
-            images=self.images[idx],
+            images=imagestore.take_rows(self.images, idx),
             captions=[self.captions[i] for i in idx],
             image_keys=[self.image_keys[i] for i in idx],
         )
@@ -96,41 +98,6 @@ def _world_key(cfg: Any) -> str:
 def _cached_world(key: str) -> world.World:
     # train, test and clean are usually loaded by the same run: build the world once.
     return world.make_world(ml_collections.ConfigDict(json.loads(key)))
-
-
-def _decode_all(
-    records: list[Record], size: int, workers: int, skips: Skips, source: str
-) -> tuple[list[Record], np.ndarray]:
-    """Decodes every record's image in parallel; bad images are skipped (or raise)."""
-    # Several rows may share one image file (Karpathy train): decode each file once.
-    unique: dict[Any, int] = {}
-    order: list[int] = []
-    srcs: list[Any] = []
-    for r in records:
-        key = r.image if isinstance(r.image, str) else id(r)
-        if key not in unique:
-            unique[key] = len(srcs)
-            srcs.append(r.image)
-        order.append(unique[key])
-
-    def decode(src: Any) -> np.ndarray | images_lib.ImageError:
-        try:
-            return images_lib.decode_image(src, size)
-        except images_lib.ImageError as e:
-            return e
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        decoded = list(pool.map(decode, srcs))
-    kept, arrays = [], []
-    for r, j in zip(records, order, strict=True):
-        result = decoded[j]
-        if isinstance(result, images_lib.ImageError):
-            skips.skip(result.reason, source, r.sample_id, str(result))
-            continue
-        kept.append(r)
-        arrays.append(result)
-    images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
-    return kept, images
 
 
 PAD = -1  # padding of gathered id hashes (a real hash is >= 0)
@@ -245,7 +212,8 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
 
     path "" is the embedded world's split for `role`: "train" the noisy pairs, "test" the
     clean 5-caption test images, "clean" the clean caption set. Uses data.image_root,
-    data.strict, data.max_rows, data.decode_workers and data.world.
+    data.strict, data.max_rows, data.decode_workers, data.cache_dir (a folder: decode once
+    into a memory-mapped file there, reused by later loads; see `imagestore`) and data.world.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -259,14 +227,42 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     size = int(data_cfg.image_size)
     max_rows = int(data_cfg.max_rows)
     source = path or f"world:{role}"
+    cache_dir = str(data_cfg.get("cache_dir", "") or "") if path else ""
     try:
-        if path:
-            records = readers.read_records(path, data_cfg.image_root, skips, max_rows, role)
+        if cache_dir:
+            key = imagestore.cache_key(path, data_cfg, role, skips.strict)
+            cached = imagestore.load_cached(cache_dir, key, skips)
+        if cache_dir and cached:
+            meta, images = cached
+            records = [
+                Record(i, "", tuple(c), k)
+                for i, c, k in zip(meta["ids"], meta["captions"], meta["image_keys"], strict=True)
+            ]
+            rows_read = int(meta["rows_read"])
         else:
-            records = getattr(_cached_world(_world_key(data_cfg.world)), role)
-            records = records[:max_rows] if max_rows else records
-        rows_read = len(records) + skips.total
-        records, images = _decode_all(records, size, int(data_cfg.decode_workers), skips, source)
+            if path:
+                records = readers.read_records(path, data_cfg.image_root, skips, max_rows, role)
+            else:
+                records = getattr(_cached_world(_world_key(data_cfg.world)), role)
+                records = records[:max_rows] if max_rows else records
+            rows_read = len(records) + skips.total
+            store = imagestore.MemmapStore(cache_dir, key, size) if cache_dir else None
+            try:
+                records, images = imagestore.decode_records(
+                    records, size, int(data_cfg.decode_workers), skips, source, store
+                )
+                if store is not None:
+                    meta = {
+                        "source": source,
+                        "ids": [r.sample_id for r in records],
+                        "captions": [list(r.captions) for r in records],
+                        "image_keys": [r.image_key for r in records],
+                        "rows_read": rows_read,
+                    }
+                    images = imagestore.save_cached(store, images, meta, skips)
+            finally:
+                if store is not None and os.path.exists(store.tmp):
+                    os.remove(store.tmp)
         error = None
     except Exception as e:
         if not multi:
@@ -299,7 +295,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             skips.skip("unreadable_on_other_process", source, ids[i], detail)
         if agreed.missing_on:
             kept = np.flatnonzero(agreed.keep)
-            records, images = [records[i] for i in kept], images[kept]
+            records, images = [records[i] for i in kept], imagestore.take_rows(images, kept)
             ids = [r.sample_id for r in records]
         rows_read = agreed.rows_read
     if skips.total:

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tldr_jax.data.dataset import ImageTextSet, load_set
-from tldr_jax.data.images import normalize
+from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
 from tldr_jax.distill.student import Student, flatten_params, make_student
 from tldr_jax.eval.retrieval import retrieval_metrics
@@ -65,17 +65,18 @@ class PairData:
     A train pair is one (image, caption): a train record with several captions (a Karpathy
     eval-style row, the original Karpathy `dataset_*.json`, TFDS `coco_captions`) gives one
     pair per caption, its image repeated, as the reference's one-row-per-caption Karpathy
-    train files do. train_images: normalised float32 (N, H, W, 3); train_txt: (N, D) frozen
+    train files do. train_images: normalised float32 (N, H, W, 3), a view that normalises the
+    rows it is indexed with (pairs of one image share its uint8 copy); train_txt: (N, D) frozen
     text embedding of each pair's caption; pair_record: each pair's row in `train`;
     test_txt: every test caption's embedding; txt2img its image.
     """
 
     train: ImageTextSet
     test: ImageTextSet
-    train_images: np.ndarray
+    train_images: NormalizedRows
     train_txt: np.ndarray
     train_captions: list[str]
-    test_images: np.ndarray
+    test_images: NormalizedRows
     test_txt: np.ndarray
     txt2img: np.ndarray
     pair_record: np.ndarray
@@ -97,10 +98,10 @@ def load_pairs(config: ml_collections.ConfigDict, workdir: str | Path) -> PairDa
     return PairData(
         train=train,
         test=test,
-        train_images=normalize(pairs.images),
+        train_images=NormalizedRows(pairs.images),
         train_txt=pretrain.embed_captions(encoder, train_caps, cache_dir, tb),
         train_captions=train_caps,
-        test_images=normalize(test.images),
+        test_images=NormalizedRows(test.images),
         test_txt=pretrain.embed_captions(encoder, test_caps, cache_dir, tb),
         txt2img=np.repeat(np.arange(len(test)), [len(c) for c in test.captions]),
         pair_record=pair_record,
@@ -202,7 +203,9 @@ def make_trainer(
         theta, opt_state = jax.device_put((theta, opt_state), rep)
         if targets is not None:
             targets = jax.device_put(np.asarray(targets, np.float32), rep)
-        images, texts = np.asarray(images), np.asarray(texts)
+        if not isinstance(images, NormalizedRows):  # a view normalises the rows it feeds
+            images = np.asarray(images)
+        texts = np.asarray(texts)
         row_ids = np.arange(len(images), dtype=np.int32)
         losses, outs = [], []
         for idx, key in zip(np.asarray(batch_idx), keys, strict=True):

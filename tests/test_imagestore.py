@@ -1,0 +1,146 @@
+"""Decoded-image store (one copy per image file, views for subsets) and the decode cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tldr_jax.config_lib import data_config
+from tldr_jax.data import images as images_lib
+from tldr_jax.data.dataset import load_set
+from tldr_jax.data.imagestore import ImageRows
+from tldr_jax.data.records import SKIP_REASONS, BadRowError
+
+
+def test_image_rows_index_like_the_array():
+    rng = np.random.default_rng(0)
+    store = rng.integers(0, 256, (4, 3, 3, 3), dtype=np.uint8)
+    index = np.array([2, 0, 2, 3, 1])
+    rows, want = ImageRows(store, index), store[index]
+    assert rows.shape == want.shape and rows.dtype == np.uint8 and len(rows) == 5
+    np.testing.assert_array_equal(np.asarray(rows), want)
+    for key in (3, -1, slice(1, 4), np.array([4, 0, 0]), [1, 2], np.arange(5) % 2 == 0):
+        np.testing.assert_array_equal(rows[key], want[key])
+    np.testing.assert_array_equal(rows[1:3, 0], want[1:3, 0])
+    view = rows.take([4, 2])
+    assert view.store is store  # a view: no image copied
+    np.testing.assert_array_equal(np.asarray(view), want[[4, 2]])
+    # the same from a memory-mapped store, read in file order
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rows-{os.getpid()}.npy"
+    try:
+        np.save(path, store)
+        mapped = ImageRows(np.load(path, mmap_mode="r"), index)
+        np.testing.assert_array_equal(mapped[np.array([3, 0, 2, 2])], want[[3, 0, 2, 2]])
+        assert isinstance(mapped[np.array([1, 0])], np.ndarray)
+    finally:
+        path.unlink()
+
+
+def _png(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(path)
+
+
+def _karpathy_train(tmp_path: Path) -> Path:
+    """One row per caption, 3 images x 2 captions, plus a missing image and an empty caption."""
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(3):
+        _png(tmp_path / "img" / f"{i}.png", i)
+        rows += [
+            {"image": f"img/{i}.png", "caption": f"scene {i} {k}", "image_id": i} for k in range(2)
+        ]
+    rows += [{"image": "img/gone.png", "caption": "lost", "image_id": 9}]
+    rows += [{"image": "img/0.png", "caption": " ..", "image_id": 0}]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _cfg(**kw):
+    return data_config(**{"image_size": 8, "decode_workers": 2, **kw})
+
+
+def test_rows_sharing_a_file_share_one_decoded_image(tmp_path):
+    ds = load_set(str(_karpathy_train(tmp_path)), _cfg(), "train")
+    assert len(ds) == 6 and isinstance(ds.images, ImageRows)
+    assert len(ds.images.store) == 4  # 3 images + the missing one's unused slot
+    np.testing.assert_array_equal(ds.images[0], ds.images[1])
+    want = images_lib.decode_image(str(tmp_path / "img" / "2.png"), 8)
+    np.testing.assert_array_equal(ds.images[5], want)
+    sub = ds.subset([5, 0])
+    assert sub.images.store is ds.images.store
+    np.testing.assert_array_equal(sub.images[0], want)
+
+
+def test_decode_cache_is_reused_and_equal(tmp_path, monkeypatch):
+    path = str(_karpathy_train(tmp_path))
+    cache = str(tmp_path / "cache")
+    plain = load_set(path, _cfg(), "train")
+    first = load_set(path, _cfg(cache_dir=cache), "train")
+    assert isinstance(first.images.store, np.memmap)
+    files = sorted(os.listdir(cache))
+    assert len(files) == 3 and not any(".tmp" in f for f in files), files
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although the cache holds the set")
+
+    monkeypatch.setattr(images_lib, "decode_image", no_decoding)
+    again = load_set(path, _cfg(cache_dir=cache), "train")
+    for ds in (first, again):
+        assert ds.ids == plain.ids and ds.captions == plain.captions
+        assert ds.image_keys == plain.image_keys and ds.rows_read == plain.rows_read == 8
+        assert ds.skipped == plain.skipped
+        assert ds.skipped == {r: int(r in ("missing_image", "empty_caption")) for r in SKIP_REASONS}
+        np.testing.assert_array_equal(np.asarray(ds.images), np.asarray(plain.images))
+    pairs, _ = again.pairs()
+    np.testing.assert_array_equal(np.asarray(pairs.images), np.asarray(plain.images))
+
+
+def test_decode_cache_key_follows_the_input_and_settings(tmp_path):
+    path = _karpathy_train(tmp_path)
+    cache = str(tmp_path / "cache")
+    load_set(str(path), _cfg(cache_dir=cache), "train")
+    # another image size, max_rows or role is another entry
+    load_set(str(path), data_config(image_size=4, decode_workers=1, cache_dir=cache), "train")
+    load_set(str(path), _cfg(cache_dir=cache, max_rows=2), "train")
+    assert len([f for f in os.listdir(cache) if f.endswith(".json")]) == 3
+    # a changed annotation file is read again, not served stale
+    rows = json.loads(path.read_text())[:2]
+    path.write_text(json.dumps(rows))
+    os.utime(path, ns=(1, 1))
+    ds = load_set(str(path), _cfg(cache_dir=cache), "train")
+    assert len(ds) == 2 and ds.rows_read == 2
+
+
+def test_strict_mode_is_not_served_from_a_lenient_cache(tmp_path):
+    path = str(_karpathy_train(tmp_path))
+    cache = str(tmp_path / "cache")
+    assert load_set(path, _cfg(cache_dir=cache), "train").skipped["missing_image"] == 1
+    with pytest.raises(BadRowError, match="train.json"):
+        load_set(path, _cfg(cache_dir=cache, strict=True), "train")
+
+
+def test_interrupted_decode_leaves_no_cache_entry(tmp_path, monkeypatch):
+    path = str(_karpathy_train(tmp_path))
+    cache = tmp_path / "cache"
+    calls = []
+
+    def failing(src, size):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return np.zeros((size, size, 3), np.uint8)
+
+    monkeypatch.setattr(images_lib, "decode_image", failing)
+    with pytest.raises(KeyboardInterrupt):
+        load_set(path, _cfg(cache_dir=str(cache), decode_workers=1), "train")
+    assert not cache.exists() or os.listdir(cache) == []
+    monkeypatch.undo()
+    ds = load_set(path, _cfg(cache_dir=str(cache)), "train")
+    assert len(ds) == 6 and ds.images[0].any()
