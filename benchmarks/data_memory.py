@@ -72,6 +72,7 @@ def write_set(root: str, images: int, captions: int, seed: int = 0) -> str:
 
 def child(mode: str, path: str, size: int, cache: str) -> dict:
     import jax  # noqa: F401  (load_set imports it; count it in the baseline)
+
     from tldr_jax.config_lib import data_config
     from tldr_jax.data.dataset import load_set
     from tldr_jax.data.images import normalize

@@ -8,7 +8,8 @@ Command lines:
       --config.data.train=cc3m.json --config.data.image_root=/data/cc3m \
       --config.data.test=coco_karpathy_test.json
 
-`small` runs in a few minutes on 2 CPU cores (32 px embedded world, a small ConvNet).
+`small` runs in a few minutes on 2 CPU cores (32 px embedded world, a small ConvNet);
+`tiny` is a smoke test of both stages in well under a minute (16 px, 2 epochs; not for results).
 """
 
 import ml_collections
@@ -48,8 +49,15 @@ def train_config(small: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, small=False)
-    config = config_lib.base_config(arg.small)
-    config.model = model_config(arg.small)
-    config.train = train_config(arg.small)
+    arg = config_lib.parse_arg(arg, small=False, tiny=False)
+    small = arg.small or arg.tiny
+    config = config_lib.base_config(small)
+    config.model = model_config(small)
+    config.train = train_config(small)
+    if arg.tiny:
+        config.data.image_size = 16
+        config.data.world.update(image_size=16, num_pairs=256, num_test=32, num_clean=32)
+        config.model.image_kwargs.update(depth=2, width=8)
+        config.model.embed_dim = 32
+        config.train.update(batch_size=32, epochs=2, warmup_steps=2, ckpt_every=4)
     return config

@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import tldr as tldr_config
 from tldr_jax.cli import run_stage
-from tldr_jax.compress import caption_stage, captioner_stage, extract
+from tldr_jax.compress import caption_stage, captioner_stage, extract, pipeline
 from tldr_jax.compress.common import load_train
 from tldr_jax.data.images import normalize
 from tldr_jax.data.tokenizer import load_tokenizer
@@ -195,3 +195,24 @@ def test_compact_vocab_round_trip():
     assert vocab.decode_batch(ids) == tok.decode_batch(full)
     with pytest.raises(ValueError, match="outside the compact vocabulary"):
         vocab.encode_batch(["a green ball"], 16)
+
+
+def test_compact_vocab_cache_refuses_another_caption_set(tmp_path):
+    tok = load_tokenizer()
+    path = tmp_path / "vocab.json"
+    first = captioner_stage.CompactVocab.cached(tok, ["a red ball", "two squares"], 8, path)
+    again = captioner_stage.CompactVocab.cached(tok, ["a red ball", "two squares"], 8, path)
+    np.testing.assert_array_equal(first.full_ids, again.full_ids)
+    with pytest.raises(ValueError, match="built from other captions.*new workdir"):
+        captioner_stage.CompactVocab.cached(tok, ["a green ball"], 8, path)
+
+
+def test_small_kept_subsets_train_with_a_smaller_batch():
+    config = tldr_config.get_config("tiny")
+    same, batch = pipeline.subset_batch_config(config, 100)
+    assert same is config and batch == 32
+    small, batch = pipeline.subset_batch_config(config, 25)
+    assert batch == 25 // jax.device_count() * jax.device_count() and batch <= 25
+    assert small.train.batch_size == batch and config.train.batch_size == 32
+    with pytest.raises(ValueError, match="fewer than the"):
+        pipeline.subset_batch_config(config, jax.device_count() - 1 or 0)

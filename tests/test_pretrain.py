@@ -118,6 +118,11 @@ def test_resume_after_preemption_matches_uninterrupted(
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5)
     for k in ("tr_r1", "tr_r5", "ir_r1", "ir_r5"):
         assert resumed[k] == pytest.approx(full[k], abs=1e-6)
+    # Running the finished run again trains nothing and still reports its last loss.
+    again, _ = pretrain.train_and_evaluate(
+        config, tmp_path / "b", train, test, text_encoder, num_steps=6
+    )
+    assert again["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5)
     # The metric CSV holds each step once even though the run was interrupted.
     rows = (tmp_path / "b" / "metrics" / "pretrain.csv").read_text().splitlines()[1:]
     steps = [int(r.split(",")[0]) for r in rows if ",loss," in r]
@@ -180,3 +185,10 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
 def test_cli_rejects_unknown_stage():
     r = _cli("no-such-stage", "--config", "configs/pretrain.py", "--workdir", "/tmp/x")
     assert r.returncode == 2 and "unknown stage" in r.stderr
+
+
+def test_config_arguments_are_checked():
+    tiny = pretrain_config.get_config("tiny")
+    assert tiny.data.image_size == 16 and tiny.train.epochs == 2
+    with pytest.raises(ValueError, match="unknown config argument 'smal'.*small, tiny"):
+        pretrain_config.get_config("smal")

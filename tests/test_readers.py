@@ -13,7 +13,7 @@ from PIL import Image
 
 from tldr_jax.config_lib import data_config
 from tldr_jax.data import images as images_lib
-from tldr_jax.data.dataset import load_set
+from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.readers import read_records
 from tldr_jax.data.records import SKIP_REASONS, BadRowError, Skips
 
@@ -220,7 +220,6 @@ def test_karpathy_split_file(tmp_path):
 
 
 def test_pairs_one_row_per_caption():
-    from tldr_jax.data.dataset import ImageTextSet
 
     images = np.stack([_image(i, (4, 4)) for i in range(3)])
     ds = ImageTextSet(
@@ -545,3 +544,72 @@ def test_processes_reading_shared_rows_in_different_orders_is_an_error():
     hashes, meta = _gathered([ids, ids[::-1]], skipped=[0, 0], rows_read=[3, 3])
     with pytest.raises(RuntimeError, match="different orders"):
         agree_on_rows(ids, hashes, meta, 0, "x")
+
+
+# --- awkward but valid inputs, and inputs that cannot be read -------------------------------
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "float.tif")
+    want = np.asarray(
+        Image.fromarray((ramp / 257).round().astype(np.uint8)).resize((8, 8), Image.BICUBIC)
+    )
+    for name in ("deep.png", "float.tif"):
+        got = images_lib.decode_image(str(tmp_path / name), 8)
+        assert got.std() > 30, name  # clipping made these solid white
+        np.testing.assert_allclose(got[..., 0], want, atol=2)
+
+
+def test_byte_order_marks_are_ignored(tmp_path):
+    names = _write_images(tmp_path, 2)
+    rows = [{"image": n, "caption": f"pic {i}"} for i, n in enumerate(names)]
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())
+    tsv = "caption\turl\n" + "".join(f"pic {i}\t{n}\n" for i, n in enumerate(names))
+    (tmp_path / "a.tsv").write_bytes(b"\xef\xbb\xbf" + tsv.encode())
+    for name in ("a.json", "a.tsv"):
+        ds = load_set(str(tmp_path / name), _cfg(), "train")
+        assert ds.captions == [["pic 0"], ["pic 1"]] and ds.rows_read == 2, name
+        assert sum(ds.skipped.values()) == 0, name
+
+
+def test_broken_json_array_says_where(tmp_path):
+    names = _write_images(tmp_path, 2)
+    text = json.dumps([{"image": n, "caption": "x"} for n in names], indent=2)
+    (tmp_path / "a.json").write_text(text.replace("}\n]", "},\n]"))  # a trailing comma
+    for strict in (False, True):
+        with pytest.raises(
+            ValueError, match=r"a.json: not valid JSON at line 10, column 1: Expect"
+        ):
+            load_set(str(tmp_path / "a.json"), _cfg(strict=strict), "train")
+
+
+def test_missing_split_and_empty_sets_are_clear_errors(tmp_path):
+    names = _write_images(tmp_path, 1)
+    split_file = {"images": [{"filename": names[0], "split": "test", "sentences": [{"raw": "x"}]}]}
+    (tmp_path / "dataset_x.json").write_text(json.dumps(split_file))
+    with pytest.raises(ValueError, match="no images of split bogus .splits in the file: test"):
+        load_set(str(tmp_path / "dataset_x.json:bogus"), _cfg(), "train")
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "gone.png", "caption": "x"}]))
+    with pytest.raises(
+        ValueError, match=r"no usable rows for test \(1 read; skipped .*missing_image"
+    ):
+        load_set(str(tmp_path / "bad.json"), _cfg(), "test")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="no usable rows for train .0 read; it is empty"):
+        load_set(str(tmp_path / "empty.json"), _cfg(), "train")
+
+
+def test_pair_ids_that_collide_are_an_error():
+    ds = ImageTextSet(
+        ids=["a", "a/c0"],
+        images=np.zeros((2, 4, 4, 3), np.uint8),
+        captions=[["x", "y"], ["z"]],
+        image_keys=["1.png", "2.png"],
+        rows_read=2,
+        skipped={},
+        source="rows.json",
+    )
+    with pytest.raises(ValueError, match="rows.json: the pair id 'a/c0' is given twice"):
+        ds.pairs()

@@ -6,12 +6,19 @@ import ml_collections
 
 
 def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
-    """Parses `file.py:small,seed=3` style args into a ConfigDict of typed defaults.
+    """Parses `file.py:small` or `file.py:tiny,reference` style args into typed defaults.
 
-    A bare word sets a boolean flag of that name (`small` -> small=True).
+    A bare word sets a boolean flag of that name (`small` -> small=True). A word the config
+    file does not define is an error (a typo must not silently give the full config).
     """
     cfg = ml_collections.ConfigDict(dict(defaults))
     for part in filter(None, (arg or "").split(",")):
+        key = part.split("=", 1)[0]
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise ValueError(
+                f"unknown config argument {key!r} in {arg!r} (this file takes: {known})"
+            )
         if "=" in part:
             key, value = part.split("=", 1)
             old = defaults.get(key)

@@ -267,6 +267,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "resumed_from": result.resumed_from,
         "final_loss": result.metrics.get("loss"),
         "caption_set": clean.source,
+        "caption_rows_read": clean.rows_read,
+        "caption_skipped": dict(clean.skipped),
         "caption_images": len(clean),
         "caption_pairs": sum(len(c) for c in clean.captions),
         "prompt": prompt,

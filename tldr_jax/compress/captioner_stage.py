@@ -12,6 +12,7 @@ metrics CSV/PNG, tqdm, and a checkpoint-then-stop on SIGTERM, like `train/pretra
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -86,11 +87,20 @@ class CompactVocab:
     ) -> CompactVocab:
         """from_texts, stored at `path` (JSON list of tokenizer ids) so that a resumed run and
         later stages rebuild the same decoder shape without re-tokenizing the corpus."""
+        digest = hashlib.sha256("\n".join(texts).encode("utf-8", "surrogateescape")).hexdigest()
+        source = path.with_name(path.name + ".texts-sha256")  # what the vocabulary was built from
         if path.exists():
+            if source.exists() and source.read_text().strip() != digest:
+                raise ValueError(
+                    f"{path} was built from other captions than this run's: the workdir "
+                    f"belongs to another data set or caption set. Use a new workdir, or delete "
+                    f"{path.parent} to train this stage again."
+                )
             return cls(tokenizer, io.read_json(path))
         vocab = cls.from_texts(tokenizer, texts, max_len)
         if dist.is_main():
             io.write_json(path, vocab.full_ids.tolist(), indent=None)
+            io.write_text(source, digest + "\n")
         return vocab
 
     def encode_batch(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:

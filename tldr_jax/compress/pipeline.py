@@ -48,6 +48,36 @@ def _recalls(summary: dict) -> dict[str, float]:
     return {k: float(summary[k]) for k in RECALL_KEYS}
 
 
+def subset_batch_config(
+    cfg: ml_collections.ConfigDict, pairs: int
+) -> tuple[ml_collections.ConfigDict, int]:
+    """The config the subset runs train with, and their batch size: `train.batch_size`, or,
+    for a subset smaller than it, the subset's size rounded down to a multiple of the device
+    count (said in the log and in each arm's `batch_size`)."""
+    import jax
+
+    batch = int(cfg.train.batch_size)
+    if pairs >= batch:
+        return cfg, batch
+    devices = jax.device_count()
+    small = pairs // devices * devices
+    if small == 0:
+        raise ValueError(
+            f"the kept subset has {pairs} pairs, fewer than the {devices} devices; keep more "
+            "(select.target, score.keep_fraction) or use a larger input"
+        )
+    log.warning(
+        "compress: the kept subset (%d pairs) is smaller than train.batch_size %d; its "
+        "comparison runs train with batch %d",
+        pairs,
+        batch,
+        small,
+    )
+    small_cfg = cfg.copy_and_resolve_references()
+    small_cfg.train.batch_size = small
+    return small_cfg, small
+
+
 def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg = shared_cache(config, workdir)
     out = stage_dir(workdir, "eval")
@@ -64,14 +94,23 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
     budget = str(cfg.retrieval_eval.budget)
     num_steps = int(full["steps"]) if budget == "steps" else None
     text_encoder = make_text_encoder(cfg)
-    results = {"full": {**_recalls(full), "pairs": len(train), "steps": int(full["steps"])}}
+    batch = int(cfg.train.batch_size)
+    results = {
+        "full": {
+            **_recalls(full),
+            "pairs": len(train),
+            "steps": int(full["steps"]),
+            "batch_size": batch,
+        }
+    }
+    arm_cfg, arm_batch = subset_batch_config(cfg, len(tldr))
     for name, subset in (("tldr", tldr), ("random", random_set)):
         cached = out / f"{name}.json"
         if cached.exists():
             summary = io.read_json(cached)
         else:
             summary, _ = train_and_evaluate(
-                cfg,
+                arm_cfg,
                 out / name,
                 subset,
                 test,
@@ -81,7 +120,12 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
             )
             if dist.is_main():
                 io.write_json(cached, summary)
-        results[name] = {**_recalls(summary), "pairs": len(subset), "steps": int(summary["steps"])}
+        results[name] = {
+            **_recalls(summary),
+            "pairs": len(subset),
+            "steps": int(summary["steps"]),
+            "batch_size": arm_batch,
+        }
     for r in results.values():
         r["mean_r1"] = 0.5 * (r["tr_r1"] + r["ir_r1"])
     return {"budget": budget, **results}
@@ -178,6 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "fraction": float(write_summary["fraction"]),
         "rows_read": int(train_summary.get("rows_read", write_summary["input_rows"])),
         "skipped": train_summary.get("skipped", {}),
+        "test_rows_read": train_summary.get("test_rows_read"),
+        "skipped_test": train_summary.get("skipped_test", {}),
         "train_json": write_summary["train_json"],
         "image_root": write_summary["image_root"],
         "stage_wall_s": walls,

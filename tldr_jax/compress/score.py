@@ -74,6 +74,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sel_rows = rows_of(train.ids, sel["ids"])
     keep_local = top_fraction(scores[sel_rows], float(cfg.score.keep_fraction))
     kept_rows = np.sort(sel_rows[keep_local])
+    if not len(kept_rows):
+        raise ValueError(
+            f"score.keep_fraction={float(cfg.score.keep_fraction)} keeps none of the "
+            f"{len(sel_rows)} rows select kept; raise it"
+        )
 
     if dist.is_main():
         ids = np.array(train.ids)
@@ -97,4 +102,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "scorer_steps": full_summary["steps"],
         "rows_read": train.rows_read,
         "skipped": dict(train.skipped),
+        "test_rows_read": test.rows_read,
+        "skipped_test": dict(test.skipped),
     }

@@ -65,7 +65,7 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     WORKDIR/world once so its training file is usable by any BLIP-format reader."""
     if config.data.train:
         if config.data.image_root:
-            return str(config.data.image_root)
+            return os.path.abspath(str(config.data.image_root))
         from tldr_jax.data.readers import annotation_folder, split_suffix_of
 
         source = split_suffix_of(str(config.data.train))[0]
@@ -76,7 +76,7 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     if not (world_dir / "train.json").exists() and dist.is_main():
         write_world(make_world(config.data.world), world_dir)
     dist.barrier("world-written")
-    return str(world_dir)
+    return os.path.abspath(world_dir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -107,7 +107,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "generated": generated.get(sid),
             }
         )
-    image_root = str(out) if extracted else image_root_for(config, workdir)
+    # Absolute, so the manifest and summary say where train.json's paths resolve from any
+    # working directory (the paths themselves stay as the input wrote them).
+    image_root = os.path.abspath(out) if extracted else image_root_for(config, workdir)
     without_generated = sum(1 for m in manifest if not m["generated"])
     if dist.is_main():
         io.write_json(out / "train.json", entries, indent=None)
@@ -127,6 +129,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "fraction": len(entries) / max(len(train), 1),
         "mode": mode,
         "kept_without_generated_caption": without_generated,
-        "train_json": str(out / "train.json"),
+        "train_json": os.path.abspath(out / "train.json"),
         "image_root": image_root,
     }

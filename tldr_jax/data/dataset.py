@@ -87,6 +87,13 @@ class ImageTextSet:
             ],
             captions=[[c] for caps in self.captions for c in caps],
         )
+        if len(set(expanded.ids)) != len(expanded.ids):
+            seen: set[str] = set()
+            dup = next(i for i in expanded.ids if i in seen or seen.add(i))
+            raise ValueError(
+                f"{self.source}: the pair id {dup!r} is given twice: a row with several "
+                "captions makes pairs '<id>/c<k>', and another row has that id; rename it"
+            )
         return expanded, record
 
 
@@ -300,6 +307,9 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         rows_read = agreed.rows_read
     if skips.total:
         log.warning("%s: skipped %s (e.g. %s)", source, skips.as_dict(), skips.examples)
+    if not ids:
+        why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
+        raise ValueError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
     return ImageTextSet(
         ids=ids,
         images=images,

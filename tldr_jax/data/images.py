@@ -39,6 +39,21 @@ class NotAnImageError(ImageError):
     reason = "not_an_image"
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Rescales high-bit-depth grey images (16-bit PNG/TIFF: modes I;16*, I; float: F) to
+    8 bits. Pillow's convert("RGB") clips them at 255, which turns them white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        a = a / 257.0 if img.mode != "I" or a.max(initial=0) > 255 else a
+    elif img.mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        finite = a[np.isfinite(a)]
+        a = np.nan_to_num(a) * (255.0 if finite.size and finite.max() <= 1.0 else 1.0)
+    else:
+        return img
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def _resize(img: Image.Image, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
@@ -90,7 +105,7 @@ def decode_image(src: str | os.PathLike | bytes | np.ndarray, size: int) -> np.n
             # JPEG only: decode at a reduced scale that is still >= size (much faster).
             img.draft("RGB", (size, size))
             img.load()
-            img = img.convert("RGB")
+            img = _to_8bit(img).convert("RGB")
         except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
             raise TruncatedImageError(f"{name}: {e}") from e
     return _resize(img, size)

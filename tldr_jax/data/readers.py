@@ -10,7 +10,9 @@ Formats (picked by `read_records` from the path):
     for (train and clean: "train" + "restval", test: "test"), or from a suffix naming it:
     `dataset_coco.json:val`, `dataset_coco.json:train+restval`. Images of other splits are
     not rows of this input (not read, not counted).
-  * JSON lines of the same objects (also the fallback when a whole .json file fails to parse).
+  * JSON lines of the same objects (also the fallback when a whole .json file fails to parse;
+    a file that starts as one JSON array and does not parse is an error naming where it
+    breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
   * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
   * A directory of img2dataset webdataset shards `*.tar` (`KEY.jpg` + `KEY.txt` + `KEY.json`).
   * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads).
@@ -199,16 +201,29 @@ def _read_json(
     split_suffix: bool = False,
 ) -> None:
     text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors)
     stem = Path(path).stem
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            # One JSON array that does not parse (a trailing comma, a cut file): its rows
+            # cannot be told apart, so say where it breaks rather than read it as lines.
+            raise ValueError(
+                f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from e
         data = None
     if _is_karpathy(data):
         if splits is None:
             raise ValueError(
                 f"{path}: a Karpathy split file (an 'images' list): say which split to read "
                 f"with a suffix, e.g. {path}:test"
+            )
+        present = {r.get("split") for r in data["images"] if isinstance(r, dict)}
+        if split_suffix and not present.intersection(splits):
+            names = ", ".join(sorted(str(x) for x in present))
+            raise ValueError(
+                f"{path}: no images of split {'+'.join(splits)} (splits in the file: {names})"
             )
         return _read_karpathy(data["images"], path, splits, image_root, sink)
     if split_suffix:
@@ -242,6 +257,8 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
         raw = raw.rstrip(b"\r")
         if not raw.strip():
             continue
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:

@@ -193,8 +193,10 @@ def train_and_evaluate(
     data_iter = train_iterator(train, batch_size, seed)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.get("keep", 2)))
     start = ckpt.latest_step() or 0
+    last_loss = None  # the loss of the latest step (kept in the checkpoint for reruns)
     if start:
-        state, _ = ckpt.restore(start, state, data_iter=data_iter)
+        state, extra = ckpt.restore(start, state, data_iter=data_iter)
+        last_loss = (extra or {}).get("loss")
         log.info("%s: resumed from step %d", name, start)
     logger = MetricLogger(workdir, name, resume_step=start)
 
@@ -214,10 +216,12 @@ def train_and_evaluate(
             scalars = {k: float(v) for k, v in metrics.items()}
             logger.log(done, **scalars)
             pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
-        if done % ckpt_every == 0 or done == total:
-            ckpt.save(done, state, extra={"name": name}, data_iter=data_iter)
-        if preemption.requested():
-            ckpt.save(done, state, extra={"name": name}, data_iter=data_iter)
+        stop = preemption.requested()
+        if done % ckpt_every == 0 or done == total or stop:
+            last_loss = float(metrics["loss"])
+            extra = {"name": name, "loss": last_loss}
+            ckpt.save(done, state, extra=extra, data_iter=data_iter)
+        if stop:
             logger.close()
             raise preemption.stop(name, done)
     train_s = time.time() - t0
@@ -236,7 +240,7 @@ def train_and_evaluate(
         "train_pairs": len(train),
         "test_images": len(test),
         "test_captions": len(test_caps),
-        "final_loss": float(metrics["loss"]) if metrics else None,
+        "final_loss": float(metrics["loss"]) if metrics else last_loss,
         "time_s": {"text_embed": text_s, "train": train_s, "eval": time.time() - t0},
     }
     return summary, model
