@@ -12,6 +12,7 @@ from configs import distill as distill_config
 from tldr_jax.cli import run_stage
 from tldr_jax.data.images import normalize
 from tldr_jax.distill import expert_trajectories as et
+from tldr_jax.distill.distill_stage import initial_pairs
 
 EXPERTS, EPOCHS = 2, 2
 
@@ -106,6 +107,19 @@ def test_distill_outputs_resume_and_eval(buffered):
     assert second["resumed_from"] == 3 and second["iterations"] == 5
     with np.load(out / "distilled.npz") as f:
         assert not np.array_equal(f["images"], images)
+    # The meta-loss history travels in the checkpoints: a rerun of the finished stage (or a
+    # resumed one) reports the whole run's figures.
+    again = run_stage("distill", config5, str(workdir))
+    assert again["resumed_from"] == 5 and first["meta_loss_first10"] is not None
+    for key in ("meta_loss_first10", "meta_loss_last10"):
+        assert again[key] == pytest.approx(second[key]) and second[key] is not None
+    # Settings that define the synthetic set cannot change under a finished one.
+    noise = config5.copy_and_resolve_references()
+    noise.distill.init = "noise"
+    with pytest.raises(
+        ValueError, match=r"other settings than this run's \(distill.init: 'real' -> 'noise'\)"
+    ):
+        run_stage("distill", noise, str(workdir))
 
     # eval-distilled: the five methods, each with mean/std of the six recall keys.
     result = run_stage("eval-distilled", config, str(workdir))
@@ -116,6 +130,44 @@ def test_distill_outputs_resume_and_eval(buffered):
         assert result[method]["num_pairs"] == 8
     assert "| distilled |" in (workdir / "eval-distilled.md").read_text()
     assert (workdir / "eval-distilled.json").exists()
+    assert result["protocol"]["coreset_pairs"] == 8
+
+    # A coreset budget above the training set takes all of it (and says so).
+    big = config.copy_and_resolve_references()
+    big.eval.coreset_pairs = 10**6
+    n = result["train_pairs"]
+    result = run_stage("eval-distilled", big, str(workdir))
+    assert result["protocol"]["coreset_pairs"] == n
+    assert result["protocol"]["coreset_pairs_asked"] == 10**6
+    assert result["random"]["num_pairs"] == n and set(result["budgets"]) == {"8", str(n)}
+
+
+def test_changed_data_or_recipe_is_refused(buffered):
+    config, root, _ = buffered
+    workdir = root / "w"
+    more = config.copy_and_resolve_references()
+    more.buffer.epochs = EPOCHS + 1
+    with pytest.raises(
+        ValueError, match=r"buffer was made with other settings.*\(buffer.epochs: 2 -> 3\)"
+    ):
+        run_stage("buffer", more, str(workdir))
+    bigger = config.copy_and_resolve_references()
+    bigger.data.image_size = 20
+    with pytest.raises(ValueError, match=r"\(image_size: 16 -> 20\)"):
+        run_stage("distill", bigger, str(workdir))
+    other = config.copy_and_resolve_references()
+    other.data.world.num_pairs = 150
+    with pytest.raises(ValueError, match="train_pairs: 200 -> 150; train_sha256"):
+        run_stage("distill", other, str(workdir))
+
+
+def test_too_few_pairs_for_the_synthetic_set_is_a_clear_error():
+    images, texts = np.zeros((5, 4, 4, 3), np.float32), np.zeros((5, 3), np.float32)
+    for init in ("real", "kmeans"):
+        with pytest.raises(ValueError, match="distill.num_pairs=8 > 5 training pairs"):
+            initial_pairs(init, 8, 0, images, texts, texts)
+    imgs, _, idx = initial_pairs("noise", 8, 0, images, texts)
+    assert imgs.shape == (8, 4, 4, 3) and (idx == -1).all()
 
 
 def test_distill_nan_guard_counts_skipped_updates(buffered):

@@ -78,6 +78,11 @@ def initial_pairs(
     """
     n = len(images)
     rng = np.random.default_rng(seed)
+    if init in ("real", "kmeans") and num_pairs > n:
+        raise ValueError(
+            f"distill.num_pairs={num_pairs} > {n} training pairs: lower distill.num_pairs, "
+            "or start from distill.init=noise"
+        )
     if init == "real":
         idx = np.sort(rng.choice(n, num_pairs, replace=False))
     elif init == "kmeans":
@@ -123,6 +128,27 @@ def save_grid(path: Path, images: np.ndarray, titles: list[str], max_images: int
     io.save_figure(fig, path)
 
 
+# distill.* keys a run of one workdir may change between reruns: how many iterations, how
+# often it logs / checkpoints, and how the gradient is computed (the same exact gradient, or
+# TESLA's). The rest define the synthetic set.
+RESUMABLE_KEYS = (
+    "iterations",
+    "ckpt_every",
+    "log_every",
+    "grad_mode",
+    "micro_batches",
+    "remat_budget_mib",
+    "scan_unroll",
+)
+
+
+def distill_signature(config: ml_collections.ConfigDict, buffer_sig: dict) -> dict[str, Any]:
+    """What W/distill's synthetic set depends on: the buffer and distill.* but
+    RESUMABLE_KEYS."""
+    d = {k: v for k, v in config.distill.to_dict().items() if k not in RESUMABLE_KEYS}
+    return {"buffer": buffer_sig, "distill": d}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax distill`: learn the synthetic set, save npz + png + checkpoints."""
     workdir_p = Path(workdir)
@@ -133,8 +159,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     expert_epochs, iterations = int(d.expert_epochs), int(d.iterations)
     epochs = int(b.epochs)
     max_start = min(int(d.max_start_epoch), epochs - expert_epochs + 1)
+    if int(d.max_start_epoch) < 1:
+        raise ValueError(
+            f"distill.max_start_epoch={int(d.max_start_epoch)}: it must be >= 1 (start epochs "
+            "are drawn from 0 .. max_start_epoch - 1)"
+        )
     if max_start < 1:
-        raise ValueError(f"expert_epochs={expert_epochs} > buffer.epochs={epochs}")
+        raise ValueError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
     if d.grad_mode not in matching.GRAD_MODES:
         raise ValueError(f"distill.grad_mode must be one of {matching.GRAD_MODES}")
     lors = bool(d.get("lors", False))
@@ -148,6 +179,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
 
     data = et.load_pairs(config, workdir)
+    sig = distill_signature(config, et.check_buffer(workdir, config, data))
+    et.check_signature(out_dir / "signature.json", sig, create=True, redo="distill again")
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
@@ -218,18 +251,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
     start = ckpt.latest_step() or 0
     skipped = 0
+    # Every finite iteration's meta-loss, kept in the checkpoints so a resumed or rerun
+    # stage reports the whole run's first / last 10.
+    losses: list[float] = []
+    first_losses: list[float] = []
+    history_known = start == 0
     if start:
         state, extra = ckpt.restore(start, {"syn": syn, "opt_state": opt_state})
         syn, opt_state = state["syn"], state["opt_state"]
         skipped = int(extra.get("skipped", 0))
+        if "meta_losses" in extra:
+            losses = [float(x) for x in extra["meta_losses"]]
+            first_losses = losses[:10]
+            history_known = True
         log.info("distill: resumed at iteration %d", start)
     logger = MetricLogger(workdir_p, "distill", resume_step=start)
 
     base_key = jax.random.key(seed)
     ckpt_every = int(d.ckpt_every) or iterations
     log_every = max(int(d.log_every), 1)
-    losses: list[float] = []
-    first_losses: list[float] = []
     t0 = time.time()
     pbar = tqdm(range(start, iterations), desc="distill", disable=not dist.is_main(), leave=False)
     for it in pbar:
@@ -250,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             log.warning("distill: iteration %d non-finite (loss %s), update skipped", done, loss_f)
         else:
             losses.append(loss_f)
-            if len(first_losses) < 10 and start == 0:
+            if len(first_losses) < 10 and history_known:
                 first_losses.append(loss_f)
         if done % log_every == 0 or done == iterations:
             # The per-iteration loss varies with the (expert, epoch) draw: log the window mean.
@@ -268,7 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             )
             pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
         if done % ckpt_every == 0 or done == iterations or preemption.requested():
-            ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra={"skipped": skipped})
+            extra = {"skipped": skipped, **({"meta_losses": losses} if history_known else {})}
+            ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra=extra)
         if preemption.requested():
             ckpt.close()
             logger.close()

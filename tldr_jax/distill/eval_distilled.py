@@ -30,6 +30,7 @@ import optax
 
 from tldr_jax.distill import coresets
 from tldr_jax.distill import expert_trajectories as et
+from tldr_jax.distill.distill_stage import distill_signature
 from tldr_jax.distill.matching import sample_minibatches
 from tldr_jax.distill.student import Student
 from tldr_jax.train import pretrain
@@ -181,6 +182,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     seed = int(config.seed)
     b, e = config.buffer, config.eval
     data = et.load_pairs(config, workdir)
+    sig = distill_signature(config, et.check_buffer(workdir, config, data))
+    et.check_signature(
+        workdir_p / "distill" / "signature.json", sig, create=False, redo="distill again"
+    )
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     evaluator = Evaluator(config, student, data)
@@ -214,15 +219,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             finals.append(extra["recall"][-1])
     expert_recall = et.mean_std(finals) if finals else None
 
-    main_budget = int(e.coreset_pairs) or m
-    budgets = sorted({main_budget, *(int(x) for x in e.budgets)})
+    asked = int(e.coreset_pairs) or m
+    main_budget = min(asked, n)
+    if asked > n:
+        log.warning(
+            "eval-distilled: coreset budget %d > %d training pairs; the coresets take all %d",
+            asked,
+            n,
+            n,
+        )
+    extra_budgets = [int(x) for x in e.budgets]
+    for bud in extra_budgets:
+        if bud > n:
+            log.warning("eval-distilled: budget %d > %d training pairs, left out", bud, n)
+    budgets = sorted({main_budget, *(bud for bud in extra_budgets if bud <= n)})
     coreset_lr = float(e.coreset_lr)
     results: dict[int, dict[str, dict]] = {bud: {} for bud in budgets}
     results.setdefault(m, {})["distilled"] = distilled
     for bud in budgets:
-        if bud > n:
-            log.warning("eval-distilled: budget %d > %d training pairs, skipped", bud, n)
-            continue
         for j, method in enumerate(METHODS[1:]):
             idx = coreset_indices(method, bud, seed, features, correct)
             runs = evaluator.train_and_eval(
@@ -242,6 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary[method] = results[main_budget][method]
     summary["budgets"] = {str(k): v for k, v in sorted(results.items())}
     summary["experts_full_data"] = expert_recall
+    summary["train_pairs"] = n
     summary["protocol"] = {
         "num_models": int(e.num_models),
         "epochs": int(e.epochs),
@@ -249,6 +264,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "momentum": float(e.momentum),
         "weight_decay": float(e.weight_decay),
         "coreset_lr": coreset_lr,
+        "coreset_pairs": main_budget,
+        "coreset_pairs_asked": asked,
         "coreset_features": "expert 0 final epoch: [image emb, text emb] (L2-normalised)",
         "forgetting_events": "expert 0, rank-1 in-batch retrieval per epoch (recorded by buffer)",
     }

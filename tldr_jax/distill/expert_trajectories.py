@@ -19,7 +19,10 @@ functions of (seed, expert, epoch), so a resumed run writes the same vectors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -45,7 +48,7 @@ from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import l2_normalize
-from tldr_jax.utils import dist, preemption
+from tldr_jax.utils import dist, io, preemption
 from tldr_jax.utils.mesh import make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -269,6 +272,79 @@ def epoch_batches(n: int, batch: int, seed: int, expert: int, epoch: int) -> np.
 # --------------------------------------------------------------------------- trajectories
 
 
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[str, Any]:
+    """What the experts depend on: the training pairs (source, count, a hash of their ids and
+    captions), image size, model, text encoder, seed and the expert recipe. Adding experts
+    (buffer.num_experts) or changing the test set does not change it."""
+    digest = hashlib.sha256()
+    for sid, caption in zip(data.train.pairs()[0].ids, data.train_captions, strict=True):
+        digest.update(f"{sid}\t{caption}\n".encode("utf-8", "surrogateescape"))
+    t, b = config.text, config.buffer
+    source, root = data.train.source, str(config.data.image_root)
+    if not source.startswith(("world:", "tfds:")):
+        source = os.path.abspath(source)  # the same file named from another folder
+    return _jsonable(
+        {
+            "train": source,
+            "image_root": os.path.abspath(root) if root else "",
+            "train_pairs": data.num_pairs,
+            "train_sha256": digest.hexdigest(),
+            "image_size": int(config.data.image_size),
+            "model": config.model.to_dict(),
+            "text": {
+                "model_dir": str(t.model_dir),
+                "pooling": str(t.pooling),
+                "max_len": int(t.max_len),
+            },
+            "seed": int(config.seed),
+            "buffer": {"epochs": int(b.epochs), "lr": float(b.lr), "batch_size": int(b.batch_size)},
+        }
+    )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so a refusal names the setting that changed."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_signature(path: Path, want: dict[str, Any], *, create: bool, redo: str) -> None:
+    """Refuses a workdir whose stage output was made with other settings (`path` holds what
+    they were); writes `want` there when absent and `create`. `redo`: what deleting the
+    folder would do, for the message."""
+    want = _flat(_jsonable(want))
+    if path.exists():
+        have = _flat(io.read_json(path))
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            changes = "; ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"{path.parent} was made with other settings than this run's ({changes}). Use "
+                f"a new workdir, or delete {path.parent} to {redo}."
+            )
+    elif create and dist.is_main():
+        io.write_json(path, want)
+
+
+def check_buffer(
+    workdir: str | Path, config: ml_collections.ConfigDict, data: PairData, create: bool = False
+) -> dict[str, Any]:
+    """`check_signature` for W/buffer (created by `buffer`, checked by the later stages)."""
+    sig = buffer_signature(config, data)
+    path = Path(workdir) / "buffer" / "signature.json"
+    check_signature(path, sig, create=create, redo="train the experts again")
+    return sig
+
+
 def expert_dir(workdir: str | Path, expert: int) -> Path:
     return Path(workdir) / "buffer" / f"expert_{expert:03d}"
 
@@ -316,6 +392,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     b = config.buffer
     seed, num_experts, epochs = int(config.seed), int(b.num_experts), int(b.epochs)
     data = load_pairs(config, workdir)
+    check_buffer(workdir, config, data, create=True)
     n = data.num_pairs
     batch = min(int(b.batch_size), n)
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
