@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     def _main(_: list[str]) -> None:
         from absl import logging as absl_logging
 
+        from tldr_jax.data.records import BadRowError
         from tldr_jax.utils import dist, preemption
 
         # Orbax and grain log every checkpoint file at INFO through absl; keep ours at INFO.
@@ -128,9 +129,14 @@ def main(argv: list[str] | None = None) -> None:
         except preemption.Preempted as e:
             print(f"tldr-jax {stage}: {e}", file=sys.stderr)
             sys.exit(preemption.EXIT_CODE)
+        except (BadRowError, FileNotFoundError) as e:
+            # The input's fault, and the message says where: no traceback.
+            print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)
+            sys.exit(2)
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
-        short = {k: summary[k] for k in keys}
-        print(f"tldr-jax {stage}: wrote {Path(flags.FLAGS.workdir) / (stage + '.json')} {short}")
+        short = " ".join(f"{k}={summary[k]:.4g}" for k in keys)
+        wrote = Path(flags.FLAGS.workdir) / (stage + ".json")
+        print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
     app.run(_main, argv=[argv[0]] + argv[2:])
 
