@@ -613,3 +613,22 @@ def test_pair_ids_that_collide_are_an_error():
     )
     with pytest.raises(ValueError, match="rows.json: the pair id 'a/c0' is given twice"):
         ds.pairs()
+
+
+def test_shard_cut_short_keeps_the_samples_before_the_cut_and_gz_shards_read(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = {str(k): {"png": _encode(_image(k)), "txt": f"cap {k}".encode()} for k in range(4)}
+    _write_shard(shards / "00000.tar", samples)
+    with tarfile.open(shards / "00000.tar") as tar:
+        cut = tar.getmember("3.png").offset_data + 100  # inside sample 3's image
+    data = (shards / "00000.tar").read_bytes()
+    (shards / "00000.tar").write_bytes(data[:cut])
+    with tarfile.open(shards / "00001.tar.gz", "w:gz") as tar:
+        _add(tar, "9.png", _encode(_image(9)))
+        _add(tar, "9.txt", b"gz cap")
+    ds = load_set(str(shards), _cfg(), "train")
+    assert ds.ids == ["00000/0", "00000/1", "00000/2", "00001/9"]
+    assert ds.captions[-1] == ["gz cap"] and ds.rows_read == 5
+    assert ds.skipped == {r: int(r == "unreadable_shard") for r in SKIP_REASONS}
+    np.testing.assert_array_equal(ds.images[3], _resized(9))

@@ -14,7 +14,9 @@ Formats (picked by `read_records` from the path):
     a file that starts as one JSON array and does not parse is an error naming where it
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
   * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
-  * A directory of img2dataset webdataset shards `*.tar` (`KEY.jpg` + `KEY.txt` + `KEY.json`).
+  * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
+    `KEY.json`). A shard cut short is counted once as `unreadable_shard`; its samples before
+    the cut are read.
   * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads).
 
 Sample ids are stable and unique: an explicit `sample_id` / `id` / `image_id` field when the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -284,38 +287,54 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
         sink.add(f"{stem}:{lineno}", _resolve(image, image_root, base_dir), (caption,), image)
 
 
-def _shard_samples(shard: Path) -> dict[str, dict[str, bytes]]:
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _shard_stem(shard: Path) -> str:
+    return next(shard.name[: -len(x)] for x in _SHARD_SUFFIXES if shard.name.endswith(x))
+
+
+def _shard_samples(shard: Path) -> tuple[dict[str, dict[str, bytes]], Exception | None]:
     """key -> {extension: bytes} in the shard's own order (webdataset key = name up to the
-    first dot of the basename)."""
+    first dot of the basename), and the error that stopped the reading, if any: a shard cut
+    short keeps the samples before the cut, less the last one (its other files may be in
+    the lost tail)."""
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = os.path.split(member.name)
-            if base.startswith("."):
-                continue
-            stem, _, ext = base.partition(".")
-            key = f"{folder}/{stem}" if folder else stem
-            f = tar.extractfile(member)
-            assert f is not None
-            samples.setdefault(key, {})[ext.lower()] = f.read()
-    return samples
+    last = None
+    try:
+        with tarfile.open(shard, "r") as tar:  # "r": plain or compressed (.tar.gz)
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = os.path.split(member.name)
+                if base.startswith("."):
+                    continue
+                stem, _, ext = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                last = key
+                f = tar.extractfile(member)
+                assert f is not None
+                samples.setdefault(key, {})[ext.lower()] = f.read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        samples.pop(last, None)
+        return samples, e
+    return samples, None
 
 
 def _read_webdataset(path: str, sink: _RecordSink) -> None:
-    shards = sorted(p for p in Path(path).iterdir() if p.suffix == ".tar" and p.is_file())
+    shards = sorted(
+        p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(_SHARD_SUFFIXES)
+    )
     if not shards:
         raise FileNotFoundError(f"{path}: no .tar shards")
     skips = sink.skips
     for shard in shards:
-        try:
-            samples = _shard_samples(shard)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            # A shard that cannot be read to the end is dropped as a whole: its tail is unknown.
+        samples, error = _shard_samples(shard)
+        if error is not None:
+            # Counted once: how many rows the unread tail held is unknown.
             sink.row()
-            skips.skip("unreadable_shard", str(shard), "-", str(e))
-            continue
+            kept = f"; the {len(samples)} samples before it are read" if samples else ""
+            skips.skip("unreadable_shard", str(shard), "-", f"{error}{kept}")
         for key, files in samples.items():
             sink.row()
             ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
@@ -341,7 +360,9 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             if not caption:
                 skips.skip("empty_caption", str(shard), key)
                 continue
-            sink.add(f"{shard.stem}/{key}", files[ext], (caption,), f"{shard.name}/{key}.{ext}")
+            sink.add(
+                f"{_shard_stem(shard)}/{key}", files[ext], (caption,), f"{shard.name}/{key}.{ext}"
+            )
 
 
 def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
