@@ -234,6 +234,12 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     size = int(data_cfg.image_size)
     max_rows = int(data_cfg.max_rows)
     source = path or f"world:{role}"
+    if not path and role == "test" and data_cfg.get("train", ""):
+        log.warning(
+            "data.train is %s but data.test is empty: evaluating on the embedded world's test "
+            "split, not on your data (set data.test to a Karpathy eval JSON or split file)",
+            data_cfg.train,
+        )
     cache_dir = str(data_cfg.get("cache_dir", "") or "") if path else ""
     try:
         if cache_dir:

@@ -184,6 +184,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
+    if len(trajs) < int(b.num_experts):
+        log.warning(
+            "distill: %d of buffer.num_experts=%d experts are finished; matching those "
+            "(run `tldr-jax buffer` to train the rest)",
+            len(trajs),
+            int(b.num_experts),
+        )
     traj_img = np.stack([t["img"] for t in trajs])  # (experts, E+1, P_img)
     traj_txt = np.stack([t["txt"] for t in trajs])
 
