@@ -195,8 +195,12 @@ def test_shard_unreadable_on_one_process_is_skipped_and_counted_everywhere(tmp_p
         samples = {k: {"png": _encode(_image(int(k))), "txt": f"cap {k}".encode()} for k in keys}
         _write_shard(good / f"0000{s}.tar", samples)
     shutil.copytree(good, bad)
+    import tarfile
+
+    with tarfile.open(bad / "00001.tar") as tar:
+        cut = tar.getmember("2.png").offset_data + 50
     data = (bad / "00001.tar").read_bytes()
-    (bad / "00001.tar").write_bytes(data[: len(data) // 3])  # cut inside the first member
+    (bad / "00001.tar").write_bytes(data[:cut])  # cut inside the first member: no sample left
     (tmp_path / "load.py").write_text(_LOAD)
 
     def run(strict: bool, paths: tuple[Path, Path] = (good, bad)) -> list[tuple[int, str]]:
