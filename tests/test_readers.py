@@ -632,3 +632,20 @@ def test_shard_cut_short_keeps_the_samples_before_the_cut_and_gz_shards_read(tmp
     assert ds.captions[-1] == ["gz cap"] and ds.rows_read == 5
     assert ds.skipped == {r: int(r == "unreadable_shard") for r in SKIP_REASONS}
     np.testing.assert_array_equal(ds.images[3], _resized(9))
+
+
+def test_strict_mode_stops_at_the_first_bad_row_in_input_order(tmp_path):
+    names = _write_images(tmp_path, 3)
+    rows = [
+        {"image": names[0], "caption": "fine"},
+        {"image": "img/gone.png", "caption": "its image is missing"},
+        {"image": names[1], "caption": " ..."},  # empty once cleaned
+        {"image": names[2], "caption": "fine"},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    with pytest.raises(BadRowError, match=r"row a:1: missing_image"):
+        load_set(str(tmp_path / "a.json"), _cfg(strict=True), "train")
+    rows[1]["image"] = names[0]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    with pytest.raises(BadRowError, match=r"a.json, row 2: empty_caption"):
+        load_set(str(tmp_path / "a.json"), _cfg(strict=True), "train")

@@ -214,6 +214,23 @@ def _failed_elsewhere(failed: np.ndarray, source: str) -> str:
     )
 
 
+def _read_strict(
+    path: str, data_cfg: Any, skips: Skips, max_rows: int, role: str, source: str
+) -> list[Record]:
+    """Strict mode's reading: stops at the first unusable row in input order, whether its
+    annotation or its image is what is wrong. The annotations are read leniently first; if
+    one is bad, the images of the rows before it are decoded (strictly: the first bad one
+    raises), then the bad annotation raises."""
+    probe = Skips(strict=False)
+    records = readers.read_records(path, data_cfg.image_root, probe, max_rows, role)
+    if probe.total:
+        before = records[: probe.first_records or 0]
+        # Checked at 1 px (the same errors are raised; nothing large is kept).
+        imagestore.decode_records(before, 1, int(data_cfg.decode_workers), skips, source)
+        raise BadRowError(probe.first)
+    return records
+
+
 def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) -> ImageTextSet:
     """Loads `path` (any format `readers.read_records` knows) decoded at data.image_size.
 
@@ -253,7 +270,9 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             ]
             rows_read = int(meta["rows_read"])
         else:
-            if path:
+            if path and skips.strict:
+                records = _read_strict(path, data_cfg, skips, max_rows, role, source)
+            elif path:
                 records = readers.read_records(path, data_cfg.image_root, skips, max_rows, role)
             else:
                 records = getattr(_cached_world(_world_key(data_cfg.world)), role)

@@ -104,6 +104,7 @@ class _RecordSink:
         if self.max_rows and self.rows_read >= self.max_rows:
             raise _Limit
         self.rows_read += 1
+        self.skips.records_before = len(self.records)
 
     def add(self, sample_id: str, image: Any, captions: tuple[str, ...], key: str) -> None:
         k = self._next_suffix.get(sample_id, 0)

@@ -53,6 +53,10 @@ class Skips:
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, str] = {}
         self.first = ""  # the first skip's message (what strict mode would have raised)
+        # Set by the readers: records kept before the row being read; `first_records`: its
+        # value at the first skip (the records that come before the first bad row).
+        self.records_before = 0
+        self.first_records: int | None = None
 
     def skip(self, reason: str, file: str, row: int | str, detail: str = "") -> None:
         assert reason in SKIP_REASONS, reason
@@ -62,7 +66,8 @@ class Skips:
             raise BadRowError(msg)
         self.counts[reason] += 1
         self.examples.setdefault(reason, msg)
-        self.first = self.first or msg
+        if not self.first:
+            self.first, self.first_records = msg, self.records_before
 
     def merge(self, other: Skips) -> None:
         self.counts.update(other.counts)
