@@ -27,6 +27,7 @@ import numpy as np
 import tqdm
 
 from tldr_jax.data import images as images_lib
+from tldr_jax.data import readers
 from tldr_jax.data.records import Record, Skips
 from tldr_jax.utils import io as io_lib
 
@@ -182,9 +183,7 @@ def _fingerprint(path: str) -> list[Any]:
     directly in the folder (webdataset shards). A `tfds:` name stands for itself."""
     if path.startswith("tfds:"):
         return [path]
-    file = path
-    if not os.path.exists(file) and ":" in os.path.basename(file):
-        file = file.rsplit(":", 1)[0]  # a Karpathy split file with a ":split" suffix
+    file = readers.split_suffix_of(path)[0]  # a Karpathy split file's ":split" suffix off
     if os.path.isdir(file):
         entries = sorted(os.scandir(file), key=lambda e: e.name)
         return [[e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in entries if e.is_file()]
@@ -198,7 +197,7 @@ def cache_key(path: str, data_cfg: Any, role: str, strict: bool) -> str:
     """The cache entry's name for `path` read with `data_cfg` (data.*) as `role`."""
     spec = {
         "version": CACHE_VERSION,
-        "path": path if path.startswith("tfds:") else os.path.abspath(path),
+        "path": readers.input_identity(path),
         "inputs": _fingerprint(path),
         "image_root": os.path.abspath(data_cfg.image_root) if data_cfg.image_root else "",
         "image_size": int(data_cfg.image_size),

@@ -73,6 +73,12 @@ def annotation_folder(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
+def input_identity(path: str) -> str:
+    """`path` as it names the same input from any working folder: absolute for files and
+    shard folders (a `:split` suffix kept), `tfds:` / `world:` names as they are."""
+    return path if path.startswith(("tfds:", "world:")) else os.path.abspath(path)
+
+
 def _resolve(image: str, image_root: str, base_dir: str) -> str:
     if os.path.isabs(image):
         return image

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
+from tldr_jax.data.readers import input_identity
 from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
 from tldr_jax.distill.student import Student, flatten_params, make_student
 from tldr_jax.eval.retrieval import retrieval_metrics
@@ -70,7 +71,8 @@ class PairData:
     pair per caption, its image repeated, as the reference's one-row-per-caption Karpathy
     train files do. train_images: normalised float32 (N, H, W, 3), a view that normalises the
     rows it is indexed with (pairs of one image share its uint8 copy); train_txt: (N, D) frozen
-    text embedding of each pair's caption; pair_record: each pair's row in `train`;
+    text embedding of each pair's caption; train_pair_ids: each pair's id
+    (`ImageTextSet.pairs`); pair_record: each pair's row in `train`;
     test_txt: every test caption's embedding; txt2img its image.
     """
 
@@ -79,6 +81,7 @@ class PairData:
     train_images: NormalizedRows
     train_txt: np.ndarray
     train_captions: list[str]
+    train_pair_ids: list[str]
     test_images: NormalizedRows
     test_txt: np.ndarray
     txt2img: np.ndarray
@@ -104,6 +107,7 @@ def load_pairs(config: ml_collections.ConfigDict, workdir: str | Path) -> PairDa
         train_images=NormalizedRows(pairs.images),
         train_txt=pretrain.embed_captions(encoder, train_caps, cache_dir, tb),
         train_captions=train_caps,
+        train_pair_ids=pairs.ids,
         test_images=NormalizedRows(test.images),
         test_txt=pretrain.embed_captions(encoder, test_caps, cache_dir, tb),
         txt2img=np.repeat(np.arange(len(test)), [len(c) for c in test.captions]),
@@ -281,29 +285,25 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
     captions), image size, model, text encoder, seed and the expert recipe. Adding experts
     (buffer.num_experts) or changing the test set does not change it."""
     digest = hashlib.sha256()
-    for sid, caption in zip(data.train.pairs()[0].ids, data.train_captions, strict=True):
+    for sid, caption in zip(data.train_pair_ids, data.train_captions, strict=True):
         digest.update(f"{sid}\t{caption}\n".encode("utf-8", "surrogateescape"))
     t, b = config.text, config.buffer
-    source, root = data.train.source, str(config.data.image_root)
-    if not source.startswith(("world:", "tfds:")):
-        source = os.path.abspath(source)  # the same file named from another folder
-    return _jsonable(
-        {
-            "train": source,
-            "image_root": os.path.abspath(root) if root else "",
-            "train_pairs": data.num_pairs,
-            "train_sha256": digest.hexdigest(),
-            "image_size": int(config.data.image_size),
-            "model": config.model.to_dict(),
-            "text": {
-                "model_dir": str(t.model_dir),
-                "pooling": str(t.pooling),
-                "max_len": int(t.max_len),
-            },
-            "seed": int(config.seed),
-            "buffer": {"epochs": int(b.epochs), "lr": float(b.lr), "batch_size": int(b.batch_size)},
-        }
-    )
+    root = str(config.data.image_root)
+    return {
+        "train": input_identity(data.train.source),
+        "image_root": os.path.abspath(root) if root else "",
+        "train_pairs": data.num_pairs,
+        "train_sha256": digest.hexdigest(),
+        "image_size": int(config.data.image_size),
+        "model": config.model.to_dict(),
+        "text": {
+            "model_dir": str(t.model_dir),
+            "pooling": str(t.pooling),
+            "max_len": int(t.max_len),
+        },
+        "seed": int(config.seed),
+        "buffer": {"epochs": int(b.epochs), "lr": float(b.lr), "batch_size": int(b.batch_size)},
+    }
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
