@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -59,8 +60,10 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     """Runs one stage and writes `workdir/<name>.json` (main process only)."""
     import jax
 
+    from tldr_jax import config_check
     from tldr_jax.utils import dist, hostenv, io
 
+    config_check.check(config)  # before any data is read or any directory is made
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     summary = resolve_stage(name)(config, workdir)
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     def _main(_: list[str]) -> None:
         from absl import logging as absl_logging
 
+        from tldr_jax.config_check import ConfigError
         from tldr_jax.data.records import BadRowError
         from tldr_jax.utils import dist, preemption
 
@@ -129,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         except preemption.Preempted as e:
             print(f"tldr-jax {stage}: {e}", file=sys.stderr)
             sys.exit(preemption.EXIT_CODE)
-        except (BadRowError, FileNotFoundError) as e:
-            # The input's fault, and the message says where: no traceback.
+        except (BadRowError, FileNotFoundError, ConfigError) as e:
+            # The input's or the config's fault, and the message says where: no traceback.
             print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
@@ -138,7 +142,42 @@ def main(argv: list[str] | None = None) -> None:
         wrote = Path(flags.FLAGS.workdir) / (stage + ".json")
         print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
-    app.run(_main, argv=[argv[0]] + argv[2:])
+    def _parse_flags(args: list[str]) -> list[str]:
+        from tldr_jax.config_check import ConfigError
+
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:
+            # ml_collections wraps what get_config raised, traceback text included: keep ours.
+            text = str(e)
+            mark = text.rfind("ConfigError: ")
+            _usage_error(stage, text[mark + len("ConfigError: ") :].strip() if mark >= 0 else text)
+        except ConfigError as e:  # an unknown `file.py:word`
+            _usage_error(stage, str(e))
+        except (AttributeError, KeyError) as e:  # `--config.a.b=v` naming no key of the config
+            _usage_error(stage, unknown_override_message(args, e))
+        raise AssertionError("unreachable")
+
+    app.run(_main, argv=[argv[0]] + argv[2:], flags_parser=_parse_flags)
+
+
+def _usage_error(stage: str, message: str) -> None:
+    print(f"tldr-jax {stage}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unknown_override_message(args: list[str], error: BaseException) -> str:
+    """Names the `--config.a.b` flag whose key the config lacks (ml_collections' own error only
+    quotes the last part, with a did-you-mean when a key is close)."""
+    text = str(error).replace("\\'", "'").replace("\\n", "\n")
+    found = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    key = found.group(0) if found else text
+    mean = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+    hint = mean.group(0) if mean else ""
+    flags_given = [a.split("=", 1)[0] for a in args if a.startswith("--config.")]
+    named = [f for f in flags_given if key in f[len("--config.") :].split(".")] or flags_given
+    where = named[0] if named else "--config.*"
+    return f"{where}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from tldr_jax.config_check import ConfigError
+
 
 def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
     """Parses `file.py:small` or `file.py:tiny,reference` style args into typed defaults.
@@ -16,7 +18,7 @@ def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
         key = part.split("=", 1)[0]
         if key not in defaults:
             known = ", ".join(sorted(defaults)) or "none"
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config argument {key!r} in {arg!r} (this file takes: {known})"
             )
         if "=" in part:

@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
 from tldr_jax.compress.common import load_train, stage_dir
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.pipeline import train_iterator
 from tldr_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -91,7 +92,7 @@ class CompactVocab:
         source = path.with_name(path.name + ".texts-sha256")  # what the vocabulary was built from
         if path.exists():
             if source.exists() and source.read_text().strip() != digest:
-                raise ValueError(
+                raise ConfigError(
                     f"{path} was built from other captions than this run's: the workdir "
                     f"belongs to another data set or caption set. Use a new workdir, or delete "
                     f"{path.parent} to train this stage again."
@@ -245,7 +246,10 @@ def train_model(
     """
     batch_size = int(tc.batch_size)
     if len(ds) < batch_size:
-        raise ValueError(f"{name}: {len(ds)} images < batch size {batch_size}")
+        key = {"caption": "caption.train", NAME: "captioner.train"}.get(name, name)
+        raise ConfigError(
+            f"{name}: {len(ds)} images < {key}.batch_size={batch_size}: lower it or use more data"
+        )
     steps_per_epoch = len(ds) // batch_size
     total = int(tc.epochs) * steps_per_epoch
 

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache, stage_dir
+from tldr_jax.config_check import ConfigError
 from tldr_jax.eval.retrieval import RECALL_KEYS
 from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
 from tldr_jax.utils import dist, io
@@ -62,7 +63,7 @@ def subset_batch_config(
     devices = jax.device_count()
     small = pairs // devices * devices
     if small == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the kept subset has {pairs} pairs, fewer than the {devices} devices; keep more "
             "(select.target, score.keep_fraction) or use a larger input"
         )

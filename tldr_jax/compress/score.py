@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache, stage_dir
+from tldr_jax.config_check import ConfigError
 from tldr_jax.train.pretrain import (
     embed_captions,
     embed_images,
@@ -75,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     keep_local = top_fraction(scores[sel_rows], float(cfg.score.keep_fraction))
     kept_rows = np.sort(sel_rows[keep_local])
     if not len(kept_rows):
-        raise ValueError(
+        raise ConfigError(
             f"score.keep_fraction={float(cfg.score.keep_fraction)} keeps none of the "
             f"{len(sel_rows)} rows select kept; raise it"
         )

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from tldr_jax.compress.common import load_train, rows_of, stage_dir
+from tldr_jax.config_check import ConfigError
 from tldr_jax.utils import dist, io
 
 MODES = ("append", "replace", "generated")
@@ -23,7 +24,7 @@ MODES = ("append", "replace", "generated")
 
 def combine(original: str, generated: str | None, mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"write.mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"write.mode must be one of {MODES}, got {mode!r}")
     if not generated:
         return original
     if mode == "append":

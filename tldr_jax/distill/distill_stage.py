@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.images import denormalize
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill import matching
@@ -79,7 +80,7 @@ def initial_pairs(
     n = len(images)
     rng = np.random.default_rng(seed)
     if init in ("real", "kmeans") and num_pairs > n:
-        raise ValueError(
+        raise ConfigError(
             f"distill.num_pairs={num_pairs} > {n} training pairs: lower distill.num_pairs, "
             "or start from distill.init=noise"
         )
@@ -96,7 +97,7 @@ def initial_pairs(
         txts = (mu + sd * rng.standard_normal((num_pairs, texts.shape[1]))).astype(np.float32)
         return imgs, txts, np.full(num_pairs, -1, np.int64)
     else:
-        raise ValueError(f"distill.init must be one of {INITS}, got {init!r}")
+        raise ConfigError(f"distill.init must be one of {INITS}, got {init!r}")
     return images[idx], texts[idx], idx.astype(np.int64)
 
 
@@ -160,14 +161,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     epochs = int(b.epochs)
     max_start = min(int(d.max_start_epoch), epochs - expert_epochs + 1)
     if int(d.max_start_epoch) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"distill.max_start_epoch={int(d.max_start_epoch)}: it must be >= 1 (start epochs "
             "are drawn from 0 .. max_start_epoch - 1)"
         )
     if max_start < 1:
-        raise ValueError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
+        raise ConfigError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
     if d.grad_mode not in matching.GRAD_MODES:
-        raise ValueError(f"distill.grad_mode must be one of {matching.GRAD_MODES}")
+        raise ConfigError(f"distill.grad_mode must be one of {matching.GRAD_MODES}")
     lors = bool(d.get("lors", False))
     scan_unroll = bool(d.get("scan_unroll", False))
     if scan_unroll and d.grad_mode != "unroll":
@@ -202,7 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             final = (jnp.asarray(traj_img[0, -1]), jnp.asarray(traj_txt[0, -1]))
             cluster = et.embed_fn(student)(final, data.train_images, data.train_txt[:1])[0]
         else:
-            raise ValueError(f"distill.kmeans_features must be text | image: {d.kmeans_features}")
+            raise ConfigError(f"distill.kmeans_features must be text | image: {d.kmeans_features}")
     images0, texts0, init_idx = initial_pairs(
         d.init, m, seed, data.train_images, data.train_txt, cluster
     )

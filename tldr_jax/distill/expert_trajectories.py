@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.data.readers import input_identity
@@ -327,7 +328,7 @@ def check_signature(path: Path, want: dict[str, Any], *, create: bool, redo: str
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
             changes = "; ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff)
-            raise ValueError(
+            raise ConfigError(
                 f"{path.parent} was made with other settings than this run's ({changes}). Use "
                 f"a new workdir, or delete {path.parent} to {redo}."
             )

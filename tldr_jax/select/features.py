@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 Feature = Literal["sequence", "histogram"]
+FEATURES: tuple[str, ...] = get_args(Feature)
 
 
 def sequence_features(codes: np.ndarray) -> np.ndarray:

@@ -5,11 +5,12 @@ All return sorted row indices (input order).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 Strategy = Literal["stride", "ratio", "nearest", "random"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 def target_count(target: float, n: int) -> int:

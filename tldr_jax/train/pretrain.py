@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.pipeline import eval_batches, train_iterator
 from tldr_jax.eval.retrieval import retrieval_metrics
@@ -162,7 +163,10 @@ def train_and_evaluate(
     tc = config.train
     batch_size = int(tc.batch_size)
     if len(train) < batch_size:
-        raise ValueError(f"{len(train)} training pairs < batch size {batch_size}")
+        raise ConfigError(
+            f"{len(train)} training pairs < train.batch_size={batch_size}: lower it or use "
+            "more data"
+        )
 
     # --- Text embeddings (frozen encoder, computed once, cached).
     t0 = time.time()

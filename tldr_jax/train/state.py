@@ -55,6 +55,10 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, Any, Any]:
     return ModelDef(graphdef, rng_state), params, rest
 
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "epoch_decay")
+
+
 def make_optimizer(
     cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1
 ) -> optax.GradientTransformation:

@@ -1,0 +1,158 @@
+"""Up-front config checks: every shipped config passes; a bad value, an unknown override key
+or an unknown config word stops the CLI in one line (exit 2) before any data is read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import distill as distill_config
+from configs import pretrain as pretrain_config
+from configs import tldr as tldr_config
+from tldr_jax import config_check
+from tldr_jax.cli import run_stage, unknown_override_message
+from tldr_jax.config_check import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "module,arg",
+    [
+        (tldr_config, None),
+        (tldr_config, "small"),
+        (tldr_config, "tiny"),
+        (tldr_config, "small,reference"),
+        (pretrain_config, None),
+        (pretrain_config, "small"),
+        (pretrain_config, "tiny"),
+        (distill_config, None),
+        (distill_config, "small"),
+        (distill_config, "tiny"),
+    ],
+)
+def test_shipped_configs_pass(module, arg):
+    assert config_check.problems(module.get_config(arg)) == []
+
+
+def test_every_checked_key_exists_in_some_config():
+    """A rule for a key no config has would never run (a renamed key slips through)."""
+    configs = [
+        tldr_config.get_config("small"),
+        pretrain_config.get_config(None),
+        distill_config.get_config(None),
+    ]
+    for path in config_check.rules():
+        head, _, key = path.rpartition(".")
+        # The training blocks share one rule set: each key must exist in one of them.
+        blocks = config_check.TRAINING_BLOCKS if head in config_check.TRAINING_BLOCKS else [head]
+        paths = [f"{b}.{key}" if b else key for b in blocks]
+        assert any(config_check._lookup(c, p)[0] for c in configs for p in paths), path
+
+
+def test_bad_values_are_named_with_what_is_allowed():
+    c = distill_config.get_config("tiny")
+    c.distill.syn_steps = 0
+    c.distill.grad_mode = "unrol"
+    c.eval.budgets = (100, 0)
+    c.mesh.data = 0
+    c.distill.momentum = 1.0
+    found = config_check.problems(c)
+    assert found == [
+        "mesh.data=0: must be an integer >= 1 or -1",
+        "distill.syn_steps=0: must be an integer >= 1",
+        "distill.grad_mode='unrol': must be one of unroll | remat | tesla",
+        "distill.momentum=1.0: must be a finite number in [0, 1)",
+        "eval.budgets=(100, 0): must be a tuple of integers >= 1, e.g. (100, 1000) or ()",
+    ]
+    with pytest.raises(ConfigError, match="bad config values: mesh.data=0"):
+        config_check.check(c)
+    c = tldr_config.get_config("tiny")
+    c.score.keep_fraction = 1.5
+    c.retrieval_eval.budget = "epoch"
+    c.captioner.train.schedule = "linear"
+    c.select.strategy = "nearst"
+    assert config_check.problems(c) == [
+        "select.strategy='nearst': must be one of stride | ratio | nearest | random",
+        "score.keep_fraction=1.5: must be a finite number in (0, 1]",
+        "retrieval_eval.budget='epoch': must be one of steps | epochs",
+        "captioner.train.schedule='linear': must be one of cosine | constant | epoch_decay",
+    ]
+    c = pretrain_config.get_config("tiny")
+    c.mesh.data = -1
+    c.train.lr = float("nan")
+    assert config_check.problems(c) == ["train.lr=nan: must be a finite number in (0, inf)"]
+
+
+def test_run_stage_checks_before_making_anything(tmp_path):
+    c = distill_config.get_config("tiny")
+    c.distill.num_pairs = -3
+    with pytest.raises(ConfigError, match="distill.num_pairs=-3"):
+        run_stage("distill", c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_override_message_names_the_flag():
+    args = ["--config", "configs/distill.py:tiny", "--config.distil.syn_steps=3"]
+    err = AttributeError('\'distil\'\nDid you mean "distill" instead of "distil"?')
+    assert unknown_override_message(args, err) == (
+        "--config.distil.syn_steps: the config has no key 'distil' "
+        '(Did you mean "distill" instead of "distil"?)'
+    )
+    args = ["--workdir", "w", "--config.distill.nonexist", "1"]
+    assert unknown_override_message(args, AttributeError("\"'nonexist'\"")) == (
+        "--config.distill.nonexist: the config has no key 'nonexist'"
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TLDR_JAX_MALLOC_HUGEPAGES="0")
+    return subprocess.run(
+        [sys.executable, "-m", "tldr_jax.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (
+            ["--config.distill.syn_stepz=3"],
+            "tldr-jax distill: error: --config.distill.syn_stepz: the config has no key "
+            '\'syn_stepz\' (Did you mean "syn_steps" instead of "syn_stepz"?)',
+        ),
+        (
+            ["--config.distill.grad_mode=foo", "--config.buffer.epochs", "0"],
+            "tldr-jax distill: error: bad config values: buffer.epochs=0: must be an integer "
+            ">= 1; distill.grad_mode='foo': must be one of unroll | remat | tesla",
+        ),
+        (
+            ["--config.distill.syn_steps=abc"],
+            "tldr-jax distill: error: flag --config.distill.syn_steps=abc: invalid literal "
+            "for int() with base 10: 'abc'",
+        ),
+    ],
+)
+def test_cli_config_errors_are_one_line(tmp_path, extra, expected):
+    work = tmp_path / "w"
+    r = _cli("distill", "--config", "configs/distill.py:tiny", "--workdir", str(work), *extra)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [expected]
+    assert not work.exists()
+
+
+def test_cli_unknown_config_word_is_one_line(tmp_path):
+    r = _cli("compress", "--config", "configs/tldr.py:tinny", "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "tldr-jax compress: error: unknown config argument 'tinny' in 'tinny' "
+        "(this file takes: reference, small, tiny)"
+    ]

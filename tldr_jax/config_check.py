@@ -1,0 +1,245 @@
+"""Up-front checks of a stage's config: names and ranges, before any data is read.
+
+A value out of range used to surface deep inside a stage, after loading the data or training
+experts (`distill.syn_steps=0` as an empty scan, `score.keep_fraction=1.5` as a keep-all
+filter, `retrieval_eval.budget=epoch` silently as "epochs"). `check(config)` reads every key it
+knows that the config has and raises one `ConfigError` listing each bad value with what is
+allowed; the CLI prints it without a traceback and exits 2. Keys a config lacks are skipped:
+the three config families share this one table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value the stages cannot run with (the message names the key)."""
+
+
+Rule = Callable[[Any], str | None]  # None = fine, else what is allowed
+
+
+def choice(*allowed: str) -> Rule:
+    def rule(v: Any) -> str | None:
+        return None if v in allowed else "one of " + " | ".join(allowed)
+
+    return rule
+
+
+def integer(lo: int | None = None, hi: int | None = None, also: Sequence[int] = ()) -> Rule:
+    def rule(v: Any) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        ok = ok and (v in also or ((lo is None or v >= lo) and (hi is None or v <= hi)))
+        if ok:
+            return None
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        return "an integer " + rng + "".join(f" or {a}" for a in also)
+
+    return rule
+
+
+def number(
+    lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Rule:
+    def rule(v: Any) -> str | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo)
+        ok = ok and (hi is None or (v < hi if hi_open else v <= hi))
+        if ok:
+            return None
+        left = ("(" if lo_open else "[") + f"{lo:g}, "
+        right = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        return "a finite number in " + left + right
+
+    return rule
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def integers(lo: int) -> Rule:
+    def rule(v: Any) -> str | None:
+        ok = isinstance(v, (tuple, list)) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v
+        )
+        return None if ok else f"a tuple of integers >= {lo}, e.g. (100, 1000) or ()"
+
+    return rule
+
+
+POSITIVE = number(0.0, lo_open=True)
+NONNEG = number(0.0)
+FRACTION = number(0.0, 1.0)
+PROB = number(0.0, 1.0, hi_open=True)
+COUNT = integer(1)
+NONNEG_INT = integer(0)
+
+
+TRAINING_BLOCKS = ("train", "captioner.train", "caption.train")  # train/state.py make_optimizer
+
+
+def _training_rules(prefix: str) -> dict[str, Rule]:
+    from tldr_jax.train import state
+
+    return {
+        f"{prefix}.batch_size": COUNT,
+        f"{prefix}.epochs": COUNT,
+        f"{prefix}.lr": POSITIVE,
+        f"{prefix}.min_lr": NONNEG,
+        f"{prefix}.optimizer": choice(*state.OPTIMIZERS),
+        f"{prefix}.schedule": choice(*state.SCHEDULES),
+        f"{prefix}.warmup_steps": NONNEG_INT,
+        f"{prefix}.weight_decay": NONNEG,
+        f"{prefix}.grad_clip": NONNEG,
+        f"{prefix}.decay_per_epoch": number(0.0, 1.0, lo_open=True),
+        f"{prefix}.ckpt_every": COUNT,
+        f"{prefix}.log_every": COUNT,
+        f"{prefix}.keep": COUNT,
+    }
+
+
+def rules() -> dict[str, Rule]:
+    """Every checked key (dotted path) and its rule."""
+    from tldr_jax import models
+    from tldr_jax.caption import generate
+    from tldr_jax.compress import write
+    from tldr_jax.distill import distill_stage, matching
+    from tldr_jax.models import bert, conv, vq
+    from tldr_jax.select import features, strategies
+
+    r: dict[str, Rule] = {
+        "seed": integer(0),
+        # data
+        "data.image_size": COUNT,
+        "data.max_rows": NONNEG_INT,
+        "data.strict": boolean,
+        "data.decode_workers": COUNT,
+        "data.world.num_pairs": COUNT,
+        "data.world.num_test": COUNT,
+        "data.world.num_clean": NONNEG_INT,
+        "data.world.misaligned": FRACTION,
+        "data.world.duplicates": FRACTION,
+        "data.world.caption_noise": FRACTION,
+        "data.world.image_size": COUNT,
+        "mesh.data": integer(1, also=(-1,)),
+        "mesh.fsdp": COUNT,
+        "text.batch_size": COUNT,
+        "text.max_len": integer(3),
+        "text.pooling": choice(*bert.POOLINGS),
+        # models
+        "model.image": choice(*models.ENCODERS),
+        "model.embed_dim": COUNT,
+        "model.head_dropout": PROB,
+        "model.temperature": POSITIVE,
+        "model.learn_temperature": boolean,
+        "model.image_kwargs.matmul_dtype": choice(*conv.MATMUL_DTYPES),
+        # compress (TL;DR)
+        "captioner.vq_loss": choice(*vq.LOSS_FORMS),
+        "captioner.num_codes": integer(2),
+        "captioner.code_dim": COUNT,
+        "captioner.beta": NONNEG,
+        "captioner.ema_decay": PROB,
+        "captioner.max_len": integer(3),
+        "extract.batch_size": COUNT,
+        "extract.chunk_size": COUNT,
+        "select.feature": choice(*features.FEATURES),
+        "select.init": choice("kmeans++", "kmeans||"),
+        "select.strategy": choice(*strategies.STRATEGIES),
+        "select.num_clusters": COUNT,
+        "select.iterations": COUNT,
+        "select.pca_dim": NONNEG_INT,
+        "select.target": POSITIVE,
+        "select.stride": COUNT,
+        "select.spherical": boolean,
+        "select.whiten": boolean,
+        "select.max_in_memory_mb": POSITIVE,
+        "select.stream_chunk_rows": COUNT,
+        "score.keep_fraction": number(0.0, 1.0, lo_open=True),
+        "score.scorer": choice("dual_encoder"),
+        "caption.method": choice(*generate.METHODS),
+        "caption.beam_size": COUNT,
+        "caption.max_len": COUNT,
+        "caption.top_p": number(0.0, 1.0, lo_open=True),
+        "caption.temperature": POSITIVE,
+        "caption.batch_size": COUNT,
+        "write.mode": choice(*write.MODES),
+        "retrieval_eval.enabled": boolean,
+        "retrieval_eval.budget": choice("steps", "epochs"),
+        # distillation
+        "buffer.num_experts": COUNT,
+        "buffer.epochs": COUNT,
+        "buffer.lr": POSITIVE,
+        "buffer.batch_size": COUNT,
+        "distill.num_pairs": COUNT,
+        "distill.syn_steps": COUNT,
+        "distill.expert_epochs": COUNT,
+        "distill.max_start_epoch": COUNT,
+        "distill.iterations": NONNEG_INT,
+        "distill.batch_syn": NONNEG_INT,
+        "distill.grad_mode": choice(*matching.GRAD_MODES),
+        "distill.micro_batches": COUNT,
+        "distill.remat_budget_mib": NONNEG,
+        "distill.scan_unroll": boolean,
+        "distill.init": choice(*distill_stage.INITS),
+        "distill.kmeans_features": choice("text", "image"),
+        "distill.step_size_init": POSITIVE,
+        "distill.lr_images": NONNEG,
+        "distill.lr_texts": NONNEG,
+        "distill.lr_step_size": NONNEG,
+        "distill.step_size_param": choice("log", "raw"),
+        "distill.max_grad_norm": NONNEG,
+        "distill.momentum": PROB,
+        "distill.quirk_logit_scale": boolean,
+        "distill.quirk_dropout": boolean,
+        "distill.ckpt_every": COUNT,
+        "distill.log_every": COUNT,
+        "distill.lors": boolean,
+        "distill.lors_rank": COUNT,
+        "distill.lors_alpha": NONNEG,
+        "distill.lors_lr": NONNEG,
+        "eval.num_models": COUNT,
+        "eval.epochs": COUNT,
+        "eval.batch_size": COUNT,
+        "eval.momentum": PROB,
+        "eval.weight_decay": NONNEG,
+        "eval.max_steps": NONNEG_INT,
+        "eval.coreset_pairs": NONNEG_INT,
+        "eval.coreset_lr": POSITIVE,
+        "eval.budgets": integers(1),
+    }
+    for prefix in TRAINING_BLOCKS:
+        r.update(_training_rules(prefix))
+    return r
+
+
+def _lookup(config: ml_collections.ConfigDict, path: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+    """`key=value: must be ...` for each checked key the config has with a bad value."""
+    out = []
+    for path, rule in rules().items():
+        present, value = _lookup(config, path)
+        if present and (why := rule(value)) is not None:
+            out.append(f"{path}={value!r}: must be {why}")
+    return out
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming every bad value (see `problems`)."""
+    found = problems(config)
+    if found:
+        head = "bad config value" + ("s" if len(found) > 1 else "")
+        raise ConfigError(head + ": " + "; ".join(found))
