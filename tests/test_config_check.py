@@ -96,6 +96,19 @@ def test_run_stage_checks_before_making_anything(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_stage_needs_its_config_family(tmp_path):
+    with pytest.raises(ConfigError, match="stage 'distill' reads .*configs/distill.py.*no buffer"):
+        run_stage("distill", pretrain_config.get_config("tiny"), str(tmp_path / "w"))
+    with pytest.raises(
+        ConfigError, match="no train, captioner, extract, select, score, caption, write$"
+    ):
+        config_check.check(distill_config.get_config("tiny"), "select")
+    for stage, (_, source) in config_check.STAGE_BLOCKS.items():
+        module = {"configs/pretrain.py": pretrain_config, "configs/distill.py": distill_config}
+        config_check.check(module.get(source, tldr_config).get_config("tiny"), stage)
+    assert not (tmp_path / "w").exists()
+
+
 def test_unknown_override_message_names_the_flag():
     args = ["--config", "configs/distill.py:tiny", "--config.distil.syn_steps=3"]
     err = AttributeError('\'distil\'\nDid you mean "distill" instead of "distil"?')

@@ -63,7 +63,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     from tldr_jax import config_check
     from tldr_jax.utils import dist, hostenv, io
 
-    config_check.check(config)  # before any data is read or any directory is made
+    config_check.check(config, name)  # before any data is read or any directory is made
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     summary = resolve_stage(name)(config, workdir)

@@ -237,8 +237,34 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     return out
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming every bad value (see `problems`)."""
+_PRETRAIN = ("data", "model", "text", "train")
+_TLDR = (*_PRETRAIN, "captioner", "extract", "select", "score", "caption", "write")
+_DISTILL = ("data", "model", "text", "buffer", "distill", "eval")
+# stage -> (config blocks it reads, the config file that has them)
+STAGE_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "make-world": (("data",), "any config"),
+    "pretrain": (_PRETRAIN, "configs/pretrain.py"),
+    "evaluate": (_PRETRAIN, "configs/pretrain.py"),
+    **{
+        s: (_TLDR, "configs/tldr.py")
+        for s in ("train-captioner", "extract", "select", "score", "caption", "write")
+    },
+    "compress": ((*_TLDR, "retrieval_eval"), "configs/tldr.py"),
+    **{s: (_DISTILL, "configs/distill.py") for s in ("buffer", "distill", "eval-distilled")},
+}
+
+
+def check(config: ml_collections.ConfigDict, stage: str | None = None) -> None:
+    """Raises ConfigError naming every bad value (see `problems`), or, given the stage, the
+    blocks it reads that the config lacks (a config of another stage family)."""
+    if stage in STAGE_BLOCKS:
+        blocks, source = STAGE_BLOCKS[stage]
+        missing = [b for b in blocks if b not in config]
+        if missing:
+            raise ConfigError(
+                f"stage {stage!r} reads config blocks {', '.join(blocks)} ({source}); this "
+                f"config has no {', '.join(missing)}"
+            )
     found = problems(config)
     if found:
         head = "bad config value" + ("s" if len(found) > 1 else "")
