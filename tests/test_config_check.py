@@ -76,8 +76,10 @@ def test_bad_values_are_named_with_what_is_allowed():
     c.retrieval_eval.budget = "epoch"
     c.captioner.train.schedule = "linear"
     c.select.strategy = "nearst"
+    c.select.target = 2.5
     assert config_check.problems(c) == [
         "select.strategy='nearst': must be one of stride | ratio | nearest | random",
+        "select.target=2.5: must be a fraction in (0, 1] or a whole count > 1 (e.g. 0.5 or 100000)",
         "score.keep_fraction=1.5: must be a finite number in (0, 1]",
         "retrieval_eval.budget='epoch': must be one of steps | epochs",
         "captioner.train.schedule='linear': must be one of cosine | constant | epoch_decay",
@@ -86,6 +88,24 @@ def test_bad_values_are_named_with_what_is_allowed():
     c.mesh.data = -1
     c.train.lr = float("nan")
     assert config_check.problems(c) == ["train.lr=nan: must be a finite number in (0, inf)"]
+
+
+@pytest.mark.parametrize(
+    "target,ok",
+    [
+        (0.5, True),
+        (1.0, True),
+        (1000.0, True),
+        (1000, True),
+        (0.0, False),
+        (-2.0, False),
+        (2.5, False),
+        (1, False),
+        (float("inf"), False),
+    ],
+)
+def test_select_target(target, ok):
+    assert (config_check.fraction_or_count(target) is None) == ok
 
 
 def test_run_stage_checks_before_making_anything(tmp_path):

@@ -73,6 +73,18 @@ def integers(lo: int) -> Rule:
     return rule
 
 
+def fraction_or_count(v: Any) -> str | None:
+    """select.target: a fraction of the rows or a whole number of them (select/strategies.py)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    fraction = ok and isinstance(v, float) and 0 < v <= 1
+    count = ok and v > 1 and v == int(v)  # an int 1 is ambiguous (strategies.target_count)
+    return (
+        None
+        if fraction or count
+        else "a fraction in (0, 1] or a whole count > 1 (e.g. 0.5 or 100000)"
+    )
+
+
 POSITIVE = number(0.0, lo_open=True)
 NONNEG = number(0.0)
 FRACTION = number(0.0, 1.0)
@@ -154,7 +166,7 @@ def rules() -> dict[str, Rule]:
         "select.num_clusters": COUNT,
         "select.iterations": COUNT,
         "select.pca_dim": NONNEG_INT,
-        "select.target": POSITIVE,
+        "select.target": fraction_or_count,
         "select.stride": COUNT,
         "select.spherical": boolean,
         "select.whiten": boolean,
