@@ -114,6 +114,9 @@ def test_run_stage_checks_before_making_anything(tmp_path):
     with pytest.raises(ConfigError, match="distill.num_pairs=-3"):
         run_stage("distill", c, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="file exists and is not a directory"):
+        run_stage("distill", distill_config.get_config("tiny"), str(tmp_path / "file"))
 
 
 def test_stage_needs_its_config_family(tmp_path):

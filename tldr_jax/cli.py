@@ -64,6 +64,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     from tldr_jax.utils import dist, hostenv, io
 
     config_check.check(config, name)  # before any data is read or any directory is made
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise config_check.ConfigError(f"--workdir {workdir} exists and is not a directory")
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     summary = resolve_stage(name)(config, workdir)
