@@ -216,3 +216,14 @@ def test_small_kept_subsets_train_with_a_smaller_batch():
     assert small.train.batch_size == batch and config.train.batch_size == 32
     with pytest.raises(ValueError, match="fewer than the"):
         pipeline.subset_batch_config(config, jax.device_count() - 1 or 0)
+
+
+@pytest.mark.parametrize("stage", ["extract", "select", "score", "caption", "write"])
+def test_stage_without_its_inputs_says_what_to_run(tmp_path, stage):
+    """Before any work (score and caption used to train a model first, then fail)."""
+    from tldr_jax.compress.common import INPUTS
+
+    first, writer = INPUTS[stage][0]
+    with pytest.raises(FileNotFoundError, match=f"{first} not found: run `tldr-jax {writer}`"):
+        run_stage(stage, tldr_config.get_config("tiny"), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

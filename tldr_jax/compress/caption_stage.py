@@ -40,7 +40,7 @@ from tldr_jax.compress.captioner_stage import (
     round_up,
     train_model,
 )
-from tldr_jax.compress.common import load_train, rows_of, stage_dir
+from tldr_jax.compress.common import load_train, require_inputs, rows_of, stage_dir
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.images import normalize
 from tldr_jax.data.pipeline import process_slice
@@ -181,6 +181,7 @@ def _covers(path: Path, ids: list[str]) -> dict[str, str] | None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
+    require_inputs(workdir, NAME)
     out = stage_dir(workdir, NAME)
     cap = config.caption
     seed = int(config.seed)

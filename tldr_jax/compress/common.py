@@ -16,6 +16,31 @@ def stage_dir(workdir: str | Path, stage: str) -> Path:
     return d
 
 
+# stage -> (file under the workdir, the stage that writes it) it reads from earlier stages
+INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "extract": (("train-captioner/vocab.json", "train-captioner"),),
+    "select": (("extract.json", "extract"),),
+    "score": (("select/selected.npz", "select"),),
+    "caption": (("score/kept.npz", "score"),),
+    "write": (
+        ("select/clusters.npz", "select"),
+        ("score/kept.npz", "score"),
+        ("caption/generated.json", "caption"),
+    ),
+}
+
+
+def require_inputs(workdir: str | Path, stage: str) -> None:
+    """FileNotFoundError naming the earlier stage to run, before this one does any work (score
+    and caption used to train a model first and fail on the missing file after it)."""
+    for rel, writer in INPUTS.get(stage, ()):
+        if not (Path(workdir) / rel).exists():
+            raise FileNotFoundError(
+                f"{Path(workdir) / rel} not found: run `tldr-jax {writer}` on this workdir "
+                "first (`tldr-jax compress` runs every stage in order)"
+            )
+
+
 def shared_cache(
     config: ml_collections.ConfigDict, workdir: str | Path
 ) -> ml_collections.ConfigDict:

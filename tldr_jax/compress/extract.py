@@ -31,7 +31,7 @@ from tldr_jax.compress.captioner_stage import (
     restore_codebook_captioner,
     round_up,
 )
-from tldr_jax.compress.common import load_train, stage_dir
+from tldr_jax.compress.common import load_train, require_inputs, stage_dir
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.images import normalize
 from tldr_jax.models.captioner import CodebookCaptioner
@@ -122,6 +122,7 @@ def read_chunks(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
+    require_inputs(workdir, NAME)
     out = stage_dir(workdir, NAME)
     e, c = config.extract, config.captioner
     train = load_train(config)

@@ -15,7 +15,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache, stage_dir
+from tldr_jax.compress.common import (
+    load_test,
+    load_train,
+    require_inputs,
+    rows_of,
+    shared_cache,
+    stage_dir,
+)
 from tldr_jax.config_check import ConfigError
 from tldr_jax.train.pretrain import (
     embed_captions,
@@ -57,6 +64,7 @@ def plot_score_histogram(
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    require_inputs(workdir, "score")
     out = stage_dir(workdir, "score")
     cfg = shared_cache(config, workdir)
     train, test = load_train(cfg), load_test(cfg)

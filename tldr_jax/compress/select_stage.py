@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tldr_jax.compress.common import require_inputs
 from tldr_jax.select import features as features_lib
 from tldr_jax.select import kmeans as kmeans_lib
 from tldr_jax.select import pca as pca_lib
@@ -166,6 +167,7 @@ def _kmeans(feats: np.ndarray, k: int, cfg: Any, seed: int, mesh: Any, stream: b
 
 
 def run(config: Any, workdir: str) -> dict:
+    require_inputs(workdir, "select")
     cfg = config.select
     out = Path(workdir) / "select"
     seed = int(cfg.get("seed", config.get("seed", 0)))

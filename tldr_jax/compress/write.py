@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tldr_jax.compress.common import load_train, rows_of, stage_dir
+from tldr_jax.compress.common import load_train, require_inputs, rows_of, stage_dir
 from tldr_jax.config_check import ConfigError
 from tldr_jax.utils import dist, io
 
@@ -81,6 +81,7 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    require_inputs(workdir, "write")
     out = stage_dir(workdir, "compress")
     train = load_train(config)
     kept = np.load(Path(workdir) / "score" / "kept.npz")

@@ -383,7 +383,10 @@ def load_trajectories(
         if done == epochs:
             out.append(traj)
     if not out:
-        raise FileNotFoundError(f"no finished expert under {Path(workdir) / 'buffer'}")
+        raise FileNotFoundError(
+            f"no finished expert under {Path(workdir) / 'buffer'}: run `tldr-jax buffer` on this "
+            "workdir first"
+        )
     return out
 
 

@@ -281,7 +281,10 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     ckpt = Checkpointer(workdir_p / "checkpoints")
     step = ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir_p / 'checkpoints'}")
+        raise FileNotFoundError(
+            f"no checkpoint under {workdir_p / 'checkpoints'}: run `tldr-jax pretrain` on this "
+            "workdir first"
+        )
     test = load_set(config.data.test, config.data, "test")
     text_encoder = make_text_encoder(config)
     test_caps, _ = flat_captions(test)
