@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # stage name -> "module:function"; imported lazily so `--help` is instant.
 STAGES: dict[str, str] = {
@@ -158,12 +158,11 @@ def main(argv: list[str] | None = None) -> None:
             _usage_error(stage, str(e))
         except (AttributeError, KeyError) as e:  # `--config.a.b=v` naming no key of the config
             _usage_error(stage, unknown_override_message(args, e))
-        raise AssertionError("unreachable")
 
     app.run(_main, argv=[argv[0]] + argv[2:], flags_parser=_parse_flags)
 
 
-def _usage_error(stage: str, message: str) -> None:
+def _usage_error(stage: str, message: str) -> NoReturn:
     print(f"tldr-jax {stage}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
