@@ -3,12 +3,8 @@ or an unknown config word stops the CLI in one line (exit 2) before any data is 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from cli_run import run_cli
 
 from configs import distill as distill_config
 from configs import pretrain as pretrain_config
@@ -16,8 +12,6 @@ from configs import tldr as tldr_config
 from tldr_jax import config_check
 from tldr_jax.cli import run_stage, unknown_override_message
 from tldr_jax.config_check import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -145,18 +139,6 @@ def test_unknown_override_message_names_the_flag():
     )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TLDR_JAX_MALLOC_HUGEPAGES="0")
-    return subprocess.run(
-        [sys.executable, "-m", "tldr_jax.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     "extra,expected",
     [
@@ -179,14 +161,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 )
 def test_cli_config_errors_are_one_line(tmp_path, extra, expected):
     work = tmp_path / "w"
-    r = _cli("distill", "--config", "configs/distill.py:tiny", "--workdir", str(work), *extra)
+    r = run_cli("distill", "--config", "configs/distill.py:tiny", "--workdir", str(work), *extra)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [expected]
     assert not work.exists()
 
 
 def test_cli_unknown_config_word_is_one_line(tmp_path):
-    r = _cli("compress", "--config", "configs/tldr.py:tinny", "--workdir", str(tmp_path / "w"))
+    r = run_cli("compress", "--config", "configs/tldr.py:tinny", "--workdir", str(tmp_path / "w"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "tldr-jax compress: error: unknown config argument 'tinny' in 'tinny' "

@@ -1,14 +1,11 @@
 """Dual-encoder training: sharded == single device, resume == uninterrupted, CLI on disk."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from cli_run import run_cli
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -17,8 +14,6 @@ from tldr_jax.data.world import make_world, write_world
 from tldr_jax.train import pretrain
 from tldr_jax.train import state as train_state
 from tldr_jax.utils import preemption
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config():
@@ -129,25 +124,6 @@ def test_resume_after_preemption_matches_uninterrupted(
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def _cli(*args, cwd=REPO):
-    env = {
-        "XLA_FLAGS": "",
-        "JAX_PLATFORMS": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": "/usr/bin:/bin",
-        "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "tldr_jax.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
     config, _, _ = tiny_sets
     world_dir = tmp_path / "world"
@@ -164,7 +140,7 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
         f"--config.data.test={world_dir / 'test.json'}",
         f"--config.data.image_root={world_dir}",
     ]
-    r = _cli(
+    r = run_cli(
         "pretrain", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -173,7 +149,7 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
         assert k in summary
     assert summary["rows_read"] == 256 and summary["test_images"] == 48
     assert (work / "metrics" / "pretrain.png").exists()
-    r = _cli(
+    r = run_cli(
         "evaluate", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -183,7 +159,7 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
 
 
 def test_cli_rejects_unknown_stage():
-    r = _cli("no-such-stage", "--config", "configs/pretrain.py", "--workdir", "/tmp/x")
+    r = run_cli("no-such-stage", "--config", "configs/pretrain.py", "--workdir", "/tmp/x")
     assert r.returncode == 2 and "unknown stage" in r.stderr
 
 
