@@ -174,3 +174,14 @@ def test_cli_unknown_config_word_is_one_line(tmp_path):
         "tldr-jax compress: error: unknown config argument 'tinny' in 'tinny' "
         "(this file takes: reference, small, tiny)"
     ]
+
+
+def test_stage_help_lists_the_config(tmp_path):
+    r = run_cli("distill", "--help")
+    assert r.returncode == 0 and "distill: trajectory-matching dataset distillation" in r.stdout
+    assert "Add --config FILE[:arg] to --help" in r.stdout
+    r = run_cli("select", "--config", "configs/tldr.py:small", "-h")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "configs/tldr.py:small defaults" in r.stdout and "    num_clusters: 64" in r.stdout
+    r = run_cli("select", "--config=configs/tldr.py:smal", "--help")
+    assert r.returncode == 2 and "unknown config argument 'smal'" in r.stderr

@@ -10,6 +10,7 @@ import importlib
 import logging
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"tldr-jax: unknown stage {stage!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
+        from tldr_jax.config_check import ConfigError
+
+        try:
+            print(stage_help(stage, argv[2:]))
+        except ConfigError as e:
+            _usage_error(stage, str(e))
+        sys.exit(0)
     if as_process:
         # Before JAX loads: restart under glibc's huge-page malloc where it pays off on this
         # host (utils/hostenv.py; TLDR_JAX_MALLOC_HUGEPAGES=0 to keep the environment as is).
@@ -160,6 +169,51 @@ def main(argv: list[str] | None = None) -> None:
             _usage_error(stage, unknown_override_message(args, e))
 
     app.run(_main, argv=[argv[0]] + argv[2:], flags_parser=_parse_flags)
+
+
+def stage_help(stage: str, args: list[str]) -> str:
+    """`tldr-jax STAGE --help`: what the stage does, its flags, and, given `--config`, every
+    key of that config with its value (what `--config.a.b=v` can override)."""
+    from tldr_jax.config_check import STAGE_BLOCKS
+
+    what = next(
+        line.split(None, 1)[1] for line in USAGE.splitlines() if line.split()[:1] == [stage]
+    )
+    what = re.sub(r"\s*\(configs/\w+\.py\)$", "", what)
+    blocks, source = STAGE_BLOCKS[stage]
+    lines = [
+        f"usage: tldr-jax {stage} --config configs/X.py[:arg] --workdir DIR [--config.a.b=v ...]",
+        "",
+        f"{stage}: {' '.join(what.split())}",
+        *textwrap.wrap(f"config: {source} (reads its blocks {', '.join(blocks)})", 92),
+        "",
+        "flags:",
+        "  --config FILE[:arg]    config file; :small / :tiny etc. as its docstring lists",
+        "  --workdir DIR          outputs, checkpoints and DIR/<stage>.json",
+        "  --config.a.b=v         override one key (checked: unknown keys and bad values stop)",
+        "  --coordinator_address, --num_processes, --process_id",
+        "                         multi-host runs through jax.distributed (README)",
+    ]
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if spec is None and "--config" in args[:-1]:
+        spec = args[args.index("--config") + 1]
+    if spec:
+        import importlib.util
+
+        path, _, arg = spec.partition(":")
+        module_spec = importlib.util.spec_from_file_location("_tldr_help_config", path)
+        if module_spec is None or module_spec.loader is None or not Path(path).exists():
+            lines += ["", f"(cannot read config file {path})"]
+        else:
+            sys.path.insert(0, str(Path(path).resolve().parent.parent))  # `from configs import`
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            config = module.get_config(arg or None)  # ConfigError: an unknown `:word`
+            lines += ["", f"{spec} defaults (each key can be overridden: --config.KEY=VALUE):"]
+            lines += ["  " + line for line in str(config).rstrip().splitlines()]
+    else:
+        lines += ["", "Add --config FILE[:arg] to --help to list every key of that config."]
+    return "\n".join(lines)
 
 
 def _usage_error(stage: str, message: str) -> NoReturn:
