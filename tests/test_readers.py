@@ -649,3 +649,29 @@ def test_strict_mode_stops_at_the_first_bad_row_in_input_order(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows))
     with pytest.raises(BadRowError, match=r"a.json, row 2: empty_caption"):
         load_set(str(tmp_path / "a.json"), _cfg(strict=True), "train")
+
+
+def test_cli_unusable_input_is_one_line(tmp_path):
+    """An input with no usable rows or a JSON array that does not parse: no traceback, one
+    error line, exit 2."""
+    from cli_run import run_cli
+
+    (tmp_path / "rows.txt").write_text("hello\n")
+    (tmp_path / "cut.json").write_text('[{"image": "a.png", "caption": "x"},]')
+    expected = {
+        "rows.txt": "rows.txt: no usable rows for train (1 read; skipped {'malformed_row': 1}",
+        "cut.json": "cut.json: not valid JSON at line 1, column 37: Expecting value",
+    }
+    for name, message in expected.items():
+        r = run_cli(
+            "pretrain",
+            "--config",
+            "configs/pretrain.py:tiny",
+            "--workdir",
+            str(tmp_path / "w"),
+            f"--config.data.train={tmp_path / name}",
+            timeout=300,
+        )
+        last = r.stderr.strip().splitlines()[-1]  # after the load's skip warning, if any
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert last.startswith("tldr-jax pretrain: error: ") and message in last

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         from absl import logging as absl_logging
 
         from tldr_jax.config_check import ConfigError
-        from tldr_jax.data.records import BadRowError
+        from tldr_jax.data.records import InputError
         from tldr_jax.utils import dist, preemption
 
         # Orbax and grain log every checkpoint file at INFO through absl; keep ours at INFO.
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         except preemption.Preempted as e:
             print(f"tldr-jax {stage}: {e}", file=sys.stderr)
             sys.exit(preemption.EXIT_CODE)
-        except (BadRowError, FileNotFoundError, ConfigError) as e:
+        except (InputError, FileNotFoundError, ConfigError) as e:
             # The input's or the config's fault, and the message says where: no traceback.
             print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -16,7 +16,7 @@ import numpy as np
 
 from tldr_jax.data import imagestore, readers, world
 from tldr_jax.data.imagestore import ImageRows
-from tldr_jax.data.records import SKIP_REASONS, BadRowError, Record, Skips
+from tldr_jax.data.records import SKIP_REASONS, BadRowError, InputError, Record, Skips
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ImageTextSet:
         if len(set(expanded.ids)) != len(expanded.ids):
             seen: set[str] = set()
             dup = next(i for i in expanded.ids if i in seen or seen.add(i))
-            raise ValueError(
+            raise InputError(
                 f"{self.source}: the pair id {dup!r} is given twice: a row with several "
                 "captions makes pairs '<id>/c<k>', and another row has that id; rename it"
             )
@@ -334,7 +334,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         log.warning("%s: skipped %s (e.g. %s)", source, skips.as_dict(), skips.examples)
     if not ids:
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
-        raise ValueError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
+        raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
     return ImageTextSet(
         ids=ids,
         images=images,

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from tldr_jax.data.records import Record, Skips, clean_caption
+from tldr_jax.data.records import InputError, Record, Skips, clean_caption
 
 _ID_FIELDS = ("sample_id", "id", "image_id")
 _TSV_HEADER_CAPTION = {"caption", "captions", "text", "title"}
@@ -219,25 +219,25 @@ def _read_json(
         if text.lstrip().startswith("["):
             # One JSON array that does not parse (a trailing comma, a cut file): its rows
             # cannot be told apart, so say where it breaks rather than read it as lines.
-            raise ValueError(
+            raise InputError(
                 f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
             ) from e
         data = None
     if _is_karpathy(data):
         if splits is None:
-            raise ValueError(
+            raise InputError(
                 f"{path}: a Karpathy split file (an 'images' list): say which split to read "
                 f"with a suffix, e.g. {path}:test"
             )
         present = {r.get("split") for r in data["images"] if isinstance(r, dict)}
         if split_suffix and not present.intersection(splits):
             names = ", ".join(sorted(str(x) for x in present))
-            raise ValueError(
+            raise InputError(
                 f"{path}: no images of split {'+'.join(splits)} (splits in the file: {names})"
             )
         return _read_karpathy(data["images"], path, splits, image_root, sink)
     if split_suffix:
-        raise ValueError(f"{path}: a ':split' suffix is only for Karpathy split files")
+        raise InputError(f"{path}: a ':split' suffix is only for Karpathy split files")
     if isinstance(data, dict):
         data = [data]
     if isinstance(data, list):
@@ -390,7 +390,7 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
     builder = tfds.builder(name, data_dir=data_dir or None)
     image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
     if not image_keys:
-        raise ValueError(f"{spec}: the dataset has no Image feature")
+        raise InputError(f"{spec}: the dataset has no Image feature")
     image_key = image_keys[0]
     source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     skips = sink.skips
@@ -430,7 +430,7 @@ def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:
         return path, None
     splits = tuple(x for x in suffix.split("+") if x)
     if not splits:
-        raise ValueError(f"{path}: empty split suffix")
+        raise InputError(f"{path}: empty split suffix")
     return base, splits
 
 

@@ -24,7 +24,12 @@ SKIP_REASONS = (
 )
 
 
-class BadRowError(ValueError):
+class InputError(ValueError):
+    """An input that cannot be used as given (no usable rows, a broken JSON array, a missing
+    split, ...): the message names the file. The CLI prints it in one line and exits 2."""
+
+
+class BadRowError(InputError):
     """Raised in strict mode: names the file, the row and the reason."""
 
 
