@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"tldr-jax: unknown stage {stage!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
-        from tldr_jax.config_check import ConfigError
+    from tldr_jax.config_check import ConfigError  # ml_collections only: --help stays instant
 
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
         try:
             print(stage_help(stage, argv[2:]))
         except ConfigError as e:
@@ -110,13 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    # Config files may import their siblings (`from configs import pretrain`).
-    for i, a in enumerate(argv):
-        path = a.split("=", 1)[1] if a.startswith("--config=") else None
-        if a == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        if path:
-            sys.path.insert(0, str(Path(path.split(":")[0]).resolve().parent.parent))
+    spec = config_spec(argv[2:])
+    if spec:
+        _allow_sibling_imports(spec)
 
     config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory for checkpoints and summaries.")
@@ -128,7 +124,6 @@ def main(argv: list[str] | None = None) -> None:
     def _main(_: list[str]) -> None:
         from absl import logging as absl_logging
 
-        from tldr_jax.config_check import ConfigError
         from tldr_jax.data.records import InputError
         from tldr_jax.utils import dist, preemption
 
@@ -154,8 +149,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
     def _parse_flags(args: list[str]) -> list[str]:
-        from tldr_jax.config_check import ConfigError
-
         try:
             return flags.FLAGS(args)
         except flags.Error as e:
@@ -194,9 +187,7 @@ def stage_help(stage: str, args: list[str]) -> str:
         "  --coordinator_address, --num_processes, --process_id",
         "                         multi-host runs through jax.distributed (README)",
     ]
-    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if spec is None and "--config" in args[:-1]:
-        spec = args[args.index("--config") + 1]
+    spec = config_spec(args)
     if spec:
         import importlib.util
 
@@ -205,7 +196,7 @@ def stage_help(stage: str, args: list[str]) -> str:
         if module_spec is None or module_spec.loader is None or not Path(path).exists():
             lines += ["", f"(cannot read config file {path})"]
         else:
-            sys.path.insert(0, str(Path(path).resolve().parent.parent))  # `from configs import`
+            _allow_sibling_imports(spec)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
             config = module.get_config(arg or None)  # ConfigError: an unknown `:word`
@@ -214,6 +205,23 @@ def stage_help(stage: str, args: list[str]) -> str:
     else:
         lines += ["", "Add --config FILE[:arg] to --help to list every key of that config."]
     return "\n".join(lines)
+
+
+def config_spec(args: list[str]) -> str | None:
+    """The `--config FILE[:arg]` / `--config=FILE[:arg]` value among the arguments, if any
+    (the last one, as absl takes the last of a repeated flag)."""
+    spec = None
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+    return spec
+
+
+def _allow_sibling_imports(spec: str) -> None:
+    """Config files may import their siblings (`from configs import pretrain`)."""
+    sys.path.insert(0, str(Path(spec.split(":")[0]).resolve().parent.parent))
 
 
 def _usage_error(stage: str, message: str) -> NoReturn:

@@ -159,16 +159,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     m, syn_steps = int(d.num_pairs), int(d.syn_steps)
     expert_epochs, iterations = int(d.expert_epochs), int(d.iterations)
     epochs = int(b.epochs)
+    # Each key's own range and names (max_start_epoch >= 1, grad_mode, init,
+    # kmeans_features, ...) were checked by config_check before the stage; here what spans keys.
     max_start = min(int(d.max_start_epoch), epochs - expert_epochs + 1)
-    if int(d.max_start_epoch) < 1:
-        raise ConfigError(
-            f"distill.max_start_epoch={int(d.max_start_epoch)}: it must be >= 1 (start epochs "
-            "are drawn from 0 .. max_start_epoch - 1)"
-        )
     if max_start < 1:
         raise ConfigError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
-    if d.grad_mode not in matching.GRAD_MODES:
-        raise ConfigError(f"distill.grad_mode must be one of {matching.GRAD_MODES}")
     lors = bool(d.get("lors", False))
     scan_unroll = bool(d.get("scan_unroll", False))
     if scan_unroll and d.grad_mode != "unroll":
@@ -199,11 +194,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if d.init == "kmeans":
         if d.kmeans_features == "text":
             cluster = data.train_txt
-        elif d.kmeans_features == "image":
+        else:  # "image" (config_check allows text | image)
             final = (jnp.asarray(traj_img[0, -1]), jnp.asarray(traj_txt[0, -1]))
             cluster = et.embed_fn(student)(final, data.train_images, data.train_txt[:1])[0]
-        else:
-            raise ConfigError(f"distill.kmeans_features must be text | image: {d.kmeans_features}")
     images0, texts0, init_idx = initial_pairs(
         d.init, m, seed, data.train_images, data.train_txt, cluster
     )
