@@ -337,7 +337,7 @@ def _bad_file(tmp_path: Path, reason: str) -> tuple[Path, str]:
         }[reason]
         if data is not None:
             (tmp_path / "x.png").write_bytes(data)
-        return _bad_json(tmp_path, {"image": "x.png", "caption": "bad"}), "row bad:1"
+        return _bad_json(tmp_path, {"image": "x.png", "caption": "bad"}), "bad.json, row 1:"
     if reason == "empty_caption":
         return _bad_json(tmp_path, {"image": "img/0.png", "caption": " ...!"}), "row 1"
     if reason == "no_caption":
@@ -643,8 +643,14 @@ def test_strict_mode_stops_at_the_first_bad_row_in_input_order(tmp_path):
         {"image": names[2], "caption": "fine"},
     ]
     (tmp_path / "a.json").write_text(json.dumps(rows))
-    with pytest.raises(BadRowError, match=r"row a:1: missing_image"):
+    with pytest.raises(BadRowError, match=r"a.json, row 1: missing_image"):
         load_set(str(tmp_path / "a.json"), _cfg(strict=True), "train")
+    # A row with its own id: the image error names the row and the id.
+    rows[1]["id"] = "img-77"
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    with pytest.raises(BadRowError, match=r"a.json, row 1 \(id img-77\): missing_image"):
+        load_set(str(tmp_path / "a.json"), _cfg(strict=True), "train")
+    del rows[1]["id"]
     rows[1]["image"] = names[0]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     with pytest.raises(BadRowError, match=r"a.json, row 2: empty_caption"):

@@ -112,7 +112,9 @@ class _RecordSink:
         self.rows_read += 1
         self.skips.records_before = len(self.records)
 
-    def add(self, sample_id: str, image: Any, captions: tuple[str, ...], key: str) -> None:
+    def add(
+        self, sample_id: str, image: Any, captions: tuple[str, ...], key: str, row: int | str = ""
+    ) -> None:
         k = self._next_suffix.get(sample_id, 0)
         unique = f"{sample_id}#{k}" if k else sample_id
         while unique in self._ids:
@@ -120,7 +122,7 @@ class _RecordSink:
             unique = f"{sample_id}#{k}"
         self._next_suffix[sample_id] = k + 1
         self._ids.add(unique)
-        self.records.append(Record(unique, image, captions, key))
+        self.records.append(Record(unique, image, captions, key, row))
 
 
 def _json_row(
@@ -144,7 +146,7 @@ def _json_row(
         return skips.skip("empty_caption", file, where)
     sample_id = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
-    sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image)
+    sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image, where)
 
 
 def _karpathy_image(
@@ -179,7 +181,13 @@ def _karpathy_image(
         return skips.skip("empty_caption", file, where)
     sample_id = next((str(row[k]) for k in _KARPATHY_ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
-    sink.add(sample_id or f"{stem}:{where}", _resolve(image, image_root, base_dir), captions, image)
+    sink.add(
+        sample_id or f"{stem}:{where}",
+        _resolve(image, image_root, base_dir),
+        captions,
+        image,
+        where,
+    )
 
 
 def _read_karpathy(
@@ -291,7 +299,8 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
         if not caption:
             skips.skip("empty_caption", path, lineno)
             continue
-        sink.add(f"{stem}:{lineno}", _resolve(image, image_root, base_dir), (caption,), image)
+        resolved = _resolve(image, image_root, base_dir)
+        sink.add(f"{stem}:{lineno}", resolved, (caption,), image, lineno)
 
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -417,7 +426,7 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
         filename = example.get(f"{image_key}/filename", example.get("image/filename"))
         if isinstance(filename, bytes):
             filename = filename.decode("utf-8", "replace")
-        sink.add(sample_id, example[image_key], captions, filename or f"{spec}:{i}")
+        sink.add(sample_id, example[image_key], captions, filename or f"{spec}:{i}", i)
 
 
 def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:

@@ -42,12 +42,25 @@ class Record:
       TFDS) or an HxWx3 uint8 array (embedded world).
     captions: cleaned captions (one for pre-training rows, five for Karpathy eval rows).
     image_key: the image field as the input wrote it, so outputs keep the user's paths.
+    row: where the input has it (JSON array index, line number, TFDS index; "" = not known),
+      so a skip found later (an image that does not decode) names the same row as the readers.
     """
 
     sample_id: str
     image: str | bytes | np.ndarray
     captions: tuple[str, ...]
     image_key: str = ""
+    row: int | str = ""
+
+    @property
+    def where(self) -> str:
+        """The row as skip messages name it: `420`, `420 (id 1420)`, or the id."""
+        if self.row == "":
+            return self.sample_id
+        base = self.sample_id.split("#", 1)[0]
+        return (
+            str(self.row) if base.endswith(f":{self.row}") else f"{self.row} (id {self.sample_id})"
+        )
 
 
 class Skips:
