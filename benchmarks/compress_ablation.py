@@ -16,21 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    sys.path.insert(0, str(Path(path).resolve().parent.parent))
-    mod_spec = importlib.util.spec_from_file_location("cfg", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
 
 
 def main() -> None:
@@ -40,6 +29,7 @@ def main() -> None:
     ap.add_argument("--variants", default="")
     args = ap.parse_args()
 
+    from tldr_jax.cli import load_config
     from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache
     from tldr_jax.eval.retrieval import RECALL_KEYS
     from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate

@@ -185,3 +185,29 @@ def test_stage_help_lists_the_config(tmp_path):
     assert "configs/tldr.py:small defaults" in r.stdout and "    num_clusters: 64" in r.stdout
     r = run_cli("select", "--config=configs/tldr.py:smal", "--help")
     assert r.returncode == 2 and "unknown config argument 'smal'" in r.stderr
+
+
+def test_load_config_for_scripts_applies_and_checks_overrides():
+    """`cli.load_config(spec, overrides)`: what benchmarks use to take a config as the CLI
+    does; overrides parse as literals, and what the CLI refuses is refused here too."""
+    from tldr_jax.cli import load_config
+
+    c = load_config(
+        "configs/distill.py:small",
+        ["distill.syn_steps=7", "--config.distill.grad_mode=tesla", "eval.budgets=(10, 20)"]
+        + ["distill.lr_texts=3", "data.train=sets/x.json", "distill.lors=True"],
+    )
+    assert (c.distill.syn_steps, c.distill.grad_mode, c.eval.budgets) == (7, "tesla", (10, 20))
+    assert c.distill.lr_texts == 3.0 and isinstance(c.distill.lr_texts, float)
+    assert c.data.train == "sets/x.json" and c.distill.lors is True
+    for bad, match in [
+        ("distill.syn_stepz=3", "not a KEY=VALUE override"),
+        ("nope.syn_steps=3", "not a KEY=VALUE override"),
+        ("distill.syn_steps", "not a KEY=VALUE override"),
+        ("distill.syn_steps=many", "distill.syn_steps=many"),
+        ("distill.syn_steps=0", "distill.syn_steps=0: must be"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config("configs/distill.py:small", [bad])
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        load_config("configs/nothing.py")

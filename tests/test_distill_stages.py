@@ -403,3 +403,24 @@ def test_stages_read_karpathys_split_file_one_pair_per_caption(tmp_path):
     distill = run_stage("distill", config, workdir)
     assert distill["iterations"] == 1
     assert (Path(workdir) / "distill" / "distilled.npz").exists()
+
+
+def test_tesla_vs_exact_benchmark_on_a_buffer(buffered):
+    """benchmarks/tesla_vs_exact.py on a stage workdir: one student step has no cross-step
+    terms (TESLA is exact there), several steps report a finite, same-direction difference."""
+    import importlib.util
+
+    config, root, _ = buffered
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "tesla_vs_exact.py"
+    spec = importlib.util.spec_from_file_location("tesla_vs_exact", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(config, str(root / "w"), [1, 3], draws=2)
+    assert list(result) == ["init (real)"]  # no distilled set in this workdir yet
+    one, three = result["init (real)"]["1"], result["init (real)"]["3"]
+    for field in bench.FIELDS:
+        assert one[field]["rel_err"]["max"] < 1e-4, field
+        assert one[field]["cosine"]["min"] > 0.9999, field
+        assert np.isfinite(three[field]["rel_err"]["max"]), field
+    assert three["images"]["cosine"]["min"] > 0.5 and three["images"]["rel_err"]["mean"] > 0
+    assert "| init (real) | 3 | images |" in bench.table(result)

@@ -12,7 +12,7 @@ import re
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -189,22 +189,59 @@ def stage_help(stage: str, args: list[str]) -> str:
     ]
     spec = config_spec(args)
     if spec:
-        import importlib.util
-
-        path, _, arg = spec.partition(":")
-        module_spec = importlib.util.spec_from_file_location("_tldr_help_config", path)
-        if module_spec is None or module_spec.loader is None or not Path(path).exists():
+        path = spec.partition(":")[0]
+        if not Path(path).is_file():
             lines += ["", f"(cannot read config file {path})"]
         else:
-            _allow_sibling_imports(spec)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-            config = module.get_config(arg or None)  # ConfigError: an unknown `:word`
+            config = load_config(spec)  # ConfigError: an unknown `:word`
             lines += ["", f"{spec} defaults (each key can be overridden: --config.KEY=VALUE):"]
             lines += ["  " + line for line in str(config).rstrip().splitlines()]
     else:
         lines += ["", "Add --config FILE[:arg] to --help to list every key of that config."]
     return "\n".join(lines)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
+    """The config of `FILE[:arg]` (what `--config` reads), with `a.b=v` overrides applied and
+    the result checked (`config_check.problems`): for scripts (benchmarks/) that take a
+    config as the CLI does. A value is parsed as a Python literal when it is one
+    (`3`, `0.5`, `True`, `(100, 1000)`), else kept as a string."""
+    import ast
+    import importlib.util
+
+    from tldr_jax.config_check import ConfigError, problems
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_tldr_config", path)
+    if module_spec is None or module_spec.loader is None or not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    _allow_sibling_imports(spec)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, sep, text = item.removeprefix("--config.").partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node.get(name) if hasattr(node, "get") else None
+        if not sep or node is None or not hasattr(node, "get") or leaf not in node:
+            raise ConfigError(f"{item}: not a KEY=VALUE override of a key of {spec}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        old = node[leaf]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"{item}: {e}") from None
+    found = problems(config)
+    if found:
+        raise ConfigError("; ".join(found))
+    return config
 
 
 def config_spec(args: list[str]) -> str | None:
