@@ -25,6 +25,9 @@ def model_config(small: bool) -> ml_collections.ConfigDict:
         if small
         else dict(depth=4, width=128, norm="instancenorm", pooling="flatten")
     )
+    # --config.model.image=vit|nfresnet --config.model.image_kwargs.preset=tiny switches the
+    # encoder; keys only the ConvNet takes are then left out (logged).
+    m.image_kwargs.preset = ""
     m.embed_dim = 256  # 0 = no image projection (the head maps text to the image feature size)
     m.head_dropout = 0.1
     m.temperature = 0.07

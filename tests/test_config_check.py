@@ -211,3 +211,19 @@ def test_load_config_for_scripts_applies_and_checks_overrides():
             load_config("configs/distill.py:small", [bad])
     with pytest.raises(FileNotFoundError, match="no such config file"):
         load_config("configs/nothing.py")
+
+
+def test_image_kwargs_must_suit_the_encoder():
+    c = distill_config.get_config("tiny")
+    c.model.image = "nfresnet"
+    c.model.image_kwargs.preset = "tiny"
+    assert config_check.problems(c) == []  # ConvNet-only keys are left out, not an error
+    c.model.image_kwargs.preset = "big"
+    assert config_check.problems(c) == [
+        "model.image='nfresnet': unknown nfresnet preset 'big' (its presets: nf_resnet26 | tiny)"
+    ]
+    c = tldr_config.get_config("tiny")
+    c.caption.image_kwargs.patch_size = 4
+    assert config_check.problems(c) == []
+    c.captioner.image = "convnet"  # the captioner's ViT keys: depth, width kept, the rest out
+    assert config_check.problems(c) == []

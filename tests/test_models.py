@@ -103,6 +103,34 @@ def test_unknown_encoder_and_preset():
         make_image_encoder("vit", {"preset": "b16"}, 32, nnx.Rngs(0))
 
 
+def test_switching_encoder_leaves_the_other_encoders_keys_out(caplog):
+    """`--config.model.image=nfresnet` on a ConvNet config: ConvNet-only keys are left out
+    (logged once), the encoder's own keys are kept, a key no encoder takes is an error."""
+    from tldr_jax.config_check import ConfigError
+    from tldr_jax.models import encoder_kwargs
+
+    convnet_kw = {"depth": 2, "width": 8, "norm": "instancenorm", "pooling": "flatten"}
+    kw = {**convnet_kw, "matmul_dtype": "float32", "preset": ""}
+    assert encoder_kwargs("convnet", kw) == ({**convnet_kw, "matmul_dtype": "float32"}, [])
+    used, dropped = encoder_kwargs("nfresnet", {**kw, "preset": "tiny"})
+    assert used == {"matmul_dtype": "float32", "preset": "tiny"}
+    assert dropped == ["depth", "norm", "pooling", "width"]
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            model = make_image_encoder("nfresnet", {**kw, "preset": "tiny"}, 16, nnx.Rngs(0))
+    assert type(model).__name__ == "NFResNet"
+    assert sum("does not take image_kwargs" in r.message for r in caplog.records) == 1
+    # ViT takes depth and width itself: kept; norm and pooling left out.
+    used, dropped = encoder_kwargs("vit", {**convnet_kw, "num_heads": 2, "patch_size": 4})
+    assert used == {"depth": 2, "width": 8, "num_heads": 2, "patch_size": 4}
+    assert dropped == ["norm", "pooling"]
+    with pytest.raises(ValueError, match="widht: not an argument of convnet"):
+        encoder_kwargs("convnet", {"widht": 8})
+    # What the constructor refuses is a ConfigError (one line in the CLI), not a traceback.
+    with pytest.raises(ConfigError, match="image encoder vit .* divisible"):
+        make_image_encoder("vit", convnet_kw, 16, nnx.Rngs(0))
+
+
 # ----------------------------------------------------------------------------- ConvNet
 
 

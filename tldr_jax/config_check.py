@@ -246,6 +246,18 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         present, value = _lookup(config, path)
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
+    # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
+    # must suit the encoder it names (keys only another encoder takes are left out then).
+    from tldr_jax import models
+
+    for block in ("model", "captioner", "caption"):
+        present, kwargs = _lookup(config, f"{block}.image_kwargs")
+        name = config[block].get("image") if present else None
+        if present and name in models.ENCODERS:
+            try:
+                models.encoder_kwargs(name, dict(kwargs))
+            except ValueError as e:
+                out.append(f"{block}.image={name!r}: {e}")
     return out
 
 

@@ -45,7 +45,7 @@ from tldr_jax.data.readers import input_identity
 from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
 from tldr_jax.distill.student import Student, flatten_params, make_student
 from tldr_jax.eval.retrieval import retrieval_metrics
-from tldr_jax.models import make_image_encoder
+from tldr_jax.models import encoder_kwargs, make_image_encoder
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
@@ -296,7 +296,12 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
         "train_pairs": data.num_pairs,
         "train_sha256": digest.hexdigest(),
         "image_size": int(config.data.image_size),
-        "model": config.model.to_dict(),
+        # What the encoder is built from: keys another encoder takes (left out when
+        # model.image switched) and an empty preset are not part of it.
+        "model": {
+            **config.model.to_dict(),
+            "image_kwargs": encoder_kwargs(config.model.image, dict(config.model.image_kwargs))[0],
+        },
         "text": {
             "model_dir": str(t.model_dir),
             "pooling": str(t.pooling),

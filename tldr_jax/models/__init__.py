@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
@@ -9,6 +12,68 @@ from flax import nnx
 from tldr_jax.models import convnet, nfresnet, vit
 
 ENCODERS = ("convnet", "vit", "nfresnet")
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (encoder, left-out keys) already logged
+
+
+_PRESETS: dict[str, dict[str, Callable[..., nnx.Module]]] = {
+    "convnet": {},
+    "vit": {"b16": vit.vit_b16_224, "tiny": vit.vit_tiny},
+    "nfresnet": {"nf_resnet26": nfresnet.nf_resnet26, "tiny": nfresnet.nf_resnet_tiny},
+}
+_CLASSES: dict[str, Callable[..., nnx.Module]] = {
+    "convnet": convnet.ConvNet,
+    "vit": vit.ViT,
+    "nfresnet": nfresnet.NFResNet,
+}
+# Positional or built-in arguments: not image_kwargs.
+_NOT_KWARGS = {"self", "image_size", "rngs"}
+
+
+def _keywords(fn: Callable[..., Any]) -> set[str]:
+    # A class's own __init__ (an nnx.Module's metaclass hides it from signature(cls)).
+    target = fn.__init__ if isinstance(fn, type) else fn
+    params = inspect.signature(target).parameters.values()
+    return {p.name for p in params if p.kind != p.VAR_KEYWORD} - _NOT_KWARGS
+
+
+def _constructor(name: str, preset: str) -> Callable[..., nnx.Module]:
+    if name not in _CLASSES:
+        raise ValueError(f"unknown image encoder {name!r}: {' | '.join(ENCODERS)}")
+    if not preset:
+        return _CLASSES[name]
+    if preset not in _PRESETS[name]:
+        known = " | ".join(_PRESETS[name]) or "none"
+        raise ValueError(f"unknown {name} preset {preset!r} (its presets: {known})")
+    return _PRESETS[name][preset]
+
+
+def encoder_kwargs(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the image_kwargs the encoder `name` takes, the keys left out as another encoder's).
+
+    A config written for one encoder can switch to another with `--config.model.image=...`
+    (and `--config.model.image_kwargs.preset=...`): keys only another encoder takes (a ConvNet's
+    `norm` under nfresnet) are left out. An empty `preset` is no preset. Raises ValueError for
+    an unknown encoder or preset and for a key no encoder takes.
+    """
+    kwargs = dict(kwargs)
+    preset = kwargs.pop("preset", "") or ""
+    ctor = _constructor(name, preset)
+    takes = _keywords(ctor)
+    used = {k: v for k, v in kwargs.items() if k in takes}
+    rest = sorted(set(kwargs) - takes)
+    anyone = set().union(*(_keywords(f) for f in _CLASSES.values()))
+    anyone |= set().union(*(_keywords(f) for p in _PRESETS.values() for f in p.values()))
+    unknown = [k for k in rest if k not in anyone]
+    if unknown:
+        what = f"{name} preset {preset!r}" if preset else name
+        raise ValueError(
+            f"image_kwargs {', '.join(unknown)}: not an argument of {what} (it takes "
+            f"{', '.join(sorted(takes | {'preset'}))})"
+        )
+    if preset:
+        used["preset"] = preset
+    return used, rest
 
 
 def make_image_encoder(
@@ -22,26 +87,24 @@ def make_image_encoder(
                 presets "b16" (ViT-B/16, image_size must be 224) and "tiny"
       nfresnet: NFResNet(depths, widths, stem_width, bottle_ratio, alpha, skip_init, head_dim);
                 presets "nf_resnet26" and "tiny" (NF-ResNets work at any image size)
+    Keys of another encoder are left out with a warning (`encoder_kwargs`).
     """
-    kwargs = dict(kwargs)
+    from tldr_jax.config_check import ConfigError  # a ValueError; the CLI prints one line
+
+    try:
+        kwargs, dropped = encoder_kwargs(name, kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     preset = kwargs.pop("preset", "")
-    if name == "convnet":
-        if preset:
-            raise ValueError(f"convnet has no presets (got {preset!r})")
-        return convnet.ConvNet(image_size, **kwargs, rngs=rngs)
-    if name == "vit":
-        if preset == "b16":
-            if image_size != 224:
-                raise ValueError(f"preset b16 is ViT-B/16 at 224 px, got image_size {image_size}")
-            return vit.vit_b16_224(**kwargs, rngs=rngs)
-        if preset == "tiny":
-            return vit.vit_tiny(image_size, **kwargs, rngs=rngs)
-        if preset:
-            raise ValueError(f"unknown vit preset {preset!r}: b16 | tiny")
-        return vit.ViT(image_size, **kwargs, rngs=rngs)
-    if name == "nfresnet":
-        factories = {"nf_resnet26": nfresnet.nf_resnet26, "tiny": nfresnet.nf_resnet_tiny}
-        if preset and preset not in factories:
-            raise ValueError(f"unknown nfresnet preset {preset!r}: {' | '.join(factories)}")
-        return factories.get(preset, nfresnet.NFResNet)(**kwargs, rngs=rngs)
-    raise ValueError(f"unknown image encoder {name!r}: {' | '.join(ENCODERS)}")
+    what = f"{name} preset {preset!r}" if preset else name
+    if dropped and (what, tuple(dropped)) not in _WARNED:
+        _WARNED.add((what, tuple(dropped)))
+        log.warning("image encoder %s does not take image_kwargs %s: left out", what, dropped)
+    if name == "vit" and preset == "b16" and image_size != 224:
+        raise ConfigError(f"preset b16 is ViT-B/16 at 224 px, got image_size {image_size}")
+    ctor = _constructor(name, preset)
+    args = () if name == "nfresnet" or preset == "b16" else (image_size,)
+    try:
+        return ctor(*args, **kwargs, rngs=rngs)
+    except (ValueError, TypeError) as e:  # e.g. a width the ViT's heads do not divide
+        raise ConfigError(f"image encoder {what} with image_kwargs {kwargs}: {e}") from e
