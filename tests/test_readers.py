@@ -681,3 +681,14 @@ def test_cli_unusable_input_is_one_line(tmp_path):
         last = r.stderr.strip().splitlines()[-1]  # after the load's skip warning, if any
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert last.startswith("tldr-jax pretrain: error: ") and message in last
+
+
+def test_an_undecodable_shard_image_names_the_shard_and_key(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "00000.tar", {"0": {"png": _encode(_image(0)), "txt": b"good"}})
+    _write_shard(shards / "00001.tar", {"7": {"png": b"not a png", "txt": b"bad"}})
+    ds = load_set(str(shards), _cfg(), "train")
+    assert ds.ids == ["00000/0"] and ds.skipped["not_an_image"] == 1
+    with pytest.raises(BadRowError, match=r"shards/00001.tar, row 7: not_an_image"):
+        load_set(str(shards), _cfg(strict=True), "train")

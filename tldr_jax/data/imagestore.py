@@ -168,7 +168,7 @@ def decode_records(
     kept, index = [], []
     for r, j in zip(records, order, strict=True):
         if j in errors:
-            skips.skip(errors[j].reason, source, r.where, str(errors[j]))
+            skips.skip(errors[j].reason, r.file or source, r.where, str(errors[j]))
             continue
         kept.append(r)
         index.append(j)

@@ -113,7 +113,13 @@ class _RecordSink:
         self.skips.records_before = len(self.records)
 
     def add(
-        self, sample_id: str, image: Any, captions: tuple[str, ...], key: str, row: int | str = ""
+        self,
+        sample_id: str,
+        image: Any,
+        captions: tuple[str, ...],
+        key: str,
+        row: int | str = "",
+        file: str = "",
     ) -> None:
         k = self._next_suffix.get(sample_id, 0)
         unique = f"{sample_id}#{k}" if k else sample_id
@@ -122,7 +128,7 @@ class _RecordSink:
             unique = f"{sample_id}#{k}"
         self._next_suffix[sample_id] = k + 1
         self._ids.add(unique)
-        self.records.append(Record(unique, image, captions, key, row))
+        self.records.append(Record(unique, image, captions, key, row, file))
 
 
 def _json_row(
@@ -377,7 +383,12 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
                 skips.skip("empty_caption", str(shard), key)
                 continue
             sink.add(
-                f"{_shard_stem(shard)}/{key}", files[ext], (caption,), f"{shard.name}/{key}.{ext}"
+                f"{_shard_stem(shard)}/{key}",
+                files[ext],
+                (caption,),
+                f"{shard.name}/{key}.{ext}",
+                row=key,
+                file=str(shard),
             )
 
 

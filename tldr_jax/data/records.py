@@ -42,8 +42,10 @@ class Record:
       TFDS) or an HxWx3 uint8 array (embedded world).
     captions: cleaned captions (one for pre-training rows, five for Karpathy eval rows).
     image_key: the image field as the input wrote it, so outputs keep the user's paths.
-    row: where the input has it (JSON array index, line number, TFDS index; "" = not known),
-      so a skip found later (an image that does not decode) names the same row as the readers.
+    row: where the input has it (JSON array index, line number, TFDS index, webdataset key;
+      "" = not known), and `file` the file that holds it when that is not the input path itself
+      (a webdataset shard), so a skip found later (an image that does not decode) names the
+      same file and row as the readers' skips.
     """
 
     sample_id: str
@@ -51,6 +53,7 @@ class Record:
     captions: tuple[str, ...]
     image_key: str = ""
     row: int | str = ""
+    file: str = ""
 
     @property
     def where(self) -> str:
@@ -58,9 +61,9 @@ class Record:
         if self.row == "":
             return self.sample_id
         base = self.sample_id.split("#", 1)[0]
-        return (
-            str(self.row) if base.endswith(f":{self.row}") else f"{self.row} (id {self.sample_id})"
-        )
+        if base.endswith((f":{self.row}", f"/{self.row}")):
+            return str(self.row)
+        return f"{self.row} (id {self.sample_id})"
 
 
 class Skips:
