@@ -152,6 +152,11 @@ def _world_composition(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
 
 
+def _nonzero(counts: dict[str, int]) -> str:
+    """`not_an_image 1, missing_image 2` (reasons with a count), or `none`."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
+
+
 def plot_recalls(path: Path, retrieval: dict[str, Any]) -> None:
     import matplotlib
 
@@ -176,7 +181,7 @@ def write_report(workdir: str, summary: dict[str, Any]) -> None:
         "# TL;DR compression report",
         "",
         f"Input rows: {summary['input_rows']}; kept: {summary['kept_rows']} "
-        f"({100 * summary['fraction']:.1f}%). Skipped rows: {summary['skipped'] or 'none'}.",
+        f"({100 * summary['fraction']:.1f}%). Skipped rows: {_nonzero(summary['skipped'])}.",
         "",
         "Stage wall times (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_wall_s"].items()),
