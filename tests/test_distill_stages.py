@@ -142,6 +142,34 @@ def test_distill_outputs_resume_and_eval(buffered):
     assert result["random"]["num_pairs"] == n and set(result["budgets"]) == {"8", str(n)}
 
 
+def test_distill_beside_an_unfinished_buffer_records_the_experts_it_matched(buffered, caplog):
+    """distill run while the buffer still trains (one of two experts finished): the summary
+    says how many experts the set was matched against, a rerun of the finished stage warns
+    that more are finished now, and more iterations go on with all of them."""
+    config, root, _ = buffered
+    workdir = root / "partial"
+    shutil.copytree(root / "w", workdir)
+    parked = root / "parked_expert_001"
+    shutil.move(str(workdir / "buffer" / "expert_001"), parked)
+    first = run_stage("distill", config, str(workdir))
+    assert first["num_experts_used"] == 1 and first["num_experts_finished"] == 1
+    assert first["experts_history"] == [{"from_iteration": 0, "num_experts": 1}]
+    shutil.move(str(parked), workdir / "buffer" / "expert_001")
+    with caplog.at_level("WARNING"):
+        again = run_stage("distill", config, str(workdir))
+    assert again["resumed_from"] == 3 and again["num_experts_used"] == 1
+    assert again["num_experts_finished"] == 2
+    assert any("learned matching 1 experts; 2 are finished" in r.message for r in caplog.records)
+    more = config.copy_and_resolve_references()
+    more.distill.iterations = 5
+    last = run_stage("distill", more, str(workdir))
+    assert last["num_experts_used"] == 2
+    assert last["experts_history"] == [
+        {"from_iteration": 0, "num_experts": 1},
+        {"from_iteration": 3, "num_experts": 2},
+    ]
+
+
 def test_changed_data_or_recipe_is_refused(buffered):
     config, root, _ = buffered
     workdir = root / "w"

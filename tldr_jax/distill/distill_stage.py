@@ -257,16 +257,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     losses: list[float] = []
     first_losses: list[float] = []
     history_known = start == 0
+    experts_history: list[list[int]] = []
     if start:
         state, extra = ckpt.restore(start, {"syn": syn, "opt_state": opt_state})
         syn, opt_state = state["syn"], state["opt_state"]
         skipped = int(extra.get("skipped", 0))
+        # [from_iteration, experts matched] segments; unknown for checkpoints written before.
+        experts_history = [list(map(int, seg)) for seg in extra.get("experts_history", [])]
         if "meta_losses" in extra:
             losses = [float(x) for x in extra["meta_losses"]]
             first_losses = losses[:10]
             history_known = True
         log.info("distill: resumed at iteration %d", start)
     logger = MetricLogger(workdir_p, "distill", resume_step=start)
+    if start < iterations and (not experts_history or experts_history[-1][1] != len(trajs)):
+        experts_history.append([start, len(trajs)])
+    if start == iterations and experts_history and experts_history[-1][1] < len(trajs):
+        log.warning(
+            "distill: this workdir's set was learned matching %d experts; %d are finished now. "
+            "Raise distill.iterations to go on matching all of them, or distill in a new workdir",
+            experts_history[-1][1],
+            len(trajs),
+        )
 
     base_key = jax.random.key(seed)
     ckpt_every = int(d.ckpt_every) or iterations
@@ -309,7 +321,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             )
             pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
         if done % ckpt_every == 0 or done == iterations or preemption.requested():
-            extra = {"skipped": skipped, **({"meta_losses": losses} if history_known else {})}
+            extra = {
+                "skipped": skipped,
+                "experts_history": experts_history,
+                **({"meta_losses": losses} if history_known else {}),
+            }
             ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra=extra)
         if preemption.requested():
             ckpt.close()
@@ -375,7 +391,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ),
         "expert_epochs": expert_epochs,
         "max_start_epoch": max_start,
-        "num_experts_used": len(trajs),
+        # Experts the set was matched against in its latest iterations (the buffer may have
+        # had fewer finished when distill ran beside it), and per stretch of iterations.
+        "num_experts_used": experts_history[-1][1] if experts_history else None,
+        "num_experts_finished": len(trajs),
+        "experts_history": [{"from_iteration": i, "num_experts": n} for i, n in experts_history],
         "lr_img": lr_img,
         "lr_txt": lr_txt,
         "meta_loss_first10": float(np.mean(first_losses)) if first_losses else None,

@@ -367,9 +367,11 @@ def load_expert(
     workdir: str | Path, expert: int, epochs: int, num_params: tuple[int, int], n: int
 ) -> tuple[dict[str, np.ndarray], dict, int]:
     """(trajectory arrays, extra JSON, finished epochs) of one expert; 0 epochs if none."""
+    target = trajectory_target(epochs, num_params, n)
+    if not expert_dir(workdir, expert).is_dir():  # not started: do not create its folder
+        return target, {}, 0
     ckpt = Checkpointer(expert_dir(workdir, expert), max_to_keep=1)
     step = ckpt.latest_step()
-    target = trajectory_target(epochs, num_params, n)
     if step is None:
         ckpt.close()
         return target, {}, 0
