@@ -227,3 +227,30 @@ def test_image_kwargs_must_suit_the_encoder():
     assert config_check.problems(c) == []
     c.captioner.image = "convnet"  # the captioner's ViT keys: depth, width kept, the rest out
     assert config_check.problems(c) == []
+
+
+def test_a_second_run_of_a_stage_on_the_same_workdir_is_refused(tmp_path):
+    """While `buffer` runs on W (here: this process holds its lock), another `buffer` on W is
+    one error line naming the holder; other stages (distill beside the buffer) are not held
+    back by it, and the lock goes with the process that held it."""
+    import os
+
+    from tldr_jax.cli import stage_lock
+
+    w = tmp_path / "w"
+    w.mkdir()
+    args = ["--config", "configs/distill.py:tiny", "--workdir", str(w)]
+    with stage_lock(str(w), "buffer"):
+        res = run_cli("buffer", *args)
+        assert res.returncode == 2, res.stderr[-2000:]
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert lines[-1] == (
+            f"tldr-jax buffer: error: another `tldr-jax buffer` (pid {os.getpid()}) is running "
+            f"on {w}: wait for it to finish or use another --workdir"
+        )
+        assert "Traceback" not in res.stderr
+        with stage_lock(str(w), "distill"):  # another stage: not held
+            pass
+    with stage_lock(str(w), "buffer"):  # released
+        pass
+    assert (w / ".buffer.lock").read_text() == ""

@@ -6,13 +6,15 @@ to `DIR/<stage>.json` by the main process.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import re
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -57,6 +59,46 @@ def resolve_stage(name: str) -> Callable[[Any, str], dict]:
     return getattr(importlib.import_module(module), fn)
 
 
+@contextlib.contextmanager
+def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[None]:
+    """Refuses a second run of the same stage on the same workdir while one is running (both
+    would write the same checkpoints): an exclusive `flock` on `W/.<stage>.lock`, released by
+    the kernel when the process ends, however it ends. Other stages may run beside it (distill
+    beside a buffer still training). Only the main process of a multi-process run locks;
+    where the filesystem has no locks (some network mounts) nothing is locked."""
+    import fcntl
+
+    from tldr_jax.config_check import ConfigError
+
+    if not main_process:
+        yield
+        return
+    path = Path(workdir) / f".{name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ConfigError(
+                f"another `tldr-jax {name}` (pid {holder}) is running on {workdir}: wait for it "
+                "to finish or use another --workdir"
+            ) from None
+        except OSError:  # no locks on this filesystem
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_stage(name: str, config: Any, workdir: str) -> dict:
     """Runs one stage and writes `workdir/<name>.json` (main process only)."""
     import jax
@@ -69,7 +111,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
         raise config_check.ConfigError(f"--workdir {workdir} exists and is not a directory")
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    summary = resolve_stage(name)(config, workdir)
+    with stage_lock(workdir, name, dist.is_main()):
+        summary = resolve_stage(name)(config, workdir)
     summary = dict(summary or {})
     summary.setdefault("stage", name)
     summary["wall_s"] = round(time.time() - t0, 3)
