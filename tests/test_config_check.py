@@ -251,6 +251,6 @@ def test_a_second_run_of_a_stage_on_the_same_workdir_is_refused(tmp_path):
         assert "Traceback" not in res.stderr
         with stage_lock(str(w), "distill"):  # another stage: not held
             pass
-    with stage_lock(str(w), "buffer"):  # released
-        pass
-    assert (w / ".buffer.lock").read_text() == ""
+    assert not (w / ".buffer.lock").exists()  # released and removed
+    with stage_lock(str(w), "buffer"):
+        assert (w / ".buffer.lock").read_text() == str(os.getpid())

@@ -62,10 +62,11 @@ def resolve_stage(name: str) -> Callable[[Any, str], dict]:
 @contextlib.contextmanager
 def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[None]:
     """Refuses a second run of the same stage on the same workdir while one is running (both
-    would write the same checkpoints): an exclusive `flock` on `W/.<stage>.lock`, released by
-    the kernel when the process ends, however it ends. Other stages may run beside it (distill
-    beside a buffer still training). Only the main process of a multi-process run locks;
-    where the filesystem has no locks (some network mounts) nothing is locked."""
+    would write the same checkpoints): an exclusive `flock` on `W/.<stage>.lock`, held while
+    the stage runs and released by the kernel however the process ends; the file is removed
+    when the stage returns or raises. Other stages may run beside it (distill beside a buffer
+    still training). Only the main process of a multi-process run locks; where the
+    filesystem has no locks (some network mounts) nothing is locked."""
     import fcntl
 
     from tldr_jax.config_check import ConfigError
@@ -74,29 +75,41 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         yield
         return
     path = Path(workdir) / f".{name}.lock"
-    with open(path, "a+") as f:
+    while True:
+        f = open(path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
+            f.close()
             raise ConfigError(
                 f"another `tldr-jax {name}` (pid {holder}) is running on {workdir}: wait for it "
                 "to finish or use another --workdir"
             ) from None
         except OSError:  # no locks on this filesystem
+            f.close()
             yield
             return
+        # The holder removes the file before unlocking: a file locked after that removal is
+        # no longer the lock file; open the current one again.
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        f.close()  # releases the flock
 
 
 def run_stage(name: str, config: Any, workdir: str) -> dict:

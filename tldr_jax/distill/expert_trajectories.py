@@ -368,8 +368,8 @@ def load_expert(
 ) -> tuple[dict[str, np.ndarray], dict, int]:
     """(trajectory arrays, extra JSON, finished epochs) of one expert; 0 epochs if none."""
     target = trajectory_target(epochs, num_params, n)
-    if not expert_dir(workdir, expert).is_dir():  # not started: do not create its folder
-        return target, {}, 0
+    # Every process opens the checkpointer (Orbax syncs processes there), even for an expert
+    # not started yet: deciding per process from the folder's existence could split them.
     ckpt = Checkpointer(expert_dir(workdir, expert), max_to_keep=1)
     step = ckpt.latest_step()
     if step is None:
