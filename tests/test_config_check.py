@@ -254,3 +254,22 @@ def test_a_second_run_of_a_stage_on_the_same_workdir_is_refused(tmp_path):
     assert not (w / ".buffer.lock").exists()  # released and removed
     with stage_lock(str(w), "buffer"):
         assert (w / ".buffer.lock").read_text() == str(os.getpid())
+
+
+def test_stage_lock_runs_unlocked_where_the_filesystem_has_no_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from tldr_jax.cli import stage_lock
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with stage_lock(str(tmp_path), "buffer"):
+        ran.append(True)
+    assert ran == [True]
+    # the stage's own error passes through unchanged
+    with pytest.raises(KeyError), stage_lock(str(tmp_path), "buffer"):
+        raise KeyError("x")

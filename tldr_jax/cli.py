@@ -89,8 +89,8 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
             ) from None
         except OSError:  # no locks on this filesystem
             f.close()
-            yield
-            return
+            f = None
+            break
         # The holder removes the file before unlocking: a file locked after that removal is
         # no longer the lock file; open the current one again.
         try:
@@ -100,6 +100,9 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         if same:
             break
         f.close()
+    if f is None:
+        yield
+        return
     try:
         f.seek(0)
         f.truncate()
