@@ -60,21 +60,20 @@ def measure(config, workdir: str, steps: list[int], draws: int) -> dict:
     trajs = et.load_trajectories(
         Path(workdir), int(b.num_experts), epochs, student.num_params, data.num_pairs
     )
-    max_start = max(1, min(int(d.max_start_epoch), epochs - expert_epochs + 1))
+    max_start = distill_stage.start_epochs(config)
     sets = {}
+    init = d.init if d.init != "kmeans" else "real"  # k-means prototypes are real pairs too
     images0, texts0, _ = distill_stage.initial_pairs(
-        d.init if d.init != "kmeans" else "real", m, seed, data.train_images, data.train_txt
+        init, m, seed, data.train_images, data.train_txt
     )
-    sets[f"init ({d.init if d.init != 'kmeans' else 'real'})"] = matching.SyntheticSet.create(
-        images0, texts0, float(d.step_size_init)
-    )
+    sets[f"init ({init})"] = matching.SyntheticSet.create(images0, texts0, float(d.step_size_init))
     npz = Path(workdir) / "distill" / "distilled.npz"
     if npz.exists():
         z = np.load(npz)
         sets["distilled"] = matching.SyntheticSet.create(z["images"], z["texts"], 1.0).replace(
             lr_img=jax.numpy.asarray(z["lr_img"]), lr_txt=jax.numpy.asarray(z["lr_txt"])
         )
-    inner = matching.InnerLoop()
+    inner = distill_stage.inner_loop(config)  # the stage's own (quirks, micro-batches, ...)
     batch_syn = int(d.batch_syn) or m
     grad = jax.jit(
         matching.meta_loss_and_grad, static_argnums=(1,), static_argnames=("grad_mode", "inner")

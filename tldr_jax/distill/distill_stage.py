@@ -150,6 +150,28 @@ def distill_signature(config: ml_collections.ConfigDict, buffer_sig: dict) -> di
     return {"buffer": buffer_sig, "distill": d}
 
 
+def start_epochs(config: ml_collections.ConfigDict) -> int:
+    """How many start epochs an outer iteration draws from: max_start_epoch, capped so that
+    start + expert_epochs stays within the buffer's epochs."""
+    epochs, expert_epochs = int(config.buffer.epochs), int(config.distill.expert_epochs)
+    max_start = min(int(config.distill.max_start_epoch), epochs - expert_epochs + 1)
+    if max_start < 1:
+        raise ConfigError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
+    return max_start
+
+
+def inner_loop(config: ml_collections.ConfigDict) -> matching.InnerLoop:
+    """How the student trains on the synthetic set, from `distill.*`."""
+    d = config.distill
+    return matching.InnerLoop(
+        logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
+        train_dropout=bool(d.quirk_dropout),
+        micro_batches=int(d.get("micro_batches", 1)),
+        remat_budget_mib=float(d.get("remat_budget_mib", matching.InnerLoop.remat_budget_mib)),
+        unroll=bool(d.get("scan_unroll", False)),
+    )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax distill`: learn the synthetic set, save npz + png + checkpoints."""
     workdir_p = Path(workdir)
@@ -161,9 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     epochs = int(b.epochs)
     # Each key's own range and names (max_start_epoch >= 1, grad_mode, init,
     # kmeans_features, ...) were checked by config_check before the stage; here what spans keys.
-    max_start = min(int(d.max_start_epoch), epochs - expert_epochs + 1)
-    if max_start < 1:
-        raise ConfigError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
+    max_start = start_epochs(config)
     lors = bool(d.get("lors", False))
     scan_unroll = bool(d.get("scan_unroll", False))
     if scan_unroll and d.grad_mode != "unroll":
@@ -218,13 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         syn = syn.with_lors(key, int(d.get("lors_rank", 10)), float(d.get("lors_alpha", 0.1)))
     opt_state = optimizer.init(syn)
     syn, opt_state = jax.device_put((syn, opt_state), rep)
-    inner = matching.InnerLoop(
-        logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
-        train_dropout=bool(d.quirk_dropout),
-        micro_batches=int(d.get("micro_batches", 1)),
-        remat_budget_mib=float(d.get("remat_budget_mib", matching.InnerLoop.remat_budget_mib)),
-        unroll=scan_unroll,
-    )
+    inner = inner_loop(config)
     batch_syn = int(d.batch_syn) or m
 
     @partial(jax.jit, in_shardings=rep, out_shardings=rep)
