@@ -144,3 +144,52 @@ def test_interrupted_decode_leaves_no_cache_entry(tmp_path, monkeypatch):
     monkeypatch.undo()
     ds = load_set(path, _cfg(cache_dir=str(cache)), "train")
     assert len(ds) == 6 and ds.images[0].any()
+
+
+def _one_test_set_three_ways(tmp_path: Path) -> dict[str, Path]:
+    """3 images x 3 captions (one image's last caption empty) as a Karpathy eval JSON (one
+    row per image), a TSV and a webdataset (one row per caption, interleaved)."""
+    import io
+    import tarfile
+
+    (tmp_path / "img").mkdir()
+    caps = {i: [f"image {i} caption {k}" for k in range(3)] for i in range(3)}
+    caps[1][2] = " "
+    for i in caps:
+        _png(tmp_path / "img" / f"{i}.png", i)
+    rows = [{"image": f"img/{i}.png", "caption": c} for i, c in caps.items()]
+    (tmp_path / "eval.json").write_text(json.dumps(rows))
+    lines = [f"{caps[i][k]}\t./img/{i}.png" for k in range(3) for i in caps]
+    (tmp_path / "test.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "00000.tar", "w") as tar:
+        for n, (k, i) in enumerate((k, i) for k in range(3) for i in caps):
+            for ext, data in (
+                ("jpg", (tmp_path / "img" / f"{i}.png").read_bytes()),
+                ("txt", caps[i][k].encode()),
+            ):
+                info = tarfile.TarInfo(f"{n:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return {"eval": tmp_path / "eval.json", "tsv": tmp_path / "test.tsv", "wds": tmp_path / "wds"}
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_test_set_given_one_row_per_caption_is_grouped_by_image(tmp_path, cache):
+    paths = _one_test_set_three_ways(tmp_path)
+    cfg = _cfg(cache_dir=str(tmp_path / "cache") if cache else "")
+    want = [[f"image {i} caption {k}" for k in range(3) if (i, k) != (1, 2)] for i in range(3)]
+    for name, path in paths.items():
+        for _ in range(2 if cache else 1):  # the second load is served by the cache
+            ds = load_set(str(path), cfg, "test")
+            assert len(ds) == 3 and ds.captions == want, name
+            assert ds.rows_read == (3 if name == "eval" else 9), name
+            # a row's empty caption: a skipped row; an eval row's empty list entry: dropped
+            assert ds.skipped["empty_caption"] == (name != "eval"), name
+            for i in range(3):
+                np.testing.assert_array_equal(
+                    ds.images[i], images_lib.decode_image(str(tmp_path / "img" / f"{i}.png"), 8)
+                )
+    # as training data the rows stay pairs (one per caption); the bytes are stored once
+    train = load_set(str(paths["wds"]), cfg, "train")
+    assert len(train) == 8 and len(train.images.store) == 3

@@ -335,7 +335,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     if not ids:
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
         raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
-    return ImageTextSet(
+    loaded = ImageTextSet(
         ids=ids,
         images=images,
         captions=[list(r.captions) for r in records],
@@ -344,3 +344,36 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         skipped={reason: skips.counts.get(reason, 0) for reason in SKIP_REASONS},
         source=source,
     )
+    return group_by_image(loaded) if role == "test" else loaded
+
+
+def group_by_image(data: ImageTextSet) -> ImageTextSet:
+    """One row per distinct image, holding the captions of every row that shows it, in input
+    order (first row's id and image key). Retrieval counts an image's captions as its own
+    (BLIP's evaluation), so a test set given one row per caption (a TSV, a webdataset, a
+    Karpathy train-style JSON) must not evaluate the same image as several images each
+    owning one caption: every caption but one would count as a wrong match for its image.
+    Rows share an image when they name the same file or hold the same encoded bytes
+    (`imagestore.image_identity`)."""
+    if not isinstance(data.images, imagestore.ImageRows):
+        return data
+    slots = data.images.index
+    _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+    if len(first) == len(slots):
+        return data
+    order = np.argsort(first, kind="stable")  # groups in the order their first row comes
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    captions: list[list[str]] = [[] for _ in order]
+    for i, g in enumerate(rank[inverse.reshape(-1)]):
+        captions[g].extend(data.captions[i])
+    log.info(
+        "%s: %d rows show %d distinct images; evaluating each image once with all its "
+        "captions (%d)",
+        data.source,
+        len(slots),
+        len(order),
+        sum(map(len, captions)),
+    )
+    grouped = data.subset(first[order])
+    return dataclasses.replace(grouped, captions=captions)

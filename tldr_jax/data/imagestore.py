@@ -33,7 +33,7 @@ from tldr_jax.utils import io as io_lib
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows with the same encoded bytes share one stored image
 _CHUNK = 2048  # images decoded per batch of thread-pool work (bounds the queued futures)
 
 
@@ -123,6 +123,17 @@ def take_rows(images: np.ndarray | ImageRows, indices: np.ndarray) -> np.ndarray
     return images[indices]
 
 
+def image_identity(image: Any) -> Any:
+    """What makes two rows' images the same image: the normalised path of a file, the SHA-1
+    of encoded bytes (a webdataset with one sample per caption repeats each image's bytes);
+    None for a decoded array (never shared)."""
+    if isinstance(image, str):
+        return os.path.normpath(image)
+    if isinstance(image, bytes | bytearray | memoryview):
+        return hashlib.sha1(image).digest()
+    return None
+
+
 def decode_records(
     records: list[Record],
     size: int,
@@ -131,7 +142,8 @@ def decode_records(
     source: str,
     allocate: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[list[Record], ImageRows]:
-    """Decodes each distinct image of `records` once, in parallel, into a store.
+    """Decodes each distinct image of `records` (`image_identity`) once, in parallel, into
+    a store.
 
     allocate(n) returns the (n, size, size, 3) uint8 store (default: in memory). Rows whose
     image cannot be used are skipped and counted under the image error's reason (or raise in
@@ -141,7 +153,9 @@ def decode_records(
     order: list[int] = []
     srcs: list[Any] = []
     for r in records:
-        key = r.image if isinstance(r.image, str) else id(r)
+        key = image_identity(r.image)
+        if key is None:
+            key = id(r)
         if key not in unique:
             unique[key] = len(srcs)
             srcs.append(r.image)
