@@ -193,3 +193,19 @@ def test_a_test_set_given_one_row_per_caption_is_grouped_by_image(tmp_path, cach
     # as training data the rows stay pairs (one per caption); the bytes are stored once
     train = load_set(str(paths["wds"]), cfg, "train")
     assert len(train) == 8 and len(train.images.store) == 3
+
+
+def test_compress_writes_each_distinct_webdataset_image_once(tmp_path):
+    import ml_collections
+
+    from tldr_jax.compress.write import materialise_encoded_images
+
+    wds = _one_test_set_three_ways(tmp_path)["wds"]
+    pairs = load_set(str(wds), _cfg(), "train").pairs()[0]
+    config = ml_collections.ConfigDict({"data": {"train": str(wds), "image_root": ""}})
+    paths = materialise_encoded_images(config, pairs.ids, tmp_path / "out")
+    assert sorted(paths) == sorted(pairs.ids) and len(set(paths.values())) == 3
+    assert len(list((tmp_path / "out").rglob("*.jpg"))) == 3
+    for i, sid in enumerate(pairs.ids):
+        image = images_lib.decode_image(tmp_path / "out" / paths[sid], 8)
+        np.testing.assert_array_equal(image, pairs.images[i])

@@ -36,28 +36,33 @@ def materialise_encoded_images(
     config: ml_collections.ConfigDict, ids: list[str], out: Path
 ) -> dict[str, str] | None:
     """Webdataset shards and TFDS sources have no image files: write the kept images' encoded
-    bytes (unchanged) under out/images/ and return {sample_id: path relative to out}.
+    bytes (unchanged) under out/images/, once per distinct image (a webdataset with one
+    sample per caption repeats each image), and return {sample_id: path relative to out}.
     Returns None for path-based inputs, whose paths are kept exactly as written."""
     source = str(config.data.train)
     if not (source.startswith("tfds:") or (source and Path(source).is_dir())):
         return None
     from tldr_jax.data import dataset
+    from tldr_jax.data.imagestore import image_identity
     from tldr_jax.data.readers import read_records
     from tldr_jax.data.records import Skips
 
     wanted = set(ids)
     paths: dict[str, str] = {}
+    written: dict[bytes, str] = {}  # one file per distinct image (`image_identity`)
     for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
         # TL;DR's stages see one pair per caption (`ImageTextSet.pairs`).
         pair_ids = [p for p in dataset.pair_ids(rec.sample_id, len(rec.captions)) if p in wanted]
         if not pair_ids or not isinstance(rec.image, bytes):
             continue
-        name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
-        rel = Path("images") / name
-        if dist.is_main():
-            with io.atomic_path(out / rel) as tmp:
-                tmp.write_bytes(rec.image)
-        paths.update(dict.fromkeys(pair_ids, str(rel)))
+        identity = image_identity(rec.image)
+        if identity not in written:
+            name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
+            written[identity] = str(Path("images") / name)
+            if dist.is_main():
+                with io.atomic_path(out / written[identity]) as tmp:
+                    tmp.write_bytes(rec.image)
+        paths.update(dict.fromkeys(pair_ids, written[identity]))
     return paths
 
 
