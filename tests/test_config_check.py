@@ -273,3 +273,19 @@ def test_stage_lock_runs_unlocked_where_the_filesystem_has_no_locks(tmp_path, mo
     # the stage's own error passes through unchanged
     with pytest.raises(KeyError), stage_lock(str(tmp_path), "buffer"):
         raise KeyError("x")
+
+
+def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = tldr_config.get_config("tiny")
+    c.data.train, c.data.image_root, c.caption.data = "~/cc.tsv:x", "~", "~/coco.json"
+    c.data.test = "a~b.json"
+    config_check.expand_home(c)
+    assert c.data.train == f"{tmp_path}/cc.tsv:x" and c.data.image_root == str(tmp_path)
+    assert c.caption.data == f"{tmp_path}/coco.json" and c.data.test == "a~b.json"
+    # the shell leaves `--config.data.train=~/x` and `--workdir=~/w` as they are
+    c = distill_config.get_config("tiny")
+    c.data.train = "~/missing.json"
+    with pytest.raises(FileNotFoundError, match=f"no such input: {tmp_path}/missing.json"):
+        run_stage("buffer", c, "~/w")
+    assert (tmp_path / "w").is_dir() and not (tmp_path / "~").exists()

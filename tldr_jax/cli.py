@@ -122,6 +122,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     from tldr_jax import config_check
     from tldr_jax.utils import dist, hostenv, io
 
+    config_check.expand_home(config)  # `--config.data.train=~/x`: the shell leaves the ~
+    workdir = os.path.expanduser(workdir)
     config_check.check(config, name)  # before any data is read or any directory is made
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise config_check.ConfigError(f"--workdir {workdir} exists and is not a directory")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
         short = " ".join(f"{k}={summary[k]:.4g}" for k in keys)
-        wrote = Path(flags.FLAGS.workdir) / (stage + ".json")
+        wrote = Path(os.path.expanduser(flags.FLAGS.workdir)) / (stage + ".json")
         print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
     def _parse_flags(args: list[str]) -> list[str]:
@@ -268,7 +270,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
     import ast
     import importlib.util
 
-    from tldr_jax.config_check import ConfigError, problems
+    from tldr_jax.config_check import ConfigError, expand_home, problems
 
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_tldr_config", path)
@@ -297,6 +299,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
             node[leaf] = value
         except TypeError as e:
             raise ConfigError(f"{item}: {e}") from None
+    expand_home(config)
     found = problems(config)
     if found:
         raise ConfigError("; ".join(found))

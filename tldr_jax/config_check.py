@@ -11,6 +11,7 @@ the three config families share this one table.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -276,6 +277,20 @@ STAGE_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
     "compress": ((*_TLDR, "retrieval_eval"), "configs/tldr.py"),
     **{s: (_DISTILL, "configs/distill.py") for s in ("buffer", "distill", "eval-distilled")},
 }
+
+
+def expand_home(config: ml_collections.ConfigDict) -> None:
+    """Expands a leading `~` / `~user` in every string value in place (`data.train`,
+    `data.image_root`, `caption.data`, ...): the shell leaves `--config.data.train=~/x` as
+    it is, and a path with a literal `~` folder is never what was meant."""
+    for key in list(config.keys()):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            expand_home(value)
+        elif isinstance(value, str) and value.startswith("~"):
+            expanded = os.path.expanduser(value)
+            if expanded != value:
+                config[key] = expanded
 
 
 def check(config: ml_collections.ConfigDict, stage: str | None = None) -> None:
