@@ -15,7 +15,7 @@ from tldr_jax.config_lib import data_config
 from tldr_jax.data import images as images_lib
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.readers import read_records
-from tldr_jax.data.records import SKIP_REASONS, BadRowError, Skips
+from tldr_jax.data.records import SKIP_REASONS, BadRowError, InputError, Skips
 
 
 def _image(seed: int, shape: tuple[int, int] = (12, 16)) -> np.ndarray:
@@ -271,6 +271,31 @@ def test_tsv_with_and_without_header(tmp_path):
     assert [r.sample_id for r in b] == ["plain:1", "plain:2"]
     ds = load_set(str(tmp_path / "cc.tsv"), _cfg(image_root=str(tmp_path)), "train")
     np.testing.assert_array_equal(ds.images[1], _resized(1))
+
+
+def test_url_images_are_named_as_urls_and_file_urls_are_paths(tmp_path):
+    """CC3M's own TSV holds URLs: say so (nothing is downloaded), not 'no such file'."""
+    names = _write_images(tmp_path, 2)
+    lines = [
+        "a cat\thttps://example.com/cat.jpg",
+        f"a dog\tfile://{tmp_path / names[0]}",
+        f"a cow\t{names[1]}",
+    ]
+    (tmp_path / "cc.tsv").write_text("\n".join(lines) + "\n")
+    rows = [{"image": "http://x/y.png", "caption": "a"}, {"image": names[1], "caption": "b"}]
+    (tmp_path / "blip.json").write_text(json.dumps(rows))
+    skips = Skips()
+    ds = load_set(str(tmp_path / "cc.tsv"), _cfg(), "train")
+    assert ds.captions == [["a dog"], ["a cow"]] and ds.skipped["missing_image"] == 1
+    np.testing.assert_array_equal(ds.images[0], _resized(0))
+    recs = read_records(str(tmp_path / "blip.json"), "", skips)
+    assert [r.captions for r in recs] == [("b",)] and skips.as_dict() == {"missing_image": 1}
+    assert "row 0: missing_image (the image is a URL" in skips.first
+    with pytest.raises(BadRowError, match=r"cc\.tsv, row 1: missing_image \(the image is a URL"):
+        load_set(str(tmp_path / "cc.tsv"), _cfg(strict=True), "train")
+    (tmp_path / "urls.tsv").write_text(lines[0] + "\n")
+    with pytest.raises(InputError, match="no usable rows.*never downloaded"):
+        load_set(str(tmp_path / "urls.tsv"), _cfg(), "train")
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

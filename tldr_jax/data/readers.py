@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,10 +81,23 @@ def input_identity(path: str) -> str:
     return path if path.startswith(("tfds:", "world:")) else os.path.abspath(path)
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+URL_DETAIL = (
+    "the image is a URL; images are read from disk, never downloaded: fetch them first "
+    "(e.g. img2dataset to webdataset shards) and point data.train at the shard folder"
+)
+
+
 def _resolve(image: str, image_root: str, base_dir: str) -> str:
+    if image.startswith("file://"):
+        image = urllib.parse.unquote(image.removeprefix("file://"))
     if os.path.isabs(image):
         return image
     return os.path.join(image_root or base_dir, image)
+
+
+def _is_remote(image: str) -> bool:
+    return bool(_URL.match(image)) and not image.startswith("file://")
 
 
 def _captions(value: Any) -> tuple[str, ...] | None:
@@ -150,6 +165,8 @@ def _json_row(
         return skips.skip("non_utf8", file, where)
     if not captions:
         return skips.skip("empty_caption", file, where)
+    if _is_remote(image):
+        return skips.skip("missing_image", file, where, URL_DETAIL)
     sample_id = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
     sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image, where)
@@ -304,6 +321,9 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
         caption, image = clean_caption(fields[0]), fields[1].strip()
         if not caption:
             skips.skip("empty_caption", path, lineno)
+            continue
+        if _is_remote(image):
+            skips.skip("missing_image", path, lineno, URL_DETAIL)
             continue
         resolved = _resolve(image, image_root, base_dir)
         sink.add(f"{stem}:{lineno}", resolved, (caption,), image, lineno)
