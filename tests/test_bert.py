@@ -204,3 +204,35 @@ def test_load_rejects_missing_weights(tmp_path):
         load_bert(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_bert(tmp_path / "nowhere")
+
+
+def test_a_bert_folder_without_tokenizer_json_uses_its_vocab(reference, tmp_path):
+    """Older BERT folders ship vocab.txt (+ tokenizer_config.json), no tokenizer.json."""
+    from tldr_jax.data.tokenizer import load_tokenizer
+    from tldr_jax.models.pretrained import default_text_model_dir
+
+    src = default_text_model_dir()
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json"):
+        (folder / name).symlink_to(src / name)
+    encoder = TextEncoder(str(folder), pooling="mean", max_len=64)
+    valid = reference["attention_mask"].astype(bool)
+    sentences = [str(s) for s in reference["sentences"]]
+    for ids, ref_ids, ref_valid in zip(
+        encoder.tokenize(sentences), reference["input_ids"], valid, strict=True
+    ):
+        assert ids == ref_ids[ref_valid].tolist()
+    bundled, built = load_tokenizer(), load_tokenizer(str(folder))
+    texts = ["Café naïve résumé 中文", "[CLS] a literal [MASK]", "tabs\tand  spaces", "x" * 300]
+    ids_a, ids_b = bundled.encode_batch(texts, 40)[0], built.encode_batch(texts, 40)[0]
+    np.testing.assert_array_equal(ids_a, ids_b)
+    assert bundled.decode_batch(ids_a) == built.decode_batch(ids_b)
+    # a cased vocabulary's setting is followed
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    cased = load_tokenizer(str(folder))
+    assert cased.encode_batch(["Cat"], 8)[0].tolist() != cased.encode_batch(["cat"], 8)[0].tolist()
+    (folder / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
+        load_tokenizer(str(folder))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from tldr_jax.models.pretrained import text_model_dir
 
@@ -14,8 +16,8 @@ from tldr_jax.models.pretrained import text_model_dir
 class Tokenizer:
     """`[CLS] tokens [SEP] [PAD]...` encoding to fixed-length int32 arrays."""
 
-    def __init__(self, path: str | Path):
-        self._tok = _HFTokenizer.from_file(str(path))
+    def __init__(self, path: str | Path | _HFTokenizer):
+        self._tok = path if isinstance(path, _HFTokenizer) else _HFTokenizer.from_file(str(path))
         # tokenizer.json ships padding/truncation to 128; we pad and truncate ourselves so
         # the shared object stays stateless across threads and max_len values.
         self._tok.no_padding()
@@ -49,9 +51,48 @@ class Tokenizer:
         return self._tok.decode_batch([[int(i) for i in row] for row in np.asarray(ids)])
 
 
+def wordpiece_from_vocab(folder: Path) -> _HFTokenizer:
+    """BERT's WordPiece tokenizer built from `vocab.txt` and `tokenizer_config.json` (what
+    transformers' BertTokenizer reads), for BERT folders saved without a tokenizer.json."""
+    settings = {}
+    if (folder / "tokenizer_config.json").exists():
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+    lowercase = bool(settings.get("do_lower_case", True))
+    tok = _HFTokenizer(
+        models.WordPiece.from_file(
+            str(folder / "vocab.txt"), unk_token=str(settings.get("unk_token", "[UNK]"))
+        )
+    )
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=bool(settings.get("tokenize_chinese_chars", True)),
+        strip_accents=settings.get("strip_accents"),  # None: follows lowercase, as BERT's
+        lowercase=lowercase,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    special = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    names = [str(settings.get(k, f"[{k.removesuffix('_token').upper()}]")) for k in special]
+    tok.add_special_tokens([n for n in names if tok.token_to_id(n) is not None])
+    cls, sep = names[3], names[1]
+    if tok.token_to_id(cls) is not None and tok.token_to_id(sep) is not None:
+        tok.post_processor = processors.BertProcessing(
+            (sep, tok.token_to_id(sep)), (cls, tok.token_to_id(cls))
+        )
+    return tok
+
+
+def hf_tokenizer(model_dir: str | Path = "") -> _HFTokenizer:
+    """The `tokenizers.Tokenizer` of a BERT folder ("" = the bundled all-MiniLM-L6-v2): its
+    tokenizer.json, or, where the folder has none, BERT's WordPiece over its vocab.txt."""
+    folder = text_model_dir(str(model_dir))
+    if (folder / "tokenizer.json").exists():
+        return _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.txt").exists():
+        return wordpiece_from_vocab(folder)
+    raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {folder}")
+
+
 def load_tokenizer(model_dir: str = "") -> Tokenizer:
-    """The tokenizer.json of `model_dir` ("" = the bundled all-MiniLM-L6-v2)."""
-    path = text_model_dir(model_dir) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer.json in {path.parent}")
-    return Tokenizer(path)
+    """The tokenizer of `model_dir` ("" = the bundled all-MiniLM-L6-v2), see `hf_tokenizer`."""
+    return Tokenizer(hf_tokenizer(model_dir))

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from tldr_jax.data.tokenizer import hf_tokenizer
 from tldr_jax.models.pretrained import text_model_dir
 from tldr_jax.utils.io import write_npy
 
@@ -221,7 +221,7 @@ class TextEncoder:
         self.model_dir: Path = text_model_dir(str(model_dir)).resolve()
         self.pooling: str = pooling
         self.max_len: int = max_len
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.tokenizer = hf_tokenizer(self.model_dir)
         padding = self.tokenizer.padding
         self.pad_id: int = padding["pad_id"] if padding else self.tokenizer.token_to_id("[PAD]")
         # Truncate here (keeps [SEP]); padding to a bucket length is done per batch in `embed`.
