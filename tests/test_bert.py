@@ -204,6 +204,9 @@ def test_load_rejects_missing_weights(tmp_path):
         load_bert(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_bert(tmp_path / "nowhere")
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors .*pytorch_model.bin"):
+        load_bert(tmp_path)
 
 
 def test_a_bert_folder_without_tokenizer_json_uses_its_vocab(reference, tmp_path):

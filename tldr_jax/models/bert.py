@@ -179,6 +179,15 @@ def load_bert(model_dir: str | Path = "") -> BertEncoder:
     # Build only shapes (no random init of a 30k x H table), then fill them from the file.
     abstract = nnx.eval_shape(lambda: BertEncoder(**kwargs, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
+    if not (path / "model.safetensors").exists():
+        others = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.h5")])
+        hint = (
+            f" (it has {', '.join(others)}: PyTorch/TF weights are not read here; save them as "
+            "safetensors once, e.g. transformers' save_pretrained(safe_serialization=True))"
+            if others
+            else ""
+        )
+        raise FileNotFoundError(f"{path} has no model.safetensors{hint}")
     weights = load_file(path / "model.safetensors")
     prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
     flat = dict(nnx.to_flat_state(state))
