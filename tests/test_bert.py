@@ -236,6 +236,10 @@ def test_a_bert_folder_without_tokenizer_json_uses_its_vocab(reference, tmp_path
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
     cased = load_tokenizer(str(folder))
     assert cased.encode_batch(["Cat"], 8)[0].tolist() != cased.encode_batch(["cat"], 8)[0].tolist()
+    from tldr_jax.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match="text.max_len=513: must be <= 512"):
+        TextEncoder(str(folder), max_len=513)
     (folder / "vocab.txt").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         load_tokenizer(str(folder))

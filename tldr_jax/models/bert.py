@@ -237,6 +237,15 @@ class TextEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_len)
         model = load_bert(self.model_dir)
+        positions = model.position_embeddings.num_embeddings
+        if max_len > positions:
+            from tldr_jax.config_check import ConfigError
+
+            # An index past the table would be clamped by XLA: wrong embeddings, no error.
+            raise ConfigError(
+                f"text.max_len={max_len}: must be <= {positions}, the positions {self.model_dir} "
+                "has embeddings for"
+            )
         self.dim: int = model.hidden_size
         self._graphdef, self._params = nnx.split(model)
         self._buckets = _bucket_lengths(max_len)
