@@ -13,7 +13,18 @@ peak RSS above the process's RSS after imports, and wall time:
 
 Every mode then reads one epoch of normalised batches of 256 pairs, as a trainer does.
 
+With `--webdataset` the same images are written as img2dataset shards (one sample per
+caption, 1000 samples per uncompressed .tar, as a Flickr30K or COCO exported to webdataset
+is) and loaded with `data.cache_dir` set (cold: a fresh cache per mode), as a set too large
+for memory would be:
+
+  wds bytes held   what the reader did before: every sample's image bytes kept in memory
+                   from reading the shards until the set is decoded
+  wds indexed      the reader now: an image is its shard, offset, size and SHA-1, read
+                   again when it is decoded
+
   python benchmarks/data_memory.py --images 4000 --captions 5 --size 64
+  python benchmarks/data_memory.py --images 4000 --captions 5 --size 64 --webdataset
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import time
 import numpy as np
 
 MODES = ("per-row copies", "store", "cache cold", "cache warm")
+WDS_MODES = ("wds bytes held", "wds indexed")
 
 
 def _rss_kib(field: str) -> int:
@@ -70,17 +82,44 @@ def write_set(root: str, images: int, captions: int, seed: int = 0) -> str:
     return path
 
 
+def write_shards(root: str, train_json: str, per_shard: int = 1000) -> str:
+    """The rows of `train_json` as img2dataset shards (KEY.jpg + KEY.txt), in order."""
+    import io
+    import tarfile
+
+    with open(train_json) as f:
+        rows = json.load(f)
+    folder = os.path.join(root, "wds")
+    os.makedirs(folder, exist_ok=True)
+    for start in range(0, len(rows), per_shard):
+        shard = os.path.join(folder, f"{start // per_shard:05d}.tar")
+        with tarfile.open(shard, "w") as tar:
+            for n, row in enumerate(rows[start : start + per_shard], start=start):
+                with open(os.path.join(root, row["image"]), "rb") as f:
+                    image = f.read()
+                for ext, data in (("jpg", image), ("txt", row["caption"].encode())):
+                    info = tarfile.TarInfo(f"{n:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
 def child(mode: str, path: str, size: int, cache: str) -> dict:
     import jax  # noqa: F401  (load_set imports it; count it in the baseline)
 
     from tldr_jax.config_lib import data_config
+    from tldr_jax.data import readers
     from tldr_jax.data.dataset import load_set
     from tldr_jax.data.images import normalize
     from tldr_jax.data.imagestore import NormalizedRows
 
+    readers.LAZY_SHARD_IMAGES = mode != "wds bytes held"
     base = _rss_kib("VmRSS")
     _reset_peak()
-    cfg = data_config(image_size=size, cache_dir=cache if mode.startswith("cache") else "")
+    if mode.startswith("wds"):
+        cache = os.path.join(cache, mode.replace(" ", "_"))  # cold: one cache per mode
+    use_cache = mode.startswith(("cache", "wds"))
+    cfg = data_config(image_size=size, cache_dir=cache if use_cache else "")
     t0 = time.perf_counter()
     pairs, _ = load_set(path, cfg, "train").pairs()
     if mode == "per-row copies":
@@ -109,6 +148,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="")
+    p.add_argument("--webdataset", action="store_true", help="compare the shard loaders")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
     p.add_argument("--cache", default="", help=argparse.SUPPRESS)
@@ -119,9 +159,11 @@ def main() -> None:
     root = args.workdir or tempfile.mkdtemp(prefix="data_memory_")
     try:
         path = write_set(root, args.images, args.captions)
+        if args.webdataset:
+            path = write_shards(root, path)
         cache = os.path.join(root, "cache")
         results = []
-        for mode in MODES:
+        for mode in WDS_MODES if args.webdataset else MODES:
             cmd = [sys.executable, __file__, "--child", mode, "--path", path]
             cmd += ["--size", str(args.size), "--cache", cache]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -129,8 +171,10 @@ def main() -> None:
         if len({r["checksum"] for r in results}) != 1:
             raise SystemExit(f"modes disagree on the data: {results}")
         ref = results[0]
-        print(f"{args.images} images x {args.captions} captions at {args.size} px")
-        print("| mode | pairs | peak MiB above imports | load s | epoch s | peak / per-row |")
+        kind = ", webdataset" if args.webdataset else ""
+        print(f"{args.images} images x {args.captions} captions at {args.size} px{kind}")
+        first = "bytes held" if args.webdataset else "per-row"
+        print(f"| mode | pairs | peak MiB above imports | load s | epoch s | peak / {first} |")
         print("|---|---|---|---|---|---|")
         for r in results:
             ratio = r["peak_mib"] / max(ref["peak_mib"], 1e-9)

@@ -659,6 +659,42 @@ def test_shard_cut_short_keeps_the_samples_before_the_cut_and_gz_shards_read(tmp
     np.testing.assert_array_equal(ds.images[3], _resized(9))
 
 
+def test_uncompressed_shards_are_indexed_not_held_in_memory(tmp_path):
+    """A .tar shard's images are `ShardMember`s (offset, size, SHA-1), read when decoded; a
+    .tar.gz shard's are bytes. A shard changed between reading and decoding is counted."""
+    import hashlib
+
+    from tldr_jax.data.imagestore import decode_records
+    from tldr_jax.data.records import ShardMember
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = {str(k): {"png": _encode(_image(k)), "txt": f"cap {k}".encode()} for k in range(3)}
+    _write_shard(shards / "00000.tar", samples)
+    with tarfile.open(shards / "00001.tar.gz", "w:gz") as tar:
+        _add(tar, "9.png", _encode(_image(9)))
+        _add(tar, "9.txt", b"gz cap")
+    records = read_records(str(shards), "", Skips())
+    assert [type(r.image) for r in records] == [ShardMember] * 3 + [bytes]
+    for k, r in enumerate(records[:3]):
+        assert r.image.read() == samples[str(k)]["png"]
+        assert r.image.digest == hashlib.sha1(samples[str(k)]["png"]).digest()
+    kept, rows = decode_records(records, 8, 2, Skips(), "shards")
+    for i, k in enumerate((0, 1, 2, 9)):
+        np.testing.assert_array_equal(rows[i], _resized(k))
+    # cut inside sample 2's image after indexing, then the shard removed
+    data = (shards / "00000.tar").read_bytes()
+    (shards / "00000.tar").write_bytes(data[: records[2].image.offset + 10])
+    skips = Skips()
+    kept, _ = decode_records(records, 8, 2, skips, "shards")
+    assert len(kept) == 3 and skips.as_dict() == {"truncated_image": 1}
+    assert "00000.tar, row 2: truncated_image" in skips.first
+    (shards / "00000.tar").unlink()
+    skips = Skips()
+    kept, _ = decode_records(records, 8, 2, skips, "shards")
+    assert len(kept) == 1 and skips.as_dict() == {"missing_image": 3}
+
+
 def test_strict_mode_stops_at_the_first_bad_row_in_input_order(tmp_path):
     names = _write_images(tmp_path, 3)
     rows = [

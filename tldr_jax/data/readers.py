@@ -16,7 +16,8 @@ Formats (picked by `read_records` from the path):
   * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
     `KEY.json`). A shard cut short is counted once as `unreadable_shard`; its samples before
-    the cut are read.
+    the cut are read. Images of uncompressed shards are not kept in memory: a record points
+    at the bytes in the shard (`ShardMember`), read when the image is decoded.
   * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads).
 
 Sample ids are stable and unique: an explicit `sample_id` / `id` / `image_id` field when the
@@ -31,6 +32,7 @@ not-an-image accounting) happens once, in `dataset.load_set`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from tldr_jax.data.records import InputError, Record, Skips, clean_caption
+from tldr_jax.data.records import InputError, Record, ShardMember, Skips, clean_caption
 
 _ID_FIELDS = ("sample_id", "id", "image_id")
 _TSV_HEADER_CAPTION = {"caption", "captions", "text", "title"}
@@ -336,14 +338,26 @@ def _shard_stem(shard: Path) -> str:
     return next(shard.name[: -len(x)] for x in _SHARD_SUFFIXES if shard.name.endswith(x))
 
 
-def _shard_samples(shard: Path) -> tuple[dict[str, dict[str, bytes]], Exception | None]:
+# Leading bytes of the compressed files tarfile.open("r") reads (gzip, bzip2, xz).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+# Images of uncompressed shards as `ShardMember`s; `benchmarks/data_memory.py --webdataset`
+# turns it off in one of its processes to measure the loader that held every image's bytes.
+LAZY_SHARD_IMAGES = True
+
+
+def _shard_samples(
+    shard: Path,
+) -> tuple[dict[str, dict[str, bytes | ShardMember]], Exception | None]:
     """key -> {extension: bytes} in the shard's own order (webdataset key = name up to the
     first dot of the basename), and the error that stopped the reading, if any: a shard cut
     short keeps the samples before the cut, less the last one (its other files may be in
-    the lost tail)."""
-    samples: dict[str, dict[str, bytes]] = {}
+    the lost tail). In an uncompressed shard an image is a `ShardMember` (where its bytes
+    are, read again when it is decoded), so a set is never held whole as encoded bytes."""
+    samples: dict[str, dict[str, bytes | ShardMember]] = {}
     last = None
     try:
+        with open(shard, "rb") as f:
+            lazy = LAZY_SHARD_IMAGES and not f.read(6).startswith(_COMPRESSED_MAGIC)
         with tarfile.open(shard, "r") as tar:  # "r": plain or compressed (.tar.gz)
             for member in tar:
                 if not member.isfile():
@@ -356,7 +370,15 @@ def _shard_samples(shard: Path) -> tuple[dict[str, dict[str, bytes]], Exception 
                 last = key
                 f = tar.extractfile(member)
                 assert f is not None
-                samples.setdefault(key, {})[ext.lower()] = f.read()
+                data = f.read()
+                ext = ext.lower()
+                if lazy and ext in _WDS_IMAGE_EXTS and len(data) == member.size:
+                    digest = hashlib.sha1(data).digest()
+                    samples.setdefault(key, {})[ext] = ShardMember(
+                        str(shard), member.offset_data, member.size, digest
+                    )
+                else:
+                    samples.setdefault(key, {})[ext] = data
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         samples.pop(last, None)
         return samples, e

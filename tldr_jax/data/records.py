@@ -34,12 +34,33 @@ class BadRowError(InputError):
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardMember:
+    """An image file inside an uncompressed webdataset shard, read when it is decoded (a set
+    of millions of samples is not held in memory as encoded bytes). `digest`: SHA-1 of its
+    bytes, taken when the shard was indexed (`imagestore.image_identity`)."""
+
+    shard: str
+    offset: int
+    size: int
+    digest: bytes
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise EOFError(f"{self.shard} ends before the image at byte {self.offset}")
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
     """One image with its captions.
 
     sample_id: stable id, unique within a set (never a file-order position).
-    image: a path (absolute, already joined with the image root), encoded bytes (webdataset,
-      TFDS) or an HxWx3 uint8 array (embedded world).
+    image: a path (absolute, already joined with the image root), encoded bytes (TFDS, a
+      compressed webdataset shard), a `ShardMember` (an uncompressed webdataset shard) or an
+      HxWx3 uint8 array (embedded world).
     captions: cleaned captions (one for pre-training rows, five for Karpathy eval rows).
     image_key: the image field as the input wrote it, so outputs keep the user's paths.
     row: where the input has it (JSON array index, line number, TFDS index, webdataset key;
@@ -49,7 +70,7 @@ class Record:
     """
 
     sample_id: str
-    image: str | bytes | np.ndarray
+    image: str | bytes | ShardMember | np.ndarray
     captions: tuple[str, ...]
     image_key: str = ""
     row: int | str = ""
