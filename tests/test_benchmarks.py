@@ -109,3 +109,17 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
     # (The endpoints are the init plus 1e-3 noise, so the student overshoots: loss >> 1.)
     assert np.isfinite(npz["meta_loss"]) and float(npz["meta_loss"]) > 0
     assert np.linalg.norm(npz["meta_grad_images"]) > 0
+
+
+def test_data_memory_webdataset_modes_read_the_same_pixels(tmp_path):
+    out = tmp_path / "dm.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "data_memory.py"), "--webdataset"]
+    cmd += ["--images", "30", "--captions", "2", "--size", "8", "--json", str(out)]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [r["mode"] for r in results] == ["wds bytes held", "wds indexed"]
+    assert all(r["pairs"] == 60 and r["peak_mib"] > 0 for r in results)
+    assert len({r["checksum"] for r in results}) == 1
+    assert "| wds indexed | 60 |" in proc.stdout
