@@ -462,6 +462,12 @@ def test_tfds_source(tmp_path):
     TinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     cfg = _cfg(image_root=str(tmp_path))
     ds = load_set("tfds:tiny_captions:train", cfg, "train")
+    # the images stay in the source until decoded (a COCO-size source is ~19 GB of JPEGs)
+    from tldr_jax.data.records import TfdsImage
+
+    recs = read_records("tfds:tiny_captions:train", str(tmp_path), Skips())
+    assert all(isinstance(r.image, TfdsImage) for r in recs)
+    assert recs[0].image.read() == _encode(_image(recs[0].image.index))
     assert sorted(ds.ids) == ["100", "101", "102"]
     for sid, caps, image in zip(ds.ids, ds.captions, ds.images, strict=True):
         i = int(sid) - 100

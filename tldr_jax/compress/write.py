@@ -45,7 +45,7 @@ def materialise_encoded_images(
     from tldr_jax.data import dataset
     from tldr_jax.data.imagestore import image_identity
     from tldr_jax.data.readers import read_records
-    from tldr_jax.data.records import ShardMember, Skips
+    from tldr_jax.data.records import LazyImage, Skips
 
     wanted = set(ids)
     paths: dict[str, str] = {}
@@ -53,7 +53,7 @@ def materialise_encoded_images(
     for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
         # TL;DR's stages see one pair per caption (`ImageTextSet.pairs`).
         pair_ids = [p for p in dataset.pair_ids(rec.sample_id, len(rec.captions)) if p in wanted]
-        if not pair_ids or not isinstance(rec.image, bytes | ShardMember):
+        if not pair_ids or not isinstance(rec.image, bytes | LazyImage):
             continue
         identity = image_identity(rec.image)
         if identity not in written:
@@ -61,7 +61,7 @@ def materialise_encoded_images(
             written[identity] = str(Path("images") / name)
             if dist.is_main():
                 with io.atomic_path(out / written[identity]) as tmp:
-                    data = rec.image.read() if isinstance(rec.image, ShardMember) else rec.image
+                    data = rec.image.read() if isinstance(rec.image, LazyImage) else rec.image
                     tmp.write_bytes(data)
         paths.update(dict.fromkeys(pair_ids, written[identity]))
     return paths

@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from tldr_jax.data.records import ShardMember
+from tldr_jax.data.records import LazyImage
 
 # A truncated file must be an error we can count, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -76,10 +76,8 @@ def _from_array(array: np.ndarray, size: int) -> np.ndarray:
     return _resize(Image.fromarray(array), size)
 
 
-def decode_image(
-    src: str | os.PathLike | bytes | ShardMember | np.ndarray, size: int
-) -> np.ndarray:
-    """Decodes a path, encoded bytes, a shard member or an array to uint8 (size, size, 3) RGB.
+def decode_image(src: str | os.PathLike | bytes | LazyImage | np.ndarray, size: int) -> np.ndarray:
+    """Decodes a path, encoded bytes, a `LazyImage` or an array to uint8 (size, size, 3) RGB.
 
     Raises MissingImageError (no such file), NotAnImageError (Pillow cannot identify the
     format) or TruncatedImageError (the format was identified but its data is cut or
@@ -87,13 +85,13 @@ def decode_image(
     """
     if isinstance(src, np.ndarray):
         return _from_array(src, size)
-    if isinstance(src, ShardMember):
+    if isinstance(src, LazyImage):
         try:
             src = src.read()
         except FileNotFoundError as e:
             raise MissingImageError(f"{e.filename}: {e.strerror}") from e
-        except (OSError, EOFError) as e:
-            raise TruncatedImageError(str(e)) from e
+        except Exception as e:  # a shard cut or changed since it was read, a source error
+            raise TruncatedImageError(f"{type(e).__name__}: {e}") from e
     if isinstance(src, bytes | bytearray | memoryview):
         fp = io.BytesIO(src)
         name = "<bytes>"

@@ -28,7 +28,7 @@ import tqdm
 
 from tldr_jax.data import images as images_lib
 from tldr_jax.data import readers
-from tldr_jax.data.records import Record, ShardMember, Skips
+from tldr_jax.data.records import LazyImage, Record, Skips
 from tldr_jax.utils import io as io_lib
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ def image_identity(image: Any) -> Any:
         return os.path.normpath(image)
     if isinstance(image, bytes | bytearray | memoryview):
         return hashlib.sha1(image).digest()
-    if isinstance(image, ShardMember):
-        return image.digest  # the same SHA-1, taken when the shard was indexed
+    if isinstance(image, LazyImage):
+        return image.digest  # the same SHA-1, taken when the input was read
     return None
 
 

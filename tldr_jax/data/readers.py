@@ -18,7 +18,8 @@ Formats (picked by `read_records` from the path):
     `KEY.json`). A shard cut short is counted once as `unreadable_shard`; its samples before
     the cut are read. Images of uncompressed shards are not kept in memory: a record points
     at the bytes in the shard (`ShardMember`), read when the image is decoded.
-  * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads).
+  * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads);
+    images are read from it again when decoded (`TfdsImage`), not held as bytes.
 
 Sample ids are stable and unique: an explicit `sample_id` / `id` / `image_id` field when the
 row has one, else `<file stem>:<row>` (JSON list: 0-based element index; line formats:
@@ -37,6 +38,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 import urllib.parse
 import zlib
 from collections.abc import Iterator
@@ -45,7 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from tldr_jax.data.records import InputError, Record, ShardMember, Skips, clean_caption
+from tldr_jax.data.records import (
+    InputError,
+    Record,
+    ShardMember,
+    Skips,
+    TfdsImage,
+    clean_caption,
+)
 
 _ID_FIELDS = ("sample_id", "id", "image_id")
 _TSV_HEADER_CAPTION = {"caption", "captions", "text", "title"}
@@ -444,7 +453,8 @@ def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
     """`tfds:NAME[:split]` via `tfds.data_source` (array_record files already prepared under
-    `data_dir`, else TFDS_DATA_DIR or ~/tensorflow_datasets). Images stay encoded."""
+    `data_dir`, else TFDS_DATA_DIR or ~/tensorflow_datasets). Images stay encoded, in the
+    source: a record's image is a `TfdsImage`, read again when it is decoded."""
     import tensorflow_datasets as tfds
 
     name, _, split = spec.removeprefix("tfds:").partition(":")
@@ -456,6 +466,7 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
     image_key = image_keys[0]
     source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     skips = sink.skips
+    lock = threading.Lock()  # the images are read again, from the decoding threads
     for i in range(len(source)):
         sink.row()
         example = dict(_flatten(source[i]))
@@ -479,7 +490,9 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
         filename = example.get(f"{image_key}/filename", example.get("image/filename"))
         if isinstance(filename, bytes):
             filename = filename.decode("utf-8", "replace")
-        sink.add(sample_id, example[image_key], captions, filename or f"{spec}:{i}", i)
+        encoded = bytes(example[image_key])
+        image = TfdsImage(source, i, image_key, lock, hashlib.sha1(encoded).digest())
+        sink.add(sample_id, image, captions, filename or f"{spec}:{i}", i)
 
 
 def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:

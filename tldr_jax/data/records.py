@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+import threading
+from typing import Any
 
 import numpy as np
 
@@ -33,11 +35,20 @@ class BadRowError(InputError):
     """Raised in strict mode: names the file, the row and the reason."""
 
 
+class LazyImage:
+    """Encoded image bytes that stay where they are until the image is decoded (a set of
+    millions of samples is not held in memory as encoded bytes). `digest`: SHA-1 of the
+    bytes, taken when the input was read (`imagestore.image_identity`)."""
+
+    digest: bytes
+
+    def read(self) -> bytes:
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class ShardMember:
-    """An image file inside an uncompressed webdataset shard, read when it is decoded (a set
-    of millions of samples is not held in memory as encoded bytes). `digest`: SHA-1 of its
-    bytes, taken when the shard was indexed (`imagestore.image_identity`)."""
+class ShardMember(LazyImage):
+    """An image file inside an uncompressed webdataset shard."""
 
     shard: str
     offset: int
@@ -53,14 +64,31 @@ class ShardMember:
         return data
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsImage(LazyImage):
+    """The encoded image of example `index` of a TFDS data source (random access; one lock
+    per source, as its readers are not documented as thread-safe)."""
+
+    source: Any
+    index: int
+    key: str
+    lock: threading.Lock
+    digest: bytes
+
+    def read(self) -> bytes:
+        with self.lock:
+            value = self.source[self.index][self.key]
+        return bytes(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One image with its captions.
 
     sample_id: stable id, unique within a set (never a file-order position).
     image: a path (absolute, already joined with the image root), encoded bytes (TFDS, a
-      compressed webdataset shard), a `ShardMember` (an uncompressed webdataset shard) or an
-      HxWx3 uint8 array (embedded world).
+      compressed webdataset shard), a `LazyImage` (an uncompressed webdataset shard's
+      `ShardMember`, a `TfdsImage`) or an HxWx3 uint8 array (embedded world).
     captions: cleaned captions (one for pre-training rows, five for Karpathy eval rows).
     image_key: the image field as the input wrote it, so outputs keep the user's paths.
     row: where the input has it (JSON array index, line number, TFDS index, webdataset key;
@@ -70,7 +98,7 @@ class Record:
     """
 
     sample_id: str
-    image: str | bytes | ShardMember | np.ndarray
+    image: str | bytes | LazyImage | np.ndarray
     captions: tuple[str, ...]
     image_key: str = ""
     row: int | str = ""
