@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -759,3 +760,37 @@ def test_an_undecodable_shard_image_names_the_shard_and_key(tmp_path):
     assert ds.ids == ["00000/0"] and ds.skipped["not_an_image"] == 1
     with pytest.raises(BadRowError, match=r"shards/00001.tar, row 7: not_an_image"):
         load_set(str(shards), _cfg(strict=True), "train")
+
+
+def test_shards_in_subfolders_are_read_in_path_order(tmp_path):
+    """A download split into parts: shards below the folder, same names in each part."""
+    from tldr_jax.compress.write import materialise_encoded_images
+
+    root = tmp_path / "wds"
+    for part, seeds in (("part-1", (2, 3)), ("part-0", (0, 1))):
+        (root / part).mkdir(parents=True)
+        samples = {"000000000": {"png": _encode(_image(seeds[0])), "txt": b"first"}}
+        samples["000000001"] = {"png": _encode(_image(seeds[1])), "txt": b"second"}
+        _write_shard(root / part / "00000.tar", samples)
+    (root / ".hidden").mkdir()
+    _write_shard(root / ".hidden" / "00000.tar", {"x": {"png": b"", "txt": b"no"}})
+    ds = load_set(str(root), _cfg(cache_dir=str(tmp_path / "cache")), "train")
+    assert ds.ids == [f"part-{p}/00000/00000000{k}" for p in (0, 1) for k in (0, 1)]
+    assert ds.image_keys[2] == "part-1/00000.tar/000000000.png"
+    for i in range(4):
+        np.testing.assert_array_equal(ds.images[i], _resized(i))
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"data": {"train": str(root), "image_root": ""}})
+    paths = materialise_encoded_images(config, ds.ids, tmp_path / "out")
+    assert len(set(paths.values())) == 4
+    for i, sid in enumerate(ds.ids):
+        image = images_lib.decode_image(tmp_path / "out" / paths[sid], 8)
+        np.testing.assert_array_equal(image, _resized(i))
+    # a changed shard in a part is a changed input (the decode cache is keyed on it)
+    _write_shard(
+        root / "part-1" / "00000.tar", {"000000009": {"png": _encode(_image(9)), "txt": b"x"}}
+    )
+    os.utime(root / "part-1" / "00000.tar", ns=(1, 1))
+    again = load_set(str(root), _cfg(cache_dir=str(tmp_path / "cache")), "train")
+    assert again.ids[-1] == "part-1/00000/000000009"

@@ -195,14 +195,17 @@ def decode_records(
 
 
 def _fingerprint(path: str) -> list[Any]:
-    """What identifies the input at `path`: (name, size, mtime) of the file, or of every file
-    directly in the folder (webdataset shards). A `tfds:` name stands for itself."""
+    """What identifies the input at `path`: (name, size, mtime) of the file, or of every
+    webdataset shard under the folder. A `tfds:` name stands for itself."""
     if path.startswith("tfds:"):
         return [path]
     file = readers.split_suffix_of(path)[0]  # a Karpathy split file's ":split" suffix off
     if os.path.isdir(file):
-        entries = sorted(os.scandir(file), key=lambda e: e.name)
-        return [[e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in entries if e.is_file()]
+        out = []
+        for shard in readers.shard_paths(file):
+            st = shard.stat()
+            out.append([shard.relative_to(file).as_posix(), st.st_size, st.st_mtime_ns])
+        return out
     if os.path.isfile(file):
         st = os.stat(file)
         return [[os.path.abspath(file), st.st_size, st.st_mtime_ns]]

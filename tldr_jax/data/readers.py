@@ -344,7 +344,9 @@ _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def _shard_stem(shard: Path) -> str:
-    return next(shard.name[: -len(x)] for x in _SHARD_SUFFIXES if shard.name.endswith(x))
+    """`00001.tar` -> `00001`; `part-1/00001.tar.gz` -> `part-1/00001`."""
+    name = shard.as_posix()
+    return next(name[: -len(x)] for x in _SHARD_SUFFIXES if name.endswith(x))
 
 
 # Leading bytes of the compressed files tarfile.open("r") reads (gzip, bzip2, xz).
@@ -394,10 +396,23 @@ def _shard_samples(
     return samples, None
 
 
+def shard_paths(folder: str) -> list[Path]:
+    """The webdataset shards under `folder`, subfolders included (a download split into
+    parts), in order of their path below it; hidden files and folders are left out."""
+    root = Path(folder)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            Path(dirpath) / f
+            for f in filenames
+            if f.endswith(_SHARD_SUFFIXES) and not f.startswith(".")
+        ]
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
 def _read_webdataset(path: str, sink: _RecordSink) -> None:
-    shards = sorted(
-        p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(_SHARD_SUFFIXES)
-    )
+    shards = shard_paths(path)
     if not shards:
         raise FileNotFoundError(f"{path}: no .tar shards")
     skips = sink.skips
@@ -433,11 +448,12 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             if not caption:
                 skips.skip("empty_caption", str(shard), key)
                 continue
+            relative = shard.relative_to(path)
             sink.add(
-                f"{_shard_stem(shard)}/{key}",
+                f"{_shard_stem(relative)}/{key}",
                 files[ext],
                 (caption,),
-                f"{shard.name}/{key}.{ext}",
+                f"{relative.as_posix()}/{key}.{ext}",
                 row=key,
                 file=str(shard),
             )
