@@ -772,6 +772,7 @@ def test_shards_in_subfolders_are_read_in_path_order(tmp_path):
         samples = {"000000000": {"png": _encode(_image(seeds[0])), "txt": b"first"}}
         samples["000000001"] = {"png": _encode(_image(seeds[1])), "txt": b"second"}
         _write_shard(root / part / "00000.tar", samples)
+    (root / "part-1" / "loop").symlink_to(root, target_is_directory=True)  # walked once
     (root / ".hidden").mkdir()
     _write_shard(root / ".hidden" / "00000.tar", {"x": {"png": b"", "txt": b"no"}})
     ds = load_set(str(root), _cfg(cache_dir=str(tmp_path / "cache")), "train")

@@ -401,7 +401,13 @@ def shard_paths(folder: str) -> list[Path]:
     parts), in order of their path below it; hidden files and folders are left out."""
     root = Path(folder)
     found = []
+    seen: set[str] = set()  # real paths walked: a symlinked folder loop is walked once
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [
             Path(dirpath) / f
