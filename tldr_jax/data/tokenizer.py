@@ -58,11 +58,13 @@ def wordpiece_from_vocab(folder: Path) -> _HFTokenizer:
     if (folder / "tokenizer_config.json").exists():
         settings = json.loads((folder / "tokenizer_config.json").read_text())
     lowercase = bool(settings.get("do_lower_case", True))
-    tok = _HFTokenizer(
-        models.WordPiece.from_file(
-            str(folder / "vocab.txt"), unk_token=str(settings.get("unk_token", "[UNK]"))
-        )
-    )
+    special = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    # A token is a string, or (newer transformers) an AddedToken dict with its "content".
+    names = []
+    for k in special:
+        value = settings.get(k, f"[{k.removesuffix('_token').upper()}]")
+        names.append(str(value.get("content", "")) if isinstance(value, dict) else str(value))
+    tok = _HFTokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token=names[0]))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True,
         handle_chinese_chars=bool(settings.get("tokenize_chinese_chars", True)),
@@ -71,8 +73,6 @@ def wordpiece_from_vocab(folder: Path) -> _HFTokenizer:
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    special = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-    names = [str(settings.get(k, f"[{k.removesuffix('_token').upper()}]")) for k in special]
     tok.add_special_tokens([n for n in names if tok.token_to_id(n) is not None])
     cls, sep = names[3], names[1]
     if tok.token_to_id(cls) is not None and tok.token_to_id(sep) is not None:
