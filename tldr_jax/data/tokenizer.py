@@ -16,8 +16,9 @@ from tldr_jax.models.pretrained import text_model_dir
 class Tokenizer:
     """`[CLS] tokens [SEP] [PAD]...` encoding to fixed-length int32 arrays."""
 
-    def __init__(self, path: str | Path | _HFTokenizer):
-        self._tok = path if isinstance(path, _HFTokenizer) else _HFTokenizer.from_file(str(path))
+    def __init__(self, tok: _HFTokenizer, source: str | Path):
+        """tok: the HF tokenizer (`hf_tokenizer`); source: its folder, for messages."""
+        self._tok = tok
         # tokenizer.json ships padding/truncation to 128; we pad and truncate ourselves so
         # the shared object stays stateless across threads and max_len values.
         self._tok.no_padding()
@@ -25,7 +26,7 @@ class Tokenizer:
         ids = {name: self._tok.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
         missing = [k for k, v in ids.items() if v is None]
         if missing:
-            raise ValueError(f"{path}: tokenizer has no {missing} token")
+            raise ValueError(f"{source}: tokenizer has no {missing} token")
         self.cls_id: int = ids["[CLS]"]
         self.sep_id: int = ids["[SEP]"]
         self.pad_id: int = ids["[PAD]"]
@@ -95,4 +96,4 @@ def hf_tokenizer(model_dir: str | Path = "") -> _HFTokenizer:
 
 def load_tokenizer(model_dir: str = "") -> Tokenizer:
     """The tokenizer of `model_dir` ("" = the bundled all-MiniLM-L6-v2), see `hf_tokenizer`."""
-    return Tokenizer(hf_tokenizer(model_dir))
+    return Tokenizer(hf_tokenizer(model_dir), text_model_dir(model_dir))
