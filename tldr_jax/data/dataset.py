@@ -357,23 +357,23 @@ def group_by_image(data: ImageTextSet) -> ImageTextSet:
     (`imagestore.image_identity`)."""
     if not isinstance(data.images, imagestore.ImageRows):
         return data
-    slots = data.images.index
-    _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
-    if len(first) == len(slots):
-        return data
-    order = np.argsort(first, kind="stable")  # groups in the order their first row comes
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    captions: list[list[str]] = [[] for _ in order]
-    for i, g in enumerate(rank[inverse.reshape(-1)]):
+    group_of: dict[int, int] = {}  # stored image -> its group, numbered as first shown
+    first_rows: list[int] = []
+    captions: list[list[str]] = []
+    for i, slot in enumerate(data.images.index.tolist()):
+        g = group_of.setdefault(slot, len(first_rows))
+        if g == len(first_rows):
+            first_rows.append(i)
+            captions.append([])
         captions[g].extend(data.captions[i])
+    if len(first_rows) == len(data):
+        return data
     log.info(
         "%s: %d rows show %d distinct images; evaluating each image once with all its "
         "captions (%d)",
         data.source,
-        len(slots),
-        len(order),
+        len(data),
+        len(first_rows),
         sum(map(len, captions)),
     )
-    grouped = data.subset(first[order])
-    return dataclasses.replace(grouped, captions=captions)
+    return dataclasses.replace(data.subset(first_rows), captions=captions)
