@@ -795,3 +795,71 @@ def test_shards_in_subfolders_are_read_in_path_order(tmp_path):
     os.utime(root / "part-1" / "00000.tar", ns=(1, 1))
     again = load_set(str(root), _cfg(cache_dir=str(tmp_path / "cache")), "train")
     assert again.ids[-1] == "part-1/00000/000000009"
+
+
+def test_expand_braces_as_webdataset_writes_shard_lists():
+    from tldr_jax.data.readers import expand_braces, is_shard_pattern
+
+    assert expand_braces("/d/{00008..00011}.tar") == [f"/d/{k:05d}.tar" for k in range(8, 12)]
+    assert expand_braces("{1..10..3}") == ["1", "4", "7", "10"]
+    assert expand_braces("{3..1}") == ["3", "2", "1"]
+    assert expand_braces("p{a..c}-{1,2}") == ["pa-1", "pa-2", "pb-1", "pb-2", "pc-1", "pc-2"]
+    assert expand_braces("{a,{b,c}}") == ["a", "b", "c"]  # nested: innermost first, once each
+    assert expand_braces("x{y}z{0,1}") == ["x{y}z0", "x{y}z1"]  # `{y}` is literal
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    assert is_shard_pattern("/nowhere/{0..3}.tar") and is_shard_pattern("/nowhere/*.tar")
+    assert not is_shard_pattern("/nowhere/a.json") and not is_shard_pattern("tfds:coco*")
+    assert not is_shard_pattern("")
+
+
+def test_shards_named_by_a_brace_or_glob_pattern(tmp_path):
+    """`data.train=/data/{00000..00003}.tar` (webdataset / open_clip style): the shards in the
+    order written, ids relative to the pattern's folder, a named shard that is not there
+    counted (strict: an error naming it), the decode cache keyed on the shards it names."""
+    from tldr_jax.compress.write import materialise_encoded_images
+
+    root = tmp_path / "wds"
+    (root / "part-b").mkdir(parents=True)
+    for k in (0, 1, 3):
+        _write_shard(root / f"{k:05d}.tar", {"0": {"png": _encode(_image(k)), "txt": b"c"}})
+    _write_shard(root / "part-b" / "00000.tar", {"7": {"png": _encode(_image(7)), "txt": b"d"}})
+    (root / "notes.json").write_text("{}")
+
+    pattern = str(root / "{00003,{00000..00002}}.tar")
+    skips = Skips()
+    recs = read_records(pattern, "", skips)
+    assert [r.sample_id for r in recs] == ["00003/0", "00000/0", "00001/0"]
+    assert recs[0].image_key == "00003.tar/0.png"
+    assert skips.as_dict() == {"unreadable_shard": 1}
+    assert "00002.tar" in skips.first and "no such shard file" in skips.first
+    with pytest.raises(BadRowError, match=r"00002\.tar.*unreadable_shard"):
+        read_records(pattern, "", Skips(strict=True))
+
+    # a glob (matches sorted; a folder it matches stands for the shards under it)
+    recs = read_records(str(root / "*"), "", Skips())
+    ids = ["00000/0", "00001/0", "00003/0", "part-b/00000/7"]
+    assert [r.sample_id for r in recs] == ids
+    cfg = _cfg(cache_dir=str(tmp_path / "cache"))
+    ds = load_set(str(root / "*"), cfg, "train")
+    assert ds.ids == ids
+    for i, k in enumerate((0, 1, 3, 7)):
+        np.testing.assert_array_equal(ds.images[i], _resized(k))
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"data": {"train": str(root / "*"), "image_root": ""}})
+    paths = materialise_encoded_images(config, ds.ids, tmp_path / "out")
+    assert paths["part-b/00000/7"] == "images/part-b/00000/7.png"
+
+    # the missing shard appears: a changed input, not the cached one
+    ds = load_set(pattern, cfg, "train")
+    assert ds.skipped["unreadable_shard"] == 1 and len(ds) == 3
+    _write_shard(root / "00002.tar", {"0": {"png": _encode(_image(2)), "txt": b"e"}})
+    ds = load_set(pattern, cfg, "train")
+    assert ds.skipped["unreadable_shard"] == 0 and ds.ids[-1] == "00002/0"
+
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards \(none of the 2 it names"):
+        read_records(str(root / "{00010..00011}.tar"), "", Skips())
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        read_records(str(root / "*.tgz"), "", Skips())
+    with pytest.raises(InputError, match="notes.json is not a .tar"):
+        read_records(str(root / "{notes.json,00000.tar}"), "", Skips())

@@ -40,11 +40,13 @@ def materialise_encoded_images(
     sample per caption repeats each image), and return {sample_id: path relative to out}.
     Returns None for path-based inputs, whose paths are kept exactly as written."""
     source = str(config.data.train)
-    if not (source.startswith("tfds:") or (source and Path(source).is_dir())):
+    from tldr_jax.data.readers import is_shard_pattern, read_records
+
+    shards = source and (Path(source).is_dir() or is_shard_pattern(source))
+    if not (source.startswith("tfds:") or shards):
         return None
     from tldr_jax.data import dataset
     from tldr_jax.data.imagestore import image_identity
-    from tldr_jax.data.readers import read_records
     from tldr_jax.data.records import LazyImage, Skips
 
     wanted = set(ids)

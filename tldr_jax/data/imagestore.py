@@ -196,16 +196,19 @@ def decode_records(
 
 def _fingerprint(path: str) -> list[Any]:
     """What identifies the input at `path`: (name, size, mtime) of the file, or of every
-    webdataset shard under the folder. A `tfds:` name stands for itself."""
+    webdataset shard under the folder or named by the pattern (and the names of those it
+    names that are missing). A `tfds:` name stands for itself."""
     if path.startswith("tfds:"):
         return [path]
     file = readers.split_suffix_of(path)[0]  # a Karpathy split file's ":split" suffix off
-    if os.path.isdir(file):
-        out = []
-        for shard in readers.shard_paths(file):
+    if os.path.isdir(file) or readers.is_shard_pattern(file):
+        root, shards, missing = readers.shard_listing(file)
+        out: list[Any] = []
+        for shard in shards:
             st = shard.stat()
-            out.append([shard.relative_to(file).as_posix(), st.st_size, st.st_mtime_ns])
-        return out
+            name = os.path.relpath(shard, root).replace(os.sep, "/")
+            out.append([name, st.st_size, st.st_mtime_ns])
+        return out + [[name, None, None] for name in missing]
     if os.path.isfile(file):
         st = os.stat(file)
         return [[os.path.abspath(file), st.st_size, st.st_mtime_ns]]

@@ -15,7 +15,9 @@ Formats (picked by `read_records` from the path):
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
   * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
-    `KEY.json`). A shard cut short is counted once as `unreadable_shard`; its samples before
+    `KEY.json`), or a pattern naming shards as webdataset does: `/data/{00000..00331}.tar`,
+    `/data/part-*/*.tar` (a shard the braces name that is not there counts as
+    `unreadable_shard`). A shard cut short is counted once as `unreadable_shard`; its samples before
     the cut are read. Images of uncompressed shards are not kept in memory: a record points
     at the bytes in the shard (`ShardMember`), read when the image is decoded.
   * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads);
@@ -33,6 +35,7 @@ not-an-image accounting) happens once, in `dataset.load_set`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -396,6 +399,93 @@ def _shard_samples(
     return samples, None
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_NUMERIC_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+_LETTER_RANGE = re.compile(r"^([a-zA-Z])\.\.([a-zA-Z])$")
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def _brace_values(body: str) -> list[str] | None:
+    """The words one `{...}` (no braces inside) stands for; None when it expands to nothing
+    (a literal brace, as a shell leaves `{x}`)."""
+    m = _NUMERIC_RANGE.match(body)
+    if m:
+        lo, hi = int(m[1]), int(m[2])
+        step = abs(int(m[3] or 1)) or 1
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-")[0] == "0" for x in m.groups()[:2])
+        width = max(len(m[1]), len(m[2])) if padded else 0
+        values = range(lo, hi + 1, step) if lo <= hi else range(lo, hi - 1, -step)
+        return [f"{v:0{width}d}" for v in values]
+    m = _LETTER_RANGE.match(body)
+    if m:
+        lo, hi = ord(m[1]), ord(m[2])
+        values = range(lo, hi + 1) if lo <= hi else range(lo, hi - 1, -1)
+        return [chr(v) for v in values]
+    return body.split(",") if "," in body else None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Brace expansion as webdataset / the shell write shard lists: `{00000..00331}` (zero
+    padded as written; `{0..10..2}` steps), `{a..e}`, `{train,val}`; nested braces expand
+    from the innermost. Words come in written order, each once; a brace with neither `..`
+    nor `,` is kept as it is."""
+    for m in _BRACE.finditer(pattern):
+        values = _brace_values(m[1])
+        if values is None:
+            continue
+        out: list[str] = []
+        for v in values:
+            out += expand_braces(pattern[: m.start()] + v + pattern[m.end() :])
+        return list(dict.fromkeys(out))
+    return [pattern]
+
+
+def is_shard_pattern(path: str) -> bool:
+    """Whether `path` names webdataset shards by a pattern (`/data/{00000..00099}.tar`,
+    `/data/part-*/*.tar`) rather than being a file or folder that exists."""
+    if not path or path.startswith("tfds:") or os.path.exists(path):
+        return False
+    return expand_braces(path) != [path] or bool(_GLOB_CHARS.search(path))
+
+
+def _is_shard_name(name: str) -> bool:
+    base = os.path.basename(name)
+    return base.endswith(_SHARD_SUFFIXES) and not base.startswith(".")
+
+
+def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
+    """(root, shards, missing) of a shard folder or pattern. A folder: every shard under it
+    (`shard_paths`). A pattern: brace words in written order, each glob's matches sorted, a
+    word or match that is a folder standing for the shards under it, each shard once;
+    `missing` = shard files the braces name that do not exist. Sample ids and image keys
+    are relative to `root`: the folder, or the pattern's folder above its first wildcard."""
+    if os.path.isdir(path):
+        return Path(path), shard_paths(path), []
+    first = min((i for i in (path.find(c) for c in "{*?[") if i >= 0), default=len(path))
+    root = Path(os.path.dirname(path[:first]) or ".")
+    shards: list[Path] = []
+    missing: list[str] = []
+    for word in expand_braces(path):
+        if _GLOB_CHARS.search(word):
+            found = sorted(glob.glob(word))
+            found = [f for f in found if os.path.isdir(f) or _is_shard_name(f)]
+        elif os.path.isdir(word) or os.path.isfile(word):
+            found = [word]
+        else:
+            missing.append(word)
+            continue
+        for f in found:
+            if os.path.isdir(f):
+                shards += shard_paths(f)
+            elif _is_shard_name(f):
+                shards.append(Path(f))
+            else:
+                raise InputError(f"{path}: {f} is not a .tar / .tar.gz shard")
+    unique = list(dict.fromkeys(os.path.realpath(s) for s in shards))
+    first_of = {os.path.realpath(s): s for s in reversed(shards)}
+    return root, [first_of[u] for u in unique], missing
+
+
 def shard_paths(folder: str) -> list[Path]:
     """The webdataset shards under `folder`, subfolders included (a download split into
     parts), in order of their path below it; hidden files and folders are left out."""
@@ -418,10 +508,14 @@ def shard_paths(folder: str) -> list[Path]:
 
 
 def _read_webdataset(path: str, sink: _RecordSink) -> None:
-    shards = shard_paths(path)
+    root, shards, missing = shard_listing(path)
     if not shards:
-        raise FileNotFoundError(f"{path}: no .tar shards")
+        gap = f" (none of the {len(missing)} it names exists: {missing[0]}, ...)" if missing else ""
+        raise FileNotFoundError(f"{path}: no .tar shards{gap}")
     skips = sink.skips
+    for name in missing:  # named by the pattern, not on disk (a failed download's gap)
+        sink.row()
+        skips.skip("unreadable_shard", name, "-", "no such shard file")
     for shard in shards:
         samples, error = _shard_samples(shard)
         if error is not None:
@@ -454,7 +548,7 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             if not caption:
                 skips.skip("empty_caption", str(shard), key)
                 continue
-            relative = shard.relative_to(path)
+            relative = Path(os.path.relpath(shard, root))
             sink.add(
                 f"{_shard_stem(relative)}/{key}",
                 files[ext],
@@ -548,7 +642,7 @@ def read_records(
     try:
         if path.startswith("tfds:"):
             _read_tfds(path, image_root, sink)
-        elif os.path.isdir(path):
+        elif os.path.isdir(path) or is_shard_pattern(path):
             _read_webdataset(path, sink)
         elif not os.path.isfile(path):
             raise FileNotFoundError(f"no such input: {path}")
