@@ -272,6 +272,14 @@ def test_tsv_with_and_without_header(tmp_path):
     assert [r.sample_id for r in b] == ["plain:1", "plain:2"]
     ds = load_set(str(tmp_path / "cc.tsv"), _cfg(image_root=str(tmp_path)), "train")
     np.testing.assert_array_equal(ds.images[1], _resized(1))
+    # a header naming the columns picks them, in any order, among others
+    rows = f"id\tfilepath\tsplit\ttitle\n7\t{names[1]}\ttrain\tA dog\n8\t{names[0]}\ttrain\n"
+    (tmp_path / "cols.tsv").write_text(rows)
+    skips = Skips()
+    c = read_records(str(tmp_path / "cols.tsv"), str(tmp_path), skips)
+    assert [(r.captions, r.image_key) for r in c] == [(("a dog",), names[1])]
+    assert skips.as_dict() == {"malformed_row": 1}
+    assert "expected the header's columns" in skips.first
 
 
 def test_url_images_are_named_as_urls_and_file_urls_are_paths(tmp_path):

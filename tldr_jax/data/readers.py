@@ -13,7 +13,9 @@ Formats (picked by `read_records` from the path):
   * JSON lines of the same objects (also the fallback when a whole .json file fails to parse;
     a file that starts as one JSON array and does not parse is an error naming where it
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
-  * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line.
+  * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line; a header that
+    names a caption column (`caption`, `text`, ...) and an image column (`image_path`,
+    `url`, `filepath`, ...) picks those columns, in any order among others.
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
     `KEY.json`), or a pattern naming shards as webdataset does: `/data/{00000..00331}.tar`,
     `/data/part-*/*.tar` (a shard the braces name that is not there counts as
@@ -304,10 +306,21 @@ def _read_json(
         _json_row(row, path, lineno, f"{stem}:{lineno}", image_root, sink)
 
 
+def _tsv_header(fields: list[str]) -> tuple[int, int] | None:
+    """(caption column, image column) when the first line is a header naming both (any
+    order, other columns around them), else None."""
+    names = [f.strip().lower() for f in fields]
+    caption = next((i for i, n in enumerate(names) if n in _TSV_HEADER_CAPTION), None)
+    image = next((i for i, n in enumerate(names) if n in _TSV_HEADER_IMAGE), None)
+    return None if caption is None or image is None else (caption, image)
+
+
 def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
     stem = Path(path).stem
     base_dir = annotation_folder(path)
     skips = sink.skips
+    caption_col, image_col = 0, 1  # `caption<TAB>image_path` unless a header says otherwise
+    expected = "caption<TAB>image_path"
     for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         if not raw.strip():
@@ -321,18 +334,16 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
             skips.skip("non_utf8", path, lineno)
             continue
         fields = line.split("\t")
-        if (
-            lineno == 1
-            and len(fields) >= 2
-            and fields[0].strip().lower() in _TSV_HEADER_CAPTION
-            and fields[1].strip().lower() in _TSV_HEADER_IMAGE
-        ):
+        header = _tsv_header(fields) if lineno == 1 else None
+        if header is not None:
+            caption_col, image_col = header
+            expected = "the header's columns"
             continue
         sink.row()
-        if len(fields) < 2 or not fields[1].strip():
-            skips.skip("malformed_row", path, lineno, "expected caption<TAB>image_path")
+        if len(fields) <= max(caption_col, image_col) or not fields[image_col].strip():
+            skips.skip("malformed_row", path, lineno, f"expected {expected}")
             continue
-        caption, image = clean_caption(fields[0]), fields[1].strip()
+        caption, image = clean_caption(fields[caption_col]), fields[image_col].strip()
         if not caption:
             skips.skip("empty_caption", path, lineno)
             continue
