@@ -280,6 +280,19 @@ def test_tsv_with_and_without_header(tmp_path):
     assert [(r.captions, r.image_key) for r in c] == [(("a dog",), names[1])]
     assert skips.as_dict() == {"malformed_row": 1}
     assert "expected the header's columns" in skips.first
+    # CSV: the same rules, quoted fields (open_clip's `filepath,title` files)
+    rows = f'filepath,title\n{names[0]},"A cat, asleep"\n{names[1]},A dog\n'
+    (tmp_path / "oc.csv").write_text(rows)
+    (tmp_path / "plain.csv").write_text(f"A dog,{names[1]}\nno image here\n")
+    d = read_records(str(tmp_path / "oc.csv"), str(tmp_path), Skips())
+    assert [(r.captions, r.image_key) for r in d] == [
+        (("a cat, asleep",), names[0]),
+        (("a dog",), names[1]),
+    ]
+    skips = Skips()
+    e = read_records(str(tmp_path / "plain.csv"), str(tmp_path), skips)
+    assert [(r.captions, r.image_key) for r in e] == [(("a dog",), names[1])]
+    assert "expected caption,image_path" in skips.first
 
 
 def test_url_images_are_named_as_urls_and_file_urls_are_paths(tmp_path):

@@ -15,7 +15,8 @@ Formats (picked by `read_records` from the path):
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
   * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line; a header that
     names a caption column (`caption`, `text`, ...) and an image column (`image_path`,
-    `url`, `filepath`, ...) picks those columns, in any order among others.
+    `url`, `filepath`, ...) picks those columns, in any order among others. A `.csv` file
+    is read the same way with comma-separated, optionally quoted fields.
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
     `KEY.json`), or a pattern naming shards as webdataset does: `/data/{00000..00331}.tar`,
     `/data/part-*/*.tar` (a shard the braces name that is not there counts as
@@ -37,6 +38,7 @@ not-an-image accounting) happens once, in `dataset.load_set`.
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -315,12 +317,14 @@ def _tsv_header(fields: list[str]) -> tuple[int, int] | None:
     return None if caption is None or image is None else (caption, image)
 
 
-def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
+def _read_tsv(path: str, image_root: str, sink: _RecordSink, sep: str = "\t") -> None:
+    """TSV lines split at tabs as they are (CC3M captions hold quotes); `sep=","`: CSV
+    lines, quoted fields as the csv module reads them (one line per row)."""
     stem = Path(path).stem
     base_dir = annotation_folder(path)
     skips = sink.skips
     caption_col, image_col = 0, 1  # `caption<TAB>image_path` unless a header says otherwise
-    expected = "caption<TAB>image_path"
+    expected = "caption<TAB>image_path" if sep == "\t" else f"caption{sep}image_path"
     for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         if not raw.strip():
@@ -333,7 +337,7 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink) -> None:
             sink.row()
             skips.skip("non_utf8", path, lineno)
             continue
-        fields = line.split("\t")
+        fields = line.split("\t") if sep == "\t" else next(csv.reader([line]), [])
         header = _tsv_header(fields) if lineno == 1 else None
         if header is not None:
             caption_col, image_col = header
@@ -662,6 +666,8 @@ def read_records(
             _read_json(path, image_root, sink, splits, split_suffix)
         elif Path(path).suffix.lower() in (".tsv", ".txt"):
             _read_tsv(path, image_root, sink)
+        elif Path(path).suffix.lower() == ".csv":
+            _read_tsv(path, image_root, sink, sep=",")
         else:
             with open(path, "rb") as f:
                 head = f.read(4096).lstrip()
