@@ -884,3 +884,70 @@ def test_shards_named_by_a_brace_or_glob_pattern(tmp_path):
         read_records(str(root / "*.tgz"), "", Skips())
     with pytest.raises(InputError, match="notes.json is not a .tar"):
         read_records(str(root / "{notes.json,00000.tar}"), "", Skips())
+
+
+def test_image_folder_with_caption_files_as_img2dataset_files_output(tmp_path):
+    """img2dataset's default `files` output: `00000/000000000.jpg` + `.txt` / `.json` beside
+    it, `00000.parquet` and `00000_stats.json` next to the folders (not samples)."""
+    import ml_collections
+
+    from tldr_jax.compress.write import image_root_for, materialise_encoded_images
+
+    root = tmp_path / "cc"
+    (root / "00000").mkdir(parents=True)
+    (root / "00001").mkdir()
+    a = root / "00000"
+    (a / "000000000.jpg").write_bytes(_encode(_image(0), "JPEG"))
+    (a / "000000000.txt").write_text("A cat.")
+    (a / "000000000.json").write_text(json.dumps({"caption": "ignored: .txt wins"}))
+    (a / "000000001.png").write_bytes(_encode(_image(1)))
+    (a / "000000001.json").write_text(json.dumps({"caption": "From JSON"}))
+    (a / "000000002.txt").write_text("no image")
+    (a / "000000003.png").write_bytes(_encode(_image(3)))
+    (a / "000000004.png").write_bytes(_encode(_image(4)))
+    (a / "000000004.json").write_text(json.dumps({"caption": ["a", "list"]}))
+    (root / "00001" / "000010000.png").write_bytes(_encode(_image(5)))
+    (root / "00001" / "000010000.txt").write_text("a dog")
+    (root / "00000.parquet").write_bytes(b"PAR1")
+    (root / "00000_stats.json").write_text("{}")
+
+    skips = Skips()
+    recs = read_records(str(root), "", skips)
+    assert [(r.sample_id, r.captions, r.image_key) for r in recs] == [
+        ("00000/000000000", ("a cat",), "00000/000000000.jpg"),
+        ("00000/000000001", ("from json",), "00000/000000001.png"),
+        ("00001/000010000", ("a dog",), "00001/000010000.png"),
+    ]
+    assert skips.as_dict() == {"missing_image": 1, "no_caption": 1, "malformed_row": 1}
+    with pytest.raises(BadRowError, match=r"000000002\.txt, row 00000/000000002: missing_image"):
+        read_records(str(root), "", Skips(strict=True))
+    cfg = _cfg(cache_dir=str(tmp_path / "cache"))
+    ds = load_set(str(root), cfg, "train")
+    assert ds.rows_read == 6 and len(ds) == 3
+    np.testing.assert_array_equal(ds.images[1], _resized(1))
+    np.testing.assert_array_equal(ds.images[2], _resized(5))
+    # a changed caption file changes the input (the decode cache is keyed on every file)
+    (a / "000000003.txt").write_text("now captioned")
+    ds = load_set(str(root), cfg, "train")
+    assert len(ds) == 4 and ds.captions[2] == ["now captioned"]
+    # compress keeps the paths and says where they resolve
+    config = ml_collections.ConfigDict(
+        {"data": {"train": str(root), "image_root": str(tmp_path / "elsewhere")}}
+    )
+    assert materialise_encoded_images(config, ds.ids, tmp_path / "out") is None
+    assert Path(image_root_for(config, tmp_path / "w"), ds.image_keys[0]).is_file()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shards, and no images"):
+        read_records(str(tmp_path / "empty"), "", Skips())
+
+
+def test_webdataset_json_caption_that_is_not_a_string_is_a_malformed_row(tmp_path):
+    (tmp_path / "s").mkdir()
+    samples = {
+        "0": {"png": _encode(_image(0)), "json": b'{"caption": 7}'},
+        "1": {"png": _encode(_image(1)), "json": b'{"caption": "ok"}'},
+    }
+    _write_shard(tmp_path / "s" / "00000.tar", samples)
+    skips = Skips()
+    recs = read_records(str(tmp_path / "s"), "", skips)
+    assert [r.captions for r in recs] == [("ok",)] and skips.as_dict() == {"malformed_row": 1}

@@ -38,11 +38,14 @@ def materialise_encoded_images(
     """Webdataset shards and TFDS sources have no image files: write the kept images' encoded
     bytes (unchanged) under out/images/, once per distinct image (a webdataset with one
     sample per caption repeats each image), and return {sample_id: path relative to out}.
-    Returns None for path-based inputs, whose paths are kept exactly as written."""
+    Returns None for path-based inputs (an image folder too), whose paths are kept exactly
+    as written."""
     source = str(config.data.train)
-    from tldr_jax.data.readers import is_shard_pattern, read_records
+    from tldr_jax.data.readers import is_shard_pattern, read_records, shard_paths
 
-    shards = source and (Path(source).is_dir() or is_shard_pattern(source))
+    shards = source and (
+        (Path(source).is_dir() and shard_paths(source)) or is_shard_pattern(source)
+    )
     if not (source.startswith("tfds:") or shards):
         return None
     from tldr_jax.data import dataset
@@ -73,11 +76,13 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     """Where the file's relative image paths resolve. The embedded world is written to
     WORKDIR/world once so its training file is usable by any BLIP-format reader."""
     if config.data.train:
-        if config.data.image_root:
-            return os.path.abspath(str(config.data.image_root))
         from tldr_jax.data.readers import annotation_folder, split_suffix_of
 
         source = split_suffix_of(str(config.data.train))[0]
+        if os.path.isdir(source):  # an image folder: its image keys are paths below it
+            return os.path.abspath(source)
+        if config.data.image_root:
+            return os.path.abspath(str(config.data.image_root))
         return annotation_folder(source) if os.path.isfile(source) else ""
     from tldr_jax.data.world import make_world, write_world
 

@@ -197,12 +197,15 @@ def decode_records(
 def _fingerprint(path: str) -> list[Any]:
     """What identifies the input at `path`: (name, size, mtime) of the file, or of every
     webdataset shard under the folder or named by the pattern (and the names of those it
-    names that are missing). A `tfds:` name stands for itself."""
+    names that are missing), or of every sample file of an image folder. A `tfds:` name
+    stands for itself."""
     if path.startswith("tfds:"):
         return [path]
     file = readers.split_suffix_of(path)[0]  # a Karpathy split file's ":split" suffix off
     if os.path.isdir(file) or readers.is_shard_pattern(file):
         root, shards, missing = readers.shard_listing(file)
+        if not shards and not missing and os.path.isdir(file):  # an image folder
+            shards = [f for files in readers.folder_samples(file).values() for f in files.values()]
         out: list[Any] = []
         for shard in shards:
             st = shard.stat()

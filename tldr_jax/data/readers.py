@@ -20,9 +20,12 @@ Formats (picked by `read_records` from the path):
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
     `KEY.json`), or a pattern naming shards as webdataset does: `/data/{00000..00331}.tar`,
     `/data/part-*/*.tar` (a shard the braces name that is not there counts as
-    `unreadable_shard`). A shard cut short is counted once as `unreadable_shard`; its samples before
-    the cut are read. Images of uncompressed shards are not kept in memory: a record points
-    at the bytes in the shard (`ShardMember`), read when the image is decoded.
+    `unreadable_shard`). A shard cut short is counted once as `unreadable_shard`; its samples
+    before the cut are read. Images of uncompressed shards are not kept in memory: a record
+    points at the bytes in the shard (`ShardMember`), read when the image is decoded.
+  * A folder without shards holding images with caption files beside them (`KEY.jpg` +
+    `KEY.txt` and/or `KEY.json`): img2dataset's default `files` output, subfolders included.
+    Sample ids are the keys (`00000/000000001`), image keys the paths below the folder.
   * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads);
     images are read from it again when decoded (`TfdsImage`), not held as bytes.
 
@@ -501,12 +504,12 @@ def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
     return root, [first_of[u] for u in unique], missing
 
 
-def shard_paths(folder: str) -> list[Path]:
-    """The webdataset shards under `folder`, subfolders included (a download split into
-    parts), in order of their path below it; hidden files and folders are left out."""
+def _walk_files(folder: str | Path) -> list[Path]:
+    """Every file under `folder`, subfolders included, in order of its path below it;
+    hidden files and folders are left out, a symlinked folder loop is walked once."""
     root = Path(folder)
     found = []
-    seen: set[str] = set()  # real paths walked: a symlinked folder loop is walked once
+    seen: set[str] = set()  # real paths walked
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -514,16 +517,83 @@ def shard_paths(folder: str) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            Path(dirpath) / f
-            for f in filenames
-            if f.endswith(_SHARD_SUFFIXES) and not f.startswith(".")
-        ]
+        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    """The webdataset shards under `folder`, subfolders included (a download split into
+    parts), in order of their path below it; hidden files and folders are left out."""
+    return [f for f in _walk_files(folder) if f.name.endswith(_SHARD_SUFFIXES)]
+
+
+def folder_samples(folder: str | Path) -> dict[str, dict[str, Path]]:
+    """img2dataset's `files` output (its default) and any folder of images with caption
+    files beside them: key (path below `folder` up to the first dot of the name, e.g.
+    `00000/000000001`) -> {extension: file}. A key is a sample when it has an image or a
+    `.txt` file; img2dataset's per-shard `.parquet` and `_stats.json` files are not."""
+    groups: dict[str, dict[str, Path]] = {}
+    for f in _walk_files(folder):
+        relative = f.relative_to(folder)
+        stem, _, ext = relative.name.partition(".")
+        groups.setdefault((relative.parent / stem).as_posix(), {})[ext.lower()] = f
+    return {
+        key: files
+        for key, files in groups.items()
+        if "txt" in files or any(e in files for e in _WDS_IMAGE_EXTS)
+    }
+
+
+def _sample_caption(files: dict[str, Any], read: Any) -> tuple[str, str]:
+    """(caption, "") of a webdataset-style sample, from `KEY.txt`, else the `caption` of
+    `KEY.json`; or ("", skip reason). `read(ext)` gives that file's bytes."""
+    if "txt" in files:
+        caption_bytes = read("txt")
+    else:
+        try:
+            meta = json.loads(read("json").decode("utf-8")) if "json" in files else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+        cap = meta.get("caption") if isinstance(meta, dict) else None
+        if cap is None:
+            return "", "no_caption"
+        if not isinstance(cap, str):
+            return "", "malformed_row"
+        caption_bytes = cap.encode("utf-8", "surrogatepass")
+    try:
+        caption = clean_caption(caption_bytes.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "", "non_utf8"
+    return (caption, "") if caption else ("", "empty_caption")
+
+
+def _read_image_folder(path: str, sink: _RecordSink) -> None:
+    samples = folder_samples(path)
+    if not samples:
+        raise FileNotFoundError(
+            f"{path}: no .tar shards, and no images or .txt captions (img2dataset 'files' output)"
+        )
+    skips = sink.skips
+    for key, files in samples.items():
+        sink.row()
+        ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
+        where = str(next(iter(files.values())))
+        if ext is None:
+            skips.skip("missing_image", where, key, "no image file for this key")
+            continue
+        caption, reason = _sample_caption(files, lambda e, f=files: f[e].read_bytes())
+        if reason:
+            skips.skip(reason, str(files[ext]), key)
+            continue
+        image = files[ext]
+        relative = image.relative_to(path).as_posix()
+        sink.add(key, str(image), (caption,), relative, row=key, file=str(image))
 
 
 def _read_webdataset(path: str, sink: _RecordSink) -> None:
     root, shards, missing = shard_listing(path)
+    if not shards and not missing and os.path.isdir(path):
+        return _read_image_folder(path, sink)
     if not shards:
         gap = f" (none of the {len(missing)} it names exists: {missing[0]}, ...)" if missing else ""
         raise FileNotFoundError(f"{path}: no .tar shards{gap}")
@@ -544,24 +614,9 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             if ext is None:
                 skips.skip("missing_image", str(shard), key, "no image file for this key")
                 continue
-            caption_bytes = files.get("txt")
-            if caption_bytes is None and "json" in files:
-                try:
-                    meta = json.loads(files["json"].decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    meta = {}
-                cap = meta.get("caption") if isinstance(meta, dict) else None
-                caption_bytes = cap.encode("utf-8", "surrogatepass") if cap else None
-            if caption_bytes is None:
-                skips.skip("no_caption", str(shard), key)
-                continue
-            try:
-                caption = clean_caption(caption_bytes.decode("utf-8"))
-            except UnicodeDecodeError:
-                skips.skip("non_utf8", str(shard), key)
-                continue
-            if not caption:
-                skips.skip("empty_caption", str(shard), key)
+            caption, reason = _sample_caption(files, files.get)
+            if reason:
+                skips.skip(reason, str(shard), key)
                 continue
             relative = Path(os.path.relpath(shard, root))
             sink.add(
