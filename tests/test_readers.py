@@ -951,3 +951,61 @@ def test_webdataset_json_caption_that_is_not_a_string_is_a_malformed_row(tmp_pat
     skips = Skips()
     recs = read_records(str(tmp_path / "s"), "", skips)
     assert [r.captions for r in recs] == [("ok",)] and skips.as_dict() == {"malformed_row": 1}
+
+
+def test_coco_captions_file(tmp_path):
+    """COCO's own `captions_*.json`: one record per image with every caption naming it;
+    unusable images and annotations counted, each under its reason."""
+    (tmp_path / "train2014").mkdir()
+    for k in (0, 1, 2):
+        (tmp_path / "train2014" / f"COCO_{k}.png").write_bytes(_encode(_image(k)))
+    data = {
+        "info": {},
+        "images": [
+            {"id": 10, "file_name": "COCO_0.png"},
+            {"id": 11, "file_name": "COCO_1.png"},
+            {"id": 12, "file_name": "COCO_2.png"},  # no annotation
+            {"id": 13},
+        ],
+        "annotations": [
+            {"image_id": 11, "id": 1, "caption": "A dog."},
+            {"image_id": 10, "id": 2, "caption": "A cat."},
+            {"image_id": 10, "id": 3, "caption": "A cat, sleeping"},
+            {"image_id": 99, "id": 4, "caption": "orphan"},
+            {"image_id": 11, "id": 5, "caption": None},
+        ],
+    }
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "captions_train2014.json"
+    path.write_text(json.dumps(data))
+    skips = Skips()
+    recs = read_records(str(path), str(tmp_path / "train2014"), skips)
+    assert [(r.sample_id, r.captions, r.image_key) for r in recs] == [
+        ("10", ("a cat", "a cat, sleeping"), "COCO_0.png"),
+        ("11", ("a dog",), "COCO_1.png"),
+    ]
+    assert skips.as_dict() == {"no_caption": 1, "malformed_row": 2, "missing_image": 1}
+    assert (
+        "row annotations[3]: missing_image (image_id 99 is not in 'images')"
+        in (skips.examples["missing_image"])
+    )
+    with pytest.raises(BadRowError, match=r"captions_train2014\.json, row 2: no_caption"):
+        read_records(str(path), str(tmp_path / "train2014"), Skips(strict=True))
+    with pytest.raises(InputError, match="COCO captions file is one split"):
+        read_records(f"{path}:val", "", Skips())
+    cfg = _cfg(image_root=str(tmp_path / "train2014"))
+    test = load_set(str(path), cfg, "test")
+    assert test.ids == ["10", "11"] and test.captions[0] == ["a cat", "a cat, sleeping"]
+    np.testing.assert_array_equal(test.images[1], _resized(1))
+    assert test.rows_read == 6 and sum(test.skipped.values()) == 4
+    # COCO's layout found without data.image_root, and under a data root shared with others
+    import ml_collections
+
+    from tldr_jax.compress.write import image_root_for
+
+    for root in ("", str(tmp_path)):
+        again = load_set(str(path), _cfg(image_root=root), "train")
+        assert again.ids == ["10", "11"]
+        np.testing.assert_array_equal(again.images[0], _resized(0))
+        config = ml_collections.ConfigDict({"data": {"train": str(path), "image_root": root}})
+        assert image_root_for(config, tmp_path / "w") == str(tmp_path / "train2014")

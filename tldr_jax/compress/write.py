@@ -76,11 +76,14 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     """Where the file's relative image paths resolve. The embedded world is written to
     WORKDIR/world once so its training file is usable by any BLIP-format reader."""
     if config.data.train:
-        from tldr_jax.data.readers import annotation_folder, split_suffix_of
+        from tldr_jax.data.readers import annotation_folder, coco_image_folder, split_suffix_of
 
         source = split_suffix_of(str(config.data.train))[0]
         if os.path.isdir(source):  # an image folder: its image keys are paths below it
             return os.path.abspath(source)
+        coco = coco_image_folder(source, str(config.data.image_root))
+        if coco is not None:  # COCO's layout: images beside the annotation folder
+            return os.path.abspath(coco)
         if config.data.image_root:
             return os.path.abspath(str(config.data.image_root))
         return annotation_folder(source) if os.path.isfile(source) else ""

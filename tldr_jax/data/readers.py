@@ -10,6 +10,10 @@ Formats (picked by `read_records` from the path):
     for (train and clean: "train" + "restval", test: "test"), or from a suffix naming it:
     `dataset_coco.json:val`, `dataset_coco.json:train+restval`. Images of other splits are
     not rows of this input (not read, not counted).
+  * COCO's own captions file (`annotations/captions_train2014.json`: `images` with `id` +
+    `file_name`, `annotations` with `image_id` + `caption`): one record per image with all
+    its captions. Images are found in `data.image_root` or, COCO's own layout, the folder
+    the file names (`train2014/`) below it or beside the annotation folder.
   * JSON lines of the same objects (also the fallback when a whole .json file fails to parse;
     a file that starts as one JSON array and does not parse is an error naming where it
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
@@ -251,6 +255,92 @@ def _read_karpathy(
             _karpathy_image(row, path, i, stem, image_root, sink)
 
 
+def _is_coco(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), list)
+        and isinstance(data.get("annotations"), list)
+    )
+
+
+def _coco_image_folder(path: str, image_root: str, images: list) -> str:
+    """Where a COCO captions file's `file_name`s are. COCO's own layout keeps
+    `annotations/captions_val2014.json` beside `val2014/`, and a data root shared by train
+    and test (BLIP's `image_root`) holds both image folders, so the folder named by the
+    file (`val2014`) is tried under `image_root` (or beside the annotation folder) as well
+    as that root itself: the first where one of the first images exists."""
+    root = image_root or annotation_folder(path)
+    match = re.fullmatch(r"captions_(\w+)", Path(path).stem)
+    candidates = [root]
+    if match:
+        named = match[1]
+        candidates += [os.path.join(root, named)]
+        if not image_root:
+            candidates += [os.path.join(os.path.dirname(root), named)]
+    names = [r["file_name"] for r in images[:8] if isinstance(r, dict) and r.get("file_name")]
+    for folder in candidates:
+        if any(os.path.isfile(os.path.join(folder, str(n))) for n in names):
+            return folder
+    return root
+
+
+def coco_image_folder(path: str, image_root: str) -> str | None:
+    """The folder a COCO captions file's images resolve against (`_coco_image_folder`);
+    None when `path` is not one."""
+    if Path(path).suffix.lower() != ".json" or not os.path.isfile(path):
+        return None
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return None
+    return _coco_image_folder(path, image_root, data["images"]) if _is_coco(data) else None
+
+
+def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> None:
+    """COCO's own captions file (`captions_train2014.json`): one record per entry of
+    `images` ({"id", "file_name"}) with the captions of every `annotations` entry
+    ({"image_id", "caption"}) naming it, in file order. An annotation that cannot be used
+    (no such image, a caption that is not a string) counts as a row of its own."""
+    skips = sink.skips
+    stem = Path(path).stem
+    base_dir = _coco_image_folder(path, image_root, data["images"])
+    captions: dict[str, list[str]] = {}
+    bad: list[tuple[int, str, str]] = []
+    image_ids = {str(r.get("id")) for r in data["images"] if isinstance(r, dict)}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
+            bad.append((i, "malformed_row", "an annotation without a 'caption' string"))
+        elif str(ann.get("image_id")) not in image_ids:
+            bad.append((i, "missing_image", f"image_id {ann.get('image_id')!r} is not in 'images'"))
+        else:
+            captions.setdefault(str(ann["image_id"]), []).append(ann["caption"])
+    for i, row in enumerate(data["images"]):
+        sink.row()
+        if not isinstance(row, dict):
+            skips.skip("malformed_row", path, i, f"not an object: {type(row).__name__}")
+            continue
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name:
+            skips.skip("malformed_row", path, i, "no 'file_name' string")
+            continue
+        raw = captions.get(str(row.get("id")), [])
+        if not raw:
+            skips.skip("no_caption", path, i, f"no annotation names image id {row.get('id')!r}")
+            continue
+        if _has_bad_utf8(name, *raw):
+            skips.skip("non_utf8", path, i)
+            continue
+        cleaned = tuple(c for c in map(clean_caption, raw) if c)
+        if not cleaned:
+            skips.skip("empty_caption", path, i)
+            continue
+        sample_id = str(row["id"]) if row.get("id") not in (None, "") else f"{stem}:{i}"
+        sink.add(sample_id, _resolve(name, "", base_dir), cleaned, name, i)
+    for i, reason, detail in bad:
+        sink.row()
+        skips.skip(reason, path, f"annotations[{i}]", detail)
+
+
 def _is_karpathy(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("images"), list) and "image" not in data
 
@@ -275,6 +365,10 @@ def _read_json(
                 f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
             ) from e
         data = None
+    if _is_coco(data):
+        if split_suffix:
+            raise InputError(f"{path}: a COCO captions file is one split; it takes no suffix")
+        return _read_coco(data, path, image_root, sink)
     if _is_karpathy(data):
         if splits is None:
             raise InputError(
