@@ -1009,3 +1009,21 @@ def test_coco_captions_file(tmp_path):
         np.testing.assert_array_equal(again.images[0], _resized(0))
         config = ml_collections.ConfigDict({"data": {"train": str(path), "image_root": root}})
         assert image_root_for(config, tmp_path / "w") == str(tmp_path / "train2014")
+
+
+def test_test_set_images_under_their_own_root(tmp_path):
+    """data.test_image_root: a test set whose relative paths resolve elsewhere than the
+    training set's (CC3M training pairs, a COCO Karpathy test set); "" = data.image_root."""
+    train_root, test_root = tmp_path / "cc3m", tmp_path / "coco"
+    names = _write_images(train_root, 1)
+    test_names = _write_images(test_root, 2)
+    (tmp_path / "test.json").write_text(
+        json.dumps([{"image": n, "caption": ["a", "b"]} for n in test_names])
+    )
+    cfg = _cfg(image_root=str(train_root), test_image_root=str(test_root))
+    test = load_set(str(tmp_path / "test.json"), cfg, "test")
+    assert len(test) == 2 and sum(test.skipped.values()) == 0
+    (tmp_path / "train.tsv").write_text(f"a cat\t{names[0]}\n")
+    assert len(load_set(str(tmp_path / "train.tsv"), cfg, "train")) == 1
+    shared = load_set(str(tmp_path / "test.json"), _cfg(image_root=str(test_root)), "test")
+    np.testing.assert_array_equal(shared.images[1], test.images[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from tldr_jax.config_check import ConfigError
@@ -56,6 +58,7 @@ def data_config(**overrides: object) -> ml_collections.ConfigDict:
     d.train = ""  # BLIP JSON | Karpathy train JSON | TSV | dir of .tar shards | tfds:NAME[:split]
     d.test = ""  # Karpathy eval JSON; "" = the embedded world's test split
     d.image_root = ""  # root for relative image paths
+    d.test_image_root = ""  # root for data.test's relative image paths; "" = data.image_root
     d.strict = False  # True: stop at the first bad row with file + row in the error
     d.image_size = 64  # images are decoded and resized to this square size
     d.max_rows = 0  # 0 = all rows
@@ -67,6 +70,13 @@ def data_config(**overrides: object) -> ml_collections.ConfigDict:
     d.world = world_config()
     d.update(overrides)
     return d
+
+
+def image_root_of(data_cfg: ml_collections.ConfigDict | Any, role: str) -> str:
+    """The image root of the set read for `role`: data.test_image_root for the test set
+    when given (a test set kept apart from the training images), else data.image_root."""
+    test_root = str(data_cfg.get("test_image_root", "") or "")
+    return test_root if role == "test" and test_root else str(data_cfg.image_root)
 
 
 def text_config(**overrides: object) -> ml_collections.ConfigDict:

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tldr_jax.config_lib import image_root_of
 from tldr_jax.data import imagestore, readers, world
 from tldr_jax.data.imagestore import ImageRows
 from tldr_jax.data.records import SKIP_REASONS, BadRowError, InputError, Record, Skips
@@ -222,7 +223,7 @@ def _read_strict(
     one is bad, the images of the rows before it are decoded (strictly: the first bad one
     raises), then the bad annotation raises."""
     probe = Skips(strict=False)
-    records = readers.read_records(path, data_cfg.image_root, probe, max_rows, role)
+    records = readers.read_records(path, image_root_of(data_cfg, role), probe, max_rows, role)
     if probe.total:
         before = records[: probe.first_records or 0]
         # Checked at 1 px (the same errors are raised; nothing large is kept).
@@ -235,7 +236,8 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     """Loads `path` (any format `readers.read_records` knows) decoded at data.image_size.
 
     path "" is the embedded world's split for `role`: "train" the noisy pairs, "test" the
-    clean 5-caption test images, "clean" the clean caption set. Uses data.image_root,
+    clean 5-caption test images, "clean" the clean caption set. Uses data.image_root (for the
+    test set data.test_image_root when given),
     data.strict, data.max_rows, data.decode_workers, data.cache_dir (a folder: decode once
     into a memory-mapped file there, reused by later loads; see `imagestore`) and data.world.
     """
@@ -273,7 +275,8 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             if path and skips.strict:
                 records = _read_strict(path, data_cfg, skips, max_rows, role, source)
             elif path:
-                records = readers.read_records(path, data_cfg.image_root, skips, max_rows, role)
+                root = image_root_of(data_cfg, role)
+                records = readers.read_records(path, root, skips, max_rows, role)
             else:
                 records = getattr(_cached_world(_world_key(data_cfg.world)), role)
                 records = records[:max_rows] if max_rows else records
