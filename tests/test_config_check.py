@@ -283,6 +283,9 @@ def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
     config_check.expand_home(c)
     assert c.data.train == f"{tmp_path}/cc.tsv:x" and c.data.image_root == str(tmp_path)
     assert c.caption.data == f"{tmp_path}/coco.json" and c.data.test == "a~b.json"
+    c.data.train = "a.json,~/b.json, c.tsv"  # each of several inputs
+    config_check.expand_home(c)
+    assert c.data.train == f"a.json,{tmp_path}/b.json, c.tsv"
     # the shell leaves `--config.data.train=~/x` and `--workdir=~/w` as they are
     c = distill_config.get_config("tiny")
     c.data.train = "~/missing.json"

@@ -1027,3 +1027,45 @@ def test_test_set_images_under_their_own_root(tmp_path):
     assert len(load_set(str(tmp_path / "train.tsv"), cfg, "train")) == 1
     shared = load_set(str(tmp_path / "test.json"), _cfg(image_root=str(test_root)), "test")
     np.testing.assert_array_equal(shared.images[1], test.images[1])
+
+
+def test_several_inputs_joined_by_commas_are_one_set(tmp_path):
+    """BLIP's list of pre-training files (`coco.json,vg.json,cc3m.json`), formats mixed:
+    read in turn, ids unique, max_rows over all; compress writes absolute paths for them."""
+    import ml_collections
+
+    from tldr_jax.compress.write import image_root_for, materialise_encoded_images
+    from tldr_jax.data.readers import input_identity, split_inputs
+
+    names = _write_images(tmp_path / "a", 2)
+    rows = [{"image": n, "caption": f"a {i}", "image_id": "x"} for i, n in enumerate(names)]
+    (tmp_path / "a" / "blip.json").write_text(json.dumps(rows))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cc.tsv").write_text("b zero\t" + str(tmp_path / "a" / names[1]) + "\n")
+    (tmp_path / "s").mkdir()
+    _write_shard(tmp_path / "s" / "00000.tar", {"0": {"png": _encode(_image(5)), "txt": b"s"}})
+    (tmp_path / "t").mkdir()
+    _write_shard(tmp_path / "t" / "00000.tar", {"0": {"png": _encode(_image(6)), "txt": b"t"}})
+    one = read_records(str(tmp_path / "s" / "00000.tar"), "", Skips())  # one shard file
+    assert [(r.sample_id, r.captions) for r in one] == [("00000/0", ("s",))]
+    spec = f"{tmp_path}/a/blip.json, {tmp_path}/b/cc.tsv,{tmp_path}/{{s,t}}/00000.tar"
+    assert split_inputs(spec)[2] == f"{tmp_path}/{{s,t}}/00000.tar"
+    assert split_inputs(f"{tmp_path}/{{s,t}}/00000.tar") == [f"{tmp_path}/{{s,t}}/00000.tar"]
+    assert input_identity("x.json,y.tsv") == f"{os.getcwd()}/x.json,{os.getcwd()}/y.tsv"
+    recs = read_records(spec, "", Skips())
+    assert [r.sample_id for r in recs] == ["x", "x#1", "cc:1", "s/00000/0", "t/00000/0"]
+    assert [r.captions[0] for r in recs] == ["a 0", "a 1", "b zero", "s", "t"]
+    assert len(read_records(spec, "", Skips(), max_rows=3)) == 3
+    cfg = _cfg(cache_dir=str(tmp_path / "cache"))
+    ds = load_set(spec, cfg, "train")
+    for i, k in enumerate((0, 1, 1, 5, 6)):
+        np.testing.assert_array_equal(ds.images[i], _resized(k))
+    config = ml_collections.ConfigDict({"data": {"train": spec, "image_root": ""}})
+    paths = materialise_encoded_images(config, ds.ids, tmp_path / "out")
+    assert paths["x"] == str(tmp_path / "a" / names[0])
+    assert paths["cc:1"] == str(tmp_path / "a" / names[1])
+    # the same key in two inputs' shards: two files
+    assert paths["s/00000/0"] != paths["t/00000/0"]
+    assert image_root_for(config, tmp_path / "w") == ""
+    with pytest.raises(FileNotFoundError, match="no such input: nowhere.json"):
+        read_records(f"{tmp_path}/b/cc.tsv,nowhere.json", "", Skips())

@@ -280,15 +280,18 @@ STAGE_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 def expand_home(config: ml_collections.ConfigDict) -> None:
-    """Expands a leading `~` / `~user` in every string value in place (`data.train`,
+    """Expands a leading `~` / `~user` in every string value in place, and in each part of
+    one joined by commas (`data.train`,
     `data.image_root`, `caption.data`, ...): the shell leaves `--config.data.train=~/x` as
     it is, and a path with a literal `~` folder is never what was meant."""
     for key in list(config.keys()):
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict):
             expand_home(value)
-        elif isinstance(value, str) and value.startswith("~"):
-            expanded = os.path.expanduser(value)
+        elif isinstance(value, str) and (value.startswith("~") or ",~" in value):
+            # each of several inputs joined by commas (`data.train=~/a.json,~/b.json`)
+            parts = value.split(",") if ",~" in value else [value]
+            expanded = ",".join(os.path.expanduser(p) for p in parts)
             if expanded != value:
                 config[key] = expanded
 

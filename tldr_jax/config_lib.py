@@ -55,8 +55,10 @@ def world_config(**overrides: object) -> ml_collections.ConfigDict:
 def data_config(**overrides: object) -> ml_collections.ConfigDict:
     """Keys shared by every stage."""
     d = ml_collections.ConfigDict()
-    d.train = ""  # BLIP JSON | Karpathy train JSON | TSV | dir of .tar shards | tfds:NAME[:split]
-    d.test = ""  # Karpathy eval JSON; "" = the embedded world's test split
+    # BLIP / Karpathy / COCO JSON | TSV / CSV | .tar shards (folder, file, {0..9} pattern) |
+    # image folder | tfds:NAME[:split] | several joined by commas; "" = the embedded world
+    d.train = ""
+    d.test = ""  # Karpathy eval JSON (or any format above); "" = the embedded world's test split
     d.image_root = ""  # root for relative image paths
     d.test_image_root = ""  # root for data.test's relative image paths; "" = data.image_root
     d.strict = False  # True: stop at the first bad row with file + row in the error

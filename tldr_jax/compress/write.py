@@ -39,14 +39,15 @@ def materialise_encoded_images(
     bytes (unchanged) under out/images/, once per distinct image (a webdataset with one
     sample per caption repeats each image), and return {sample_id: path relative to out}.
     Returns None for path-based inputs (an image folder too), whose paths are kept exactly
-    as written."""
-    source = str(config.data.train)
-    from tldr_jax.data.readers import is_shard_pattern, read_records, shard_paths
+    as written. Several inputs (`data.train=a.json,shards/`): their path-based rows map to
+    absolute paths, since one image root cannot serve files from several folders."""
+    from tldr_jax.data.readers import is_shard_input, read_records, split_inputs
 
-    shards = source and (
-        (Path(source).is_dir() and shard_paths(source)) or is_shard_pattern(source)
-    )
-    if not (source.startswith("tfds:") or shards):
+    source = str(config.data.train)
+    parts = split_inputs(source) if source else []
+    encoded = [p for p in parts if p.startswith("tfds:") or is_shard_input(p)]
+    several = len(parts) > 1
+    if not encoded and not several:
         return None
     from tldr_jax.data import dataset
     from tldr_jax.data.imagestore import image_identity
@@ -55,14 +56,23 @@ def materialise_encoded_images(
     wanted = set(ids)
     paths: dict[str, str] = {}
     written: dict[bytes, str] = {}  # one file per distinct image (`image_identity`)
+    names: set[str] = set()
     for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
         # TL;DR's stages see one pair per caption (`ImageTextSet.pairs`).
         pair_ids = [p for p in dataset.pair_ids(rec.sample_id, len(rec.captions)) if p in wanted]
+        if pair_ids and several and isinstance(rec.image, str):
+            paths.update(dict.fromkeys(pair_ids, os.path.abspath(rec.image)))
         if not pair_ids or not isinstance(rec.image, bytes | LazyImage):
             continue
         identity = image_identity(rec.image)
         if identity not in written:
             name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
+            stem, dot, ext = name.rpartition(".")
+            k = 0
+            while name in names:  # the same key in two inputs' shards, different images
+                k += 1
+                name = f"{stem}-{k}{dot}{ext}" if dot else f"{ext}-{k}"
+            names.add(name)
             written[identity] = str(Path("images") / name)
             if dist.is_main():
                 with io.atomic_path(out / written[identity]) as tmp:
@@ -76,8 +86,15 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
     """Where the file's relative image paths resolve. The embedded world is written to
     WORKDIR/world once so its training file is usable by any BLIP-format reader."""
     if config.data.train:
-        from tldr_jax.data.readers import annotation_folder, coco_image_folder, split_suffix_of
+        from tldr_jax.data.readers import (
+            annotation_folder,
+            coco_image_folder,
+            split_inputs,
+            split_suffix_of,
+        )
 
+        if len(split_inputs(str(config.data.train))) > 1:
+            return ""  # several inputs: their rows carry absolute paths
         source = split_suffix_of(str(config.data.train))[0]
         if os.path.isdir(source):  # an image folder: its image keys are paths below it
             return os.path.abspath(source)

@@ -200,6 +200,9 @@ def _fingerprint(path: str) -> list[Any]:
     webdataset shard under the folder or named by the pattern (and the names of those it
     names that are missing), or of every sample file of an image folder. A `tfds:` name
     stands for itself."""
+    parts = readers.split_inputs(path)
+    if len(parts) > 1:
+        return [_fingerprint(p) for p in parts]
     if path.startswith("tfds:"):
         return [path]
     file = readers.split_suffix_of(path)[0]  # a Karpathy split file's ":split" suffix off

@@ -22,16 +22,19 @@ Formats (picked by `read_records` from the path):
     `url`, `filepath`, ...) picks those columns, in any order among others. A `.csv` file
     is read the same way with comma-separated, optionally quoted fields.
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
-    `KEY.json`), or a pattern naming shards as webdataset does: `/data/{00000..00331}.tar`,
-    `/data/part-*/*.tar` (a shard the braces name that is not there counts as
-    `unreadable_shard`). A shard cut short is counted once as `unreadable_shard`; its samples
-    before the cut are read. Images of uncompressed shards are not kept in memory: a record
-    points at the bytes in the shard (`ShardMember`), read when the image is decoded.
+    `KEY.json`), one shard file, or a pattern naming shards as webdataset does:
+    `/data/{00000..00331}.tar`, `/data/part-*/*.tar` (a shard the braces name that is not
+    there counts as `unreadable_shard`). A shard cut short is counted once as
+    `unreadable_shard`; its samples before the cut are read. Images of uncompressed shards
+    are not kept in memory: a record points at the bytes in the shard (`ShardMember`), read
+    when the image is decoded.
   * A folder without shards holding images with caption files beside them (`KEY.jpg` +
     `KEY.txt` and/or `KEY.json`): img2dataset's default `files` output, subfolders included.
     Sample ids are the keys (`00000/000000001`), image keys the paths below the folder.
   * `tfds:NAME[:split]`: a TFDS data source the user already prepared (never downloads);
     images are read from it again when decoded (`TfdsImage`), not held as bytes.
+
+Several inputs joined by commas (`a.json,b.tsv,shards/`) are read in turn as one set.
 
 Sample ids are stable and unique: an explicit `sample_id` / `id` / `image_id` field when the
 row has one, else `<file stem>:<row>` (JSON list: 0-based element index; line formats:
@@ -102,7 +105,11 @@ def annotation_folder(path: str) -> str:
 
 def input_identity(path: str) -> str:
     """`path` as it names the same input from any working folder: absolute for files and
-    shard folders (a `:split` suffix kept), `tfds:` / `world:` names as they are."""
+    shard folders (a `:split` suffix kept), `tfds:` / `world:` names as they are; several
+    inputs (`split_inputs`) each so, joined by commas."""
+    parts = split_inputs(path)
+    if len(parts) > 1:
+        return ",".join(input_identity(p) for p in parts)
     return path if path.startswith(("tfds:", "world:")) else os.path.abspath(path)
 
 
@@ -565,6 +572,14 @@ def _is_shard_name(name: str) -> bool:
     return base.endswith(_SHARD_SUFFIXES) and not base.startswith(".")
 
 
+def is_shard_input(path: str) -> bool:
+    """Whether `path` is read as webdataset shards: one shard file, a folder holding
+    shards, or a shard pattern."""
+    if os.path.isfile(path):
+        return _is_shard_name(path)
+    return (os.path.isdir(path) and bool(shard_paths(path))) or is_shard_pattern(path)
+
+
 def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
     """(root, shards, missing) of a shard folder or pattern. A folder: every shard under it
     (`shard_paths`). A pattern: brace words in written order, each glob's matches sorted, a
@@ -573,6 +588,8 @@ def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
     are relative to `root`: the folder, or the pattern's folder above its first wildcard."""
     if os.path.isdir(path):
         return Path(path), shard_paths(path), []
+    if os.path.isfile(path):  # one shard file
+        return Path(os.path.dirname(path) or "."), [Path(path)], []
     first = min((i for i in (path.find(c) for c in "{*?[") if i >= 0), default=len(path))
     root = Path(os.path.dirname(path[:first]) or ".")
     shards: list[Path] = []
@@ -789,10 +806,55 @@ def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:
     return base, splits
 
 
+def split_inputs(path: str) -> list[str]:
+    """Several inputs joined by commas (BLIP's list of pre-training files:
+    `coco.json,vg.json,cc3m.json`; any formats mixed) -> their paths; one input -> [path].
+    Commas inside a brace pattern (`{train,val}.tar`) and in a path that exists do not
+    split."""
+    if "," not in path or os.path.exists(path):
+        return [path]
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(path):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(path[start:i])
+            start = i + 1
+    parts = [p.strip() for p in [*parts, path[start:]] if p.strip()]
+    return parts if len(parts) > 1 else [path]
+
+
+def _read_one(path: str, image_root: str, sink: _RecordSink, role: str) -> None:
+    path, suffix_splits = split_suffix_of(path)
+    split_suffix = suffix_splits is not None
+    splits = suffix_splits if split_suffix else KARPATHY_SPLITS.get(role)
+    if path.startswith("tfds:"):
+        _read_tfds(path, image_root, sink)
+    elif os.path.isdir(path) or is_shard_pattern(path) or is_shard_input(path):
+        _read_webdataset(path, sink)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"no such input: {path}")
+    elif split_suffix or Path(path).suffix.lower() in (".json", ".jsonl"):
+        # A suffix is for Karpathy split files: any other file (a TSV too) is an error.
+        _read_json(path, image_root, sink, splits, split_suffix)
+    elif Path(path).suffix.lower() in (".tsv", ".txt"):
+        _read_tsv(path, image_root, sink)
+    elif Path(path).suffix.lower() == ".csv":
+        _read_tsv(path, image_root, sink, sep=",")
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head[:1] in (b"[", b"{"):
+            _read_json(path, image_root, sink, splits)
+        else:
+            _read_tsv(path, image_root, sink)
+
+
 def read_records(
     path: str, image_root: str, skips: Skips, max_rows: int = 0, role: str = ""
 ) -> list[Record]:
-    """Reads one input (file, shard directory or `tfds:` spec) into records, in input order.
+    """Reads one input (file, shard directory or pattern, image folder or `tfds:` spec), or
+    several joined by commas (`split_inputs`, read in turn as one set), into records, in
+    input order.
 
     Bad rows are counted in `skips` (or raise `BadRowError` when `skips.strict`); at most
     `max_rows` input rows (good or bad) are read when it is positive. For `tfds:` inputs a
@@ -800,30 +862,9 @@ def read_records(
     picks the split of a Karpathy split file read without a `:split` suffix.
     """
     sink = _RecordSink(skips, max_rows)
-    path, suffix_splits = split_suffix_of(path)
-    split_suffix = suffix_splits is not None
-    splits = suffix_splits if split_suffix else KARPATHY_SPLITS.get(role)
     try:
-        if path.startswith("tfds:"):
-            _read_tfds(path, image_root, sink)
-        elif os.path.isdir(path) or is_shard_pattern(path):
-            _read_webdataset(path, sink)
-        elif not os.path.isfile(path):
-            raise FileNotFoundError(f"no such input: {path}")
-        elif split_suffix or Path(path).suffix.lower() in (".json", ".jsonl"):
-            # A suffix is for Karpathy split files: any other file (a TSV too) is an error.
-            _read_json(path, image_root, sink, splits, split_suffix)
-        elif Path(path).suffix.lower() in (".tsv", ".txt"):
-            _read_tsv(path, image_root, sink)
-        elif Path(path).suffix.lower() == ".csv":
-            _read_tsv(path, image_root, sink, sep=",")
-        else:
-            with open(path, "rb") as f:
-                head = f.read(4096).lstrip()
-            if head[:1] in (b"[", b"{"):
-                _read_json(path, image_root, sink, splits)
-            else:
-                _read_tsv(path, image_root, sink)
+        for part in split_inputs(path):
+            _read_one(part, image_root, sink, role)
     except _Limit:
         pass
     return sink.records
