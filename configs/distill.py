@@ -87,6 +87,11 @@ def distill_config(small: bool) -> ml_collections.ConfigDict:
     # unrolled (warned). Off by default.
     d.scan_unroll = False
     d.init = "real"  # real | noise | kmeans
+    # The distill stage's own seed (initial pairs, each outer iteration's expert / start epoch
+    # draw and student minibatches, LoRS init); -1 = the global `seed`. The buffer's experts
+    # and eval-distilled's models keep `seed`, so runs differing here share one buffer and are
+    # evaluated by the same fresh models: the spread over distill seeds alone.
+    d.seed = -1
     d.kmeans_features = "text"  # kmeans init clusters: text (embeddings) | image (expert features)
     d.step_size_init = 0.1
     # Outer learning rates for *our* scales: images in normalised pixels (per-image norm ~31 at

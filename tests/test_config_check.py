@@ -55,11 +55,13 @@ def test_bad_values_are_named_with_what_is_allowed():
     c.eval.budgets = (100, 0)
     c.mesh.data = 0
     c.distill.momentum = 1.0
+    c.distill.seed = -2
     found = config_check.problems(c)
     assert found == [
         "mesh.data=0: must be an integer >= 1 or -1",
         "distill.syn_steps=0: must be an integer >= 1",
         "distill.grad_mode='unrol': must be one of unroll | remat | tesla",
+        "distill.seed=-2: must be an integer >= 0 or -1",
         "distill.momentum=1.0: must be a finite number in [0, 1)",
         "eval.budgets=(100, 0): must be a tuple of integers >= 1, e.g. (100, 1000) or ()",
     ]

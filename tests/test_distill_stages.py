@@ -172,6 +172,38 @@ def test_distill_beside_an_unfinished_buffer_records_the_experts_it_matched(buff
     ]
 
 
+def test_distill_seed_varies_the_set_on_one_buffer(buffered):
+    """distill.seed: -1 is the global seed (same set and signature as before the key
+    existed); another seed on the same buffer learns another set, in its own workdir."""
+    config, root, _ = buffered
+    sets = {}
+    for name, seed in (("seed_default", -1), ("seed_global", int(config.seed)), ("seed_7", 7)):
+        workdir = root / name
+        shutil.copytree(root / "w", workdir)
+        c = config.copy_and_resolve_references()
+        c.distill.seed = seed
+        summary = run_stage("distill", c, str(workdir))
+        assert summary["seed"] == (7 if seed == 7 else int(config.seed))
+        with np.load(workdir / "distill" / "distilled.npz") as f:
+            sets[name] = (f["images"], f["init_index"])
+    np.testing.assert_array_equal(sets["seed_default"][0], sets["seed_global"][0])
+    assert not np.array_equal(sets["seed_default"][0], sets["seed_7"][0])
+    assert not np.array_equal(sets["seed_default"][1], sets["seed_7"][1])  # other real pairs drawn
+    # The signature names the seed only where it is not the global one ...
+    sig = (root / "seed_default" / "distill" / "signature.json").read_text()
+    assert sig == (root / "seed_global" / "distill" / "signature.json").read_text()
+    assert "distill.seed" not in sig and "buffer.seed" in sig
+    # ... so a finished set refuses another distill seed, and eval-distilled reads it as is.
+    other = config.copy_and_resolve_references()
+    other.distill.seed = 8
+    with pytest.raises(ValueError, match=r"\(distill.seed: 7 -> 8\)"):
+        run_stage("distill", other, str(root / "seed_7"))
+    seven = config.copy_and_resolve_references()
+    seven.distill.seed = 7
+    result = run_stage("eval-distilled", seven, str(root / "seed_7"))
+    assert result["distilled"]["num_pairs"] == 8
+
+
 def test_changed_data_or_recipe_is_refused(buffered):
     config, root, _ = buffered
     workdir = root / "w"

@@ -200,6 +200,7 @@ def rules() -> dict[str, Rule]:
         "distill.remat_budget_mib": NONNEG,
         "distill.scan_unroll": boolean,
         "distill.init": choice(*distill_stage.INITS),
+        "distill.seed": integer(0, also=(-1,)),
         "distill.kmeans_features": choice("text", "image"),
         "distill.step_size_init": POSITIVE,
         "distill.lr_images": NONNEG,

@@ -147,7 +147,18 @@ def distill_signature(config: ml_collections.ConfigDict, buffer_sig: dict) -> di
     """What W/distill's synthetic set depends on: the buffer and distill.* but
     RESUMABLE_KEYS."""
     d = {k: v for k, v in config.distill.to_dict().items() if k not in RESUMABLE_KEYS}
+    # The resolved seed, and only when it is not the global one, so workdirs made before the
+    # key existed (and runs that spell the global seed either way) keep their signature.
+    d.pop("seed", None)
+    if distill_seed(config) != int(config.seed):
+        d["seed"] = distill_seed(config)
     return {"buffer": buffer_sig, "distill": d}
+
+
+def distill_seed(config: ml_collections.ConfigDict) -> int:
+    """The distill stage's seed: `distill.seed`, or the global `seed` where that is -1."""
+    s = int(config.distill.get("seed", -1))
+    return int(config.seed) if s < 0 else s
 
 
 def start_epochs(config: ml_collections.ConfigDict) -> int:
@@ -177,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir_p = Path(workdir)
     out_dir = workdir_p / "distill"
     d, b = config.distill, config.buffer
-    seed = int(config.seed)
+    seed = distill_seed(config)
     m, syn_steps = int(d.num_pairs), int(d.syn_steps)
     expert_epochs, iterations = int(d.expert_epochs), int(d.iterations)
     epochs = int(b.epochs)
@@ -396,6 +407,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "grad_mode": d.grad_mode,
         "scan_unroll": scan_unroll,
         "init": d.init,
+        "seed": seed,  # distill.seed, or the global seed where that is -1
         "syn_steps": syn_steps,
         # remat: student steps per nested checkpoint chunk (1 = every step's parameters kept)
         "remat_chunk": (
