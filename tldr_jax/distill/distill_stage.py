@@ -150,8 +150,9 @@ def distill_signature(config: ml_collections.ConfigDict, buffer_sig: dict) -> di
     # The resolved seed, and only when it is not the global one, so workdirs made before the
     # key existed (and runs that spell the global seed either way) keep their signature.
     d.pop("seed", None)
-    if distill_seed(config) != int(config.seed):
-        d["seed"] = distill_seed(config)
+    seed = distill_seed(config)
+    if seed != int(config.seed):
+        d["seed"] = seed
     return {"buffer": buffer_sig, "distill": d}
 
 
