@@ -504,29 +504,44 @@ def test_lors_outer_step_updates_factors_with_own_lr():
         matching.make_outer_optimizer().init(syn)
 
 
-def test_bf16_matmul_meta_gradient_close_to_float32():
+@pytest.mark.parametrize("encoder", ["convnet", "nf_resnet_tiny"])
+def test_bf16_matmul_meta_gradient_close_to_float32(encoder):
     # model matmul_dtype="bfloat16" (models/conv.py): the student's convs multiply bfloat16
     # operands in every derivative order; the meta-gradient must still point the same way.
+    # NF-ResNet: its input gradients multiply a computed (weight-standardised) kernel, which
+    # XLA:CPU's dot runtime refused in bfloat16 until models/conv.py materialised the transpose.
     from tldr_jax.models.convnet import ConvNet
+    from tldr_jax.models.nfresnet import nf_resnet_tiny
 
     _, syn, _, _, idx, rng = _setup(syn_steps=4)
     grads, losses = {}, {}
     for dtype in ("float32", "bfloat16"):
         rngs = nnx.Rngs(3)
-        net = ConvNet(SIZE, width=EMB, depth=2, pooling="gap", matmul_dtype=dtype, rngs=rngs)
+        if encoder == "convnet":
+            net = ConvNet(SIZE, width=EMB, depth=2, pooling="gap", matmul_dtype=dtype, rngs=rngs)
+        else:  # skip gains at 0.5, not SkipInit's 0: every conv is on the gradient's path
+            net = nf_resnet_tiny(skip_init=0.5, head_dim=EMB, matmul_dtype=dtype, rngs=rngs)
         student, t_img, t_txt = make_student(net, TinyHead(rngs=rngs))
         start = (t_img, t_txt)
         target = tuple(t + 0.05 * jax.random.normal(jax.random.key(9), t.shape) for t in start)
         losses[dtype], grads[dtype] = _grad_fn(
             syn, student, start, target, idx, rng, grad_mode="remat"
         )
-    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)
+    rtol = 1e-2 if encoder == "convnet" else 2e-2
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=rtol)
     for name in META_FIELDS:
         a, b = getattr(grads["bfloat16"], name), getattr(grads["float32"], name)
         assert np.linalg.norm(np.asarray(b)) > 0, name
-        # Measured: cosine 0.985 and 17% relative error for images and texts, 1-3% for the
-        # step sizes: a usable ascent direction, not the float32 gradient (opt-in speed mode).
+        # Measured, ConvNet: cosine 0.985 and 17% relative error for images and texts, 1-3% for
+        # the step sizes: a usable ascent direction, not the float32 gradient (opt-in speed
+        # mode). NF-ResNet is worse conditioned (weight standardisation subtracts each kernel's
+        # mean, so bfloat16 rounding of the large mean component of a kernel gradient survives
+        # in the small remainder: its first-order gradient is already 22% off, cosine 0.984):
+        # cosine 0.84 / 0.97 and 81% / 55% error for images / texts, 4-6% for the step sizes.
+        cos_min, err_max, lr_max = (0.97, 0.3, 0.05) if encoder == "convnet" else (0.8, 0.9, 0.1)
         if name.startswith("lr"):
-            assert _rel_err(a, b) < 0.05, (name, _rel_err(a, b))
+            assert _rel_err(a, b) < lr_max, (name, _rel_err(a, b))
         else:
-            assert _cos(a, b) > 0.97 and _rel_err(a, b) < 0.3, (name, _cos(a, b), _rel_err(a, b))
+            assert _cos(a, b) > cos_min and _rel_err(a, b) < err_max, (name, _cos(a, b))
+        if name == "texts" and encoder != "convnet":
+            assert _cos(a, b) > 0.95, _cos(a, b)

@@ -58,7 +58,14 @@ def _lowp_matmul_bwd(dtype, res, g):
     a_lp, b_lp, a_like, b_like = res
     k, n = b_lp.shape
     da = _lowp_matmul(g, b_lp.T, dtype)
-    db = _lowp_matmul(a_lp.reshape(-1, k).T, g.reshape(-1, n), dtype)
+    a_t = a_lp.reshape(-1, k).T
+    if jax.default_backend() == "cpu":
+        # XLA:CPU folds this transpose into the dot, and its dot runtime has no bfloat16 kernel
+        # for a transposed left operand when that operand is computed (a weight-standardised
+        # kernel): "UNIMPLEMENTED: Unsupported element type for DotThunk::Execute: BF16 x BF16
+        # = F32". The barrier materialises the (weight-sized) transpose instead.
+        a_t = jax.lax.optimization_barrier(a_t)
+    db = _lowp_matmul(a_t, g.reshape(-1, n), dtype)
     return da.astype(a_like.dtype), db.astype(b_like.dtype)
 
 
