@@ -15,6 +15,13 @@ runaway unroll cannot push a shared machine into the kernel OOM killer) and one 
 {"<mode>": {"<syn_steps>": {"peak_mib", "s_per_iter"} | {"error": ...}}}.
 The trajectory endpoints are the student's init plus noise: memory and time do not depend on
 their values.
+
+`--platform gpu` runs every point (ours and, with --reference-python, the PyTorch reference on
+`cuda`) on the GPU; `peak_mib` is then the device's peak allocation (JAX: the allocator's
+`peak_bytes_in_use`, which also counts the compiler's autotuning buffers; torch:
+`max_memory_allocated`) and `host_peak_mib` the process's RSS. `--precision` fixes both sides'
+float32 matmul and convolution arithmetic on the GPU: `float32` (true float32; JAX's GPU
+default and torch's default convolutions would use TensorFloat-32) or `tensorfloat32`.
 """
 
 from __future__ import annotations
@@ -283,8 +290,21 @@ def worker(
     if flops and sec:
         # The exact gradient's least FLOPs per second at this speed (`remat` does more work).
         flops["effective_gflops"] = round(flops["gflop_per_step"] * syn_steps / sec, 1)
+    host_peak = round(_vm_kib("self", "VmHWM") / 1024, 1)
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        flops |= {
+            "peak_kind": "device",
+            "host_peak_mib": host_peak,
+            "device_kind": device.device_kind,
+            "matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None)),
+            "jax": jax.__version__,
+        }
+        if "peak_bytes_in_use" in stats:
+            host_peak = round(stats["peak_bytes_in_use"] / 2**20, 1)
     return flops | {
-        "peak_mib": round(_vm_kib("self", "VmHWM") / 1024, 1),
+        "peak_mib": host_peak,
         "s_per_iter": round(sec, 3) if sec else None,
         "peak_mib_with_compile": round(max(compile_peak, _vm_kib("self", "VmHWM")) / 1024, 1),
         "peak_excludes_compile": reset,
@@ -303,8 +323,15 @@ def worker(
 def _watch(cmd: list[str], args: argparse.Namespace) -> dict:
     """Runs one point's child process under the RSS / time watchdog; its last stdout line is
     the point's JSON."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
+    env = dict(os.environ, JAX_PLATFORMS="cpu" if args.platform == "cpu" else "cuda")
+    if args.platform == "cpu":
+        env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
+    else:
+        # Allocate as used (not 75% of the card up front), and one stated matmul precision.
+        env |= {
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            "JAX_DEFAULT_MATMUL_PRECISION": args.precision,
+        }
     # Both sides (ours and the PyTorch reference) run under the same malloc settings: glibc's
     # huge-page malloc where the CLI would turn it on (tldr_jax/utils/hostenv.py), or off.
     tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t]
@@ -354,6 +381,8 @@ def _reference_cmd(args: argparse.Namespace) -> list[str]:
     encoder, size, pairs, txt_dim = PRESETS[args.preset]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_torch.py")
     cmd = [args.reference_python, script, *TORCH_ARCH[encoder]]
+    if args.platform == "gpu":
+        cmd += ["--device", "cuda"] + (["--tf32"] if args.precision == "tensorfloat32" else [])
     return cmd + ["--size", str(size), "--pairs", str(pairs), "--txt-dim", str(txt_dim)]
 
 
@@ -363,15 +392,18 @@ def run_reference(args: argparse.Namespace, steps: list[int]) -> dict:
     gradients go to the torch side, which reports relative differences."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "check.npz")
-        cmd = [sys.executable, os.path.abspath(__file__), "--export-check", path]
-        exported = _watch(cmd + ["--preset", args.preset], args)
-        check = (
-            exported
-            if "error" in exported
-            else _watch(_reference_cmd(args) + ["--check", path], args)
-        )
+    if args.no_reference_check:
+        check = {"skipped": "--no-reference-check"}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "check.npz")
+            cmd = [sys.executable, os.path.abspath(__file__), "--export-check", path]
+            exported = _watch(cmd + ["--preset", args.preset], args)
+            check = (
+                exported
+                if "error" in exported
+                else _watch(_reference_cmd(args) + ["--check", path], args)
+            )
     print(f"reference check (relative differences, ours vs PyTorch): {check}", flush=True)
     points = {}
     for n in steps:
@@ -478,6 +510,26 @@ def main() -> None:
         help="an interpreter with torch: also run the PyTorch reference loop "
         "(benchmarks/reference_torch.py) on the same model, side by side (nf_* presets)",
     )
+    parser.add_argument(
+        "--platform",
+        default="cpu",
+        choices=["cpu", "gpu"],
+        help="where every point runs (gpu: JAX on CUDA and the reference on `cuda`; peak_mib "
+        "is then the device's peak allocation)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "tensorfloat32"],
+        help="GPU only: float32 matmuls / convolutions on both sides in true float32 or in "
+        "TensorFloat-32 (JAX_DEFAULT_MATMUL_PRECISION; torch allow_tf32)",
+    )
+    parser.add_argument(
+        "--no-reference-check",
+        action="store_true",
+        help="time the reference without first checking it computes our function (saves "
+        "three compilations; run the check once on the same preset and platform instead)",
+    )
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--export-check", default="", help=argparse.SUPPRESS)
@@ -490,6 +542,8 @@ def main() -> None:
 
     if args.reference_python and PRESETS[args.preset][0] not in TORCH_ARCH:
         parser.error(f"no PyTorch reference model for preset {args.preset!r}")
+    if args.platform == "cpu" and args.precision != "float32":
+        parser.error("--precision tensorfloat32 needs --platform gpu (CPUs have no TF32)")
     if args.export_check:
         export_reference_check(args.preset, args.export_check)
         print(json.dumps({"exported": args.export_check}))

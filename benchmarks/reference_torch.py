@@ -17,8 +17,10 @@ written again in PyTorch op for op (NF-ResNet with scaled weight standardisation
 loads our weights, data and results (written by distill_memory.py) and reports the relative
 difference of the inner loss, the inner gradient and the meta-gradient.
 
-One point per process (peak RSS is the process's): prints one JSON line,
+One point per process (peak RSS is the process's; with `--device cuda`, `peak_mib` is the
+GPU's peak allocation over all iterations): prints one JSON line,
 {"peak_mib", "s_per_iter", "first_iter_s", ...} or, with --check, the relative errors.
+`--tf32` runs CUDA matmuls and convolutions in TensorFloat-32 (off: true float32).
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def text_forward(p: dict, t: torch.Tensor) -> torch.Tensor:
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
     logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-    labels = torch.arange(logits.shape[0])
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
@@ -206,16 +208,23 @@ def _permutation_batches(n: int, steps: int, batch: int, gen: torch.Generator) -
     return [perms[i * batch : (i + 1) * batch] for i in range(steps)]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_timing(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
+    dev = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)  # drawn on the CPU, the same values on any device
     ref = Reference(args)
-    start = (init_flat(ref.img_specs, gen), init_flat(ref.txt_specs, gen))
-    target = tuple(s + 1e-3 * torch.randn(s.shape, generator=gen) for s in start)
-    images = torch.randn(args.pairs, 3, args.size, args.size, generator=gen).requires_grad_(True)
-    texts = torch.randn(args.pairs, args.txt_dim, generator=gen).requires_grad_(True)
-    lr_img = torch.tensor(0.1, requires_grad=True)
-    lr_txt = torch.tensor(0.1, requires_grad=True)
+    start = tuple(p.to(dev) for p in (init_flat(ref.img_specs, gen), init_flat(ref.txt_specs, gen)))
+    target = tuple(s + 1e-3 * torch.randn(s.shape, generator=gen).to(dev) for s in start)
+    images = torch.randn(args.pairs, 3, args.size, args.size, generator=gen)
+    images = images.to(dev).requires_grad_(True)
+    texts = torch.randn(args.pairs, args.txt_dim, generator=gen).to(dev).requires_grad_(True)
+    lr_img = torch.tensor(0.1, device=dev, requires_grad=True)
+    lr_txt = torch.tensor(0.1, device=dev, requires_grad=True)
     opt = torch.optim.SGD(
         [
             {"params": [images, texts], "lr": 1000.0},
@@ -227,28 +236,45 @@ def run_timing(args: argparse.Namespace) -> dict:
 
     def iteration() -> float:
         idx = _permutation_batches(args.pairs, args.syn_steps, args.pairs, gen)
+        idx = [rows.to(dev) for rows in idx]
         opt.zero_grad()
         loss = ref.meta_loss(images, texts, lr_img, lr_txt, start, target, idx)
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss.item()  # waits for the device
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     iteration()
+    _sync(dev)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.iters):
         iteration()
+    _sync(dev)
     sec = (time.perf_counter() - t0) / args.iters if args.iters else None
-    return {
-        "peak_mib": round(_vm_kib("VmHWM") / 1024, 1),
+    host_peak = round(_vm_kib("VmHWM") / 1024, 1)
+    out = {
+        # On a GPU the device's peak (all iterations, warm-up included), else the process's RSS.
+        "peak_mib": host_peak,
         "s_per_iter": round(sec, 3) if sec else None,
         "first_iter_s": round(first, 2),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "device": str(dev),
         "params_img": int(start[0].numel()),
         "params_txt": int(start[1].numel()),
     }
+    if dev.type == "cuda":
+        out |= {
+            "peak_mib": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+            "peak_kind": "device",
+            "host_peak_mib": host_peak,
+            "device_name": torch.cuda.get_device_name(dev),
+            "tf32": bool(args.tf32),
+        }
+    return out
 
 
 def _to_torch_layout(name: str, a: np.ndarray) -> torch.Tensor:
@@ -268,30 +294,33 @@ def run_check(args: argparse.Namespace) -> dict:
     """Relative differences to the values our JAX side wrote (same weights and data)."""
     npz = np.load(args.check)
     ref = Reference(args)
+    dev = torch.device(args.device)
     start = (
-        _flat_from(npz, "start_img", ref.img_specs),
-        _flat_from(npz, "start_txt", ref.txt_specs),
+        _flat_from(npz, "start_img", ref.img_specs).to(dev),
+        _flat_from(npz, "start_txt", ref.txt_specs).to(dev),
     )
     target = (
-        _flat_from(npz, "target_img", ref.img_specs),
-        _flat_from(npz, "target_txt", ref.txt_specs),
+        _flat_from(npz, "target_img", ref.img_specs).to(dev),
+        _flat_from(npz, "target_txt", ref.txt_specs).to(dev),
     )
-    images = torch.from_numpy(npz["images"]).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
-    texts = torch.from_numpy(npz["texts"]).requires_grad_(True)
-    idx = [torch.from_numpy(r.astype(np.int64)) for r in npz["idx"]]
-    lr_img = torch.tensor(float(npz["lr_img"]), requires_grad=True)
-    lr_txt = torch.tensor(float(npz["lr_txt"]), requires_grad=True)
+    images = torch.from_numpy(npz["images"]).permute(0, 3, 1, 2).contiguous()
+    images = images.to(dev).requires_grad_(True)
+    texts = torch.from_numpy(npz["texts"]).to(dev).requires_grad_(True)
+    idx = [torch.from_numpy(r.astype(np.int64)).to(dev) for r in npz["idx"]]
+    lr_img = torch.tensor(float(npz["lr_img"]), device=dev, requires_grad=True)
+    lr_txt = torch.tensor(float(npz["lr_txt"]), device=dev, requires_grad=True)
 
     th = [start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)]
     loss = ref.inner_loss(th[0], th[1], images[idx[0]], texts[idx[0]])
-    g_img, g_txt = torch.autograd.grad(loss, th)
+    g_img, g_txt = (g.cpu() for g in torch.autograd.grad(loss, th))
     meta = ref.meta_loss(images, texts, lr_img, lr_txt, start, target, idx)
     meta.backward()
+    loss, meta = loss.detach().cpu(), meta.detach().cpu()
     theirs = {
-        "images": images.grad.permute(0, 2, 3, 1),
-        "texts": texts.grad,
-        "lr_img": lr_img.grad,
-        "lr_txt": lr_txt.grad,
+        "images": images.grad.permute(0, 2, 3, 1).cpu(),
+        "texts": texts.grad.cpu(),
+        "lr_img": lr_img.grad.cpu(),
+        "lr_txt": lr_txt.grad.cpu(),
     }
     # Both float32 meta-gradients against the float64 one (same inputs, computed by JAX).
     truth = {n: torch.from_numpy(npz[f"f64_meta_grad_{n}"]) for n in theirs}
@@ -303,17 +332,16 @@ def run_check(args: argparse.Namespace) -> dict:
         )
     }
     return {
-        "inner_loss": _rel(loss.detach(), torch.tensor(float(npz["inner_loss"]))),
+        "inner_loss": _rel(loss, torch.tensor(float(npz["inner_loss"]))),
         "inner_grad_img": _rel(g_img, _flat_from(npz, "grad_img", ref.img_specs)),
         "inner_grad_txt": _rel(g_txt, _flat_from(npz, "grad_txt", ref.txt_specs)),
-        "meta_loss": _rel(meta.detach(), torch.tensor(float(npz["meta_loss"]))),
-        "meta_grad_images": _rel(
-            images.grad.permute(0, 2, 3, 1), torch.from_numpy(npz["meta_grad_images"])
-        ),
-        "meta_grad_texts": _rel(texts.grad, torch.from_numpy(npz["meta_grad_texts"])),
-        "meta_grad_lr_img": _rel(lr_img.grad, torch.tensor(float(npz["meta_grad_lr_img"]))),
-        "meta_grad_lr_txt": _rel(lr_txt.grad, torch.tensor(float(npz["meta_grad_lr_txt"]))),
+        "meta_loss": _rel(meta, torch.tensor(float(npz["meta_loss"]))),
+        "meta_grad_images": _rel(theirs["images"], torch.from_numpy(npz["meta_grad_images"])),
+        "meta_grad_texts": _rel(theirs["texts"], torch.from_numpy(npz["meta_grad_texts"])),
+        "meta_grad_lr_img": _rel(theirs["lr_img"], torch.tensor(float(npz["meta_grad_lr_img"]))),
+        "meta_grad_lr_txt": _rel(theirs["lr_txt"], torch.tensor(float(npz["meta_grad_lr_txt"]))),
         "vs_float64": vs_float64,
+        "device": str(dev),
     }
 
 
@@ -333,9 +361,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--check", default="", help="npz written by distill_memory.py")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA: TensorFloat-32 matmuls and cuDNN convolutions (off: true float32 in both; "
+        "torch's own default is TF32 convolutions and float32 matmuls)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Set both ways explicitly: the two sides must run at one stated precision.
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     out = run_check(args) if args.check else run_timing(args)
     print(json.dumps(out), flush=True)
 

@@ -111,6 +111,65 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
     assert np.linalg.norm(npz["meta_grad_images"]) > 0
 
 
+def test_distill_memory_gpu_flags_reach_both_sides(monkeypatch):
+    """--platform gpu / --precision (benchmarks/distill_gpu.sh; measured on an H200, README):
+    our children run JAX on CUDA at the stated matmul precision with the caller's XLA_FLAGS,
+    the reference runs on `cuda` with TF32 exactly when asked, and TF32 on a CPU is refused."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import distill_memory
+    finally:
+        sys.path.pop(0)
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py")]
+    proc = subprocess.run(
+        cmd + ["--precision", "tensorfloat32"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "needs --platform gpu" in proc.stderr
+
+    seen = {}
+
+    class FakePopen:  # records the child's command and environment; exits at once
+        def __init__(self, cmd, env, **kwargs):
+            seen["cmd"], seen["env"], self.pid, self.returncode = cmd, env, 0, 0
+
+        def poll(self):
+            return 0
+
+        def communicate(self):
+            return '{"peak_mib": 1.0}\n', ""
+
+    monkeypatch.setattr(distill_memory.subprocess, "Popen", FakePopen)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+    for platform, precision in (("gpu", "float32"), ("gpu", "tensorfloat32"), ("cpu", "float32")):
+        args = argparse.Namespace(
+            platform=platform,
+            precision=precision,
+            preset="nf_tiny",
+            reference_python="/torch/python",
+            max_rss_mib=1e6,
+            timeout=60.0,
+            no_malloc_hugepages=True,
+        )
+        ref = distill_memory._reference_cmd(args)
+        assert ref[0] == "/torch/python" and ref[1].endswith("reference_torch.py")
+        assert ("--device" in ref) is (platform == "gpu")
+        assert ("--tf32" in ref) is (precision == "tensorfloat32")
+        assert distill_memory._watch(["ours"], args)["peak_mib"] == 1.0
+        env = seen["env"]
+        if platform == "gpu":
+            assert (
+                env["JAX_PLATFORMS"] == "cuda" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+            )
+            assert env["JAX_DEFAULT_MATMUL_PRECISION"] == precision
+            assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+        else:  # one CPU device, not a caller's fake eight; no precision override
+            assert env["JAX_PLATFORMS"] == "cpu" and "XLA_FLAGS" not in env
+            assert "JAX_DEFAULT_MATMUL_PRECISION" not in env
+
+
 def test_data_memory_webdataset_modes_read_the_same_pixels(tmp_path):
     out = tmp_path / "dm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "data_memory.py"), "--webdataset"]
