@@ -20,10 +20,8 @@ DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
-# XLA:GPU (jax 0.11.2) aborts compiling our student's meta-gradient in its Triton GEMM fusion
-# pass ("triton_tiling_propagation.cc: Check failed: subdim_size_accumulator == dim_size"):
-# matmuls go to cuBLAS instead.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
+# XLA:GPU (jax 0.11.2) aborted compiling our student's meta-gradient in its Triton GEMM fusion
+# pass; distill_memory.py's GPU children (like the CLI) run with it off (utils/hostenv.py).
 
 bench() { # run name, then distill_memory.py arguments
   local name=$1 left

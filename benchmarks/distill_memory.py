@@ -290,7 +290,8 @@ def worker(
     if flops and sec:
         # The exact gradient's least FLOPs per second at this speed (`remat` does more work).
         flops["effective_gflops"] = round(flops["gflop_per_step"] * syn_steps / sec, 1)
-    host_peak = round(_vm_kib("self", "VmHWM") / 1024, 1)
+    # The process's peak RSS; on an accelerator the device allocator's peak instead.
+    peak = host_peak = round(_vm_kib("self", "VmHWM") / 1024, 1)
     device = jax.devices()[0]
     if device.platform != "cpu":
         stats = device.memory_stats() or {}
@@ -302,9 +303,9 @@ def worker(
             "jax": jax.__version__,
         }
         if "peak_bytes_in_use" in stats:
-            host_peak = round(stats["peak_bytes_in_use"] / 2**20, 1)
+            peak = round(stats["peak_bytes_in_use"] / 2**20, 1)
     return flops | {
-        "peak_mib": host_peak,
+        "peak_mib": peak,
         "s_per_iter": round(sec, 3) if sec else None,
         "peak_mib_with_compile": round(max(compile_peak, _vm_kib("self", "VmHWM")) / 1024, 1),
         "peak_excludes_compile": reset,
@@ -327,11 +328,15 @@ def _watch(cmd: list[str], args: argparse.Namespace) -> dict:
     if args.platform == "cpu":
         env.pop("XLA_FLAGS", None)  # one CPU device, not the test suite's fake eight
     else:
-        # Allocate as used (not 75% of the card up front), and one stated matmul precision.
+        # Allocate as used (not 75% of the card up front), one stated matmul precision, and
+        # the CLI's XLA:GPU default (Triton GEMM fusion off: it aborted compiling the
+        # meta-gradient under jax 0.11.2; utils/hostenv.py).
         env |= {
             "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
             "JAX_DEFAULT_MATMUL_PRECISION": args.precision,
         }
+        if (xla_flags := hostenv.xla_flags_with_gpu_defaults(env)) is not None:
+            env["XLA_FLAGS"] = xla_flags
     # Both sides (ours and the PyTorch reference) run under the same malloc settings: glibc's
     # huge-page malloc where the CLI would turn it on (tldr_jax/utils/hostenv.py), or off.
     tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t]

@@ -113,7 +113,8 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
 
 def test_distill_memory_gpu_flags_reach_both_sides(monkeypatch):
     """--platform gpu / --precision (benchmarks/distill_gpu.sh; measured on an H200, README):
-    our children run JAX on CUDA at the stated matmul precision with the caller's XLA_FLAGS,
+    our children run JAX on CUDA at the stated matmul precision with the caller's XLA_FLAGS
+    (plus Triton GEMM off, as the CLI),
     the reference runs on `cuda` with TF32 exactly when asked, and TF32 on a CPU is refused."""
     import argparse
 
@@ -142,7 +143,7 @@ def test_distill_memory_gpu_flags_reach_both_sides(monkeypatch):
             return '{"peak_mib": 1.0}\n', ""
 
     monkeypatch.setattr(distill_memory.subprocess, "Popen", FakePopen)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     for platform, precision in (("gpu", "float32"), ("gpu", "tensorfloat32"), ("cpu", "float32")):
         args = argparse.Namespace(
             platform=platform,
@@ -164,7 +165,8 @@ def test_distill_memory_gpu_flags_reach_both_sides(monkeypatch):
                 env["JAX_PLATFORMS"] == "cuda" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
             )
             assert env["JAX_DEFAULT_MATMUL_PRECISION"] == precision
-            assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+            # The caller's flags, and the CLI's XLA:GPU default (utils/hostenv.py).
+            assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"
         else:  # one CPU device, not a caller's fake eight; no precision override
             assert env["JAX_PLATFORMS"] == "cpu" and "XLA_FLAGS" not in env
             assert "JAX_DEFAULT_MATMUL_PRECISION" not in env

@@ -1,4 +1,4 @@
-"""glibc huge-page malloc for the CLI process (tldr_jax.utils.hostenv)."""
+"""glibc huge-page malloc and XLA:GPU defaults for the CLI process (tldr_jax.utils.hostenv)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def test_hugepage_env_adds_the_tunable_where_it_pays_off():
 )
 def test_hugepage_env_leaves_the_environment_alone(environ, host):
     assert hostenv.hugepage_env(environ, **(HOST | host)) is None
+
+
+def test_xla_flags_turn_off_triton_gemm_unless_the_user_chose():
+    flag = hostenv.TRITON_GEMM_FLAG
+    assert hostenv.xla_flags_with_gpu_defaults({}) == flag
+    # The user's other flags are kept, ours appended.
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert hostenv.xla_flags_with_gpu_defaults(env) == f"{env['XLA_FLAGS']} {flag}"
+    # Their own choice either way stands; the opt-in keeps XLA's default.
+    assert hostenv.xla_flags_with_gpu_defaults({"XLA_FLAGS": flag}) is None
+    on = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+    assert hostenv.xla_flags_with_gpu_defaults(on) is None
+    assert hostenv.xla_flags_with_gpu_defaults({hostenv.TRITON_GEMM_OPT_IN: "1"}) is None
 
 
 def test_thp_mode_and_glibc_version_parse(tmp_path):
@@ -105,3 +118,7 @@ def test_cli_process_restarts_under_the_tunable(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads((workdir / "make-world.json").read_text())
         assert summary["malloc_hugepages"] is want
+        # The process ran with XLA:GPU's Triton GEMM fusion off, the caller's flags kept.
+        flags = summary["xla_flags"].split()
+        assert hostenv.TRITON_GEMM_FLAG in flags
+        assert set(env.get("XLA_FLAGS", "").split()) <= set(flags)

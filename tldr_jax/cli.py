@@ -137,6 +137,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     summary.setdefault("num_processes", jax.process_count())
     summary.setdefault("num_devices", jax.device_count())
     summary.setdefault("malloc_hugepages", hostenv.malloc_hugepages_active())
+    summary.setdefault("xla_flags", os.environ.get("XLA_FLAGS", ""))
     if dist.is_main():
         io.write_json(Path(workdir) / f"{name}.json", summary)
     dist.barrier(f"stage-{name}-done")
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         from tldr_jax.utils import hostenv
 
         hostenv.reexec_with_malloc_hugepages()
+        # Before JAX initialises a backend (XLA_FLAGS are read then): XLA:GPU's Triton GEMM
+        # fusion off (utils/hostenv.py; TLDR_JAX_TRITON_GEMM=1 keeps it).
+        if (xla_flags := hostenv.xla_flags_with_gpu_defaults(os.environ)) is not None:
+            os.environ["XLA_FLAGS"] = xla_flags
 
     from absl import app, flags
     from ml_collections import config_flags

@@ -1,4 +1,5 @@
-"""Process environment that has to be set before the process starts: glibc's huge-page malloc.
+"""Process environment set before anything heavy loads: glibc's huge-page malloc, and one
+XLA:GPU default (`xla_flags_with_gpu_defaults`).
 
 XLA:CPU allocates each execution's scratch buffer afresh (`posix_memalign` from a worker
 thread, which glibc serves with a new `mmap`): 1.5 GB per student step of the NF-ResNet-26
@@ -111,3 +112,24 @@ def reexec_with_malloc_hugepages() -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], env)
     except OSError:  # e.g. a sandbox forbidding exec: run on without the tunable
         return
+
+
+TRITON_GEMM_FLAG = "--xla_gpu_enable_triton_gemm=false"
+TRITON_GEMM_OPT_IN = "TLDR_JAX_TRITON_GEMM"  # "1": leave XLA's Triton GEMM fusion on
+
+
+def xla_flags_with_gpu_defaults(environ: Mapping[str, str]) -> str | None:
+    """XLA_FLAGS with XLA:GPU's Triton GEMM fusion turned off, or None to leave them alone.
+
+    Measured on an H200 with jax 0.11.2 (README, "Against the PyTorch reference"): XLA:GPU
+    aborted the whole process compiling our student's meta-gradient in that pass
+    ("triton_tiling_propagation.cc: Check failed: subdim_size_accumulator == dim_size"); with
+    it off the matmuls go to cuBLAS and every benchmark point compiled and ran. The flag is a
+    no-op on CPUs and TPUs. Left alone: the caller already set the flag either way, or
+    TLDR_JAX_TRITON_GEMM=1."""
+    if environ.get(TRITON_GEMM_OPT_IN, "0").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    current = environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_triton_gemm" in current:
+        return None
+    return f"{current} {TRITON_GEMM_FLAG}".strip()
