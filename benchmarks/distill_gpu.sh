@@ -7,8 +7,7 @@
 # Needs one python (PYTHON, default python3) with jax[cuda], flax, optax and torch. Runs by
 # importance and writes each run's JSON as soon as it is measured ($OUT/<run>.json, the
 # distill_memory.py format) and the whole log ($OUT/log.txt), so a call cut short keeps what it
-# measured; BUDGET_S (default 560) bounds the whole script. If our code does not import with
-# the machine's flax, a flax wheel in .whl/ (if any) is installed to /tmp/site and tried.
+# measured; BUDGET_S (default 560) bounds the whole script.
 # PLATFORM / PRESET override the platform and the model (PLATFORM=cpu PRESET=nf_tiny: a dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,12 +48,6 @@ fi
 # Both sides on a seconds-long model first: the GPU paths work and compute the same function.
 smoke=(--preset nf_tiny --modes remat --steps 2 --iters 2 --no-flops --reference-python "$PY")
 bench smoke "${smoke[@]}"
-if ! ok smoke remat 2 && compgen -G ".whl/flax-*.whl" >/dev/null; then
-  echo "=== our code failed with this flax; trying $(ls .whl/flax-*.whl)"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/flax-*.whl
-  export PYTHONPATH=/tmp/site
-  bench smoke "${smoke[@]}"
-fi
 ok smoke remat 2 || exit 1
 
 big=(--preset "$PRESET" --no-flops --reference-python "$PY" --no-reference-check)

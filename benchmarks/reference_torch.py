@@ -323,23 +323,18 @@ def run_check(args: argparse.Namespace) -> dict:
         "lr_txt": lr_txt.grad.cpu(),
     }
     # Both float32 meta-gradients against the float64 one (same inputs, computed by JAX).
+    ours = {n: torch.from_numpy(np.asarray(npz[f"meta_grad_{n}"])) for n in theirs}
     truth = {n: torch.from_numpy(npz[f"f64_meta_grad_{n}"]) for n in theirs}
     vs_float64 = {
         side: {n: _rel(grads[n].double(), t) for n, t in truth.items()}
-        for side, grads in (
-            ("reference", theirs),
-            ("ours", {n: torch.from_numpy(np.asarray(npz[f"meta_grad_{n}"])) for n in theirs}),
-        )
+        for side, grads in (("reference", theirs), ("ours", ours))
     }
     return {
         "inner_loss": _rel(loss, torch.tensor(float(npz["inner_loss"]))),
         "inner_grad_img": _rel(g_img, _flat_from(npz, "grad_img", ref.img_specs)),
         "inner_grad_txt": _rel(g_txt, _flat_from(npz, "grad_txt", ref.txt_specs)),
         "meta_loss": _rel(meta, torch.tensor(float(npz["meta_loss"]))),
-        "meta_grad_images": _rel(theirs["images"], torch.from_numpy(npz["meta_grad_images"])),
-        "meta_grad_texts": _rel(theirs["texts"], torch.from_numpy(npz["meta_grad_texts"])),
-        "meta_grad_lr_img": _rel(theirs["lr_img"], torch.tensor(float(npz["meta_grad_lr_img"]))),
-        "meta_grad_lr_txt": _rel(theirs["lr_txt"], torch.tensor(float(npz["meta_grad_lr_txt"]))),
+        **{f"meta_grad_{n}": _rel(theirs[n], ours[n]) for n in theirs},
         "vs_float64": vs_float64,
         "device": str(dev),
     }
