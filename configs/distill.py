@@ -34,9 +34,11 @@ def model_config(small: bool) -> ml_collections.ConfigDict:
     )
     # "bfloat16": every conv multiplies bfloat16 operands with float32 sums, in the experts,
     # the student's meta-gradient and the evaluation models (models/conv.py). Parameters stay
-    # float32. Faster where the hardware has bfloat16 matmuls (TPU, GPU, CPUs with AMX: the
-    # nf_resnet26 student 2.1x faster here); the meta-gradient is then an approximation
-    # (cosine 0.985 to float32 on the test student). Also for `nfresnet`.
+    # float32. Faster where bfloat16 matmuls are and the step is matmul-bound (TPU, GPU; on
+    # CPUs with AMX it varies: the channel-last nf_resnet26 student ran 2.1x faster on one,
+    # the channel-first one 1.1-1.3x slower on another, whose patch-matrix passes dominate; README).
+    # The meta-gradient is then an approximation (cosine 0.985 to float32 on the test ConvNet
+    # student, 0.84 on a tiny NF-ResNet). Also for `nfresnet`.
     m.image_kwargs.matmul_dtype = "float32"
     # Switch the encoder with --config.model.image=nfresnet --config.model.image_kwargs.preset=tiny
     # (or nf_resnet26): the ConvNet-only keys above are then left out (logged).

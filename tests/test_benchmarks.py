@@ -184,3 +184,35 @@ def test_data_memory_webdataset_modes_read_the_same_pixels(tmp_path):
     assert all(r["pairs"] == 60 and r["peak_mib"] > 0 for r in results)
     assert len({r["checksum"] for r in results}) == 1
     assert "| wds indexed | 60 |" in proc.stdout
+
+
+def test_student_matmuls_forms_compute_the_products_they_time():
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "student_matmuls", ROOT / "benchmarks" / "student_matmuls.py"
+    )
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    forms = sm.forms(8, 24, 40)
+    assert list(forms) == ["f32", "bf16 cvt", "bf16 ready", "wgrad f32"]
+    a, b = (np.asarray(x, np.float64) for x in forms["f32"][1])
+    exact = a @ b
+    scale = np.abs(exact).max()
+    for name in ("f32", "bf16 cvt", "bf16 ready"):
+        f, args = forms[name]
+        out = np.asarray(f(*args))
+        assert out.shape == (8, 40) and out.dtype == np.float32
+        # float32 products to float32 rounding; bfloat16 operands to their 8-bit mantissa
+        tol = 1e-5 if name == "f32" else 3e-2
+        np.testing.assert_allclose(out, exact, atol=tol * scale, err_msg=name)
+        if name != "f32":  # and they do round the operands
+            assert np.abs(out - exact).max() > 1e-5 * scale, name
+    g, b2 = (np.asarray(x, np.float64) for x in forms["wgrad f32"][1])
+    np.testing.assert_allclose(
+        np.asarray(forms["wgrad f32"][0](*forms["wgrad f32"][1])), g @ b2.T, rtol=1e-4, atol=1e-4
+    )
+    rates = sm.rates(8, 24, 40, repeats=1)
+    assert set(rates) == set(forms) and all(np.isfinite(r) and r > 0 for r in rates.values())

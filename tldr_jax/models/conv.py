@@ -21,8 +21,11 @@ derivative order is a small weight-shaped matrix times a long contiguous one.
 `matmul_dtype="bfloat16"` runs every matmul (forward, backward and second-order) on bfloat16
 operands with float32 accumulation, the precision TPUs use for float32 matmuls by default.
 CPUs with AMX or AVX512-BF16 run these several times faster than float32 matmuls (measured
-here by benchmarks/distill_memory.py: 2048^3 at 1.56 TFLOP/s vs 0.26); parameters,
-activations between matmuls and all sums stay float32.
+by benchmarks/distill_memory.py: 2048^3 at 1.56 TFLOP/s vs 0.26); parameters,
+activations between matmuls and all sums stay float32. A whole student step gains only where
+its matmuls dominate: rounding a long float32 patch matrix inside the product runs at the
+float32 rate (benchmarks/student_matmuls.py), so on a 2-core AMX machine whose step was
+bound by memory passes the bfloat16 student was 1.1-1.3x slower (README).
 """
 
 from __future__ import annotations
