@@ -187,15 +187,9 @@ def test_data_memory_webdataset_modes_read_the_same_pixels(tmp_path):
 
 
 def test_student_matmuls_forms_compute_the_products_they_time():
-    import importlib.util
-
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location(
-        "student_matmuls", ROOT / "benchmarks" / "student_matmuls.py"
-    )
-    sm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sm)
+    sm = _load_benchmark("student_matmuls")
     forms = sm.forms(8, 24, 40)
     assert list(forms) == ["f32", "bf16 cvt", "bf16 ready", "wgrad f32"]
     a, b = (np.asarray(x, np.float64) for x in forms["f32"][1])
@@ -216,3 +210,48 @@ def test_student_matmuls_forms_compute_the_products_they_time():
     )
     rates = sm.rates(8, 24, 40, repeats=1)
     assert set(rates) == set(forms) and all(np.isfinite(r) and r > 0 for r in rates.values())
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_student_step_counts_the_matmul_flops_of_compiled_hlo():
+    import jax
+    import jax.numpy as jnp
+
+    ps = _load_benchmark("profile_student_step")
+
+    def f(a, b, c, d):
+        # a plain product, one fused with elementwise work, a batched one, a transposed one
+        x = jnp.tanh(a @ b)
+        y = jnp.einsum("bij,bjk->bik", c, d)
+        return x.sum() + y.sum() + (a.T @ a).sum()
+
+    args = (jnp.ones((8, 24)), jnp.ones((24, 40)), jnp.ones((3, 5, 6)), jnp.ones((3, 6, 7)))
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    flops = ps.dot_flops(hlo)
+    expected = 2 * 8 * 24 * 40 + 2 * 3 * 5 * 6 * 7 + 2 * 24 * 24 * 8
+    assert sum(flops.values()) == expected, (flops, hlo)
+
+
+def test_profile_student_step_cli_reports_the_pass_and_its_matmuls(tmp_path):
+    out = tmp_path / "prof.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_student_step.py")]
+    cmd += ["--preset", "nf_tiny", "--repeats", "1", "--json", str(out)]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["preset"] == "nf_tiny" and r["matmul_dtype"] == "float32"
+    assert r["second_order_s"] > 0 and r["op_time_s"] > 0 and r["traced_s"] > 0
+    # every matmul found in the trace: their FLOPs are most of the pass's (the rest is
+    # elementwise work that XLA's cost analysis also counts)
+    assert 0.6 * r["cost_analysis_gflop"] <= r["dot_gflop"] <= r["cost_analysis_gflop"]
+    assert 0 < r["dot_op_time_s"] < r["op_time_s"]
+    assert r["op_time_by_kind_s"] and "matmuls:" in proc.stdout
