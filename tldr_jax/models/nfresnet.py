@@ -49,17 +49,19 @@ def standardize_kernel_matrix(kernel: jax.Array, gain: jax.Array, eps: float = 1
     """Scaled WS of an HWIO kernel as the (C_out, fan_in) matrix `conv2d_cf` takes: every row
     (output channel) with zero mean and 1/fan_in variance, times its gain."""
     fan_in = int(np.prod(kernel.shape[:-1]))
-    # Transposed while still a raw parameter: the transpose fuses into the elementwise ops
-    # below, so the matmuls of every derivative order see a row-major (C_out, fan_in) matrix.
-    rows = kernel.reshape(fan_in, -1).T
-    # Per-channel sums as (C, fan_in) @ (fan_in, 1) products, not reductions: XLA:CPU's column
-    # reductions took ~48 ms for one 1024 x 2048 kernel (its first and second derivatives, in
-    # every student step, were 0.7 of 3.4 s); a dot takes well under 1.
-    ones = jnp.full((fan_in, 1), 1.0 / fan_in, kernel.dtype)
-    mean = rows @ ones
-    var = jnp.square(rows - mean) @ ones
-    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain[:, None]
-    return (rows - mean) * scale
+    # Standardised in the kernel's own (fan_in, C_out) layout, transposed once at the end (XLA
+    # folds that transpose into the conv matmuls). Per-channel sums are (1, fan_in) @ (fan_in,
+    # C_out) products, not reductions: XLA:CPU's column reductions took ~48 ms for one
+    # 1024 x 2048 kernel (its first and second derivatives, in every student step, were 0.7 of
+    # 3.4 s). Standardising a transposed copy instead ((C_out, fan_in) @ (fan_in, 1) sums)
+    # made XLA run those sums and their derivatives as transposing loop fusions: 11% slower
+    # per student step (benchmarks/profile_student_step.py, README).
+    flat = kernel.reshape(fan_in, -1)
+    ones = jnp.full((1, fan_in), 1.0 / fan_in, kernel.dtype)
+    mean = ones @ flat
+    var = ones @ jnp.square(flat - mean)
+    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain[None, :]
+    return ((flat - mean) * scale).T
 
 
 def standardize_kernel(kernel: jax.Array, gain: jax.Array, eps: float = 1e-4) -> jax.Array:
