@@ -36,7 +36,7 @@ def model_config(small: bool) -> ml_collections.ConfigDict:
     # the student's meta-gradient and the evaluation models (models/conv.py). Parameters stay
     # float32. Faster where bfloat16 matmuls are and the step is matmul-bound (TPU, GPU; on
     # CPUs with AMX it varies: the channel-last nf_resnet26 student ran 2.1x faster on one,
-    # the channel-first one 1.1-1.3x slower on another, whose patch-matrix passes dominate; README).
+    # the channel-first one 1.1-1.5x slower on another, whose patch-matrix passes dominate; README).
     # The meta-gradient is then an approximation (cosine 0.985 to float32 on the test ConvNet
     # student, 0.84 on a tiny NF-ResNet). Also for `nfresnet`.
     m.image_kwargs.matmul_dtype = "float32"

@@ -25,7 +25,7 @@ by benchmarks/distill_memory.py: 2048^3 at 1.56 TFLOP/s vs 0.26); parameters,
 activations between matmuls and all sums stay float32. A whole student step gains only where
 its matmuls dominate: rounding a long float32 patch matrix inside the product runs at the
 float32 rate (benchmarks/student_matmuls.py), so on a 2-core AMX machine whose step was
-bound by memory passes the bfloat16 student was 1.1-1.3x slower (README).
+bound by memory passes the bfloat16 student was 1.1-1.5x slower (README).
 """
 
 from __future__ import annotations
