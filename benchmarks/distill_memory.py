@@ -71,6 +71,19 @@ def _reset_peak() -> bool:
         return False
 
 
+def best_seconds(f, *args, repeats: int) -> float:
+    """Best of `repeats` timed calls of `f(*args)`, after one untimed call (compilation)."""
+    import jax
+
+    jax.block_until_ready(f(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
     """This machine's dense matmul rate under XLA (best of `repeats`) for operands in `dtype`
     with float32 sums: the ceiling for a student step, which is almost all matmuls (convs are
@@ -80,13 +93,32 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32")
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    mm(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_seconds(mm, a, a, repeats=repeats) / 1e9
+
+
+def student_step_passes(student, inner):
+    """(grad, second_order) of one student step: the inner gradient `grad(theta, x, t)` and
+    its VJP `second_order(theta, x, t, ct)`, the pass the exact meta-gradient adds per step."""
+    import jax
+
+    from tldr_jax.distill import matching
+
+    key = jax.random.key(0)
+
+    def grad(theta, x, t):
+        return matching.inner_grad(student, inner, theta, x, t, key)
+
+    def second_order(theta, x, t, ct):
+        return jax.vjp(grad, theta, x, t)[1](ct)
+
+    return grad, second_order
+
+
+def cost_gflop(compiled) -> float:
+    """XLA's cost-analysis FLOPs of a compiled function, in GFLOP."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older JAX: one dict per device
+    return float(cost.get("flops", 0.0)) / 1e9
 
 
 def step_flops(student, inner, syn, theta, matmul_dtype: str = "float32") -> dict:
@@ -98,21 +130,11 @@ def step_flops(student, inner, syn, theta, matmul_dtype: str = "float32") -> dic
     XLA's cost analysis counts a `lax.scan` body once, whatever its trip count.)"""
     import jax
 
-    from tldr_jax.distill import matching
-
     b = syn.images.shape[0]
-    key = jax.random.key(0)
-
-    def grad(theta, x, t):
-        return matching.inner_grad(student, inner, theta, x, t, key)
-
-    def second_order(theta, x, t, ct):
-        return jax.vjp(grad, theta, x, t)[1](ct)
+    grad, second_order = student_step_passes(student, inner)
 
     def gflop(f, *args) -> float:
-        cost = jax.jit(f).lower(*args).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost  # older JAX: one dict per device
-        return float(cost.get("flops", 0.0)) / 1e9
+        return cost_gflop(jax.jit(f).lower(*args).compile())
 
     x, t = syn.images[:b], syn.texts[:b]
     g1 = gflop(grad, theta, x, t)

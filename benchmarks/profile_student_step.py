@@ -85,18 +85,6 @@ def op_times(trace_dir: str, module: str) -> dict[str, float]:
     return dict(times)
 
 
-def _best(f, *args, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(f(*args))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def profile(preset: str, matmul_dtype: str, repeats: int, trace_dir: str) -> dict:
     import distill_memory as dm
     import jax
@@ -104,20 +92,13 @@ def profile(preset: str, matmul_dtype: str, repeats: int, trace_dir: str) -> dic
     from tldr_jax.distill import matching
 
     student, syn, start, _ = dm.build(preset, matmul_dtype)
-    inner = matching.InnerLoop()
-    key = jax.random.key(0)
-
-    def grad(theta, x, t):
-        return matching.inner_grad(student, inner, theta, x, t, key)
-
-    def second_order(theta, x, t, ct):
-        return jax.vjp(grad, theta, x, t)[1](ct)
-
+    # The same two passes distill_memory.py counts the FLOPs of (`step_flops`).
+    grad, second_order = dm.student_step_passes(student, matching.InnerLoop())
     args = (start, syn.images, syn.texts, start)
     grad_c = jax.jit(grad).lower(*args[:3]).compile()
     second_c = jax.jit(second_order).lower(*args).compile()
-    grad_s = _best(grad_c, *args[:3], repeats=repeats)
-    second_s = _best(second_c, *args, repeats=repeats)
+    grad_s = dm.best_seconds(grad_c, *args[:3], repeats=repeats)
+    second_s = dm.best_seconds(second_c, *args, repeats=repeats)
 
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     traced_start = time.perf_counter()
@@ -129,8 +110,6 @@ def profile(preset: str, matmul_dtype: str, repeats: int, trace_dir: str) -> dic
     module = re.search(r"^HloModule ([\w.\-]+)", hlo, re.M).group(1)
     times = op_times(trace_dir, module)
     flops = dot_flops(hlo)
-    cost = second_c.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     total = sum(times.values())
     dot_s = sum(t for op, t in times.items() if op in flops)
     dot_gflop = sum(flops[op] for op in times if op in flops) / 1e9
@@ -147,7 +126,7 @@ def profile(preset: str, matmul_dtype: str, repeats: int, trace_dir: str) -> dic
         "op_time_s": round(total, 4),
         "dot_op_time_s": round(dot_s, 4),
         "dot_gflop": round(dot_gflop, 4),
-        "cost_analysis_gflop": round(float(cost.get("flops", 0.0)) / 1e9, 4),
+        "cost_analysis_gflop": round(dm.cost_gflop(second_c), 4),
         "dot_wall_s_est": round(dot_wall, 4),
         "dot_gflops_wall_est": round(dot_gflop / dot_wall, 1) if dot_wall else None,
         "other_wall_s_est": round(traced_s - dot_wall, 4),

@@ -54,8 +54,8 @@ def standardize_kernel_matrix(kernel: jax.Array, gain: jax.Array, eps: float = 1
     # C_out) products, not reductions: XLA:CPU's column reductions took ~48 ms for one
     # 1024 x 2048 kernel (its first and second derivatives, in every student step, were 0.7 of
     # 3.4 s). Standardising a transposed copy instead ((C_out, fan_in) @ (fan_in, 1) sums)
-    # made XLA run those sums and their derivatives as transposing loop fusions: 11% slower
-    # per student step (benchmarks/profile_student_step.py, README).
+    # made XLA run those sums and their derivatives as transposing loop fusions: 11-15%
+    # slower per student step (benchmarks/profile_student_step.py, README).
     flat = kernel.reshape(fan_in, -1)
     ones = jnp.full((1, fan_in), 1.0 / fan_in, kernel.dtype)
     mean = ones @ flat
