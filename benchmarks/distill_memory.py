@@ -192,8 +192,9 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
     """Writes what benchmarks/reference_torch.py --check compares against: this preset's
     float32 student weights, endpoints and synthetic set by parameter name, minibatch indices,
     and our inner loss and gradient (first minibatch) and exact meta-loss and meta-gradient;
-    the meta-gradient also in float64 (the same inputs), the truth both float32 sides are
-    measured against: two float32 programs can round differently by more than they differ."""
+    the inner gradient and the meta-gradient also in float64 (the same inputs; `f64grad_*`,
+    `f64_meta_grad_*`), the truth both float32 sides are measured against: two float32
+    programs can round differently by more than they differ."""
     import jax
     import numpy as np
     from flax import nnx
@@ -205,13 +206,10 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
     idx = matching.sample_minibatches(jax.random.key(7), pairs, syn_steps, pairs)
     inner = matching.InnerLoop()
     key = jax.random.key(0)
-    loss, grad = jax.jit(
-        jax.value_and_grad(
-            lambda th: matching._inner_loss(
-                student, inner, th, syn.images[idx[0]], syn.texts[idx[0]], key
-            )
-        )
-    )(start)
+    inner_value_and_grad = jax.jit(
+        jax.value_and_grad(lambda th, x, t: matching._inner_loss(student, inner, th, x, t, key))
+    )
+    loss, grad = inner_value_and_grad(start, syn.images[idx[0]], syn.texts[idx[0]])
     meta_and_grad = jax.jit(
         lambda syn, a, b, mode: matching.meta_loss_and_grad(
             syn, student, a, b, idx, key, inner, grad_mode=mode
@@ -240,11 +238,15 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
     try:
         _, g64 = meta_and_grad(f64(syn), f64(start), f64(target), "unroll")
         g64 = jax.tree.map(np.asarray, g64)
+        syn64 = f64(syn)
+        _, grad64 = inner_value_and_grad(f64(start), syn64.images[idx[0]], syn64.texts[idx[0]])
+        grad64 = jax.tree.map(np.asarray, grad64)
     finally:
         jax.config.update("jax_enable_x64", x64)
     for name in ("images", "texts", "lr_img", "lr_txt"):
         out[f"f64_meta_grad_{name}"] = getattr(g64, name)
-    for name, (th_img, th_txt) in (("start", start), ("target", target), ("grad", grad)):
+    named = (("start", start), ("target", target), ("grad", grad), ("f64grad", grad64))
+    for name, (th_img, th_txt) in named:
         for suffix, state in zip(("img", "txt"), student.unflatten(th_img, th_txt), strict=True):
             for keypath, leaf in nnx.to_flat_state(state):
                 out[f"{name}_{suffix}:" + "/".join(map(str, keypath))] = leaf[...]

@@ -329,6 +329,15 @@ def run_check(args: argparse.Namespace) -> dict:
         side: {n: _rel(grads[n].double(), t) for n, t in truth.items()}
         for side, grads in (("reference", theirs), ("ours", ours))
     }
+    # The inner gradient too (our float64 one, in the torch layout: its float32 rounding,
+    # ~6e-8, is far below what is measured).
+    inner = {"img": (g_img, ref.img_specs), "txt": (g_txt, ref.txt_specs)}
+    for side in ("reference", "ours"):
+        for tower, (g, specs) in inner.items():
+            got = g if side == "reference" else _flat_from(npz, f"grad_{tower}", specs)
+            vs_float64[side][f"inner_grad_{tower}"] = _rel(
+                got, _flat_from(npz, f"f64grad_{tower}", specs)
+            )
     return {
         "inner_loss": _rel(loss, torch.tensor(float(npz["inner_loss"]))),
         "inner_grad_img": _rel(g_img, _flat_from(npz, "grad_img", ref.img_specs)),

@@ -91,7 +91,12 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
     img_specs, blocks = ref.image_specs((1, 1), (16, 32), 8, 0, 0.2)
     txt_specs = ref.text_specs(16, 32)
     assert len(blocks) == 2 and [b[3] for b in blocks] == [True, True]  # both reshape
-    for prefix in ("start", "target", "grad"):
+    for suffix in ("img", "txt"):  # the inner gradient's float64 truth, by parameter name
+        for key in (k for k in npz.files if k.startswith(f"grad_{suffix}:")):
+            truth, ours = npz["f64" + key], npz[key]
+            assert truth.dtype == np.float64 and truth.shape == ours.shape
+            assert np.linalg.norm(ours - truth) <= 1e-4 * np.linalg.norm(truth) + 1e-12, key
+    for prefix in ("start", "target", "grad", "f64grad"):
         for suffix, specs in (("img", img_specs), ("txt", txt_specs)):
             names = {k.split(":", 1)[1] for k in npz.files if k.startswith(f"{prefix}_{suffix}:")}
             assert names == {n for n, _ in specs}
