@@ -236,11 +236,10 @@ def export_reference_check(preset: str, path: str, syn_steps: int = 2) -> None:
     x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
-        _, g64 = meta_and_grad(f64(syn), f64(start), f64(target), "unroll")
-        g64 = jax.tree.map(np.asarray, g64)
-        syn64 = f64(syn)
-        _, grad64 = inner_value_and_grad(f64(start), syn64.images[idx[0]], syn64.texts[idx[0]])
-        grad64 = jax.tree.map(np.asarray, grad64)
+        syn64, start64 = f64(syn), f64(start)
+        _, g64 = meta_and_grad(syn64, start64, f64(target), "unroll")
+        _, grad64 = inner_value_and_grad(start64, syn64.images[idx[0]], syn64.texts[idx[0]])
+        g64, grad64 = jax.tree.map(np.asarray, (g64, grad64))
     finally:
         jax.config.update("jax_enable_x64", x64)
     for name in ("images", "texts", "lr_img", "lr_txt"):

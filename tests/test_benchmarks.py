@@ -60,12 +60,19 @@ def test_distill_memory_json_interface(tmp_path):
     assert point["gflop_per_step"] > 2 * point["gflop_grad"] > 0
 
 
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_reference_check_export_matches_the_torch_layout(tmp_path):
     """The PyTorch reference (benchmarks/reference_torch.py, run only where torch is installed)
     loads our weights by name: every parameter it builds must be in our export, in its shape
     once HWIO kernels are read as OIHW, and nothing of ours may be left over."""
-    import importlib.util
-
     import jax
     import numpy as np
 
@@ -74,11 +81,7 @@ def test_reference_check_export_matches_the_torch_layout(tmp_path):
         import distill_memory
     finally:
         sys.path.pop(0)
-    spec = importlib.util.spec_from_file_location(
-        "reference_torch", ROOT / "benchmarks" / "reference_torch.py"
-    )
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = _load_benchmark("reference_torch")
 
     path = tmp_path / "check.npz"
     distill_memory.export_reference_check("nf_tiny", str(path), syn_steps=2)
@@ -215,15 +218,6 @@ def test_student_matmuls_forms_compute_the_products_they_time():
     )
     rates = sm.rates(8, 24, 40, repeats=1)
     assert set(rates) == set(forms) and all(np.isfinite(r) and r > 0 for r in rates.values())
-
-
-def _load_benchmark(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_profile_student_step_counts_the_matmul_flops_of_compiled_hlo():
