@@ -255,3 +255,75 @@ def test_shard_unreadable_on_one_process_is_skipped_and_counted_everywhere(tmp_p
     assert rc0 == 3 and rc1 == 3, out0[-3000:] + out1[-3000:]
     assert f"ERROR RuntimeError {good}: process 1 failed to load it" in out0, out0[-3000:]
     assert "ERROR FileNotFoundError" in out1, out1[-3000:]
+
+
+PREEMPT_PRETRAIN = [
+    "--config",
+    "configs/pretrain.py:small",
+    *TINY_PRETRAIN[:2],
+    "--config.data.world.num_pairs=512",
+    *TINY_PRETRAIN[3:-1],
+    "--config.train.epochs=3",
+    "--config.train.ckpt_every=4",
+]
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_another_count(tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption service tells process 0, both checkpoint
+    the same step and exit 143 (a per-process flag hung both). The checkpoint then resumes
+    on one process (2 devices instead of 2 x 2), data-iterator state included."""
+    import signal
+    import socket
+    import time
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    work = tmp_path / "two"
+    procs = []
+    for i in range(2):
+        log = open(tmp_path / f"process_{i}.log", "w")  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tldr_jax.cli", "pretrain", *PREEMPT_PRETRAIN]
+                + ["--workdir", str(work), f"--coordinator_address=127.0.0.1:{port}"]
+                + ["--num_processes=2", f"--process_id={i}"],
+                cwd=REPO,
+                env=_env(2),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    logs = (
+        lambda: "\n".join(  # noqa: E731
+            (tmp_path / f"process_{i}.log").read_text()[-2000:] for i in range(2)
+        )
+    )
+    ckpts = work / "checkpoints"
+    t0 = time.time()
+    while not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        assert all(p.poll() is None for p in procs), logs()
+        assert time.time() - t0 < 600, logs()
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert rcs == [143, 143], logs()
+    text = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+    steps = [int(t.split("checkpointed at step ")[1].split(".")[0]) for t in text]
+    assert steps[0] == steps[1], logs()
+    assert not (work / "pretrain.json").exists()
+    assert not list(ckpts.glob(f"{steps[0]}/data/process_*"))  # no per-process iterator files
+
+    run_single("pretrain", *PREEMPT_PRETRAIN, "--workdir", str(work))
+    run_single("pretrain", *PREEMPT_PRETRAIN, "--workdir", str(tmp_path / "one"))
+    resumed = json.loads((work / "pretrain.json").read_text())
+    one = json.loads((tmp_path / "one" / "pretrain.json").read_text())
+    assert resumed["num_processes"] == 1 and resumed["steps"] == one["steps"]
+    assert resumed["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
+    for k in ("tr_r5", "tr_r10", "ir_r5", "ir_r10"):
+        assert resumed[k] == pytest.approx(one[k], abs=5.0), k

@@ -157,3 +157,38 @@ def test_tokenizer_encode_decode():
     np.testing.assert_array_equal(mask[1], [1, 1, 0, 0, 0, 0])
     assert tok.decode(ids[0]) == "a red circle on"
     assert tok.decode_batch(ids) == ["a red circle on", "", "one two three four"]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["extras", "grain_per_process_file"])
+def test_checkpointed_iterator_state_is_process_independent(tmp_path, legacy):
+    """The iterator state rides in the checkpoint's JSON extras (one copy, any process
+    count may restore it); checkpoints from before that (grain's per-process file) still
+    restore."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    from tldr_jax.train.checkpoint import DATA_STATE_KEY, Checkpointer
+
+    ds = _set()
+    it = pipeline.train_iterator(ds, batch_size=4, seed=0)
+    _take(it, 3)
+    state = {"w": jax.numpy.arange(3.0)}
+    ckpt = Checkpointer(tmp_path / "ck")
+    if legacy:
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "extra": ocp.args.JsonSave({"loss": 1.0}),
+            "data": grain.checkpoint.CheckpointSave(it),
+        }
+        ckpt._mngr.save(3, args=ocp.args.Composite(**items))
+        ckpt._mngr.wait_until_finished()
+    else:
+        ckpt.save(3, state, extra={"loss": 1.0}, data_iter=it)
+        assert not (tmp_path / "ck" / "3" / "data").exists()
+    want = _take(it, 2)
+    fresh = pipeline.train_iterator(ds, batch_size=4, seed=0)
+    restored, extra = ckpt.restore(3, state, data_iter=fresh)
+    assert extra == {"loss": 1.0} and DATA_STATE_KEY not in extra
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    _assert_same(_take(fresh, 2), want)
+    ckpt.close()

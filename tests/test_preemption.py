@@ -100,3 +100,26 @@ def test_restore_onto_a_different_device_count(tmp_path, uninterrupted):
     assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-3)
     for k in ("tr_r5", "tr_r10", "ir_r5", "ir_r10"):
         assert resumed[k] == pytest.approx(uninterrupted[k], abs=5.0), k
+
+
+def test_sigterm_outside_a_checkpointed_loop_stops_at_once_inside_it_waits():
+    """A stage with no checkpoints (select, score, ...) stops on SIGTERM with Preempted
+    instead of running to its end and exiting 0; inside a polling loop the signal only sets
+    the flag the loop reads after its step."""
+    from tldr_jax.utils import preemption
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        preemption.reset()
+        preemption.install_handlers()
+        with preemption.polling():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here: no exception inside the loop
+            assert preemption.requested() and preemption.agreed()
+        preemption.reset()
+        with pytest.raises(preemption.Preempted, match="no checkpointed loop"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        preemption.reset()

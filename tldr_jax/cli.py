@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = config_spec(argv[2:])
     if spec:
+        config_file = os.path.expanduser(spec.split(":", 1)[0])
+        if not os.path.isfile(config_file):
+            _usage_error(stage, f"config file {config_file} does not exist")
         _allow_sibling_imports(spec)
 
     config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
@@ -205,6 +208,15 @@ def main(argv: list[str] | None = None) -> None:
         except preemption.Preempted as e:
             print(f"tldr-jax {stage}: {e}", file=sys.stderr)
             sys.exit(preemption.EXIT_CODE)
+        except KeyboardInterrupt:
+            # Ctrl-C stops at once (no checkpoint of its own; SIGTERM finishes the step and
+            # checkpoints). Outputs are written atomically, so a rerun resumes from the last one.
+            print(
+                f"tldr-jax {stage}: interrupted; rerun the same command to resume from the "
+                "last checkpoint",
+                file=sys.stderr,
+            )
+            sys.exit(130)
         except (InputError, FileNotFoundError, ConfigError) as e:
             # The input's or the config's fault, and the message says where: no traceback.
             print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)

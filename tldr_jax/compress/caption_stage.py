@@ -234,13 +234,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         mine = process_slice(len(rows), pid, count)
         part = out / "parts" / f"generated-{pid:03d}-of-{count:03d}.json"
         my_ids = kept_ids[mine]
-        if _covers(part, my_ids) is None:
-            gen_model = local_model(result.model_def, result.state, local_mesh())
-            texts = generate_texts(
-                gen_model, train.images[rows[mine]], prompt_ids, vocab, cap,
-                seed=seed, row_offset=mine.start,
-            )  # fmt: skip
-            io.write_json(part, dict(zip(my_ids, texts, strict=True)), indent=None)
+        with preemption.polling():
+            if _covers(part, my_ids) is None:
+                gen_model = local_model(result.model_def, result.state, local_mesh())
+                texts = generate_texts(
+                    gen_model, train.images[rows[mine]], prompt_ids, vocab, cap,
+                    seed=seed, row_offset=mine.start,
+                )  # fmt: skip
+                io.write_json(part, dict(zip(my_ids, texts, strict=True)), indent=None)
         if preemption.requested():
             raise preemption.stop(f"{NAME} generation", result.steps)
         dist.barrier("caption-parts-written")

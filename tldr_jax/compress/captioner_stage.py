@@ -283,25 +283,26 @@ def train_model(
     log_every = max(int(tc.get("log_every", 50)), 1)
     window: list[dict] = []  # device metrics since the last log (fetched once per log)
     pbar = tqdm(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
-    for step in pbar:
-        batch = next(data_iter)
-        keys = ("image", "input_ids", "attention_mask")
-        state, metrics = step_fn(state, shard_batch({k: batch[k] for k in keys}, mesh))
-        window.append(metrics)
-        done = step + 1
-        if done % log_every == 0 or done == total:
-            fetched = jax.device_get(window)
-            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            window = []
-            logger.log(done, **last)
-            pbar.set_postfix(loss=f"{last['loss']:.3f}")
-        stop = preemption.requested() and done < total
-        if done % ckpt_every == 0 or done == total or stop:
-            ckpt.save(done, state, extra={"name": name, "metrics": last}, data_iter=data_iter)
-        if stop:
-            logger.close()
-            ckpt.close()
-            raise preemption.stop(name, done)
+    with preemption.polling():
+        for step in pbar:
+            batch = next(data_iter)
+            keys = ("image", "input_ids", "attention_mask")
+            state, metrics = step_fn(state, shard_batch({k: batch[k] for k in keys}, mesh))
+            window.append(metrics)
+            done = step + 1
+            if done % log_every == 0 or done == total:
+                fetched = jax.device_get(window)
+                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                window = []
+                logger.log(done, **last)
+                pbar.set_postfix(loss=f"{last['loss']:.3f}")
+            stop = preemption.agreed() and done < total
+            if done % ckpt_every == 0 or done == total or stop:
+                ckpt.save(done, state, extra={"name": name, "metrics": last}, data_iter=data_iter)
+            if stop:
+                logger.close()
+                ckpt.close()
+                raise preemption.stop(name, done)
     logger.close()
     ckpt.close()
     return TrainResult(

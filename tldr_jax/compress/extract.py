@@ -96,17 +96,18 @@ def extract_chunks(
         for c, a, b in chunk_plan(len(ds), chunk_size, process_index, process_count)
         if not chunk_path(out_dir, c).exists()
     ]
-    for c, start, stop in tqdm(todo, desc=NAME, disable=not dist.is_main(), leave=False):
-        rows = np.arange(start, stop)
-        parts = []
-        for idx in padded_batches(len(rows), batch_size):
-            images = jax.device_put(normalize(ds.images[rows[idx]]), data_sharding(mesh))
-            parts.append(np.asarray(codes_fn(images)))
-        codes = np.concatenate(parts)[: len(rows)].astype(np.int32)
-        ids = np.array([ds.ids[r] for r in rows], dtype=np.str_)
-        io.write_npz(chunk_path(out_dir, c), ids=ids, codes=codes)
-        if preemption.requested():
-            raise preemption.stop(NAME, c)
+    with preemption.polling():
+        for c, start, stop in tqdm(todo, desc=NAME, disable=not dist.is_main(), leave=False):
+            rows = np.arange(start, stop)
+            parts = []
+            for idx in padded_batches(len(rows), batch_size):
+                images = jax.device_put(normalize(ds.images[rows[idx]]), data_sharding(mesh))
+                parts.append(np.asarray(codes_fn(images)))
+            codes = np.concatenate(parts)[: len(rows)].astype(np.int32)
+            ids = np.array([ds.ids[r] for r in rows], dtype=np.str_)
+            io.write_npz(chunk_path(out_dir, c), ids=ids, codes=codes)
+            if preemption.requested():
+                raise preemption.stop(NAME, c)
     return len(todo)
 
 

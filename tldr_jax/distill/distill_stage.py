@@ -311,52 +311,56 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log_every = max(int(d.log_every), 1)
     t0 = time.time()
     pbar = tqdm(range(start, iterations), desc="distill", disable=not dist.is_main(), leave=False)
-    for it in pbar:
-        draw = np.random.default_rng([seed, it])
-        e = int(draw.integers(len(trajs)))
-        s = int(draw.integers(max_start))
-        expert_start = (traj_img[e, s], traj_txt[e, s])
-        expert_target = (traj_img[e, s + expert_epochs], traj_txt[e, s + expert_epochs])
-        syn, opt_state, loss, skip = step(
-            syn, opt_state, expert_start, expert_target, jax.random.fold_in(base_key, it)
-        )
-        done = it + 1
-        loss_f, skip_b = float(loss), bool(skip)
-        if it == start:  # compiled: hand the compiler's freed heap (GBs for big students) back
-            release_host_memory(clear_caches=False)
-        skipped += int(skip_b)
-        if skip_b:
-            log.warning("distill: iteration %d non-finite (loss %s), update skipped", done, loss_f)
-        else:
-            losses.append(loss_f)
-            if len(first_losses) < 10 and history_known:
-                first_losses.append(loss_f)
-        if done % log_every == 0 or done == iterations:
-            # The per-iteration loss varies with the (expert, epoch) draw: log the window mean.
-            window = losses[-min(log_every, len(losses)) :] if losses else [loss_f]
-            extra = {}
-            if lors:  # how far the learned targets have moved off the identity
-                extra["lors_offdiag"] = float(lors_offdiag(syn))
-            logger.log(
-                done,
-                meta_loss=float(np.mean(window)),
-                lr_img=float(syn.lr_img),
-                lr_txt=float(syn.lr_txt),
-                skipped=skipped,
-                **extra,
+    with preemption.polling():
+        for it in pbar:
+            draw = np.random.default_rng([seed, it])
+            e = int(draw.integers(len(trajs)))
+            s = int(draw.integers(max_start))
+            expert_start = (traj_img[e, s], traj_txt[e, s])
+            expert_target = (traj_img[e, s + expert_epochs], traj_txt[e, s + expert_epochs])
+            syn, opt_state, loss, skip = step(
+                syn, opt_state, expert_start, expert_target, jax.random.fold_in(base_key, it)
             )
-            pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
-        if done % ckpt_every == 0 or done == iterations or preemption.requested():
-            extra = {
-                "skipped": skipped,
-                "experts_history": experts_history,
-                **({"meta_losses": losses} if history_known else {}),
-            }
-            ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra=extra)
-        if preemption.requested():
-            ckpt.close()
-            logger.close()
-            raise preemption.stop("distill", done)
+            done = it + 1
+            loss_f, skip_b = float(loss), bool(skip)
+            if it == start:  # compiled: hand the compiler's freed heap (GBs for big students) back
+                release_host_memory(clear_caches=False)
+            skipped += int(skip_b)
+            if skip_b:
+                log.warning(
+                    "distill: iteration %d non-finite (loss %s), update skipped", done, loss_f
+                )
+            else:
+                losses.append(loss_f)
+                if len(first_losses) < 10 and history_known:
+                    first_losses.append(loss_f)
+            if done % log_every == 0 or done == iterations:
+                # The per-iteration loss varies with the (expert, epoch) draw: log the window mean.
+                window = losses[-min(log_every, len(losses)) :] if losses else [loss_f]
+                extra = {}
+                if lors:  # how far the learned targets have moved off the identity
+                    extra["lors_offdiag"] = float(lors_offdiag(syn))
+                logger.log(
+                    done,
+                    meta_loss=float(np.mean(window)),
+                    lr_img=float(syn.lr_img),
+                    lr_txt=float(syn.lr_txt),
+                    skipped=skipped,
+                    **extra,
+                )
+                pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
+            stop = preemption.agreed()
+            if done % ckpt_every == 0 or done == iterations or stop:
+                extra = {
+                    "skipped": skipped,
+                    "experts_history": experts_history,
+                    **({"meta_losses": losses} if history_known else {}),
+                }
+                ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra=extra)
+            if stop:
+                ckpt.close()
+                logger.close()
+                raise preemption.stop("distill", done)
     train_s = time.time() - t0
     if start == iterations:  # everything was done before; nothing to add to the curves
         log.info("distill: already finished (%d iterations)", iterations)

@@ -436,25 +436,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pbar = tqdm(
             range(done, epochs), desc=f"expert {e}", disable=not dist.is_main(), leave=False
         )
-        for epoch in pbar:
-            idx = epoch_batches(n, batch, seed, e, epoch)
-            keys = jax.random.split(jax.random.fold_in(base_key, e * 100_003 + epoch), len(idx))
-            theta, opt_state, loss, correct = trainer(theta, opt_state, images, texts, idx, keys)
-            # Pairs in the dropped remainder keep their previous epoch's value.
-            row = traj["correct"][epoch].copy()
-            row[idx.reshape(-1)] = np.asarray(correct).reshape(-1)
-            traj["correct"][epoch + 1] = row
-            traj["img"][epoch + 1] = np.asarray(theta[0])
-            traj["txt"][epoch + 1] = np.asarray(theta[1])
-            recall.append(evaluate(embed, theta, data))
-            logger.log(epoch + 1, loss=float(loss), **recall[-1])
-            pbar.set_postfix(loss=f"{float(loss):.3f}", tr_r1=f"{recall[-1]['tr_r1']:.1f}")
-            ckpt.save(epoch + 1, traj, extra={"recall": recall})
-            trained_epochs += 1
-            if preemption.requested():
-                ckpt.close()
-                logger.close()
-                raise preemption.stop(f"buffer expert {e}", epoch + 1)
+        with preemption.polling():
+            for epoch in pbar:
+                idx = epoch_batches(n, batch, seed, e, epoch)
+                keys = jax.random.split(jax.random.fold_in(base_key, e * 100_003 + epoch), len(idx))
+                theta, opt_state, loss, correct = trainer(
+                    theta, opt_state, images, texts, idx, keys
+                )
+                # Pairs in the dropped remainder keep their previous epoch's value.
+                row = traj["correct"][epoch].copy()
+                row[idx.reshape(-1)] = np.asarray(correct).reshape(-1)
+                traj["correct"][epoch + 1] = row
+                traj["img"][epoch + 1] = np.asarray(theta[0])
+                traj["txt"][epoch + 1] = np.asarray(theta[1])
+                recall.append(evaluate(embed, theta, data))
+                logger.log(epoch + 1, loss=float(loss), **recall[-1])
+                pbar.set_postfix(loss=f"{float(loss):.3f}", tr_r1=f"{recall[-1]['tr_r1']:.1f}")
+                ckpt.save(epoch + 1, traj, extra={"recall": recall})
+                trained_epochs += 1
+                if preemption.agreed():
+                    ckpt.close()
+                    logger.close()
+                    raise preemption.stop(f"buffer expert {e}", epoch + 1)
         ckpt.close()
         logger.close()
         finals.append(recall[-1])

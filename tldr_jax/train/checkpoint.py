@@ -3,6 +3,13 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a
 half-written checkpoint is never seen as the latest. Restoring takes a target pytree whose
 arrays carry the *current* shardings, so a run saved on 8 devices restores onto 2.
+
+The data iterator's state is saved inside the JSON extras (`_data_state`), once for all
+processes: our training iterators are indexed by global step (`data/pipeline.py`), so
+their state (the next step) is the same on every process and restores onto any process
+count. grain's own checkpoint handler writes one file per process
+(`process_<i>-of-<n>.json`) and cannot be read by a different number of processes; it is
+read only from checkpoints written before this change.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+DATA_STATE_KEY = "_data_state"
 
 
 class Checkpointer:
@@ -34,14 +43,13 @@ class Checkpointer:
         data_iter: Any = None,
         force: bool = True,
     ) -> None:
-        import grain
-
         if self._mngr.latest_step() == step:  # e.g. SIGTERM right after a periodic save
             return
-        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
-        items["extra"] = ocp.args.JsonSave(extra or {})
+        extra = dict(extra or {})
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            extra[DATA_STATE_KEY] = data_iter.get_state()
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        items["extra"] = ocp.args.JsonSave(extra)
         self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
         self._mngr.wait_until_finished()
 
@@ -55,10 +63,16 @@ class Checkpointer:
             "state": ocp.args.StandardRestore(abstract),
             "extra": ocp.args.JsonRestore(),
         }
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], dict(out["extra"] or {})
+        extra = dict(out["extra"] or {})
+        data_state = extra.pop(DATA_STATE_KEY, None)
+        if data_iter is not None:
+            if data_state is not None:
+                data_iter.set_state(data_state)
+            else:  # a checkpoint from before the state moved into the extras
+                legacy = {"data": grain.checkpoint.CheckpointRestore(data_iter)}
+                self._mngr.restore(step, args=ocp.args.Composite(**legacy))
+        return out["state"], extra
 
     def close(self) -> None:
         self._mngr.close()

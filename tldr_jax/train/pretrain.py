@@ -210,24 +210,25 @@ def train_and_evaluate(
     log_every = max(int(tc.get("log_every", 50)), 1)
     metrics: dict[str, Any] = {}
     pbar = tqdm(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
-    for step in pbar:
-        batch = next(data_iter)
-        text_emb = train_txt[train_off[batch["index"]] + batch["caption_index"]]
-        global_batch = shard_batch({"image": batch["image"], "text_emb": text_emb}, mesh)
-        state, metrics = step_fn(state, global_batch)
-        done = step + 1
-        if done % log_every == 0 or done == total:
-            scalars = {k: float(v) for k, v in metrics.items()}
-            logger.log(done, **scalars)
-            pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
-        stop = preemption.requested()
-        if done % ckpt_every == 0 or done == total or stop:
-            last_loss = float(metrics["loss"])
-            extra = {"name": name, "loss": last_loss}
-            ckpt.save(done, state, extra=extra, data_iter=data_iter)
-        if stop:
-            logger.close()
-            raise preemption.stop(name, done)
+    with preemption.polling():
+        for step in pbar:
+            batch = next(data_iter)
+            text_emb = train_txt[train_off[batch["index"]] + batch["caption_index"]]
+            global_batch = shard_batch({"image": batch["image"], "text_emb": text_emb}, mesh)
+            state, metrics = step_fn(state, global_batch)
+            done = step + 1
+            if done % log_every == 0 or done == total:
+                scalars = {k: float(v) for k, v in metrics.items()}
+                logger.log(done, **scalars)
+                pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
+            stop = preemption.agreed()
+            if done % ckpt_every == 0 or done == total or stop:
+                last_loss = float(metrics["loss"])
+                extra = {"name": name, "loss": last_loss}
+                ckpt.save(done, state, extra=extra, data_iter=data_iter)
+            if stop:
+                logger.close()
+                raise preemption.stop(name, done)
     train_s = time.time() - t0
     logger.close()
 
