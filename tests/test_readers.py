@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -14,6 +15,7 @@ from PIL import Image
 
 from tldr_jax.config_lib import data_config
 from tldr_jax.data import images as images_lib
+from tldr_jax.data import readers
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.readers import read_records
 from tldr_jax.data.records import SKIP_REASONS, BadRowError, InputError, Skips
@@ -293,6 +295,158 @@ def test_tsv_with_and_without_header(tmp_path):
     e = read_records(str(tmp_path / "plain.csv"), str(tmp_path), skips)
     assert [(r.captions, r.image_key) for r in e] == [(("a dog",), names[1])]
     assert "expected caption,image_path" in skips.first
+
+
+def _rows(path, sep):
+    """(first line, last line, fields) of each row of a TSV / CSV file, as the reader splits it."""
+    return [(a, b, fields) for a, b, _, fields in readers._tsv_rows(str(path), sep)]
+
+
+def test_quoted_fields_hold_line_breaks_separators_and_quotes(tmp_path):
+    """csv.writer / pandas quote a field holding the separator, a quote or a line break
+    (RFC 4180, what open_clip's pandas reads): such a row is one row over several lines."""
+    names = _write_images(tmp_path, 2)
+    caption = 'a "blue"\tsquare\nwith newline, with comma'
+    with open(tmp_path / "oc.csv", "w", newline="") as f:  # \r\n line ends, as csv writes them
+        w = csv.writer(f)
+        w.writerows([["filepath", "title"], [names[0], caption], [names[1], "a dog"]])
+    with open(tmp_path / "cc.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerows([[caption, names[0]], ['a "dog"', names[1]]])
+    assert _rows(tmp_path / "oc.csv", ",") == [
+        (1, 1, ["filepath", "title"]),
+        (2, 3, [names[0], caption]),
+        (4, 4, [names[1], "a dog"]),
+    ]
+    assert _rows(tmp_path / "cc.tsv", "\t") == [
+        (1, 2, [caption, names[0]]),
+        (3, 3, ['a "dog"', names[1]]),
+    ]
+    want = ("a blue square with newline, with comma",)  # clean_caption: whitespace -> " "
+    for name, ids in (("oc.csv", ["oc:2", "oc:4"]), ("cc.tsv", ["cc:1", "cc:3"])):
+        skips = Skips()
+        recs = read_records(str(tmp_path / name), str(tmp_path), skips)
+        assert [r.captions for r in recs] == [want, ("a dog",)], name
+        assert [r.image_key for r in recs] == names and [r.sample_id for r in recs] == ids
+        assert skips.total == 0
+        ds = load_set(str(tmp_path / name), _cfg(image_root=str(tmp_path), strict=True), "train")
+        assert ds.rows_read == 2 and len(ds) == 2, name
+    # Doubled quotes: `""` is one quote and does not close the field, even before a separator
+    # or at a line's end; a quoted image path is the path.
+    (tmp_path / "q.csv").write_text(
+        f'{names[0]},"say ""cheese"",\n""now"""\n"{names[1]}","x ""\n"" y"\n'
+    )
+    assert _rows(tmp_path / "q.csv", ",") == [
+        (1, 2, [names[0], 'say "cheese",\n"now"']),
+        (3, 4, [names[1], 'x "\n" y']),
+    ]
+    (tmp_path / "q.tsv").write_text(f'"say ""cheese""\t\n""now"""\t"{names[0]}"\n')
+    assert _rows(tmp_path / "q.tsv", "\t") == [(1, 2, ['say "cheese"\t\n"now"', names[0]])]
+    recs = read_records(str(tmp_path / "q.tsv"), str(tmp_path), Skips())
+    assert [(r.captions, r.image_key) for r in recs] == [(("say cheese now",), names[0])]
+
+
+def test_multi_line_rows_in_strict_mode_and_bad_rows(tmp_path):
+    """A row's number is the line it starts on; a bad row over several lines says which."""
+    names = _write_images(tmp_path, 1)
+    text = (
+        "filepath,title\n"
+        f'{names[0]},"two\nlines"\n'  # lines 2-3
+        f"{names[0]},good\n"  # line 4
+        "\n"
+        f'{names[0]},"three\n\nlines"\n'  # lines 6-8: a blank line inside the field
+        "no image here\n"  # line 9
+        f'{names[0]},"...\n!"\n'  # lines 10-11: empty once cleaned
+    )
+    (tmp_path / "s.csv").write_text(text)
+    skips = Skips()
+    recs = read_records(str(tmp_path / "s.csv"), str(tmp_path), skips)
+    assert [r.sample_id for r in recs] == ["s:2", "s:4", "s:6"]
+    assert [r.captions for r in recs] == [("two lines",), ("good",), ("three lines",)]
+    assert skips.as_dict() == {"malformed_row": 1, "empty_caption": 1}
+    assert skips.examples["malformed_row"].endswith(
+        "s.csv, row 9: malformed_row (expected the header's columns)"
+    )
+    assert "row 10: empty_caption (the row is lines 10-11)" in skips.examples["empty_caption"]
+    with pytest.raises(BadRowError, match=r"s\.csv, row 9: malformed_row"):
+        load_set(str(tmp_path / "s.csv"), _cfg(image_root=str(tmp_path), strict=True), "train")
+    # an image that is not there, found when decoding: named by its row's first line
+    (tmp_path / "m.csv").write_text(text.split("no image")[0] + 'nowhere.png,"a\nb"\n')
+    with pytest.raises(BadRowError, match=r"m\.csv, row 9: missing_image"):
+        load_set(str(tmp_path / "m.csv"), _cfg(image_root=str(tmp_path), strict=True), "train")
+    # Non-UTF-8 bytes in a row over several lines: one non_utf8 row, at its first line.
+    raw = f'{names[0]},"caf\xe9\nau lait"\n{names[0]},ok\n'.encode("latin-1")
+    (tmp_path / "u.csv").write_bytes(raw)
+    skips = Skips()
+    assert [r.sample_id for r in read_records(str(tmp_path / "u.csv"), str(tmp_path), skips)] == [
+        "u:3"
+    ]
+    assert (
+        skips.as_dict() == {"non_utf8": 1}
+        and "u.csv, row 1: non_utf8 (the row is lines 1-2)" in skips.first
+    )
+
+
+def test_quotes_in_unquoted_fields_read_as_before(tmp_path):
+    """A TSV field that is not quoted the way csv.writer quotes is the text up to the next
+    tab, quotes and all (CC3M captions hold quotes), as `line.split("\t")` always read it;
+    a CSV line keeps the csv module's reading of it (a quote inside a field is text, an
+    unclosed one ends with the line) unless its quoted field closes on a later line."""
+    names = _write_images(tmp_path, 2)
+    lines = [
+        f'"Best day ever\t{names[0]}',  # a quote never closed
+        f'he said "wow" loudly\t{names[1]}',
+        f'"quoted" start\t{names[0]}',  # closes, but not before a tab: text
+        f'a 12" pizza\t{names[1]}',
+        f'""\t"{names[0]}',  # an empty quoted caption; an unclosed quote in the path
+        f'a "b"\t{names[1]}',  # a quote not right before a tab closes nothing
+    ]
+    (tmp_path / "q.tsv").write_text("\n".join(lines) + "\n")
+    want = [line.split("\t") for line in lines]
+    want[4][0] = ""
+    assert _rows(tmp_path / "q.tsv", "\t") == [(i, i, w) for i, w in enumerate(want, start=1)]
+    # a quote that no later line closes, with more lines after it than a row may run over
+    body = "".join(f"cap {i}\t{names[i % 2]}\n" for i in range(readers._MAX_ROW_LINES + 5))
+    (tmp_path / "long.tsv").write_text(f'"open\t{names[0]}\n' + body)
+    skips = Skips()
+    recs = read_records(str(tmp_path / "long.tsv"), str(tmp_path), skips)
+    assert len(recs) == readers._MAX_ROW_LINES + 6 and skips.total == 0
+    assert recs[0].captions == ("open",) and recs[0].image_key == f"{names[0]}"
+    csv_lines = [
+        f'{names[0]},a "quoted" word',
+        f'{names[1]},"Best day',  # closed on line 5, but not before a comma: not a field
+        f"{names[0]},a cat",
+        "",
+        f'{names[1]},"ok" yes',
+        f'{names[0]},"never closed',
+    ]
+    (tmp_path / "q.csv").write_text("\n".join(csv_lines) + "\n")
+    old = [(i, i, next(csv.reader([line]))) for i, line in enumerate(csv_lines, start=1) if line]
+    assert _rows(tmp_path / "q.csv", ",") == old
+    # a carriage return inside an unquoted CSV field: a bad row, not a crash
+    (tmp_path / "cr.csv").write_bytes(f"{names[0]},a\rb\n{names[1]},ok\n".encode())
+    skips = Skips()
+    assert len(read_records(str(tmp_path / "cr.csv"), str(tmp_path), skips)) == 1
+    assert (
+        skips.as_dict() == {"malformed_row": 1}
+        and "row 1: malformed_row (not a CSV row" in skips.first
+    )
+
+
+def test_headerless_rows_are_two_columns(tmp_path):
+    """Without a header a row is `caption<TAB>image_path`: a third column is a bad row, not
+    a caption with the second column taken for the image."""
+    names = _write_images(tmp_path, 1)
+    (tmp_path / "t.tsv").write_text(f"a\tb\tc\ngood\t{names[0]}\t\nx\t{names[0]}\ty\n")
+    skips = Skips()
+    recs = read_records(str(tmp_path / "t.tsv"), str(tmp_path), skips)
+    assert [(r.sample_id, r.image_key) for r in recs] == [("t:2", names[0])]  # a trailing tab
+    assert skips.as_dict() == {"malformed_row": 2}
+    assert "row 1: malformed_row (expected caption<TAB>image_path, not 3 columns" in skips.first
+    (tmp_path / "t.csv").write_text(f"a photo, with a comma,{names[0]}\n")
+    skips = Skips()
+    assert read_records(str(tmp_path / "t.csv"), str(tmp_path), skips) == []
+    assert "expected caption,image_path, not 3 columns" in skips.first
 
 
 def test_url_images_are_named_as_urls_and_file_urls_are_paths(tmp_path):

@@ -17,10 +17,13 @@ Formats (picked by `read_records` from the path):
   * JSON lines of the same objects (also the fallback when a whole .json file fails to parse;
     a file that starts as one JSON array and does not parse is an error naming where it
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
-  * CC3M-style TSV: `caption<TAB>image_path` per line, optional header line; a header that
-    names a caption column (`caption`, `text`, ...) and an image column (`image_path`,
-    `url`, `filepath`, ...) picks those columns, in any order among others. A `.csv` file
-    is read the same way with comma-separated, optionally quoted fields.
+  * CC3M-style TSV: `caption<TAB>image_path` per line (no other column), optional header
+    line; a header that names a caption column (`caption`, `text`, ...) and an image column
+    (`image_path`, `url`, `filepath`, ...) picks those columns, in any order among others.
+    A `.csv` file is read the same way with comma-separated fields. A field may be quoted
+    as csv.writer and pandas write it (RFC 4180: holding the separator, `""` for a quote,
+    line breaks: such a row runs over several lines); in a TSV, a field that is not quoted
+    that way is the text up to the next tab, quotes and all.
   * A directory of img2dataset webdataset shards `*.tar` / `*.tar.gz` (`KEY.jpg` + `KEY.txt` +
     `KEY.json`), one shard file, or a pattern naming shards as webdataset does:
     `/data/{00000..00331}.tar`, `/data/part-*/*.tar` (a shard the braces name that is not
@@ -38,8 +41,9 @@ Several inputs joined by commas (`a.json,b.tsv,shards/`) are read in turn as one
 
 Sample ids are stable and unique: an explicit `sample_id` / `id` / `image_id` field when the
 row has one, else `<file stem>:<row>` (JSON list: 0-based element index; line formats:
-1-based line number), for webdataset `<shard stem>/<__key__>`. A repeated id gets `#k`
-appended for its k-th repeat (Karpathy train rows share their image's `image_id`).
+1-based number of the line the row starts on), for webdataset `<shard stem>/<__key__>`. A
+repeated id gets `#k` appended for its k-th repeat (Karpathy train rows share their image's
+`image_id`).
 
 Relative image paths are joined with `image_root`, or with the annotation file's folder when
 `image_root` is empty. Images are not opened here: decoding (and the missing / truncated /
@@ -93,9 +97,12 @@ class _Limit(Exception):
     """Raised internally when max_rows input rows have been read."""
 
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _has_bad_utf8(*texts: str) -> bool:
     # Text decoded with errors="surrogateescape" keeps undecodable bytes as lone surrogates.
-    return any(any("\udc80" <= ch <= "\udcff" for ch in t) for t in texts)
+    return any(_ESCAPED_BYTE.search(t) for t in texts)
 
 
 def annotation_folder(path: str) -> str:
@@ -421,42 +428,189 @@ def _tsv_header(fields: list[str]) -> tuple[int, int] | None:
     return None if caption is None or image is None else (caption, image)
 
 
+# A quoted field runs over at most this many lines: past it (or at the end of the file) the
+# quote is taken as one that is never closed, and its line is read on its own.
+_MAX_ROW_LINES = 64
+_MORE = object()  # the text ends inside a quoted field: the row goes on on the next line
+_ONE_LINE = object()  # no quoted field runs over the lines: the first line is the row
+
+
+def _tsv_quoted(text: str, i: int, more: bool) -> Any:
+    """(value, index after its closing quote) of the quoted TSV field opening at `text[i]`;
+    None when it does not close as one (`_tsv_fields`); `_MORE` when `more` and the text
+    ends inside it."""
+    parts, j = [], i + 1
+    while True:
+        q = text.find('"', j)
+        if q < 0:
+            return _MORE if more else None
+        parts.append(text[j:q])
+        if text.startswith('"', q + 1):  # "" inside: one quote
+            parts.append('"')
+            j = q + 2
+        elif q + 1 == len(text) or text[q + 1] == "\t":
+            return "".join(parts), q + 1
+        else:  # a quote inside the text: not a quoted field
+            return None
+
+
+def _tsv_fields(text: str, more: bool) -> Any:
+    """The fields of a TSV row. A field is quoted only when it is one the csv module or
+    pandas writes (`"` ... `"` right before a tab or the row's end, `""` for a quote, tabs
+    and line breaks inside); any other field is the text up to the next tab as it is, quotes
+    and all (CC3M captions hold quotes). `more`: `text` is lines joined by `\\n` and may go
+    on; gives `_MORE` when it ends inside a quoted field, `_ONE_LINE` when a line break is
+    outside one. Without `more` (one line), an unclosed quoted field is text as it is."""
+    fields: list[str] = []
+    i = 0
+    while True:
+        if text.startswith('"', i):
+            quoted = _tsv_quoted(text, i, more)
+            if quoted is _MORE:
+                return _MORE
+            if quoted is not None:
+                value, end = quoted
+                fields.append(value)
+                if end == len(text):
+                    return fields
+                i = end + 1  # past the tab
+                continue
+        tab = text.find("\t", i)
+        field = text[i:] if tab < 0 else text[i:tab]
+        if "\n" in field:
+            return _ONE_LINE
+        fields.append(field)
+        if tab < 0:
+            return fields
+        i = tab + 1
+
+
+def _csv_spans(text: str) -> Any:
+    """`_MORE` when `text` (lines joined by `\\n`) ends inside a quoted CSV field, as the
+    csv module reads it (excel dialect: a field opening with `"` is quoted up to a `"` not
+    doubled; after it, and in a field not opening with `"`, quotes are text); `_ONE_LINE`
+    when a quoted field holding a line break does not close right before a comma or the
+    row's end (a quote never closed, not a field over several lines); else None."""
+    i, n = 0, len(text)
+    while i < n:  # at the start of a field
+        if text[i] == '"':
+            j = i + 1
+            while True:
+                q = text.find('"', j)
+                if q < 0:
+                    return _MORE
+                if not text.startswith('"', q + 1):
+                    break
+                j = q + 2
+            if q + 1 < n and text[q + 1] != "," and "\n" in text[i:q]:
+                return _ONE_LINE
+            i = q + 1
+        comma = text.find(",", i)
+        if comma < 0:
+            return None
+        i = comma + 1
+    return None
+
+
+def _csv_fields(text: str, more: bool) -> Any:
+    """The fields of a CSV row as the csv module reads it (`more`: as for `_tsv_fields`)."""
+    spans = _csv_spans(text) if more else None
+    return spans if spans is not None else next(csv.reader([text]), [])
+
+
+def _tsv_rows(path: str, sep: str) -> Iterator[tuple[int, int, str, Any]]:
+    """(first line, last line, text, fields) of each row of a TSV (`sep` tab) or CSV file,
+    lines numbered from 1, read line by line (never the whole file at once); blank lines
+    between rows are not rows. A quoted field may hold line breaks: its row runs over
+    several lines, joined by `\\n` in `text` (at most `_MAX_ROW_LINES`: a quote not closed
+    by then, or by the end of the file, is text, read as a line without quoted fields).
+    Text is UTF-8; undecodable bytes are kept as lone surrogates (`_has_bad_utf8`).
+    `fields` is a list of str, or a `csv.Error` the row's text raised."""
+    split = _tsv_fields if sep == "\t" else _csv_fields
+    pending: list[tuple[int, str]] = []  # lines read ahead for a row they were not part of
+
+    def lines() -> Iterator[tuple[int, str]]:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                raw = raw.rstrip(b"\n").rstrip(b"\r")
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                yield lineno, raw.decode("utf-8", errors="surrogateescape")
+
+    source = lines()
+
+    def next_line() -> tuple[int, str] | None:
+        return pending.pop() if pending else next(source, None)
+
+    while (line := next_line()) is not None:
+        start, first = line
+        if not first.strip():
+            continue
+        rows = [first]
+        try:
+            if '"' not in first:  # most rows: split as they are
+                yield start, start, first, first.split(sep) if sep == "\t" else split(first, False)
+                continue
+            while True:
+                fields = split("\n".join(rows), True)
+                if fields is _MORE and len(rows) < _MAX_ROW_LINES:
+                    line = next_line()
+                    if line is not None:
+                        rows.append(line[1])
+                        continue
+                if fields is _MORE or fields is _ONE_LINE:
+                    # Not a row over several lines: its first line on its own, the lines
+                    # read ahead read again as rows of their own.
+                    pending += [(start + k, rows[k]) for k in range(len(rows) - 1, 0, -1)]
+                    rows = [first]
+                    fields = split(first, False)
+                yield start, start + len(rows) - 1, "\n".join(rows), fields
+                break
+        except csv.Error as e:  # a line break in an unquoted field, a field too large
+            yield start, start + len(rows) - 1, "\n".join(rows), e
+
+
 def _read_tsv(path: str, image_root: str, sink: _RecordSink, sep: str = "\t") -> None:
-    """TSV lines split at tabs as they are (CC3M captions hold quotes); `sep=","`: CSV
-    lines, quoted fields as the csv module reads them (one line per row)."""
+    """TSV (`sep` tab) or CSV (`sep=","`) rows (`_tsv_rows`): `caption<TAB>image_path`, or
+    the columns a header line names. A row's number is the line it starts on."""
     stem = Path(path).stem
     base_dir = annotation_folder(path)
     skips = sink.skips
+    header: tuple[int, int] | None = None
     caption_col, image_col = 0, 1  # `caption<TAB>image_path` unless a header says otherwise
     expected = "caption<TAB>image_path" if sep == "\t" else f"caption{sep}image_path"
-    for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
+    for lineno, last, text, fields in _tsv_rows(path, sep):
+        # A row over several lines (a quoted field holding line breaks) says which.
+        lines = f"; the row is lines {lineno}-{last}" if last > lineno else ""
+        if _has_bad_utf8(text):
+            sink.row()
+            skips.skip("non_utf8", path, lineno, lines.removeprefix("; "))
+            continue
+        if isinstance(fields, csv.Error):
+            sink.row()
+            skips.skip("malformed_row", path, lineno, f"not a CSV row: {fields}{lines}")
             continue
         if lineno == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            sink.row()
-            skips.skip("non_utf8", path, lineno)
-            continue
-        fields = line.split("\t") if sep == "\t" else next(csv.reader([line]), [])
-        header = _tsv_header(fields) if lineno == 1 else None
-        if header is not None:
-            caption_col, image_col = header
-            expected = "the header's columns"
-            continue
+            header = _tsv_header(fields)
+            if header is not None:
+                caption_col, image_col = header
+                expected = "the header's columns"
+                continue
         sink.row()
         if len(fields) <= max(caption_col, image_col) or not fields[image_col].strip():
-            skips.skip("malformed_row", path, lineno, f"expected {expected}")
+            skips.skip("malformed_row", path, lineno, f"expected {expected}{lines}")
+            continue
+        if header is None and any(f.strip() for f in fields[2:]):
+            # Without a header a row is two columns: a third is not a caption or an image.
+            detail = f"expected {expected}, not {len(fields)} columns (without a header line"
+            skips.skip("malformed_row", path, lineno, f"{detail} naming the columns){lines}")
             continue
         caption, image = clean_caption(fields[caption_col]), fields[image_col].strip()
         if not caption:
-            skips.skip("empty_caption", path, lineno)
+            skips.skip("empty_caption", path, lineno, lines.removeprefix("; "))
             continue
         if _is_remote(image):
-            skips.skip("missing_image", path, lineno, URL_DETAIL)
+            skips.skip("missing_image", path, lineno, URL_DETAIL + lines)
             continue
         resolved = _resolve(image, image_root, base_dir)
         sink.add(f"{stem}:{lineno}", resolved, (caption,), image, lineno)

@@ -157,9 +157,13 @@ _STRIP = re.compile(r"[.!\"()*#:;~]")
 
 
 def clean_caption(caption: str, max_words: int = 30) -> str:
-    """BLIP's pre_caption: lower-case, strip .!"()*#:;~, squeeze spaces, at most max_words."""
+    """BLIP's pre_caption: lower-case, strip .!"()*#:;~, squeeze spaces, at most max_words.
+
+    Unlike BLIP, every whitespace run (a lone newline or tab of a multi-line CSV field
+    included) becomes one space, so a caption is always one line of space-separated words.
+    """
     caption = _STRIP.sub(" ", caption.lower())
-    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    caption = re.sub(r"\s+", " ", caption).strip(" ")
     words = caption.split(" ")
     if len(words) > max_words:
         caption = " ".join(words[:max_words])
