@@ -259,6 +259,14 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             "split, not on your data (set data.test to a Karpathy eval JSON or split file)",
             data_cfg.train,
         )
+    if not path and role == "clean" and data_cfg.get("train", ""):
+        log.warning(
+            "data.train is %s but caption.data is empty: the caption model learns from the "
+            "embedded world's clean captions (coloured shapes), not from your domain, and its "
+            "captions are added to yours (set caption.data to a clean caption set, e.g. a "
+            "Karpathy COCO JSON, and caption.image_root)",
+            data_cfg.train,
+        )
     cache_dir = str(data_cfg.get("cache_dir", "") or "") if path else ""
     try:
         if cache_dir:
