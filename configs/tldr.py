@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.iterations = 20
     s.init = "kmeans++"
     s.spherical = False
+    s.gemm_dtype = "float32"  # distance GEMM: float32 | bfloat16 (fp32 accumulation; GPU/TPU)
     s.strategy = "nearest"  # stride (reference) | ratio | nearest | random
     s.stride = 2
     s.target = 0.5  # fraction of rows (<= 1) or a count (> 1)

@@ -65,6 +65,8 @@ def test_hard_problem_matches_numpy_lloyd():
 
 
 def test_same_result_on_1_and_8_devices():
+    """Lloyd steps from given centroids; the seeding is covered by the random-init test below
+    (this test passed while k-means++ depended on the device padding: it draws nothing)."""
     x, c0 = _blobs(n=1003, d=8, k=6, seed=3)  # 1003 rows: padding on 8 devices
     one = km.kmeans(x, 6, iterations=4, init_centroids=c0, block_size=64, mesh=_mesh(1))
     eight = km.kmeans(x, 6, iterations=4, init_centroids=c0, block_size=64, mesh=_mesh(8))
@@ -136,3 +138,155 @@ def test_bf16_gemm_close():
     bf16 = km.kmeans(x, 6, iterations=3, init_centroids=c0, mesh=_mesh(1), gemm_dtype=jnp.bfloat16)
     assert (f32.assignments == bf16.assignments).mean() > 0.99
     assert abs(bf16.objective - f32.objective) / f32.objective < 1e-2
+
+
+# Random seeding with N not a multiple of the devices: 1003 and 203 rows are padded on 3 and 8
+# devices. (kmeans||, 203, 120): 2k draws per round > N. (kmeans++, 1003, 10, 301): a subsample.
+INIT_CASES = [
+    ("kmeans++", 1003, 37, None),
+    ("kmeans++", 203, 5, None),
+    ("kmeans++", 1003, 10, 301),
+    ("kmeans||", 1003, 37, None),
+    ("kmeans||", 203, 120, None),
+]
+
+
+@pytest.mark.parametrize("init,n,k,init_sample", INIT_CASES)
+def test_random_init_same_on_1_3_and_8_devices(init, n, k, init_sample):
+    x = np.random.default_rng(n + k).standard_normal((n, 8)).astype(np.float32)
+    runs, seeds = [], []
+    for d in (1, 3, 8):
+        kw = dict(init=init, seed=5, mesh=_mesh(d))
+        runs.append(km.kmeans(x, k, iterations=3, init_sample=init_sample, block_size=64, **kw))
+        if init_sample is None:
+            seeds.append(km.seed_centroids(x, k, **kw))
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.assignments, runs[0].assignments)
+        np.testing.assert_allclose(r.centroids, runs[0].centroids, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r.objective, runs[0].objective, rtol=1e-5)
+    for s in seeds[1:]:
+        np.testing.assert_array_equal(s, seeds[0])  # seeds are data rows: exactly equal
+    if seeds:  # and never a padding row (all zeros)
+        assert all(np.isin(c, x).all() for c in seeds[0])
+
+
+def _bad_rows():
+    x, _ = _blobs(n=50, d=4, k=3, seed=10)
+    x[7, 2] = np.nan
+    x[9, 0] = np.inf
+    x[30] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_non_finite_rows_raise(spherical, devices):
+    x = _bad_rows()
+    with pytest.raises(ValueError, match=r"3 of 50 rows contain NaN or inf; the first is row 7"):
+        km.kmeans(x, 3, iterations=2, spherical=spherical, mesh=_mesh(devices))
+    with pytest.raises(ValueError, match=r"the first is row 7"):
+        km.seed_centroids(x, 3, mesh=_mesh(devices))
+    c0 = _blobs(n=50, d=4, k=3, seed=10)[1]
+    with pytest.raises(ValueError, match="init_centroids contain NaN or inf"):
+        km.kmeans(x[10:30], 3, init_centroids=np.where(c0 == c0[0, 0], np.nan, c0))
+
+
+def test_non_finite_rows_raise_streaming():
+    x, c0 = _blobs(n=300, d=4, k=3, seed=11)
+    x[100 + 42, 1] = np.nan  # chunk 1 (rows 100..199), its row 42
+    x[100 + 60, 3] = np.inf
+
+    def chunks():
+        return (x[s : s + 100] for s in range(0, 300, 100))
+
+    with pytest.raises(
+        ValueError, match=r"2 of 100 rows of chunk 1 contain NaN or inf; .* row 42 \(row 142 of"
+    ):
+        km.kmeans_streaming(chunks, c0, iterations=2, mesh=_mesh(8))
+    for spherical, dtype in ((True, "float32"), (False, "bfloat16")):  # check before any pass
+        with pytest.raises(ValueError, match="chunk 1"):
+            km.kmeans_streaming(chunks, c0, iterations=2, spherical=spherical, gemm_dtype=dtype)
+
+
+def _x():
+    return _blobs(n=60, d=4, k=3, seed=12)[0]
+
+
+BAD_ARGS = [
+    (lambda: km.kmeans(_x(), 0), "k must be an integer >= 1, got 0"),
+    (lambda: km.kmeans(_x(), -2), "k must be"),
+    (lambda: km.kmeans(_x(), 2.5), "k must be"),
+    (lambda: km.kmeans(_x(), 61), "k=61 clusters for only 60 points"),
+    (lambda: km.kmeans(_x(), 3, iterations=-1), "iterations must be an integer >= 0"),
+    (lambda: km.kmeans(_x(), 3, block_size=0), "block_size must be an integer >= 1"),
+    (lambda: km.kmeans(np.zeros((10, 0), np.float32), 2), r"no features \(D = 0\)"),
+    (lambda: km.kmeans(np.zeros((0, 3), np.float32), 1), "x has no rows"),
+    (lambda: km.kmeans(_x()[:, 0], 2), "x must be 2-D"),
+    (lambda: km.kmeans(_x(), 3, weights=-np.ones(60)), "60 weights are negative, NaN or inf"),
+    (lambda: km.kmeans(_x(), 3, weights=np.r_[np.ones(59), np.nan]), "the first is row 59"),
+    (lambda: km.kmeans(_x(), 3, weights=np.zeros(60)), "weights sum to 0"),
+    (lambda: km.kmeans(_x(), 3, weights=np.ones(59)), r"weights shape \(59,\) != \(60,\)"),
+    (lambda: km.kmeans(_x(), 3, gemm_dtype="float16"), "gemm_dtype must be one of"),
+    (lambda: km.kmeans(_x(), 3, init="random"), "unknown init 'random'"),
+    (lambda: km.kmeans(_x(), 3, init_centroids=_x()[:2]), r"init_centroids shape \(2, 4\)"),
+    (lambda: km.seed_centroids(_x(), 0), "k must be"),
+    (lambda: km.kmeans_plus_plus(jax.random.key(0), jnp.asarray(_x()), 0), "k must be"),
+    (lambda: km.kmeans_streaming(lambda: iter([]), _x()[:3]), "chunks\\(\\) yielded no rows"),
+    (lambda: km.kmeans_streaming(lambda: iter([_x()[:0]]), _x()[:3]), "yielded no rows"),
+    (lambda: km.kmeans_streaming(lambda: iter([_x()[:, :3]]), _x()[:3]), "chunk 0 has shape"),
+    (lambda: km.kmeans_streaming(lambda: iter([_x()]), _x()[:0]), "init_centroids has no rows"),
+    (lambda: km.kmeans_streaming(lambda: iter([_x()]), _x()[:3], iterations=-1), "iterations"),
+    (lambda: km.kmeans_streaming(lambda: iter([_x()]), _x()[:3], block_size=0), "block_size"),
+]
+
+
+@pytest.mark.parametrize("call,match", BAD_ARGS, ids=range(len(BAD_ARGS)))
+def test_degenerate_arguments_raise_clear_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_streaming_chunks_must_repeat():
+    x, c0 = _blobs(n=300, d=4, k=3, seed=13)
+    passes = iter([x, x[:200]])
+    with pytest.raises(ValueError, match="yielded 200 rows on this pass but 300 on the first"):
+        km.kmeans_streaming(lambda: iter([next(passes)]), c0, iterations=1, mesh=_mesh(1))
+
+
+def test_zero_iterations_is_the_assignment_to_the_seeds():
+    x, c0 = _blobs(n=500, d=6, k=5, seed=14)
+    r = km.kmeans(x, 5, iterations=0, init_centroids=c0, mesh=_mesh(8))
+    d = ((x[:, None, :].astype(np.float64) - c0[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(r.centroids, c0)
+    np.testing.assert_array_equal(r.assignments, d.argmin(1))
+    np.testing.assert_allclose(r.objective, d.min(1).sum(), rtol=1e-5)
+    assert r.objective_history.shape == (0,) and r.empty_reseeded == 0
+    seeded = km.kmeans(x, 5, iterations=0, seed=2, init_sample=500, mesh=_mesh(8))
+    np.testing.assert_array_equal(seeded.centroids, km.seed_centroids(x, 5, seed=2))
+    s = km.kmeans_streaming(lambda: iter([x[:200], x[200:]]), c0, iterations=0, mesh=_mesh(8))
+    np.testing.assert_array_equal(s.assignments, r.assignments)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_bf16_gemm_close_on_uncentred_data(spherical):
+    """bf16 keeps ~3 digits of x.c: far from the origin the expanded distance is all rounding
+    unless points and centroids are shifted first (without: 8% of the rows agreed here)."""
+    x, c0 = _blobs(n=2000, d=16, k=12, seed=15)
+    x, c0 = x + 1000, c0 + 1000
+    kw = dict(iterations=5, init_centroids=c0, spherical=spherical, mesh=_mesh(2))
+    f32 = km.kmeans(x, 12, **kw)
+    bf16 = km.kmeans(x, 12, gemm_dtype="bfloat16", **kw)
+    assert (f32.assignments == bf16.assignments).mean() >= 0.99
+    assert abs(bf16.objective - f32.objective) / f32.objective < 1e-2
+    stream = km.kmeans_streaming(
+        lambda: (x[s : s + 700] for s in range(0, 2000, 700)),
+        c0,
+        iterations=5,
+        spherical=spherical,
+        mesh=_mesh(2),
+        gemm_dtype=jnp.bfloat16,
+    )
+    assert (f32.assignments == stream.assignments).mean() >= 0.99
+    assert abs(stream.objective - f32.objective) / f32.objective < 1e-2
+    if spherical:
+        np.testing.assert_allclose(np.linalg.norm(bf16.centroids, axis=1), 1.0, rtol=1e-5)

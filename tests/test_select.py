@@ -6,6 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import tldr as tldr_config
+from tldr_jax import config_check
 from tldr_jax.compress import select_stage
 from tldr_jax.select import features, pca, strategies
 from tldr_jax.utils import io
@@ -126,6 +128,7 @@ def select_config(**select):
         "iterations": 5,
         "init": "kmeans++",
         "spherical": False,
+        "gemm_dtype": "float32",
         "strategy": "stride",
         "stride": 2,
         "target": 0.25,
@@ -137,13 +140,21 @@ def select_config(**select):
 
 
 @pytest.mark.parametrize(
-    "feature,budget", [("sequence", 4096), ("histogram", 4096), ("histogram", 1e-3)]
+    "feature,budget,gemm_dtype",
+    [
+        ("sequence", 4096, "float32"),
+        ("histogram", 4096, "float32"),
+        ("histogram", 1e-3, "float32"),
+        ("sequence", 4096, "bfloat16"),
+        ("histogram", 1e-3, "bfloat16"),
+    ],
 )
-def test_select_stage_end_to_end(tmp_path, feature, budget):
+def test_select_stage_end_to_end(tmp_path, feature, budget, gemm_dtype):
     ids, _, group = write_fake_extract(tmp_path)
     # budget 1e-3 MB: features memory-mapped, PCA to a second map, k-means streamed.
-    config = select_config(feature=feature, max_in_memory_mb=budget)
+    config = select_config(feature=feature, max_in_memory_mb=budget, gemm_dtype=gemm_dtype)
     summary = select_stage.run(config, str(tmp_path))
+    assert summary["gemm_dtype"] == gemm_dtype
     assert summary["input_rows"] == 240 and summary["kept_rows"] == 60
     assert summary["pca_dim"] == (12 if feature == "sequence" else 16)  # clamped from 256
     sel = np.load(tmp_path / "select" / "selected.npz")
@@ -161,3 +172,27 @@ def test_select_stage_end_to_end(tmp_path, feature, budget):
     assert summary["streamed"] == (budget < 1)
     assert not list((tmp_path / "select").glob("*.tmp.npy"))  # temporary maps removed
     json.dumps(summary)
+
+
+def test_gemm_dtype_config_key_checked():
+    config = tldr_config.get_config("tiny")
+    assert config.select.gemm_dtype == "float32"
+    assert config_check.problems(config) == []
+    config.select.gemm_dtype = "float16"
+    assert config_check.problems(config) == [
+        "select.gemm_dtype='float16': must be one of float32 | bfloat16"
+    ]
+
+
+def test_select_stage_stops_on_non_finite_features(tmp_path):
+    ids, codes, _ = write_fake_extract(tmp_path)
+    # A corrupt chunk: float codes with NaN/inf (extract writes int32, so only corruption).
+    path = tmp_path / "extract" / "codes-00002.npz"
+    with np.load(path) as z:
+        chunk_ids, bad = z["ids"], z["codes"].astype(np.float32)
+    bad[5, 3], bad[9, 0] = np.nan, np.inf
+    io.write_npz(path, ids=chunk_ids, codes=bad)
+    with pytest.raises(ValueError, match=r"2 of 48 feature rows from .*codes-00002.npz") as e:
+        select_stage.run(select_config(), str(tmp_path))
+    assert repr(str(chunk_ids[5])) in str(e.value)
+    assert not (tmp_path / "select" / "selected.npz").exists()

@@ -124,7 +124,7 @@ def rules() -> dict[str, Rule]:
     from tldr_jax.compress import write
     from tldr_jax.distill import distill_stage, matching
     from tldr_jax.models import bert, conv, vq
-    from tldr_jax.select import features, strategies
+    from tldr_jax.select import features, kmeans, strategies
 
     r: dict[str, Rule] = {
         "seed": integer(0),
@@ -163,6 +163,7 @@ def rules() -> dict[str, Rule]:
         "extract.chunk_size": COUNT,
         "select.feature": choice(*features.FEATURES),
         "select.init": choice("kmeans++", "kmeans||"),
+        "select.gemm_dtype": choice(*kmeans.GEMM_DTYPES),
         "select.strategy": choice(*strategies.STRATEGIES),
         "select.num_clusters": COUNT,
         "select.iterations": COUNT,

@@ -66,15 +66,24 @@ def _row_order(extract_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray, n
 
 
 def _fill_rows(
-    files: list[Path], offsets: np.ndarray, dest: np.ndarray, fn: Any, alloc: Any
+    files: list[Path],
+    offsets: np.ndarray,
+    dest: np.ndarray,
+    fn: Any,
+    alloc: Any,
+    check: Any = None,
 ) -> np.ndarray:
-    """out[dest[r]] = fn(codes of file row r) chunk by chunk; `alloc(width, dtype)` makes out."""
+    """out[dest[r]] = fn(codes of file row r) chunk by chunk; `alloc(width, dtype)` makes out.
+
+    `check(file, rows, out_rows)`, if given, sees each chunk's rows before they are stored."""
     out = None
     for i, f in enumerate(files):
         d = dest[offsets[i] : offsets[i + 1]]
         keep = d >= 0
         with np.load(f) as z:
             rows = fn(np.asarray(z["codes"])[keep])
+        if check is not None:
+            check(f, rows, d[keep])
         if out is None:
             out = alloc(rows.shape[1], rows.dtype)
         out[d[keep]] = rows
@@ -108,9 +117,21 @@ def load_features(
     """(ids, float32 features) built chunk by chunk straight into one (N, D) array.
 
     The int32 codes never exist whole. Features larger than `max_in_memory_mb` live in a
-    memory-mapped .npy at `memmap_path` instead of in RAM (an `np.memmap`).
+    memory-mapped .npy at `memmap_path` instead of in RAM (an `np.memmap`). A NaN/inf feature
+    row (codes come from our own model, so only a corrupt chunk file has one) stops the stage
+    with a ValueError naming the chunk file, the number of such rows and the first id: one
+    such row would turn the PCA mean, and so every row, into NaN.
     """
     files, offsets, ids, dest = _row_order(Path(extract_dir))
+
+    def finite(f: Path, rows: np.ndarray, out_rows: np.ndarray) -> None:
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"select: {int(bad.sum())} of {len(rows)} feature rows from {f} contain NaN or "
+                f"inf (first id {ids[out_rows[bad.argmax()]]!r}); its codes are corrupt: "
+                "re-run `extract` for that chunk"
+            )
 
     def alloc(width: int, dtype: Any) -> np.ndarray:
         shape = (len(ids), width)
@@ -125,6 +146,7 @@ def load_features(
         dest,
         lambda c: features_lib.make_features(c, feature, codebook_size),
         alloc,
+        finite,
     )
     return ids, feats
 
@@ -147,9 +169,17 @@ def _kmeans(feats: np.ndarray, k: int, cfg: Any, seed: int, mesh: Any, stream: b
     iterations = int(cfg.get("iterations", 20))
     init = cfg.get("init", "kmeans++")
     spherical = bool(cfg.get("spherical", False))
+    gemm_dtype = cfg.get("gemm_dtype", "float32")
     if not stream:
         return kmeans_lib.kmeans(
-            feats, k, iterations=iterations, init=init, spherical=spherical, seed=seed, mesh=mesh
+            feats,
+            k,
+            iterations=iterations,
+            init=init,
+            spherical=spherical,
+            seed=seed,
+            mesh=mesh,
+            gemm_dtype=gemm_dtype,
         )
     # Out of core: seeds from a seeded subsample (64 rows per cluster, as the in-memory
     # k-means++), then one pass over the memory-mapped rows per iteration.
@@ -163,6 +193,7 @@ def _kmeans(feats: np.ndarray, k: int, cfg: Any, seed: int, mesh: Any, stream: b
         iterations=iterations,
         spherical=spherical,
         mesh=mesh,
+        gemm_dtype=gemm_dtype,
     )
 
 
@@ -256,5 +287,6 @@ def run(config: Any, workdir: str) -> dict:
         "objective": result.objective,
         "empty_reseeded": result.empty_reseeded,
         "streamed": stream,
+        "gemm_dtype": cfg.get("gemm_dtype", "float32"),
         **{key: round(v, 3) for key, v in timings.items()},
     }
