@@ -196,3 +196,10 @@ def test_select_stage_stops_on_non_finite_features(tmp_path):
         select_stage.run(select_config(), str(tmp_path))
     assert repr(str(chunk_ids[5])) in str(e.value)
     assert not (tmp_path / "select" / "selected.npz").exists()
+
+
+def test_count_target_above_the_rows_keeps_all_of_them(tmp_path):
+    write_fake_extract(tmp_path)
+    summary = select_stage.run(select_config(target=100000), str(tmp_path))
+    assert summary["kept_rows"] == 240 and summary["target_asked"] == 100000
+    assert len(np.load(tmp_path / "select" / "selected.npz")["ids"]) == 240

@@ -216,6 +216,14 @@ def run(config: Any, workdir: str) -> dict:
     stream = isinstance(feats, np.memmap)
     n, dim = feats.shape
     timings["load_s"] = time.time() - t0
+    # A count target above the rows there are keeps them all (said, and recorded as
+    # `target_asked`), before the k-means time is spent.
+    target_asked = cfg.get("target", 0.5)
+    target = target_asked
+    if float(target) > 1.0 and float(target) > n:
+        log.warning("select.target %s is more than the %d rows there are: keeping all", target, n)
+        target = 1.0  # all rows
+    count = strategies.target_count(target, n)
 
     # PCA (clamped to min(pca_dim, D, N)) and L2 normalisation, in place where shapes allow.
     t0 = time.time()
@@ -248,7 +256,6 @@ def run(config: Any, workdir: str) -> dict:
         tmp.unlink()
 
     # Selection, and the random baseline of the same size.
-    count = strategies.target_count(cfg.get("target", 0.5), n)
     keep = strategies.select(
         cfg.get("strategy", "stride"),
         result.assignments,
@@ -281,6 +288,7 @@ def run(config: Any, workdir: str) -> dict:
         "feature_dim": dim,
         "pca_dim": pca_out_dim,
         "kept_rows": len(keep),
+        "target_asked": target_asked,
         "fraction": len(keep) / n,
         "num_clusters": k,
         "nonempty_clusters": int((sizes > 0).sum()),
