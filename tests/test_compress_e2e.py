@@ -61,6 +61,10 @@ def test_compress_outputs(clean_run):
     for name in ("full", "tldr", "random"):
         for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
             assert 0.0 <= summary["retrieval"][name][k] <= 100.0
+    # Every stage's summary says how many data rows were read and which were skipped.
+    for stage in ("train-captioner", "extract", "select", "score", "caption", "write"):
+        stage_summary = json.loads((w / f"{stage}.json").read_text())
+        assert stage_summary["rows_read"] == 192 and "skipped" in stage_summary, stage
     for png in ("score_histogram.png", "recall.png", "select/cluster_sizes.png"):
         assert (w / png).stat().st_size > 1000, png
     report = (w / "report.md").read_text()

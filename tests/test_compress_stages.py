@@ -68,10 +68,10 @@ def test_train_captioner_summary_and_ema_state(trained):
 
 def test_train_captioner_resumes_at_saved_step(trained, tmp_path, monkeypatch):
     config, full_dir, _ = trained
-    monkeypatch.setattr(preemption, "requested", lambda: True)
+    monkeypatch.setattr(preemption, "agreed", lambda: True)
     with pytest.raises(preemption.Preempted, match="step 1"):
         captioner_stage.run(config, str(tmp_path))
-    monkeypatch.setattr(preemption, "requested", lambda: False)
+    monkeypatch.setattr(preemption, "agreed", lambda: False)
     summary = captioner_stage.run(config, str(tmp_path))
     assert summary["resumed_from"] == 1 and summary["steps"] == 3
     # Same data stream, same per-step RNG: identical to the uninterrupted run.

@@ -103,10 +103,10 @@ def test_resume_after_preemption_matches_uninterrupted(
         calls["n"] += 1
         return calls["n"] == 4
 
-    monkeypatch.setattr(preemption, "requested", preempt_at_4)
+    monkeypatch.setattr(preemption, "agreed", preempt_at_4)
     with pytest.raises(preemption.Preempted, match="step 4"):
         pretrain.train_and_evaluate(config, tmp_path / "b", train, test, text_encoder, num_steps=6)
-    monkeypatch.setattr(preemption, "requested", lambda: False)
+    monkeypatch.setattr(preemption, "agreed", lambda: False)
     resumed, _ = pretrain.train_and_evaluate(
         config, tmp_path / "b", train, test, text_encoder, num_steps=6
     )

@@ -136,7 +136,12 @@ def select_config(**select):
         "max_in_memory_mb": 4096,
         "stream_chunk_rows": 64,
     }
-    return ml_collections.ConfigDict({"seed": 0, "select": {**base, **select}})
+    # The shipped config around it: the stage records a signature of the keys it reads.
+    config = tldr_config.get_config("tiny")
+    with config.unlocked():
+        config.seed = 0
+        config.select = ml_collections.ConfigDict({**base, **select})
+    return config
 
 
 @pytest.mark.parametrize(
@@ -203,3 +208,20 @@ def test_count_target_above_the_rows_keeps_all_of_them(tmp_path):
     summary = select_stage.run(select_config(target=100000), str(tmp_path))
     assert summary["kept_rows"] == 240 and summary["target_asked"] == 100000
     assert len(np.load(tmp_path / "select" / "selected.npz")["ids"]) == 240
+
+
+def test_select_alone_records_its_signature_without_reading_the_data(tmp_path):
+    """`select` reads only extract's files: its signature takes the data fingerprint from
+    extract's, and a lone rerun with other settings redoes it and records them."""
+    from tldr_jax.compress import common
+
+    write_fake_extract(tmp_path)
+    io.write_json(
+        common.signature_path(tmp_path, "extract"),
+        {"train_data.pairs": 240, "train_data.sha256": "abc"},
+    )
+    select_stage.run(select_config(target=0.25), str(tmp_path))
+    summary = select_stage.run(select_config(target=0.5), str(tmp_path))
+    assert summary["kept_rows"] == 120
+    recorded = io.read_json(common.signature_path(tmp_path, "select"))
+    assert recorded["select.target"] == 0.5 and recorded["train_data.sha256"] == "abc"

@@ -40,7 +40,13 @@ from tldr_jax.compress.captioner_stage import (
     round_up,
     train_model,
 )
-from tldr_jax.compress.common import load_train, require_inputs, rows_of, stage_dir
+from tldr_jax.compress.common import (
+    check_stage,
+    load_train,
+    require_inputs,
+    rows_of,
+    stage_dir,
+)
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.images import normalize
 from tldr_jax.data.pipeline import process_slice
@@ -182,6 +188,7 @@ def _covers(path: Path, ids: list[str]) -> dict[str, str] | None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     require_inputs(workdir, NAME)
+    check_stage(config, workdir, NAME)  # this workdir's earlier runs: same settings and data
     out = stage_dir(workdir, NAME)
     cap = config.caption
     seed = int(config.seed)
@@ -268,6 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "epochs": round(result.steps / max(result.steps_per_epoch, 1), 3),
         "resumed_from": result.resumed_from,
         "final_loss": result.metrics.get("loss"),
+        # The training set whose kept rows are captioned (read and skipped as it was read).
+        "rows_read": train.rows_read,
+        "skipped": dict(train.skipped),
         "caption_set": clean.source,
         "caption_rows_read": clean.rows_read,
         "caption_skipped": dict(clean.skipped),

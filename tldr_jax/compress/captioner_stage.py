@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
-from tldr_jax.compress.common import load_train, stage_dir
+from tldr_jax.compress.common import check_stage, load_train, stage_dir
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.pipeline import train_iterator
@@ -387,6 +387,7 @@ def round_up(n: int, multiple: int) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
+    check_stage(config, workdir, NAME)  # this workdir's earlier run: same settings and data
     out = stage_dir(workdir, NAME)
     c = config.captioner
     train = load_train(config)

@@ -1,13 +1,21 @@
-"""Helpers shared by the compress stages: stage directories, id <-> row maps, configs."""
+"""Helpers shared by the compress stages: stage directories, id <-> row maps, configs, and
+what each stage's output in a workdir was made from (its signature)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
 
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
+from tldr_jax.utils import signature
+
+log = logging.getLogger(__name__)
 
 
 def stage_dir(workdir: str | Path, stage: str) -> Path:
@@ -51,10 +59,46 @@ def shared_cache(
     return cfg
 
 
+# A training set loaded for a stage's signature check, handed to the stage's own
+# `load_train` (taken once, so it is not held after the stage): {input key: set}.
+_LOADED: dict[str, ImageTextSet] = {}
+# The training set's fingerprint per input key (a compress run checks every stage's
+# signature up front; the stages it then runs check theirs again).
+_FINGERPRINTS: dict[str, dict[str, Any]] = {}
+
+
+def _train_key(config: ml_collections.ConfigDict) -> str:
+    """What the loaded training set is a function of: the data block and, for files on disk,
+    their names, sizes and modification times (a file rewritten in place is another set)."""
+    from tldr_jax.data import imagestore
+
+    data = config.data
+    spec: dict[str, Any] = {"data": signature.jsonable(data.to_dict())}
+    if data.train:
+        spec["inputs"] = imagestore.cache_key(str(data.train), data, "train", bool(data.strict))
+    return json.dumps(spec, sort_keys=True)
+
+
 def load_train(config: ml_collections.ConfigDict) -> ImageTextSet:
     """The training set as (image, caption) pairs: TL;DR selects, scores and rewrites pairs,
     so a row with several captions is one pair per caption (`ImageTextSet.pairs`)."""
+    loaded = _LOADED.pop(_train_key(config), None)
+    if loaded is not None:
+        return loaded
     return load_set(config.data.train, config.data, "train").pairs()[0]
+
+
+def train_fingerprint(config: ml_collections.ConfigDict, keep: bool = False) -> dict[str, Any]:
+    """{"pairs", "sha256"} of the training pairs (`signature.pair_fingerprint`). `keep`: the
+    stage reads the set next; its `load_train` gets this load instead of decoding again."""
+    key = _train_key(config)
+    if key not in _FINGERPRINTS:
+        train = load_set(config.data.train, config.data, "train").pairs()[0]
+        _FINGERPRINTS[key] = signature.pair_fingerprint(train.ids, train.captions)
+        if keep:
+            _LOADED.clear()
+            _LOADED[key] = train
+    return _FINGERPRINTS[key]
 
 
 def load_test(config: ml_collections.ConfigDict) -> ImageTextSet:
@@ -68,3 +112,207 @@ def rows_of(ds_ids: list[str], ids: np.ndarray | list[str]) -> np.ndarray:
     if missing:
         raise KeyError(f"{len(missing)} ids not in the training set, e.g. {missing[:3]}")
     return np.array([pos[str(i)] for i in ids], np.int64)
+
+
+# -- signatures: what each stage's output in a workdir was made from ----------------------------
+
+# stage -> its output folder under the workdir, where its signature.json lives. "eval" is the
+# compress pipeline's retrieval comparison (the tldr and random arms, W/eval).
+FOLDERS: dict[str, str] = {
+    "train-captioner": "train-captioner",
+    "extract": "extract",
+    "select": "select",
+    "score": "score",
+    "caption": "caption",
+    "write": "compress",
+    "eval": "eval",
+}
+# stage -> the stage whose output it is made from (its signature includes that one's).
+UPSTREAM: dict[str, str | None] = {
+    "train-captioner": None,
+    "extract": "train-captioner",
+    "select": "extract",
+    "score": "select",
+    "caption": "score",
+    "write": "caption",
+    "eval": "write",
+}
+# Stages that do all their work again when run alone (nothing to resume): a rerun with
+# other settings of their own redoes them (`tldr-jax write --config.write.mode=replace`).
+REDO = ("select", "write")
+# Stages that read the training set right after their check (it hands them its load).
+READS_TRAIN = ("train-captioner", "extract", "score", "write", "eval")
+_TEXT_ENCODER = ("text.model_dir", "text.pooling", "text.max_len")
+
+
+def _own_keys(config: ml_collections.ConfigDict, stage: str) -> tuple[dict, dict]:
+    """(the config keys `stage` reads that shape what later stages read, those that shape
+    only its own output): the later stages' signatures include the first part. The
+    training data (image size, rows, the embedded world, the fingerprint) enters at the
+    first stage and so every signature."""
+    values = signature.config_values
+
+    def world_if(*paths: Any) -> tuple[str, ...]:
+        return ("data.world",) if any(not str(p) for p in paths) else ()
+
+    d = config.data
+    caption_data = config.get("caption", {}).get("data", "")
+    test_keys = ("data.test", "data.test_image_root", *world_if(d.test))
+    if stage == "train-captioner":
+        keys = ("captioner", "text.model_dir", "seed", "data.image_size", "data.max_rows")
+        return values(config, (*keys, *world_if(d.train))), {}
+    if stage == "extract":
+        return values(config, ("extract",), ("extract.batch_size",)), {}
+    if stage == "select":
+        skip = ("select.max_in_memory_mb", "select.stream_chunk_rows")
+        return values(config, ("select",), skip), {}
+    if stage == "score":
+        keys = ("score", "model", "train", *_TEXT_ENCODER, "seed")
+        # data.test: only the full set's retrieval (the comparison's baseline) reads it.
+        return values(config, keys), values(config, test_keys)
+    if stage == "caption":
+        keys = ("caption", "text.model_dir", "seed", *world_if(caption_data))
+        return values(config, keys, ("caption.batch_size",)), {}
+    if stage == "write":
+        return values(config, ("write",)), {}
+    if stage == "eval":
+        keys = ("retrieval_eval", "train", "model", *_TEXT_ENCODER, "seed", *test_keys)
+        return values(config, keys, ("retrieval_eval.enabled",)), {}
+    raise ValueError(f"no signature for stage {stage!r}")
+
+
+def _inherited(config: ml_collections.ConfigDict, stage: str, fingerprint: dict) -> dict:
+    up = UPSTREAM[stage]
+    out = (
+        _inherited(config, up, fingerprint)
+        if up
+        else {f"train_data.{k}": v for k, v in fingerprint.items()}
+    )
+    return {**out, **_own_keys(config, stage)[0]}
+
+
+def stage_signature(config: ml_collections.ConfigDict, stage: str, fingerprint: dict) -> dict:
+    """The flat signature of `stage` run with `config` on training data `fingerprint`."""
+    return {**_inherited(config, stage, fingerprint), **_own_keys(config, stage)[1]}
+
+
+def signature_path(workdir: str | Path, stage: str) -> Path:
+    return Path(workdir) / FOLDERS[stage] / signature.FILE
+
+
+def _chain(stage: str) -> list[str]:
+    """`stage` and the stages it is made from, first stage first."""
+    out: list[str] = []
+    s: str | None = stage
+    while s:
+        out.insert(0, s)
+        s = UPSTREAM[s]
+    return out
+
+
+def _has_output(workdir: Path, stage: str) -> bool:
+    folder = workdir / FOLDERS[stage]
+    return folder.is_dir() and any(p.name != signature.FILE for p in folder.iterdir())
+
+
+def _refuse(workdir: Path, conflicts: list[tuple[str, dict]]) -> ConfigError:
+    diff: dict[str, tuple[Any, Any]] = {}
+    for _, d in conflicts:
+        diff.update(d)
+    folders = [workdir / FOLDERS[s] for s, _ in conflicts]
+    return signature.refusal(folders, dict(sorted(diff.items())))
+
+
+# Stages that read only their upstream stage's files, never the training set: their
+# signature takes the training data's fingerprint from the one `extract` recorded.
+FROM_UPSTREAM_FILES = ("select",)
+
+
+def _recorded_fingerprint(workdir: Path, stage: str) -> dict[str, Any] | None:
+    if stage not in FROM_UPSTREAM_FILES:
+        return None
+    have = signature.read(signature_path(workdir, UPSTREAM[stage]))
+    if have is None:  # made before signatures, or extract's files made by hand: no data claim
+        return {}
+    prefix = "train_data."
+    return {k[len(prefix) :]: v for k, v in have.items() if k.startswith(prefix)}
+
+
+def check_stage(config: ml_collections.ConfigDict, workdir: str | Path, stage: str) -> None:
+    """At a stage's start, before it does any work: refuses (a one-line ConfigError) a
+    workdir whose outputs this stage would reuse were made with other settings or data:
+    its own earlier output (a stage that resumes), or an earlier stage's output it reads.
+    Then records this run's signature in W/<folder>/signature.json. Output from before
+    signatures (none recorded) is taken as made with this run's settings (a warning)."""
+    w = Path(workdir)
+    fingerprint = _recorded_fingerprint(w, stage)
+    if fingerprint is None:
+        fingerprint = train_fingerprint(config, keep=stage in READS_TRAIN)
+    conflicts = []
+    for s in _chain(stage):
+        have = signature.read(signature_path(w, s))
+        if have is None or (s == stage and s in REDO):
+            continue
+        diff = signature.differences(have, stage_signature(config, s, fingerprint), known_only=True)
+        if diff:
+            conflicts.append((s, diff))
+    if conflicts:
+        raise _refuse(w, conflicts)
+    path = signature_path(w, stage)
+    want = stage_signature(config, stage, fingerprint)
+    have = signature.read(path)
+    if have is None and stage not in REDO and _has_output(w, stage):
+        log.warning(
+            "%s: %s has no %s (made before signatures were recorded): taking it as made with "
+            "this run's settings",
+            stage,
+            path.parent,
+            signature.FILE,
+        )
+    if have != signature.jsonable(want):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        signature.write(path, want)
+
+
+def check_pipeline(
+    config: ml_collections.ConfigDict, workdir: str | Path, stages: tuple[str, ...]
+) -> set[str]:
+    """The compress pipeline's check, before it runs or skips anything: every stage in
+    `stages` whose output exists must have been made with this run's settings and data (a
+    finished stage is skipped, so even one that a lone rerun would redo). Returns the
+    finished stages (summary W/<stage>.json and folder present). Raises one ConfigError
+    naming every changed key and the folders to delete. Stages finished before signatures
+    existed get this run's signature (one warning)."""
+    w = Path(workdir)
+    done = {
+        s
+        for s in stages
+        if (w / FOLDERS[s]).is_dir() and (s == "eval" or (w / f"{s}.json").exists())
+    }
+    # The first stage to run takes the set loaded for the fingerprint (the comparison always
+    # runs: its finished arms are read back).
+    to_run = [s for s in stages if s not in done or s == "eval"]
+    fingerprint = train_fingerprint(config, keep=bool(to_run) and to_run[0] in READS_TRAIN)
+    conflicts, legacy = [], []
+    for s in stages:
+        have = signature.read(signature_path(w, s))
+        want = stage_signature(config, s, fingerprint)
+        if have is None:
+            if s in done:
+                legacy.append(s)
+            continue
+        diff = signature.differences(have, want, known_only=True)
+        if diff and (s in done or s not in REDO):
+            conflicts.append((s, diff))
+    if conflicts:
+        raise _refuse(w, conflicts)
+    if legacy:
+        log.warning(
+            "compress: %s finished before signatures were recorded (no %s): taking them as "
+            "made with this run's settings; a rerun with other settings is refused from now on",
+            ", ".join(str(w / FOLDERS[s]) for s in legacy),
+            signature.FILE,
+        )
+        for s in legacy:
+            signature.write(signature_path(w, s), stage_signature(config, s, fingerprint))
+    return done

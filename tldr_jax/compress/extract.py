@@ -31,7 +31,7 @@ from tldr_jax.compress.captioner_stage import (
     restore_codebook_captioner,
     round_up,
 )
-from tldr_jax.compress.common import load_train, require_inputs, stage_dir
+from tldr_jax.compress.common import check_stage, load_train, require_inputs, stage_dir
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.images import normalize
 from tldr_jax.models.captioner import CodebookCaptioner
@@ -124,6 +124,7 @@ def read_chunks(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     require_inputs(workdir, NAME)
+    check_stage(config, workdir, NAME)  # this workdir's earlier runs: same settings and data
     out = stage_dir(workdir, NAME)
     e, c = config.extract, config.captioner
     train = load_train(config)
@@ -156,6 +157,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_chunks = len(chunk_plan(len(train), int(e.chunk_size)))
     return {
         "rows": len(ids),
+        "rows_read": train.rows_read,
+        "skipped": dict(train.skipped),
         "chunks": num_chunks,
         "chunks_written": written,  # by this process in this run; the rest existed
         "chunk_size": int(e.chunk_size),

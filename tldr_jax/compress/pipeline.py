@@ -1,11 +1,14 @@
 """`tldr-jax compress`: the six TL;DR stages in order, then the retrieval comparison.
 
-A stage whose summary W/<stage>.json exists is finished and skipped; an interrupted stage
-resumes from its own checkpoint. The comparison pre-trains the dual encoder from scratch on
-(a) the full set, (b) the TL;DR subset (its new captions), (c) a seeded random subset of
-the same size, and evaluates all three on the clean test split. Budget `steps` gives every
-run the full set's number of optimizer steps (equal compute); `epochs` gives every run the
-same number of epochs (the subsets then train ~1/fraction times shorter).
+A stage whose summary W/<stage>.json and output folder exist is finished and skipped; an
+interrupted stage resumes from its own checkpoint. Before any of that, every stage output
+already in the workdir is checked against this run's settings and training data
+(`common.check_pipeline`, each stage's W/<folder>/signature.json): a difference stops the
+run with one line naming each changed key. The comparison pre-trains the dual encoder from
+scratch on (a) the full set, (b) the TL;DR subset (its new captions), (c) a seeded random
+subset of the same size, and evaluates all three on the clean test split. Budget `steps`
+gives every run the full set's number of optimizer steps (equal compute); `epochs` gives
+every run the same number of epochs (the subsets then train ~1/fraction times shorter).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache, stage_dir
+from tldr_jax.compress.common import (
+    check_pipeline,
+    check_stage,
+    load_test,
+    load_train,
+    rows_of,
+    shared_cache,
+    stage_dir,
+)
 from tldr_jax.config_check import ConfigError
 from tldr_jax.eval.retrieval import RECALL_KEYS
 from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
@@ -34,13 +45,16 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     from tldr_jax.cli import run_stage
 
     walls: dict[str, float] = {}
+    checked = STAGES + (("eval",) if config.retrieval_eval.enabled else ())
+    done = check_pipeline(config, workdir, checked)
     for stage in STAGES:
-        done = Path(workdir) / f"{stage}.json"
-        if done.exists():
+        if stage in done:
             log.info("compress: %s already finished, skipping", stage)
-            walls[stage] = float(io.read_json(done).get("wall_s", 0.0))
+            summary = io.read_json(Path(workdir) / f"{stage}.json")
+            walls[stage] = float(summary.get("wall_s", 0.0))
             continue
         log.info("compress: running %s", stage)
+        check_stage(config, workdir, stage)  # records what it is made from
         walls[stage] = float(run_stage(stage, config, workdir)["wall_s"])
     return walls
 
@@ -81,6 +95,7 @@ def subset_batch_config(
 
 def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg = shared_cache(config, workdir)
+    check_stage(cfg, workdir, "eval")
     out = stage_dir(workdir, "eval")
     train, test = load_train(cfg), load_test(cfg)
     full = io.read_json(Path(workdir) / "score" / "full_retrieval.json")

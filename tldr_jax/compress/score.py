@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from tldr_jax.compress.common import (
+    check_stage,
     load_test,
     load_train,
     require_inputs,
@@ -65,6 +66,7 @@ def plot_score_histogram(
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     require_inputs(workdir, "score")
+    check_stage(config, workdir, "score")  # this workdir's earlier runs: same settings and data
     out = stage_dir(workdir, "score")
     cfg = shared_cache(config, workdir)
     train, test = load_train(cfg), load_test(cfg)

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tldr_jax.compress.common import require_inputs
+from tldr_jax.compress.common import check_stage, require_inputs
 from tldr_jax.select import features as features_lib
 from tldr_jax.select import kmeans as kmeans_lib
 from tldr_jax.select import pca as pca_lib
@@ -199,6 +199,7 @@ def _kmeans(feats: np.ndarray, k: int, cfg: Any, seed: int, mesh: Any, stream: b
 
 def run(config: Any, workdir: str) -> dict:
     require_inputs(workdir, "select")
+    check_stage(config, workdir, "select")  # the outputs it reads: same settings and data
     cfg = config.select
     out = Path(workdir) / "select"
     seed = int(cfg.get("seed", config.get("seed", 0)))
@@ -208,7 +209,8 @@ def run(config: Any, workdir: str) -> dict:
     t0 = time.time()
     extract_dir = Path(workdir) / "extract"
     feature = cfg.get("feature", "sequence")
-    codebook_size = int(io.read_json(Path(workdir) / "extract.json")["codebook_size"])
+    extract_summary = io.read_json(Path(workdir) / "extract.json")
+    codebook_size = int(extract_summary["codebook_size"])
     # Per-process file: every process builds its own copy of the rows.
     memmap_path = out / f"features-{jax.process_index()}.tmp.npy"
     budget = float(cfg.get("max_in_memory_mb", 4096))
@@ -285,6 +287,9 @@ def run(config: Any, workdir: str) -> dict:
     dist.barrier("select_written")
     return {
         "input_rows": n,
+        # The data rows behind the features (read and skipped by `extract`).
+        "rows_read": extract_summary.get("rows_read", n),
+        "skipped": extract_summary.get("skipped", {}),
         "feature_dim": dim,
         "pca_dim": pca_out_dim,
         "kept_rows": len(keep),

@@ -15,7 +15,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tldr_jax.compress.common import load_train, require_inputs, rows_of, stage_dir
+from tldr_jax.compress.common import (
+    check_stage,
+    load_train,
+    require_inputs,
+    rows_of,
+    stage_dir,
+)
 from tldr_jax.config_check import ConfigError
 from tldr_jax.utils import dist, io
 
@@ -115,6 +121,9 @@ def image_root_for(config: ml_collections.ConfigDict, workdir: str | Path) -> st
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     require_inputs(workdir, "write")
+    # Redone whole on every run (a changed write.mode too); refused where the earlier stages'
+    # outputs were made with other settings or data than this run's.
+    check_stage(config, workdir, "write")
     out = stage_dir(workdir, "compress")
     train = load_train(config)
     kept = np.load(Path(workdir) / "score" / "kept.npz")
@@ -160,6 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     return {
         "input_rows": len(train),
+        "rows_read": train.rows_read,
+        "skipped": dict(train.skipped),
         "kept_rows": len(entries),
         "fraction": len(entries) / max(len(train), 1),
         "mode": mode,

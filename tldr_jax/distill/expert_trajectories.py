@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -38,7 +37,6 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.data.readers import input_identity
@@ -50,7 +48,7 @@ from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import l2_normalize
-from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils import dist, preemption, signature
 from tldr_jax.utils.mesh import make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -277,10 +275,6 @@ def epoch_batches(n: int, batch: int, seed: int, expert: int, epoch: int) -> np.
 # --------------------------------------------------------------------------- trajectories
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
 def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[str, Any]:
     """What the experts depend on: the training pairs (source, count, a hash of their ids and
     captions), image size, model, text encoder, seed and the expert recipe. Adding experts
@@ -312,33 +306,8 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
     }
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}, so a refusal names the setting that changed."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_signature(path: Path, want: dict[str, Any], *, create: bool, redo: str) -> None:
-    """Refuses a workdir whose stage output was made with other settings (`path` holds what
-    they were); writes `want` there when absent and `create`. `redo`: what deleting the
-    folder would do, for the message."""
-    want = _flat(_jsonable(want))
-    if path.exists():
-        have = _flat(io.read_json(path))
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        if diff:
-            changes = "; ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff)
-            raise ConfigError(
-                f"{path.parent} was made with other settings than this run's ({changes}). Use "
-                f"a new workdir, or delete {path.parent} to {redo}."
-            )
-    elif create and dist.is_main():
-        io.write_json(path, want)
+# The refusal of a workdir made with other settings (shared with the compress stages).
+check_signature = signature.check_signature
 
 
 def check_buffer(

@@ -30,7 +30,7 @@ from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import state as train_state
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import info_nce, l2_normalize
-from tldr_jax.utils import dist, preemption
+from tldr_jax.utils import dist, preemption, signature
 from tldr_jax.utils.mesh import data_sharding, make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -268,9 +268,62 @@ def data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
     }
 
 
+# What a pretrain checkpoint is made from (with the training pairs' fingerprint): a rerun
+# resumes it only with these the same. The test set is read only to evaluate at the end.
+SIGNATURE_KEYS = ("model", "train", "text.model_dir", "text.pooling", "text.max_len", "seed")
+# What `evaluate` needs to restore the checkpoint it evaluates.
+EVALUATE_KEYS = ("model", "text.model_dir", "text.pooling", "text.max_len", "data.image_size")
+
+
+def signature_path(workdir: str | Path) -> Path:
+    return Path(workdir) / "pretrain.signature.json"
+
+
+def pretrain_signature(config: ml_collections.ConfigDict, train: ImageTextSet) -> dict[str, Any]:
+    world = ("data.world",) if not config.data.train else ()
+    keys = (*SIGNATURE_KEYS, "data.image_size", "data.max_rows", *world)
+    data = signature.pair_fingerprint(train.ids, train.captions)
+    return {
+        **signature.config_values(config, keys),
+        **{f"train_data.{k}": v for k, v in data.items()},
+    }
+
+
+def _checkpointed(workdir: str | Path) -> bool:
+    """Whether W/checkpoints holds a step (what a rerun would resume)."""
+    folder = Path(workdir) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: str | Path, train: ImageTextSet
+) -> None:
+    """Before training: a checkpoint in W/checkpoints made with other settings or data than
+    this run's is refused (one line naming each changed key); this run's signature is then
+    recorded. A checkpoint from before signatures is taken as made with these (a warning)."""
+    path = signature_path(workdir)
+    want = pretrain_signature(config, train)
+    have = signature.read(path)
+    if _checkpointed(workdir):
+        if have is None:
+            log.warning(
+                "pretrain: %s has no %s (made before signatures were recorded): resuming it "
+                "as made with this run's settings",
+                Path(workdir) / "checkpoints",
+                path.name,
+            )
+        else:
+            diff = signature.differences(have, want, known_only=True)
+            if diff:
+                raise signature.refusal([Path(workdir) / "checkpoints"], diff)
+    if have != signature.jsonable(want):
+        signature.write(path, want)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax pretrain`: train a dual encoder, evaluate retrieval, write pretrain.json."""
     train = load_set(config.data.train, config.data, "train")
+    check_resume(config, workdir, train)  # before the test set is read or anything is built
     test = load_set(config.data.test, config.data, "test")
     result, _ = train_and_evaluate(config, workdir, train, test, make_text_encoder(config))
     return {**result, **data_summary(train, test)}
@@ -286,6 +339,19 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             f"no checkpoint under {workdir_p / 'checkpoints'}: run `tldr-jax pretrain` on this "
             "workdir first"
         )
+    have = signature.read(signature_path(workdir_p))
+    if have is not None:  # a model built otherwise than the checkpoint's: one line, not Orbax's
+        want = signature.config_values(config, EVALUATE_KEYS)
+        diff = signature.differences(
+            {k: v for k, v in have.items() if k in want}, want, known_only=True
+        )
+        if diff:
+            ckpt.close()
+            raise signature.refusal(
+                [workdir_p / "checkpoints"],
+                diff,
+                "Evaluate it with the settings it was trained with.",
+            )
     test = load_set(config.data.test, config.data, "test")
     text_encoder = make_text_encoder(config)
     test_caps, _ = flat_captions(test)

@@ -1,0 +1,186 @@
+"""Reusing a workdir with other settings or other data: `compress` (and its stages) and
+`pretrain` stop with one line and exit status 2 naming what changed; the same settings skip
+or resume as before; keys that may change on a rerun (log / checkpoint cadence, the mesh)
+do not count; a workdir from before signatures keeps working."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_run import run_cli
+
+from configs import tldr as tldr_config
+from tldr_jax.compress import common
+from tldr_jax.config_check import ConfigError
+from tldr_jax.data.world import make_world, write_world
+from tldr_jax.utils import signature
+
+STAGE_FILES = ("train-captioner", "extract", "select", "score", "caption", "write")
+
+
+def _error_line(r, stage: str) -> str:
+    """The run's one error line (and no traceback)."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith(f"tldr-jax {stage}: error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def _mtimes(w: Path) -> dict[str, int]:
+    return {s: (w / f"{s}.json").stat().st_mtime_ns for s in STAGE_FILES}
+
+
+def test_compress_rerun_checks_settings_and_data(tmp_path):
+    world_dir = tmp_path / "world"
+    write_world(make_world(tldr_config.get_config("tiny").data.world), world_dir)
+    w = tmp_path / "run"
+    data = [f"--config.data.image_root={world_dir}", "--config.retrieval_eval.enabled=False"]
+    args = ["--config", "configs/tldr.py:tiny", "--workdir", str(w), *data]
+
+    def compress(*extra: str, train: Path = world_dir / "train.json"):
+        return run_cli("compress", *args, f"--config.data.train={train}", *extra)
+
+    r = compress()
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in STAGE_FILES:
+        assert (w / common.FOLDERS[s] / "signature.json").exists(), s
+    before = _mtimes(w)
+
+    # The same settings: every stage is skipped, as before; so are keys free to change on a
+    # rerun (cadence, mesh, decode threads) and the same pairs under another path.
+    moved = world_dir / "train_moved.json"
+    shutil.copy(world_dir / "train.json", moved)
+    extra = ("--config.captioner.train.log_every=7", "--config.mesh.data=1")
+    for r in (compress(), compress(*extra, "--config.data.decode_workers=2", train=moved)):
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stderr.count("already finished, skipping") == 6, r.stderr[-3000:]
+    assert _mtimes(w) == before
+
+    # A changed option of one stage: refused before anything runs, naming the key and the
+    # folders of that stage and the ones made from it.
+    line = _error_line(compress("--config.select.target=0.25"), "compress")
+    assert "select.target: 0.5 -> 0.25" in line
+    for s in ("select", "score", "caption", "compress"):
+        assert str(w / s) in line
+    assert str(w / "extract") not in line and "new --workdir, or delete" in line
+    line = _error_line(compress("--config.write.mode=replace"), "compress")
+    assert "write.mode: 'append' -> 'replace'" in line and str(w / "compress") in line
+    assert str(w / "caption") not in line
+
+    # Other data under the same file name: refused (it used to return the old output, or
+    # crash in a later stage on ids it did not know).
+    rows = json.loads((world_dir / "train.json").read_text())
+    original = (world_dir / "train.json").read_bytes()
+    rows[3]["caption"] = "a caption this workdir has never seen"
+    (world_dir / "train.json").write_text(json.dumps(rows))
+    try:
+        line = _error_line(compress(), "compress")
+    finally:
+        (world_dir / "train.json").write_bytes(original)
+    assert "training data changed (192 pairs, sha256 " in line
+    assert str(w / "train-captioner") in line
+    # A stage run alone checks too.
+    train_arg = f"--config.data.train={world_dir / 'train.json'}"
+    line = _error_line(
+        run_cli("score", *args, train_arg, "--config.score.keep_fraction=0.6"), "score"
+    )
+    assert "score.keep_fraction: 0.5 -> 0.6" in line and str(w / "score") in line
+    assert _mtimes(w) == before
+
+    # `write` alone redoes itself with a changed mode (as it always did) and records it ...
+    r = run_cli("write", *args, train_arg, "--config.write.mode=replace")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((w / "compress" / "manifest.json").read_text())["mode"] == "replace"
+    r = compress("--config.write.mode=replace")
+    assert r.returncode == 0 and r.stderr.count("already finished, skipping") == 6, r.stderr
+    r = run_cli("write", *args, train_arg)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # A workdir made before signatures: it keeps working (one warning), and gets them.
+    for s in STAGE_FILES:
+        (w / common.FOLDERS[s] / "signature.json").unlink()
+    r = compress()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("before signatures were recorded") == 1, r.stderr[-3000:]
+    assert all((w / common.FOLDERS[s] / "signature.json").exists() for s in STAGE_FILES)
+    assert _error_line(compress("--config.select.target=0.25"), "compress")
+
+
+def test_pretrain_rerun_checks_model_and_data(tmp_path):
+    w = tmp_path / "pt"
+    args = ["--config", "configs/pretrain.py:tiny", "--workdir", str(w), "--config.train.epochs=1"]
+    r = run_cli("pretrain", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (w / "pretrain.signature.json").exists()
+
+    # Logging / checkpoint cadence and the mesh may change: it resumes.
+    r = run_cli("pretrain", *args, "--config.train.log_every=3", "--config.mesh.data=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step 8" in r.stderr
+
+    # Another model: one line instead of Orbax's shape-mismatch tracebacks.
+    line = _error_line(run_cli("pretrain", *args, "--config.model.embed_dim=64"), "pretrain")
+    assert "model.embed_dim: 32 -> 64" in line and str(w / "checkpoints") in line
+    line = _error_line(run_cli("evaluate", *args, "--config.model.embed_dim=64"), "evaluate")
+    assert "model.embed_dim: 32 -> 64" in line
+
+    # Other training data: refused (it used to resume and report the new source).
+    line = _error_line(
+        run_cli("pretrain", *args, "--config.data.world.caption_noise=0.2"), "pretrain"
+    )
+    assert "training data changed (256 pairs, sha256 " in line
+    assert "data.world.caption_noise: 0.1 -> 0.2" in line
+
+    # A workdir from before signatures resumes, with a warning, and gets one.
+    (w / "pretrain.signature.json").unlink()
+    r = run_cli("pretrain", *args)
+    assert r.returncode == 0 and "before signatures were recorded" in r.stderr, r.stderr
+    assert (w / "pretrain.signature.json").exists()
+
+
+def test_signature_keys_and_messages():
+    config = tldr_config.get_config("tiny")
+    fp = {"pairs": 3, "sha256": "ab" * 32}
+    sig = common.stage_signature(config, "score", fp)
+    # Upstream settings and the data are part of it; cadence, mesh, paths are not.
+    assert sig["select.target"] == 0.5 and sig["captioner.num_codes"] == 16
+    assert sig["train_data.pairs"] == 3 and sig["data.test"] == ""
+    for key in sig:
+        assert not signature.matches(key, signature.RERUN_FREE), key
+    assert not any(k.startswith(("mesh", "write.", "caption.")) for k in sig)
+    assert "data.test" not in common.stage_signature(config, "caption", fp)  # score's own
+    # An encoder's image_kwargs count as the encoder takes them.
+    config.model.image = "vit"
+    config.model.image_kwargs.preset = "tiny"
+    assert "model.image_kwargs.norm" not in common.stage_signature(config, "score", fp)
+
+    other = dict(sig, **{"train_data.sha256": "cd" * 32, "select.target": 0.25})
+    diff = signature.differences(sig, other)
+    assert signature.describe(diff) == (
+        "training data changed (3 pairs, sha256 abababababab -> 3 pairs, sha256 cdcdcdcdcdcd); "
+        "select.target: 0.5 -> 0.25"
+    )
+    # A key only one side knows (added by a newer version) is no change.
+    assert signature.differences({**sig, "select.new_key": 1}, sig, known_only=True) == {}
+    err = signature.refusal([Path("W/select")], diff)
+    assert isinstance(err, ConfigError) and "\n" not in str(err)
+    assert str(err).endswith("delete W/select to redo that stage with these settings.")
+
+
+def test_generic_check_is_the_distillation_one(tmp_path):
+    """The distillation stages' check is utils/signature.check_signature: a refusal names
+    each changed key."""
+    from tldr_jax.distill import expert_trajectories as et
+
+    assert et.check_signature is signature.check_signature
+    sig = {"train_pairs": 4, "buffer": {"epochs": 8, "lr": 0.01}}
+    path = tmp_path / "a" / "signature.json"
+    et.check_signature(path, sig, create=True, redo="train again")
+    assert json.loads(path.read_text()) == {"train_pairs": 4, "buffer.epochs": 8, "buffer.lr": 0.01}
+    et.check_signature(path, sig, create=True, redo="train again")  # the same: fine
+    other = {"train_pairs": 4, "buffer": {"epochs": 10, "lr": 0.01}}
+    with pytest.raises(ConfigError, match="buffer.epochs: 8 -> 10") as e:
+        et.check_signature(path, other, create=True, redo="train again")
+    assert str(e.value).endswith(f"delete {path.parent} to train again.")

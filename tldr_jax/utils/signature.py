@@ -1,0 +1,203 @@
+"""What a stage's output in a workdir was made from, and the one-line refusal of a rerun that
+would reuse it with other settings.
+
+A signature is a flat JSON dict: the config keys a stage reads (`a.b` -> value), and
+`train_data.pairs` / `train_data.sha256`, the training set's fingerprint (its (image, caption)
+pairs: how many, and a SHA-256 of their ids and captions, as the distillation buffer hashes
+them). A stage writes it when it first starts in a workdir; a rerun whose signature differs
+stops before doing anything with a `ConfigError` (one line, exit status 2 in the CLI) naming
+each changed key (`select.target: 0.5 -> 0.25`) and what to do.
+
+Keys that may change between runs without changing what a stage makes are never part of a
+signature (`RERUN_FREE`): the mesh / device / process count, logging and checkpoint
+cadence, decode threads, caches, strictness about bad rows, and the training data's path
+(its content is in the fingerprint: the same pairs under another path are the same data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tldr_jax.config_check import ConfigError
+
+log = logging.getLogger(__name__)
+
+FILE = "signature.json"
+DATA_KEYS = ("train_data.pairs", "train_data.sha256")
+
+# Config keys (fnmatch patterns on the dotted name) that never make a signature differ.
+RERUN_FREE = (
+    "mesh",
+    "mesh.*",
+    "*.log_every",
+    "*.ckpt_every",
+    "*.keep",
+    "cache_dir",
+    "data.cache_dir",
+    "data.decode_workers",
+    "data.strict",
+    "data.train",  # its content: train_data.*
+    "data.image_root",
+    "text.batch_size",
+)
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples -> lists, other objects -> str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so a refusal names the setting that changed."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def pair_fingerprint(ids: Sequence[str], captions: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """{"pairs": N, "sha256": ...} of a set's (image, caption) pairs: a row with several
+    captions counts as one pair per caption with the pair ids `ImageTextSet.pairs` gives
+    them, so a set and its `.pairs()` view hash alike (and as the distillation buffer's
+    `train_sha256`)."""
+    from tldr_jax.data.dataset import pair_ids
+
+    digest = hashlib.sha256()
+    n = 0
+    for sid, caps in zip(ids, captions, strict=True):
+        for pid, caption in zip(pair_ids(sid, len(caps)), caps, strict=True):
+            digest.update(f"{pid}\t{caption}\n".encode("utf-8", "surrogateescape"))
+            n += 1
+    return {"pairs": n, "sha256": digest.hexdigest()}
+
+
+def matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def config_values(
+    config: Any, include: Iterable[str], exclude: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The flat `a.b: value` keys of `config` under the `include` prefixes (`model` takes
+    every `model.*` key), less `RERUN_FREE` and `exclude` (fnmatch patterns). A block with
+    `image` + `image_kwargs` keeps only the kwargs that encoder takes (and a non-empty
+    preset), as the encoder is built: keys left out after `--config.model.image=...` switched
+    the encoder are not part of it."""
+    tree = jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    _normalise_encoders(tree)
+    flat = flatten(tree)
+    prefixes = tuple(include)
+    skip = (*RERUN_FREE, *exclude)
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if any(k == p or k.startswith(p + ".") for p in prefixes) and not matches(k, skip)
+    }
+
+
+def _normalise_encoders(tree: dict[str, Any]) -> None:
+    from tldr_jax.models import encoder_kwargs
+
+    for value in tree.values():
+        if not isinstance(value, dict):
+            continue
+        if isinstance(value.get("image"), str) and isinstance(value.get("image_kwargs"), dict):
+            # Kwargs no encoder takes: the stage itself says so; keep them as they are here.
+            with contextlib.suppress(ValueError):
+                value["image_kwargs"] = jsonable(
+                    encoder_kwargs(value["image"], dict(value["image_kwargs"]))[0]
+                )
+        _normalise_encoders(value)
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    """The signature at `path`, or None where there is none (or it cannot be read)."""
+    try:
+        return flatten(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def write(path: Path, sig: Mapping[str, Any]) -> None:
+    """Writes `sig` at `path` from the main process (atomically)."""
+    from tldr_jax.utils import dist, io
+
+    if dist.is_main():
+        io.write_json(Path(path), jsonable(dict(sig)))
+
+
+def differences(
+    have: Mapping[str, Any], want: Mapping[str, Any], *, known_only: bool = False
+) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded, now)} for every key whose value differs. `known_only`: compare only
+    the keys both name (a key a newer version added, or one the config leaves out, is not a
+    change); the training-data fingerprint is compared whenever either side has it."""
+    have, want = jsonable(dict(have)), jsonable(dict(want))
+    keys = set(have) | set(want)
+    if known_only:
+        keys = (set(have) & set(want)) | (keys & set(DATA_KEYS))
+    changed = {k for k in keys if have.get(k) != want.get(k)}
+    if changed & set(DATA_KEYS):  # the fingerprint is said whole
+        changed |= set(DATA_KEYS)
+    return {k: (have.get(k), want.get(k)) for k in sorted(changed)}
+
+
+def describe(diff: Mapping[str, tuple[Any, Any]]) -> str:
+    """`training data changed (N pairs, sha256 ab12.. -> M pairs, sha256 cd34..); a.b: 1 -> 2`."""
+    parts = []
+    if any(k in diff for k in DATA_KEYS):
+        (n0, n1), (h0, h1) = (diff.get(k, (None, None)) for k in DATA_KEYS)
+        parts.append(f"training data changed ({_data(n0, h0)} -> {_data(n1, h1)})")
+    parts += [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in DATA_KEYS]
+    return "; ".join(parts)
+
+
+def _data(pairs: Any, sha: Any) -> str:
+    if pairs is None and sha is None:
+        return "none recorded"
+    return f"{pairs} pairs, sha256 {str(sha)[:12]}"
+
+
+def check_signature(path: Path, want: dict[str, Any], *, create: bool, redo: str) -> None:
+    """Refuses a workdir whose stage output was made with other settings (`path` holds what
+    they were); writes `want` there when absent and `create`. `redo`: what deleting the
+    folder would do, for the message. (The distillation stages' check: every key counts.)"""
+    want = flatten(jsonable(want))
+    have = read(path) if Path(path).exists() else None
+    if have is not None:
+        diff = differences(have, want)
+        if diff:
+            changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"{Path(path).parent} was made with other settings than this run's ({changes}). "
+                f"Use a new workdir, or delete {Path(path).parent} to {redo}."
+            )
+    elif create:
+        write(path, want)
+
+
+def refusal(
+    folders: Sequence[Path], diff: Mapping[str, tuple[Any, Any]], remedy: str = ""
+) -> ConfigError:
+    """The one-line error for outputs in `folders` made with other settings (`diff`).
+    `remedy`: what to do, where deleting the folders and rerunning is not it."""
+    names = ", ".join(str(f) for f in folders)
+    verb = "was" if len(folders) == 1 else "were"
+    these = "that stage" if len(folders) == 1 else "those stages"
+    remedy = remedy or (
+        f"Use a new --workdir, or delete {' '.join(str(f) for f in folders)} to redo {these} "
+        "with these settings."
+    )
+    return ConfigError(
+        f"{names} {verb} made with other settings than this run's ({describe(diff)}). {remedy}"
+    )
