@@ -255,6 +255,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary["stage_wall_s"]["retrieval_eval"] = round(time.time() - t1, 3)
         if dist.is_main():
             plot_recalls(Path(workdir) / "recall.png", summary["retrieval"])
+    else:  # the key is always there (scripts read it): null when the comparison is off
+        summary["retrieval"] = None
     comp = _world_composition(config, workdir)
     if comp:
         summary["world_composition"] = comp
