@@ -264,7 +264,7 @@ PREEMPT_PRETRAIN = [
     *TINY_PRETRAIN[:2],
     "--config.data.world.num_pairs=512",
     *TINY_PRETRAIN[3:-1],
-    "--config.train.epochs=3",
+    "--config.train.epochs=6",  # 96 steps: the stop is agreed a few steps after the signal
     "--config.train.ckpt_every=4",
 ]
 
