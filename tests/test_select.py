@@ -225,3 +225,13 @@ def test_select_alone_records_its_signature_without_reading_the_data(tmp_path):
     assert summary["kept_rows"] == 120
     recorded = io.read_json(common.signature_path(tmp_path, "select"))
     assert recorded["select.target"] == 0.5 and recorded["train_data.sha256"] == "abc"
+
+
+def test_temporary_maps_of_processes_this_run_lacks_are_removed(tmp_path):
+    """A streamed run killed with 2 processes and rerun with 1 leaves no map of process 1."""
+    write_fake_extract(tmp_path)
+    (tmp_path / "select").mkdir(exist_ok=True)
+    for name in ("features-1.tmp.npy", "features-pca-1.tmp.npy"):
+        np.save(tmp_path / "select" / name, np.zeros(3))
+    select_stage.run(select_config(max_in_memory_mb=1e-3), str(tmp_path))
+    assert not list((tmp_path / "select").glob("*.tmp.npy"))

@@ -213,6 +213,11 @@ def run(config: Any, workdir: str) -> dict:
     codebook_size = int(extract_summary["codebook_size"])
     # Per-process file: every process builds its own copy of the rows.
     memmap_path = out / f"features-{jax.process_index()}.tmp.npy"
+    if dist.is_main():  # maps left by processes a killed run had and this one has not
+        for tmp in out.glob("features*-*.tmp.npy"):
+            index = tmp.name[: -len(".tmp.npy")].rsplit("-", 1)[-1]
+            if index.isdigit() and int(index) >= jax.process_count():
+                tmp.unlink(missing_ok=True)
     budget = float(cfg.get("max_in_memory_mb", 4096))
     ids, feats = load_features(extract_dir, feature, codebook_size, memmap_path, budget)
     stream = isinstance(feats, np.memmap)
