@@ -202,7 +202,7 @@ def _local_assign(
 # ----------------------------------------------------------------------------------------
 
 
-def _normalize_rows(c: jax.Array, fallback: jax.Array) -> jax.Array:
+def _normalize_rows(c: jax.Array, fallback: jax.Array | float) -> jax.Array:
     norm = jnp.linalg.norm(c, axis=1, keepdims=True)
     return jnp.where(norm > 0, c / jnp.maximum(norm, 1e-30), fallback)
 
@@ -622,9 +622,7 @@ def initial_centroids(
 
 
 def _unit_rows_jnp(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
-    return jnp.where(norm > 0, x / jnp.maximum(norm, 1e-30), 0.0)
+    return _normalize_rows(x.astype(jnp.float32), 0.0)
 
 
 # Rows scaled to unit L2 norm (zero rows stay zero), on the devices, sharding kept.

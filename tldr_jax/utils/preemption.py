@@ -29,7 +29,7 @@ from collections.abc import Iterator
 EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
 
 _requested = threading.Event()
-_state = {"calls": 0, "agreed": False, "polling": 0, "handler": False}
+_state = {"calls": 0, "agreed": False, "polling": 0}
 
 
 class Preempted(RuntimeError):
@@ -61,7 +61,6 @@ def install_handlers() -> None:
     if _jax_service() is not None:
         return
     signal.signal(signal.SIGTERM, _handler)
-    _state["handler"] = True
 
 
 @contextlib.contextmanager

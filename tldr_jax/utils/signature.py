@@ -173,15 +173,12 @@ def check_signature(path: Path, want: dict[str, Any], *, create: bool, redo: str
     they were); writes `want` there when absent and `create`. `redo`: what deleting the
     folder would do, for the message. (The distillation stages' check: every key counts.)"""
     want = flatten(jsonable(want))
-    have = read(path) if Path(path).exists() else None
+    have = read(path)
     if have is not None:
         diff = differences(have, want)
         if diff:
-            changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ConfigError(
-                f"{Path(path).parent} was made with other settings than this run's ({changes}). "
-                f"Use a new workdir, or delete {Path(path).parent} to {redo}."
-            )
+            folder = Path(path).parent
+            raise refusal([folder], diff, f"Use a new workdir, or delete {folder} to {redo}.")
     elif create:
         write(path, want)
 
