@@ -141,6 +141,20 @@ def test_distill_outputs_resume_and_eval(buffered):
     assert result["protocol"]["coreset_pairs_asked"] == 10**6
     assert result["random"]["num_pairs"] == n and set(result["budgets"]) == {"8", str(n)}
 
+    # Models that diverge (a blown-up learned step size, a coreset lr far too high) score 0,
+    # are counted and marked; NaN scores once ranked first and reported recall 100.
+    with np.load(out / "distilled.npz") as f:
+        patched = {k: f[k] for k in f.files}
+    patched.update(lr_img=np.float32(1e30), lr_txt=np.float32(-1e30))
+    np.savez(out / "distilled.npz", **patched)
+    hot = config.copy_and_resolve_references()
+    hot.eval.coreset_lr = 1e30
+    result = run_stage("eval-distilled", hot, str(workdir))
+    for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
+        assert result[method]["diverged_models"] == 1
+        assert {result[method][k]["mean"] for k in et.RECALL_KEYS} == {0.0}
+    assert "| 8 | distilled (1 diverged) |" in (workdir / "eval-distilled.md").read_text()
+
 
 def test_distill_beside_an_unfinished_buffer_records_the_experts_it_matched(buffered, caplog):
     """distill run while the buffer still trains (one of two experts finished): the summary
@@ -221,6 +235,13 @@ def test_changed_data_or_recipe_is_refused(buffered):
     other.data.world.num_pairs = 150
     with pytest.raises(ValueError, match="train_pairs: 200 -> 150; train_sha256"):
         run_stage("distill", other, str(workdir))
+
+
+def test_a_diverging_expert_stops_the_buffer_with_a_clear_error(tmp_path):
+    config = tiny_config(tmp_path / "cache")
+    config.buffer.lr = 1e30
+    with pytest.raises(ValueError, match=r"buffer: expert 0 diverged in epoch 1 .* lower buffer"):
+        run_stage("buffer", config, str(tmp_path / "w"))
 
 
 def test_too_few_pairs_for_the_synthetic_set_is_a_clear_error():

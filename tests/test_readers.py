@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -839,6 +840,88 @@ def test_shard_cut_short_keeps_the_samples_before_the_cut_and_gz_shards_read(tmp
     assert ds.captions[-1] == ["gz cap"] and ds.rows_read == 5
     assert ds.skipped == {r: int(r == "unreadable_shard") for r in SKIP_REASONS}
     np.testing.assert_array_equal(ds.images[3], _resized(9))
+
+
+@pytest.mark.parametrize("where", ["block_boundary", "inside_header", "no_end_blocks"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_shard_cut_between_members_is_counted_and_strict_stops(tmp_path, where, gz):
+    """Python's tarfile ends without an error where a shard is cut at a 512-byte block
+    boundary or inside a member's header: such a shard lost rows silently."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = {str(k): {"png": _encode(_image(k)), "txt": f"cap {k}".encode()} for k in range(4)}
+    _write_shard(tmp_path / "whole.tar", samples)
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    data = (tmp_path / "whole.tar").read_bytes()
+    end = members["3.txt"].offset_data + 512  # the last member's data, padded to a block
+    cut = {
+        "block_boundary": members["3.png"].offset,  # samples 0-2 whole, nothing of 3
+        "inside_header": members["3.png"].offset + 100,
+        "no_end_blocks": end,  # every member, but no end-of-archive blocks
+    }[where]
+    name = "00000.tar.gz" if gz else "00000.tar"
+    (shards / name).write_bytes(gzip.compress(data[:cut]) if gz else data[:cut])
+    ds = load_set(str(shards), _cfg(), "train")
+    # The last sample before a cut may have lost files to it: dropped with the shard counted.
+    kept = 3 if where == "no_end_blocks" else 2
+    assert ds.ids == [f"00000/{k}" for k in range(kept)]
+    assert ds.skipped == {r: int(r == "unreadable_shard") for r in SKIP_REASONS}
+    with pytest.raises(BadRowError, match=rf"{name}, row -: unreadable_shard \(cut short"):
+        load_set(str(shards), _cfg(strict=True), "train")
+    (shards / name).write_bytes(gzip.compress(data) if gz else data)  # the whole shard
+    whole = load_set(str(shards), _cfg(strict=True), "train")
+    assert whole.ids == [f"00000/{k}" for k in range(4)]
+
+
+def test_shard_key_met_again_is_another_sample_and_a_repeated_file_is_malformed(tmp_path):
+    """webdataset groups consecutive files by key: a key met again later is a new sample
+    (it used to be merged into the first, one image paired with the other's caption), and
+    two files of one extension in one sample are a malformed row."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for name, data in [
+            ("a.png", _encode(_image(0))),
+            ("a.txt", b"first a"),
+            ("b.png", _encode(_image(1))),
+            ("b.txt", b"b"),
+            ("a.png", _encode(_image(2))),
+            ("a.txt", b"second a"),
+            ("c.png", _encode(_image(3))),
+            ("c.txt", b"c one"),
+            ("c.txt", b"c two"),
+        ]:
+            _add(tar, name, data)
+    ds = load_set(str(shards), _cfg(), "train")
+    assert ds.ids == ["00000/a", "00000/b", "00000/a#1"]
+    assert ds.captions == [["first a"], ["b"], ["second a"]]
+    np.testing.assert_array_equal(ds.images[2], _resized(2))
+    assert ds.rows_read == 4
+    assert ds.skipped == {r: int(r == "malformed_row") for r in SKIP_REASONS}
+    with pytest.raises(BadRowError, match=r"00000.tar, row c: malformed_row \(two .txt files"):
+        load_set(str(shards), _cfg(strict=True), "train")
+
+
+def test_an_empty_caption_among_a_rows_captions_is_counted_and_strict_stops(tmp_path):
+    _write_images(tmp_path, 2)
+    rows = [
+        {"image": "img/0.png", "caption": ["a dog", "  ", "a brown dog"]},
+        {"image": "img/1.png", "caption": ["a cat"]},
+    ]
+    (tmp_path / "blip.json").write_text(json.dumps(rows))
+    karpathy = {
+        "images": [
+            {"filename": f"{i}.png", "filepath": "img", "split": "train", "sentences": s}
+            for i, s in enumerate([[{"raw": ""}, {"raw": "A dog."}], [{"raw": "A cat."}]])
+        ]
+    }
+    (tmp_path / "dataset_x.json").write_text(json.dumps(karpathy))
+    for name, row in [("blip.json", 0), ("dataset_x.json", 0)]:
+        ds = load_set(str(tmp_path / name), _cfg(), "train")
+        assert len(ds) == 2 and ds.captions_dropped == 1 and sum(ds.skipped.values()) == 0
+        with pytest.raises(BadRowError, match=rf"{name}, row {row}: empty_caption \(1 of its"):
+            load_set(str(tmp_path / name), _cfg(strict=True), "train")
 
 
 def test_uncompressed_shards_are_indexed_not_held_in_memory(tmp_path):

@@ -58,3 +58,23 @@ def test_perfect_and_reversed_scores():
     assert set(recall_at_k(perfect, txt2img).values()) == {100.0}
     worst = recall_at_k(-perfect, txt2img)
     assert worst["tr_r1"] == 0.0 and worst["ir_r10"] == 0.0
+
+
+def test_a_diverged_model_scores_zero_not_one_hundred(caplog):
+    """NaN compares false both ways: without care a NaN ground-truth score ranked first and a
+    diverged model reported recall 100 on every key."""
+    txt2img = np.repeat(np.arange(20), 5)
+    img = np.eye(20, 32, dtype=np.float32)
+    txt = img[txt2img].copy()
+    assert set(retrieval_metrics(img, txt, txt2img).values()) == {100.0}
+    with caplog.at_level("WARNING"):
+        nan = retrieval_metrics(np.full_like(img, np.nan), txt, txt2img)
+    assert set(nan.values()) == {0.0}
+    assert "20 of 20 image and 0 of 100 caption embeddings are not finite" in caplog.text
+    assert set(recall_at_k(np.full((20, 100), np.nan), txt2img).values()) == {0.0}
+    # One diverged row (an infinity too): its own queries rank last, the others are unharmed.
+    img[3, 0] = np.inf
+    txt[7, 0] = np.nan  # caption 7 shows image 1
+    one = retrieval_metrics(img, txt, txt2img)
+    assert one["ir_r1"] == pytest.approx(100 * (100 - 5 - 1) / 100)  # image 3's captions, 7
+    assert one["tr_r1"] == pytest.approx(100 * 19 / 20)  # image 3; image 1 keeps 4 captions

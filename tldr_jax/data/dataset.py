@@ -51,6 +51,8 @@ class ImageTextSet:
     rows_read: int
     skipped: dict[str, int]
     source: str
+    # Empty captions dropped from kept rows (the row's other captions are used).
+    captions_dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -224,7 +226,7 @@ def _read_strict(
     raises), then the bad annotation raises."""
     probe = Skips(strict=False)
     records = readers.read_records(path, image_root_of(data_cfg, role), probe, max_rows, role)
-    if probe.total:
+    if probe.total or probe.captions_dropped:
         before = records[: probe.first_records or 0]
         # Checked at 1 px (the same errors are raised; nothing large is kept).
         imagestore.decode_records(before, 1, int(data_cfg.decode_workers), skips, source)
@@ -314,7 +316,9 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         records, images, rows_read, error = [], None, 0, e
     ids = [r.sample_id for r in records]
     if multi:
-        meta = np.array([error is not None, len(ids), rows_read, skips.total], np.int64)
+        # The last column only decides strict mode: dropped captions stop it too.
+        flaws = skips.total + skips.captions_dropped
+        meta = np.array([error is not None, len(ids), rows_read, flaws], np.int64)
         gathered = _allgather_int64(meta)
         if gathered[:, 0].any():
             if error is not None:
@@ -343,6 +347,12 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         rows_read = agreed.rows_read
     if skips.total:
         log.warning("%s: skipped %s (e.g. %s)", source, skips.as_dict(), skips.examples)
+    if skips.captions_dropped:
+        log.warning(
+            "%s: %d empty captions dropped from rows that keep their other captions",
+            source,
+            skips.captions_dropped,
+        )
     if not ids:
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
         raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
@@ -354,8 +364,20 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         rows_read=rows_read,
         skipped={reason: skips.counts.get(reason, 0) for reason in SKIP_REASONS},
         source=source,
+        captions_dropped=skips.captions_dropped,
     )
-    return group_by_image(loaded) if role == "test" else loaded
+    if role != "test":
+        return loaded
+    grouped = group_by_image(loaded)
+    if len(grouped) < 10:  # the largest K of the recall keys
+        log.warning(
+            "%s: the test set has %d distinct images: text->image recall@K (ir_r<K>) for "
+            "K >= %d is 100 by construction",
+            source,
+            len(grouped),
+            len(grouped),
+        )
+    return grouped
 
 
 def group_by_image(data: ImageTextSet) -> ImageTextSet:

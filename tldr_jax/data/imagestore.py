@@ -34,7 +34,8 @@ from tldr_jax.utils import io as io_lib
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: rows with the same encoded bytes share one stored image
+CACHE_VERSION = 3  # 2: rows with the same encoded bytes share one stored image; 3: counts
+# the empty captions dropped from kept rows
 _CHUNK = 2048  # images decoded per batch of thread-pool work (bounds the queued futures)
 
 
@@ -265,6 +266,7 @@ def load_cached(cache_dir: str, key: str, skips: Skips) -> tuple[dict[str, Any],
     for reason, msg in meta["examples"].items():
         skips.examples.setdefault(reason, msg)
     skips.first = skips.first or meta["first"]
+    skips.captions_dropped += int(meta.get("captions_dropped", 0))
     log.info("%s: %d rows from the decode cache %s", meta["source"], len(index), meta_path)
     return meta, ImageRows(store, index)
 
@@ -302,6 +304,7 @@ def save_cached(
         skipped=dict(skips.counts),
         examples=dict(skips.examples),
         first=skips.first,
+        captions_dropped=skips.captions_dropped,
     )
     # ensure_ascii: sample ids may hold the surrogate escapes of non-UTF-8 file names.
     with io_lib.atomic_path(meta_path) as tmp, open(tmp, "w", encoding="utf-8") as f:

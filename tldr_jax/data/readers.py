@@ -206,6 +206,7 @@ def _json_row(
         return skips.skip("empty_caption", file, where)
     if _is_remote(image):
         return skips.skip("missing_image", file, where, URL_DETAIL)
+    skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
     sample_id = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
     sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image, where)
@@ -241,6 +242,7 @@ def _karpathy_image(
     captions = tuple(c for c in map(clean_caption, raw) if c)
     if not captions:
         return skips.skip("empty_caption", file, where)
+    skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
     sample_id = next((str(row[k]) for k in _KARPATHY_ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
     sink.add(
@@ -348,6 +350,7 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
         if not cleaned:
             skips.skip("empty_caption", path, i)
             continue
+        skips.drop_captions(path, i, len(raw) - len(cleaned), len(raw))
         sample_id = str(row["id"]) if row.get("id") not in (None, "") else f"{stem}:{i}"
         sink.add(sample_id, _resolve(name, "", base_dir), cleaned, name, i)
     for i, reason, detail in bad:
@@ -632,19 +635,39 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 LAZY_SHARD_IMAGES = True
 
 
+# A webdataset sample whose group holds the same extension twice: skipped as malformed
+# (webdataset itself raises "duplicate file name in tar file").
+_DUPLICATE_EXT = "\x00duplicate"
+
+
+def _tar_ended_cleanly(tar: tarfile.TarFile, shard: Path, compressed: bool) -> bool:
+    """Whether the member loop stopped at the end-of-archive zero block. Python's tarfile
+    also stops without an error where a shard cut short ends at a block boundary or inside
+    a member's header: the block it read there is then short, missing or not zeros."""
+    end = tar.offset
+    if compressed:  # the decompressed stream's position: a full block was read at `end`
+        fileobj = tar.fileobj
+        return fileobj is not None and fileobj.tell() >= end + tarfile.BLOCKSIZE
+    with open(shard, "rb") as f:
+        f.seek(end)
+        return f.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
+
+
 def _shard_samples(
     shard: Path,
-) -> tuple[dict[str, dict[str, bytes | ShardMember]], Exception | None]:
-    """key -> {extension: bytes} in the shard's own order (webdataset key = name up to the
-    first dot of the basename), and the error that stopped the reading, if any: a shard cut
-    short keeps the samples before the cut, less the last one (its other files may be in
-    the lost tail). In an uncompressed shard an image is a `ShardMember` (where its bytes
-    are, read again when it is decoded), so a set is never held whole as encoded bytes."""
-    samples: dict[str, dict[str, bytes | ShardMember]] = {}
-    last = None
+) -> tuple[list[tuple[str, dict[str, bytes | ShardMember]]], Exception | None]:
+    """(key, {extension: bytes}) per sample in the shard's own order (webdataset: key = name
+    up to the first dot of the basename; consecutive files with one key are one sample, a
+    key met again later starts another), and the error that stopped the reading, if any: a
+    shard cut short keeps the samples before the cut, less the last one (its other files
+    may be in the lost tail). In an uncompressed shard an image is a `ShardMember` (where
+    its bytes are, read again when it is decoded), so a set is never held whole as encoded
+    bytes. A sample holding one extension twice carries `_DUPLICATE_EXT`."""
+    samples: list[tuple[str, dict[str, bytes | ShardMember]]] = []
     try:
         with open(shard, "rb") as f:
-            lazy = LAZY_SHARD_IMAGES and not f.read(6).startswith(_COMPRESSED_MAGIC)
+            compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
+        lazy = LAZY_SHARD_IMAGES and not compressed
         with tarfile.open(shard, "r") as tar:  # "r": plain or compressed (.tar.gz)
             for member in tar:
                 if not member.isfile():
@@ -654,21 +677,24 @@ def _shard_samples(
                     continue
                 stem, _, ext = base.partition(".")
                 key = f"{folder}/{stem}" if folder else stem
-                last = key
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                files = samples[-1][1]
                 f = tar.extractfile(member)
                 assert f is not None
                 data = f.read()
                 ext = ext.lower()
+                if ext in files:
+                    files[_DUPLICATE_EXT] = ext.encode()
                 if lazy and ext in _WDS_IMAGE_EXTS and len(data) == member.size:
                     digest = hashlib.sha1(data).digest()
-                    samples.setdefault(key, {})[ext] = ShardMember(
-                        str(shard), member.offset_data, member.size, digest
-                    )
+                    files[ext] = ShardMember(str(shard), member.offset_data, member.size, digest)
                 else:
-                    samples.setdefault(key, {})[ext] = data
+                    files[ext] = data
+            if not _tar_ended_cleanly(tar, shard, compressed):
+                raise tarfile.ReadError(f"cut short at byte {tar.offset} (no end-of-archive block)")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        samples.pop(last, None)
-        return samples, e
+        return samples[:-1], e
     return samples, None
 
 
@@ -873,8 +899,12 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             sink.row()
             kept = f"; the {len(samples)} samples before it are read" if samples else ""
             skips.skip("unreadable_shard", str(shard), "-", f"{error}{kept}")
-        for key, files in samples.items():
+        for key, files in samples:
             sink.row()
+            if _DUPLICATE_EXT in files:
+                ext = files[_DUPLICATE_EXT].decode()  # type: ignore[union-attr]
+                skips.skip("malformed_row", str(shard), key, f"two .{ext} files in one sample")
+                continue
             ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
             if ext is None:
                 skips.skip("missing_image", str(shard), key, "no image file for this key")
@@ -936,6 +966,7 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
         if not captions:
             skips.skip("empty_caption", spec, i)
             continue
+        skips.drop_captions(spec, i, len(texts) - len(captions), len(texts))
         explicit = next((example[k] for k in _TFDS_ID_FIELDS if k in example), None)
         sample_id = str(explicit) if explicit is not None else f"{name}:{split}:{i}"
         filename = example.get(f"{image_key}/filename", example.get("image/filename"))

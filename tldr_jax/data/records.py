@@ -127,6 +127,9 @@ class Skips:
         # value at the first skip (the records that come before the first bad row).
         self.records_before = 0
         self.first_records: int | None = None
+        # Empty captions dropped from rows that keep others (a Karpathy image with one empty
+        # sentence of five): the row is kept, so these are not row skips.
+        self.captions_dropped = 0
 
     def skip(self, reason: str, file: str, row: int | str, detail: str = "") -> None:
         assert reason in SKIP_REASONS, reason
@@ -139,8 +142,21 @@ class Skips:
         if not self.first:
             self.first, self.first_records = msg, self.records_before
 
+    def drop_captions(self, file: str, row: int | str, dropped: int, total: int) -> None:
+        """`dropped` of a kept row's `total` captions were empty after cleaning: counted (in
+        strict mode an error naming the file and row)."""
+        if not dropped:
+            return
+        msg = f"{file}, row {row}: empty_caption ({dropped} of its {total} captions empty)"
+        if self.strict:
+            raise BadRowError(msg)
+        self.captions_dropped += dropped
+        if not self.first:  # what strict mode stops at, when it reads leniently first
+            self.first, self.first_records = msg, self.records_before
+
     def merge(self, other: Skips) -> None:
         self.counts.update(other.counts)
+        self.captions_dropped += other.captions_dropped
         for k, v in other.examples.items():
             self.examples.setdefault(k, v)
         self.first = self.first or other.first

@@ -104,6 +104,18 @@ class Evaluator:
             theta, _, loss, _ = trainer(theta, opt_state, x, t, idx, keys, targets)
             recall = et.evaluate(self.embed, theta, self.data)
             recall["final_loss"] = float(loss)
+            finite = bool(np.isfinite(recall["final_loss"])) and bool(
+                all(jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(theta))
+            )
+            if not finite:  # its embeddings rank last (retrieval): recall ~0, not 100
+                log.warning(
+                    "eval-distilled: model %d diverged (non-finite loss or parameters) at "
+                    "lr_img %g, lr_txt %g",
+                    i,
+                    lr_img,
+                    lr_txt,
+                )
+            recall["diverged"] = not finite
             out.append(recall)
         return out
 
@@ -127,7 +139,8 @@ def coreset_indices(
 
 
 def _summarise(runs: list[dict[str, float]], **meta: Any) -> dict[str, Any]:
-    return {**et.mean_std(runs), **meta}
+    diverged = sum(bool(r.get("diverged")) for r in runs)
+    return {**et.mean_std(runs), "diverged_models": diverged, **meta}
 
 
 def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) -> str:
@@ -137,6 +150,8 @@ def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) ->
     for budget in sorted(results):
         for method, r in results[budget].items():
             cells = " | ".join(f"{r[k]['mean']:.1f} ± {r[k]['std']:.1f}" for k in keys)
+            if r.get("diverged_models"):
+                method = f"{method} ({r['diverged_models']} diverged)"
             lines.append(f"| {budget} | {method} | {cells} |")
     if experts:
         cells = " | ".join(f"{experts[k]['mean']:.1f} ± {experts[k]['std']:.1f}" for k in keys)
@@ -196,6 +211,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     m = len(syn["images"])
     lr_img, lr_txt = float(syn["lr_img"]), float(syn["lr_txt"])
+    if not (lr_img > 0 and lr_txt > 0):  # SPEC B.4 trains at the learned step sizes as they are
+        log.warning(
+            "eval-distilled: the learned step sizes are not positive (lr_img %g, lr_txt %g): "
+            "the distilled set's models train with them as they are and will likely diverge; "
+            "distill.step_size_param=log keeps them positive",
+            lr_img,
+            lr_txt,
+        )
     # LoRS: the learned similarity is the distilled set's contrastive target (coresets: identity).
     similarity = syn.get("similarity")
     distilled = _summarise(

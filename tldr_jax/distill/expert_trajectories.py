@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.data.readers import input_identity
@@ -412,6 +413,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 theta, opt_state, loss, correct = trainer(
                     theta, opt_state, images, texts, idx, keys
                 )
+                if not (np.isfinite(float(loss)) and all(np.isfinite(x).all() for x in theta)):
+                    raise ConfigError(
+                        f"buffer: expert {e} diverged in epoch {epoch + 1} (non-finite loss "
+                        f"or parameters) at buffer.lr {float(b.lr):g}; lower buffer.lr (the "
+                        f"finished epochs are kept)"
+                    )
                 # Pairs in the dropped remainder keep their previous epoch's value.
                 row = traj["correct"][epoch].copy()
                 row[idx.reshape(-1)] = np.asarray(correct).reshape(-1)

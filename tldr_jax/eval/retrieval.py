@@ -13,6 +13,7 @@ block of queries at a time and reduced to ranks inside one jitted function.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +21,26 @@ import numpy as np
 
 RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
 
+log = logging.getLogger(__name__)
+
+
+def nonfinite_rows(x: np.ndarray | jax.Array) -> int:
+    """How many rows of a 2-D array hold a NaN or an infinity."""
+    return int(jnp.sum(~jnp.all(jnp.isfinite(jnp.asarray(x)), axis=1)))
+
 
 def _rank_of(scores: jax.Array, gt: jax.Array) -> jax.Array:
     """Rank of column `gt` in each row of `scores` under a stable descending sort.
 
-    scores: (Q, C); gt: (Q,) int. Returns (Q,) int32.
+    scores: (Q, C); gt: (Q,) int. Returns (Q,) int32. A NaN ground-truth score (a diverged
+    model's) ranks last, C: NaN compares false both ways, which would otherwise rank it first
+    and report recall 100. Other NaN scores are never ahead.
     """
     gt_score = jnp.take_along_axis(scores, gt[:, None], axis=1)
     cols = jnp.arange(scores.shape[1])[None, :]
     ahead = (scores > gt_score) | ((scores == gt_score) & (cols < gt[:, None]))
-    return jnp.sum(ahead, axis=1, dtype=jnp.int32)
+    rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
+    return jnp.where(jnp.isnan(gt_score[:, 0]), jnp.int32(scores.shape[1]), rank)
 
 
 @jax.jit
@@ -105,9 +116,22 @@ def retrieval_metrics(
     ks: tuple[int, ...] = (1, 5, 10),
     chunk: int = 512,
 ) -> dict[str, float]:
-    """Recall@K from embeddings (scores = dot products), blockwise: memory O(chunk x N)."""
+    """Recall@K from embeddings (scores = dot products), blockwise: memory O(chunk x N).
+    Non-finite embeddings (a diverged model) are logged; their queries rank last."""
     img = jnp.asarray(img_emb, jnp.float32)
     txt = jnp.asarray(txt_emb, jnp.float32)
+    bad_img, bad_txt = nonfinite_rows(img), nonfinite_rows(txt)
+    if bad_img or bad_txt:
+        log.warning(
+            "retrieval: %d of %d image and %d of %d caption embeddings are not finite (a "
+            "diverged model); their queries rank last and they are never ahead",
+            bad_img,
+            img.shape[0],
+            bad_txt,
+            txt.shape[0],
+        )
+        img = jnp.where(jnp.all(jnp.isfinite(img), axis=1, keepdims=True), img, jnp.nan)
+        txt = jnp.where(jnp.all(jnp.isfinite(txt), axis=1, keepdims=True), txt, jnp.nan)
     n_img, n_txt = img.shape[0], txt.shape[0]
     gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
     gt_img = jnp.asarray(np.asarray(txt2img, np.int32))

@@ -263,6 +263,7 @@ def data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
         "skipped": skipped,
         "skipped_train": dict(train.skipped),
         "skipped_test": dict(test.skipped),
+        "captions_dropped": train.captions_dropped + test.captions_dropped,
         "train_source": train.source,
         "test_source": test.source,
     }
