@@ -103,8 +103,13 @@ def test_distill_outputs_resume_and_eval(buffered):
     # Resume: three more iterations continue from the checkpoint at iteration 3.
     config5 = config.copy_and_resolve_references()
     config5.distill.iterations = 5
+    config5.distill.grad_mode = "remat"  # rerun-free: the same exact gradient
     second = run_stage("distill", config5, str(workdir))
     assert second["resumed_from"] == 3 and second["iterations"] == 5
+    assert second["grad_mode_history"] == [
+        {"from_iteration": 0, "grad_mode": "unroll"},
+        {"from_iteration": 3, "grad_mode": "remat"},
+    ]
     with np.load(out / "distilled.npz") as f:
         assert not np.array_equal(f["images"], images)
     # The meta-loss history travels in the checkpoints: a rerun of the finished stage (or a
@@ -113,6 +118,19 @@ def test_distill_outputs_resume_and_eval(buffered):
     assert again["resumed_from"] == 5 and first["meta_loss_first10"] is not None
     for key in ("meta_loss_first10", "meta_loss_last10"):
         assert again[key] == pytest.approx(second[key]) and second[key] is not None
+    # Fewer iterations asked of a set learned for more: kept as it is, reported as it is.
+    config2 = config.copy_and_resolve_references()
+    config2.distill.iterations = 2
+    fewer = run_stage("distill", config2, str(workdir))
+    assert fewer["iterations"] == 5 and fewer["iterations_asked"] == 2
+    with np.load(out / "distilled.npz") as f:
+        assert int(f["iterations"]) == 5
+    # eval-distilled refuses a set short of distill.iterations (a longer distill run that
+    # stopped before its end leaves the previous run's set on disk).
+    config7 = config.copy_and_resolve_references()
+    config7.distill.iterations = 7
+    with pytest.raises(ValueError, match=r"distilled for 5 iterations, not distill.iterations=7"):
+        run_stage("eval-distilled", config7, str(workdir))
     # Settings that define the synthetic set cannot change under a finished one.
     noise = config5.copy_and_resolve_references()
     noise.distill.init = "noise"
@@ -128,6 +146,7 @@ def test_distill_outputs_resume_and_eval(buffered):
             stats = result[method][key]
             assert set(stats) >= {"mean", "std"} and 0.0 <= stats["mean"] <= 100.0
         assert result[method]["num_pairs"] == 8
+    assert result["distilled"]["iterations"] == 5
     assert "| distilled |" in (workdir / "eval-distilled.md").read_text()
     assert (workdir / "eval-distilled.json").exists()
     assert result["protocol"]["coreset_pairs"] == 8

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             summary = run_stage(stage, flags.FLAGS.config, flags.FLAGS.workdir)
         except preemption.Preempted as e:
             print(f"tldr-jax {stage}: {e}", file=sys.stderr)
-            sys.exit(preemption.EXIT_CODE)
+            _exit_now(preemption.EXIT_CODE)
         except KeyboardInterrupt:
             # Ctrl-C stops at once (no checkpoint of its own; SIGTERM finishes the step and
             # checkpoints). Outputs are written atomically, so a rerun resumes from the last one.
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 "last checkpoint",
                 file=sys.stderr,
             )
-            sys.exit(130)
+            _exit_now(130)
         except (InputError, FileNotFoundError, ConfigError) as e:
             # The input's or the config's fault, and the message says where: no traceback.
             print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)
@@ -225,6 +225,22 @@ def main(argv: list[str] | None = None) -> None:
         short = " ".join(f"{k}={summary[k]:.4g}" for k in keys)
         wrote = Path(os.path.expanduser(flags.FLAGS.workdir)) / (stage + ".json")
         print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
+
+    def _exit_now(code: int) -> None:
+        """Exits after a signal stopped the stage (its `finally` blocks have run). A
+        single process leaves at once, without the interpreter's shutdown: a signal can
+        land while XLA still runs dispatched work on its own threads, and tearing Python
+        down under them crashed the process (exit 139, not 143) in ~1 of 5 early SIGTERMs.
+        Several processes leave through `sys.exit`, whose exit handlers disconnect from
+        JAX's coordination service (every process is at the same agreed step then)."""
+        import jax
+
+        if jax.process_count() > 1:
+            sys.exit(code)
+        logging.shutdown()  # flush the log handlers (metrics files are closed already)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def _parse_flags(args: list[str]) -> list[str]:
         try:

@@ -8,8 +8,9 @@ and the student's minibatches are functions of (seed, iteration), so a resumed r
 exactly where the checkpoint left off.
 
 Outputs under W/distill/: Orbax checkpoints (synthetic set, outer optimiser state, iteration),
-distilled.npz (images, texts, lr_img, lr_txt, init_index) and distilled.png (denormalised
-images titled with the nearest real training caption of their text embedding).
+distilled.npz (images, texts, lr_img, lr_txt, init_index, nearest_caption_index, iterations)
+and distilled.png (denormalised images titled with the nearest real training caption of
+their text embedding).
 
 `distill.lors=True` (off by default; LoRS, Xu et al. 2024, beyond the reference) also learns a
 soft image-text similarity S = diag(a) + (lors_alpha / lors_rank) L R^T, initialised at the
@@ -166,9 +167,19 @@ def start_epochs(config: ml_collections.ConfigDict) -> int:
     """How many start epochs an outer iteration draws from: max_start_epoch, capped so that
     start + expert_epochs stays within the buffer's epochs."""
     epochs, expert_epochs = int(config.buffer.epochs), int(config.distill.expert_epochs)
-    max_start = min(int(config.distill.max_start_epoch), epochs - expert_epochs + 1)
+    asked = int(config.distill.max_start_epoch)
+    max_start = min(asked, epochs - expert_epochs + 1)
     if max_start < 1:
         raise ConfigError(f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}")
+    if max_start < asked:
+        log.warning(
+            "distill: max_start_epoch=%d capped at %d: a start epoch s needs s + expert_epochs"
+            " (%d) <= buffer.epochs (%d)",
+            asked,
+            max_start,
+            expert_epochs,
+            epochs,
+        )
     return max_start
 
 
@@ -252,6 +263,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     syn, opt_state = jax.device_put((syn, opt_state), rep)
     inner = inner_loop(config)
     batch_syn = int(d.batch_syn) or m
+    if batch_syn > m:
+        log.warning(
+            "distill: batch_syn=%d > num_pairs=%d: every step takes all %d", batch_syn, m, m
+        )
+        batch_syn = m
 
     @partial(jax.jit, in_shardings=rep, out_shardings=rep)
     def step(syn, opt_state, expert_start, expert_target, key):
@@ -284,12 +300,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     first_losses: list[float] = []
     history_known = start == 0
     experts_history: list[list[int]] = []
+    modes_history: list[list[Any]] = []  # [from_iteration, grad_mode] (a rerun-free key)
     if start:
         state, extra = ckpt.restore(start, {"syn": syn, "opt_state": opt_state})
         syn, opt_state = state["syn"], state["opt_state"]
         skipped = int(extra.get("skipped", 0))
         # [from_iteration, experts matched] segments; unknown for checkpoints written before.
         experts_history = [list(map(int, seg)) for seg in extra.get("experts_history", [])]
+        modes_history = [[int(i), str(g)] for i, g in extra.get("grad_mode_history", [])]
         if "meta_losses" in extra:
             losses = [float(x) for x in extra["meta_losses"]]
             first_losses = losses[:10]
@@ -298,6 +316,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logger = MetricLogger(workdir_p, "distill", resume_step=start)
     if start < iterations and (not experts_history or experts_history[-1][1] != len(trajs)):
         experts_history.append([start, len(trajs)])
+    if start < iterations and (not modes_history or modes_history[-1][1] != d.grad_mode):
+        modes_history.append([start, str(d.grad_mode)])
     if start == iterations and experts_history and experts_history[-1][1] < len(trajs):
         log.warning(
             "distill: this workdir's set was learned matching %d experts; %d are finished now. "
@@ -354,6 +374,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 extra = {
                     "skipped": skipped,
                     "experts_history": experts_history,
+                    "grad_mode_history": modes_history,
                     **({"meta_losses": losses} if history_known else {}),
                 }
                 ckpt.save(done, {"syn": syn, "opt_state": opt_state}, extra=extra)
@@ -362,7 +383,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 logger.close()
                 raise preemption.stop("distill", done)
     train_s = time.time() - t0
-    if start == iterations:  # everything was done before; nothing to add to the curves
+    done_iterations = max(start, iterations)  # the set's iterations (restored at `start`)
+    if start > iterations:
+        log.warning(
+            "distill: this workdir's set was learned for %d iterations, more than "
+            "distill.iterations=%d; it is kept as it is (and reported as %d iterations)",
+            start,
+            iterations,
+            start,
+        )
+    elif start == iterations:  # everything was done before; nothing to add to the curves
         log.info("distill: already finished (%d iterations)", iterations)
     ckpt.close()
     logger.close()
@@ -399,17 +429,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             lr_txt=np.float32(lr_txt),
             init_index=init_idx,
             nearest_caption_index=nearest,
+            iterations=np.int64(done_iterations),
             **lors_arrays,
         )
         save_grid(out_dir / "distilled.png", images, [data.train_captions[i] for i in nearest])
     kept_caption = float(np.mean(nearest == init_idx)) if d.init != "noise" else None
     return {
         "num_pairs": m,
-        "iterations": iterations,
+        "iterations": done_iterations,
+        "iterations_asked": iterations,
         "resumed_from": start,
         "skipped": skipped,  # non-finite outer iterations (NaN guard); data rows: "data"
         "data": pretrain.data_summary(data.train, data.test),
-        "grad_mode": d.grad_mode,
+        "grad_mode": modes_history[-1][1] if modes_history else d.grad_mode,
+        # Gradient modes per stretch of iterations (a rerun may change it); empty for
+        # checkpoints written before it was recorded.
+        "grad_mode_history": [{"from_iteration": i, "grad_mode": g} for i, g in modes_history],
         "scan_unroll": scan_unroll,
         "init": d.init,
         "seed": seed,  # distill.seed, or the global seed where that is -1
@@ -421,7 +456,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             else None
         ),
         "expert_epochs": expert_epochs,
-        "max_start_epoch": max_start,
+        "max_start_epoch": max_start,  # as drawn: capped where s + expert_epochs > epochs
+        "max_start_epoch_asked": int(d.max_start_epoch),
         # Experts the set was matched against in its latest iterations (the buffer may have
         # had fewer finished when distill ran beside it), and per stretch of iterations.
         "num_experts_used": experts_history[-1][1] if experts_history else None,

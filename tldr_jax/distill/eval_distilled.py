@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from tldr_jax.config_check import ConfigError
 from tldr_jax.distill import coresets
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill.distill_stage import distill_signature
@@ -189,6 +190,31 @@ def recall_plot(path: Path, results: dict[int, dict[str, dict]]) -> None:
     io.save_figure(fig, path)
 
 
+def check_distilled_iterations(
+    syn: dict[str, np.ndarray], config: ml_collections.ConfigDict, npz: Path
+) -> int | None:
+    """The distilled set's outer iterations (None for a set saved before they were recorded).
+    Refuses a set of fewer than distill.iterations: a distill run that was to go further
+    stopped before its end, and the set on disk is the previous run's."""
+    if "iterations" not in syn:
+        return None
+    have, want = int(syn["iterations"]), int(config.distill.iterations)
+    if have < want:
+        raise ConfigError(
+            f"{npz} holds a set distilled for {have} iterations, not distill.iterations="
+            f"{want}: a distill run stopped before its end. Rerun `tldr-jax distill` with the "
+            f"same settings first (it resumes), or evaluate with "
+            f"--config.distill.iterations={have}"
+        )
+    if have > want:
+        log.warning(
+            "eval-distilled: the set was distilled for %d iterations (distill.iterations=%d)",
+            have,
+            want,
+        )
+    return have
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax eval-distilled`: distilled set vs coresets; json + md (+ png) in workdir."""
     workdir_p = Path(workdir)
@@ -204,6 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     et.check_signature(
         workdir_p / "distill" / "signature.json", sig, create=False, redo="distill again"
     )
+    distilled_iterations = check_distilled_iterations(syn, config, npz)
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     evaluator = Evaluator(config, student, data)
@@ -226,6 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             syn["images"], syn["texts"], lr_img, lr_txt, tag=0, targets=similarity
         ),
         num_pairs=m,
+        iterations=distilled_iterations,
         lr_img=lr_img,
         lr_txt=lr_txt,
         soft_targets=similarity is not None,
