@@ -563,7 +563,14 @@ def main() -> None:
     parser.add_argument("--export-check", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     modes = args.modes.split(",")
-    steps = [int(s) for s in args.steps.split(",")]
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",")})  # ratios are to the fewest
+    except ValueError:
+        parser.error(f"--steps: comma-separated positive integers, not {args.steps!r}")
+    if steps[0] < 1:
+        parser.error(f"--steps: every value must be >= 1 (got {args.steps!r})")
+    if args.iters < 0:
+        parser.error(f"--iters must be >= 0 (got {args.iters})")
     for mode in modes:
         if mode not in ("unroll", "remat", "tesla"):
             parser.error(f"unknown mode {mode!r}")
@@ -611,6 +618,12 @@ def main() -> None:
     print_table(results, steps)
     if args.reference_python:
         print_ratios(results, steps)
+    failed = [
+        f"{mode}@{n}" for mode in modes for n, p in results[mode].items() if "error" in p
+    ]
+    if failed:
+        print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

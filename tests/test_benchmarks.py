@@ -15,10 +15,25 @@ from tldr_jax.utils import hostenv
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "abc"], "--steps: comma-separated positive integers"),
+        (["--steps", "5,0"], "--steps: every value must be >= 1"),
+        (["--steps", "-5"], "--steps: every value must be >= 1"),
+        (["--iters", "-1"], "--iters must be >= 0"),
+    ],
+)
+def test_distill_memory_rejects_bad_arguments(args, message):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_distill_memory_json_interface(tmp_path):
     out = tmp_path / "dm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py"), "--modes", "remat"]
-    cmd += ["--steps", "2,3", "--iters", "1", "--json", str(out)]
+    cmd += ["--steps", "3,2", "--iters", "1", "--json", str(out)]  # ratios to the fewest
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
