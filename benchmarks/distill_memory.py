@@ -618,9 +618,7 @@ def main() -> None:
     print_table(results, steps)
     if args.reference_python:
         print_ratios(results, steps)
-    failed = [
-        f"{mode}@{n}" for mode in modes for n, p in results[mode].items() if "error" in p
-    ]
+    failed = [f"{mode}@{n}" for mode in modes for n, p in results[mode].items() if "error" in p]
     if failed:
         print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
