@@ -174,10 +174,13 @@ from tldr_jax.data.dataset import load_set
 try:
     ds = load_set(path, data_config(image_size=8, decode_workers=1, strict=strict), "train")
 except Exception as e:
-    print("ERROR", type(e).__name__, e, flush=True)
+    # One write: a C++ thread's log line (Gloo) must not land inside the message.
+    sys.stdout.write(f"\\nERROR {type(e).__name__} {e}\\n")
+    sys.stdout.flush()
     sys.exit(3)
 out = {"ids": ds.ids, "skipped": ds.skipped, "rows_read": ds.rows_read, "n": len(ds.images)}
-print("RESULT", json.dumps(out), flush=True)
+sys.stdout.write(f"\\nRESULT {json.dumps(out)}\\n")
+sys.stdout.flush()
 """
 
 
