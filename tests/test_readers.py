@@ -842,7 +842,9 @@ def test_shard_cut_short_keeps_the_samples_before_the_cut_and_gz_shards_read(tmp
     np.testing.assert_array_equal(ds.images[3], _resized(9))
 
 
-@pytest.mark.parametrize("where", ["block_boundary", "inside_header", "no_end_blocks"])
+@pytest.mark.parametrize(
+    "where", ["block_boundary", "inside_header", "no_end_blocks", "garbage_header"]
+)
 @pytest.mark.parametrize("gz", [False, True])
 def test_shard_cut_between_members_is_counted_and_strict_stops(tmp_path, where, gz):
     """Python's tarfile ends without an error where a shard is cut at a 512-byte block
@@ -859,15 +861,21 @@ def test_shard_cut_between_members_is_counted_and_strict_stops(tmp_path, where, 
         "block_boundary": members["3.png"].offset,  # samples 0-2 whole, nothing of 3
         "inside_header": members["3.png"].offset + 100,
         "no_end_blocks": end,  # every member, but no end-of-archive blocks
+        "garbage_header": len(data),
     }[where]
     name = "00000.tar.gz" if gz else "00000.tar"
-    (shards / name).write_bytes(gzip.compress(data[:cut]) if gz else data[:cut])
+    bad = data[:cut]
+    if where == "garbage_header":  # sample 3's header block overwritten, the rest intact
+        at = members["3.png"].offset
+        bad = data[:at] + bytes(range(1, 256)) * 2 + b"xy" + data[at + 512 :]
+    (shards / name).write_bytes(gzip.compress(bad) if gz else bad)
     ds = load_set(str(shards), _cfg(), "train")
     # The last sample before a cut may have lost files to it: dropped with the shard counted.
     kept = 3 if where == "no_end_blocks" else 2
     assert ds.ids == [f"00000/{k}" for k in range(kept)]
     assert ds.skipped == {r: int(r == "unreadable_shard") for r in SKIP_REASONS}
-    with pytest.raises(BadRowError, match=rf"{name}, row -: unreadable_shard \(cut short"):
+    what = "a broken header" if where == "garbage_header" else "cut short"
+    with pytest.raises(BadRowError, match=rf"{name}, row -: unreadable_shard \({what}"):
         load_set(str(shards), _cfg(strict=True), "train")
     (shards / name).write_bytes(gzip.compress(data) if gz else data)  # the whole shard
     whole = load_set(str(shards), _cfg(strict=True), "train")

@@ -52,10 +52,13 @@ not-an-image accounting) happens once, in `dataset.load_set`.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import tarfile
@@ -628,8 +631,6 @@ def _shard_stem(shard: Path) -> str:
     return next(name[: -len(x)] for x in _SHARD_SUFFIXES if name.endswith(x))
 
 
-# Leading bytes of the compressed files tarfile.open("r") reads (gzip, bzip2, xz).
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 # Images of uncompressed shards as `ShardMember`s; `benchmarks/data_memory.py --webdataset`
 # turns it off in one of its processes to measure the loader that held every image's bytes.
 LAZY_SHARD_IMAGES = True
@@ -640,17 +641,40 @@ LAZY_SHARD_IMAGES = True
 _DUPLICATE_EXT = "\x00duplicate"
 
 
-def _tar_ended_cleanly(tar: tarfile.TarFile, shard: Path, compressed: bool) -> bool:
-    """Whether the member loop stopped at the end-of-archive zero block. Python's tarfile
-    also stops without an error where a shard cut short ends at a block boundary or inside
-    a member's header: the block it read there is then short, missing or not zeros."""
-    end = tar.offset
-    if compressed:  # the decompressed stream's position: a full block was read at `end`
-        fileobj = tar.fileobj
-        return fileobj is not None and fileobj.tell() >= end + tarfile.BLOCKSIZE
-    with open(shard, "rb") as f:
-        f.seek(end)
-        return f.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
+class _LastRead:
+    """A file object that remembers what its last `read` returned: after tarfile's member
+    loop, the block it took for the next header. Python's tarfile also ends that loop
+    without an error where a shard was cut at a block boundary or inside a header, or holds
+    a block of garbage there (no end-of-archive zeros); that block tells which it was, in a
+    compressed shard too, without reading the stream again."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.last = b""
+
+    def read(self, n: int = -1) -> bytes:
+        self.last = self._f.read(n)
+        return self.last
+
+    def seek(self, *args: int) -> int:
+        return self._f.seek(*args)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _open_shard(f: Any) -> tuple[Any, bool]:
+    """The shard's (decompressed) byte stream over the open file `f`, and whether it is
+    compressed (gzip, bzip2 or xz, by their leading bytes, as tarfile.open("r") detects)."""
+    head = f.read(6)
+    f.seek(0)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=f, mode="rb"), True
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(f), True
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(f), True
+    return f, False
 
 
 def _shard_samples(
@@ -665,10 +689,12 @@ def _shard_samples(
     bytes. A sample holding one extension twice carries `_DUPLICATE_EXT`."""
     samples: list[tuple[str, dict[str, bytes | ShardMember]]] = []
     try:
-        with open(shard, "rb") as f:
-            compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
-        lazy = LAZY_SHARD_IMAGES and not compressed
-        with tarfile.open(shard, "r") as tar:  # "r": plain or compressed (.tar.gz)
+        with open(shard, "rb") as raw:
+            stream, compressed = _open_shard(raw)
+            lazy = LAZY_SHARD_IMAGES and not compressed
+            source = _LastRead(stream)
+            # Over a file object it does not own, a TarFile holds nothing that needs closing.
+            tar = tarfile.open(fileobj=source, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
             for member in tar:
                 if not member.isfile():
                     continue
@@ -691,9 +717,10 @@ def _shard_samples(
                     files[ext] = ShardMember(str(shard), member.offset_data, member.size, digest)
                 else:
                     files[ext] = data
-            if not _tar_ended_cleanly(tar, shard, compressed):
-                raise tarfile.ReadError(f"cut short at byte {tar.offset} (no end-of-archive block)")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            if source.last != tarfile.NUL * tarfile.BLOCKSIZE:
+                where = "cut short" if len(source.last) < tarfile.BLOCKSIZE else "a broken header"
+                raise tarfile.ReadError(f"{where} at byte {tar.offset} (no end-of-archive block)")
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
         return samples[:-1], e
     return samples, None
 

@@ -34,6 +34,7 @@ from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill.distill_stage import distill_signature
 from tldr_jax.distill.matching import sample_minibatches
 from tldr_jax.distill.student import Student
+from tldr_jax.eval.retrieval import nonfinite_rows, retrieval_metrics
 from tldr_jax.train import pretrain
 from tldr_jax.utils import dist, io
 from tldr_jax.utils.mesh import make_mesh
@@ -103,15 +104,19 @@ class Evaluator:
             idx = sample_minibatches(k_batch, n, steps, batch)
             keys = jax.random.split(k_drop, steps)
             theta, _, loss, _ = trainer(theta, opt_state, x, t, idx, keys, targets)
-            recall = et.evaluate(self.embed, theta, self.data)
+            img, txt = self.embed(theta, self.data.test_images, self.data.test_txt)
+            recall = retrieval_metrics(img, txt, self.data.txt2img)
             recall["final_loss"] = float(loss)
-            finite = bool(np.isfinite(recall["final_loss"])) and bool(
-                all(jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(theta))
+            finite = (
+                bool(np.isfinite(recall["final_loss"]))
+                and all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(theta))
+                and nonfinite_rows(img) == 0
+                and nonfinite_rows(txt) == 0
             )
             if not finite:  # its embeddings rank last (retrieval): recall ~0, not 100
                 log.warning(
-                    "eval-distilled: model %d diverged (non-finite loss or parameters) at "
-                    "lr_img %g, lr_txt %g",
+                    "eval-distilled: model %d diverged (non-finite loss, parameters or test "
+                    "embeddings) at lr_img %g, lr_txt %g",
                     i,
                     lr_img,
                     lr_txt,

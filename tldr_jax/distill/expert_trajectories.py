@@ -416,8 +416,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if not (np.isfinite(float(loss)) and all(np.isfinite(x).all() for x in theta)):
                     raise ConfigError(
                         f"buffer: expert {e} diverged in epoch {epoch + 1} (non-finite loss "
-                        f"or parameters) at buffer.lr {float(b.lr):g}; lower buffer.lr (the "
-                        f"finished epochs are kept)"
+                        f"or parameters) at buffer.lr {float(b.lr):g}. Lower buffer.lr and "
+                        f"use a new --workdir, or delete {workdir_p / 'buffer'} (its experts "
+                        f"were trained at this lr)"
                     )
                 # Pairs in the dropped remainder keep their previous epoch's value.
                 row = traj["correct"][epoch].copy()
