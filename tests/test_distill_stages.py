@@ -259,7 +259,10 @@ def test_changed_data_or_recipe_is_refused(buffered):
 def test_a_diverging_expert_stops_the_buffer_with_a_clear_error(tmp_path):
     config = tiny_config(tmp_path / "cache")
     config.buffer.lr = 1e30
-    with pytest.raises(ValueError, match=r"buffer: expert 0 diverged in epoch 1 .* lower buffer"):
+    with pytest.raises(
+        ValueError,
+        match=r"buffer: expert 0 diverged in epoch 1 .* Lower buffer.lr and use a new --workdir",
+    ):
         run_stage("buffer", config, str(tmp_path / "w"))
 
 
