@@ -934,7 +934,13 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
                 continue
             ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
             if ext is None:
-                skips.skip("missing_image", str(shard), key, "no image file for this key")
+                skips.skip(
+                    "missing_image",
+                    str(shard),
+                    key,
+                    "no image file for this key here: a sample's files must be consecutive "
+                    "in the shard (tar --sort=name)",
+                )
                 continue
             caption, reason = _sample_caption(files, files.get)
             if reason:
