@@ -3,6 +3,8 @@ or an unknown config word stops the CLI in one line (exit 2) before any data is 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from cli_run import run_cli
 
@@ -294,3 +296,41 @@ def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=f"no such input: {tmp_path}/missing.json"):
         run_stage("buffer", c, "~/w")
     assert (tmp_path / "w").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(monkeypatch, capsys):
+    from tldr_jax import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "config_spec", interrupted)  # as if Ctrl-C hit during startup
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["tldr-jax", "buffer", "--config", "configs/distill.py:tiny", "--workdir", "W"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "tldr-jax buffer: interrupted while starting\n"
+
+
+def test_ctrl_c_inside_jaxs_gc_callback_is_sent_again_not_lost(monkeypatch):
+    """CPython drops an exception raised in a gc callback; JAX's runs at every collection."""
+    import signal
+    import types
+
+    from tldr_jax import cli
+
+    sent = []
+    monkeypatch.setattr(cli.os, "kill", lambda pid, sig: sent.append(sig))
+    in_gc = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="_xla_gc_callback"))
+    cli.sigint_handler(signal.SIGINT, in_gc)  # no KeyboardInterrupt there
+    for _ in range(100):
+        if sent:
+            break
+        time.sleep(0.01)
+    assert sent == [signal.SIGINT]
+    elsewhere = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="load"))
+    with pytest.raises(KeyboardInterrupt):
+        cli.sigint_handler(signal.SIGINT, elsewhere)

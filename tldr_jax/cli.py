@@ -11,8 +11,10 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -144,7 +146,33 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     return summary
 
 
+def sigint_handler(signum: int, frame: Any) -> None:
+    """Python's Ctrl-C (KeyboardInterrupt), except inside a garbage-collector callback:
+    CPython prints and drops an exception raised there, and JAX's `_xla_gc_callback` runs
+    at every collection, so a Ctrl-C while JAX was importing was often lost and the stage
+    ran on. There the signal is sent again a moment later, from another thread."""
+    if frame is not None and frame.f_code.co_name == "_xla_gc_callback":
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`tldr-jax <stage> --config ... --workdir ...`. Ctrl-C while the program is still
+    starting (importing JAX, parsing flags) is one line and exit 130 too, not a traceback."""
+    if argv is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, sigint_handler)
+    try:
+        _main_impl(argv)
+    except KeyboardInterrupt:
+        stage = (sys.argv if argv is None else argv)[1:2] or [""]
+        print(f"tldr-jax {stage[0]}: interrupted while starting", file=sys.stderr)
+        sys.stderr.flush()
+        # At once, as `_exit_now` does: JAX may be half-imported, with threads of its own.
+        os._exit(130)
+
+
+def _main_impl(argv: list[str] | None) -> None:
     as_process = argv is None
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):

@@ -17,6 +17,7 @@ No JAX import here: this runs before anything heavy is loaded.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,19 +99,32 @@ def malloc_hugepages_active(environ: Mapping[str, str] | None = None) -> bool:
     )
 
 
+_REEXEC_MARK = "TLDR_JAX_REEXECED"  # set for the restarted process only
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def reexec_with_malloc_hugepages() -> None:
     """Replaces this process with itself (same interpreter, flags and arguments, same PID) under
     `hugepage_env`; returns without doing anything where that is None. Call it first thing in
     a command-line entry point, before threads exist or output is pending."""
+    if os.environ.pop(_REEXEC_MARK, None):
+        # The restarted process: SIGINT / SIGTERM were blocked across the exec, so one sent
+        # meanwhile is pending, not lost; it is delivered now (Ctrl-C: KeyboardInterrupt).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     env = hugepage_env(os.environ)
     if env is None:
         return
     argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
     sys.stdout.flush()
     sys.stderr.flush()
+    # Python only notes a signal in its C handler and acts between bytecodes: a Ctrl-C just
+    # before exec would vanish with this image. Blocked, it stays pending across the exec.
+    # (One noted before the block is acted on when the call returns: KeyboardInterrupt here.)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *argv[1:]], {**env, _REEXEC_MARK: "1"})
     except OSError:  # e.g. a sandbox forbidding exec: run on without the tunable
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
         return
 
 
