@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -74,11 +75,15 @@ def test_reexec_replaces_the_process_with_the_same_command(monkeypatch):
     monkeypatch.setattr(hostenv, "hugepage_env", lambda environ: {"X": "1"})
     monkeypatch.setattr(os, "execve", fake_execve)
     monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "-m", "tldr_jax.cli", "buffer"])
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     with pytest.raises(SystemExit):
         hostenv.reexec_with_malloc_hugepages()
-    assert calls == [
-        (sys.executable, [sys.executable, "-X", "utf8", "-m", "tldr_jax.cli", "buffer"], {"X": "1"})
-    ]
+    # The restarted process is told so (it unblocks SIGINT / SIGTERM, blocked across the
+    # exec so that one sent meanwhile stays pending); here, where no exec happened, the
+    # signal mask is as it was.
+    command = [sys.executable, "-X", "utf8", "-m", "tldr_jax.cli", "buffer"]
+    assert calls == [(sys.executable, command, {"X": "1", "TLDR_JAX_REEXECED": "1"})]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask
 
     # Nothing to gain: no exec; and a failing exec runs on where it is.
     calls.clear()

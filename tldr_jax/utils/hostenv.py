@@ -124,8 +124,9 @@ def reexec_with_malloc_hugepages() -> None:
     try:
         os.execve(sys.executable, [sys.executable, *argv[1:]], {**env, _REEXEC_MARK: "1"})
     except OSError:  # e.g. a sandbox forbidding exec: run on without the tunable
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
         return
+    finally:  # reached only where the exec did not happen: this process runs on
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 TRITON_GEMM_FLAG = "--xla_gpu_enable_triton_gemm=false"
