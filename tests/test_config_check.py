@@ -308,7 +308,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(monkeypatch, capsys):
         raise SystemExit(code)
 
     monkeypatch.setattr(cli, "config_spec", interrupted)  # as if Ctrl-C hit during startup
-    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(cli, "exit_at_once", exit_now)
     with pytest.raises(SystemExit) as stop:
         cli.main(["tldr-jax", "buffer", "--config", "configs/distill.py:tiny", "--workdir", "W"])
     assert stop.value.code == 130

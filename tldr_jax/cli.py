@@ -157,6 +157,16 @@ def sigint_handler(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def exit_at_once(code: int) -> None:
+    """Leaves without the interpreter's shutdown, after flushing the log handlers and the
+    standard streams: a signal can land while XLA (or JAX's import) runs work on threads of
+    its own, and tearing Python down under them crashed the process (exit 139, not 143 / 130)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`tldr-jax <stage> --config ... --workdir ...`. Ctrl-C while the program is still
     starting (importing JAX, parsing flags) is one line and exit 130 too, not a traceback."""
@@ -167,9 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         stage = (sys.argv if argv is None else argv)[1:2] or [""]
         print(f"tldr-jax {stage[0]}: interrupted while starting", file=sys.stderr)
-        sys.stderr.flush()
-        # At once, as `_exit_now` does: JAX may be half-imported, with threads of its own.
-        os._exit(130)
+        exit_at_once(130)  # JAX may be half-imported, with threads of its own
 
 
 def _main_impl(argv: list[str] | None) -> None:
@@ -255,20 +263,15 @@ def _main_impl(argv: list[str] | None) -> None:
         print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
     def _exit_now(code: int) -> None:
-        """Exits after a signal stopped the stage (its `finally` blocks have run). A
-        single process leaves at once, without the interpreter's shutdown: a signal can
-        land while XLA still runs dispatched work on its own threads, and tearing Python
-        down under them crashed the process (exit 139, not 143) in ~1 of 5 early SIGTERMs.
-        Several processes leave through `sys.exit`, whose exit handlers disconnect from
-        JAX's coordination service (every process is at the same agreed step then)."""
+        """Exits after a signal stopped the stage (its `finally` blocks have run): a single
+        process at once (`exit_at_once`); several through `sys.exit`, whose exit handlers
+        disconnect from JAX's coordination service (every process is at the same agreed
+        step then)."""
         import jax
 
         if jax.process_count() > 1:
             sys.exit(code)
-        logging.shutdown()  # flush the log handlers (metrics files are closed already)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_at_once(code)
 
     def _parse_flags(args: list[str]) -> list[str]:
         try:

@@ -32,7 +32,7 @@ from tldr_jax.config_check import ConfigError
 from tldr_jax.distill import coresets
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill.distill_stage import distill_signature
-from tldr_jax.distill.matching import sample_minibatches
+from tldr_jax.distill.matching import all_finite, sample_minibatches
 from tldr_jax.distill.student import Student
 from tldr_jax.eval.retrieval import nonfinite_rows, retrieval_metrics
 from tldr_jax.train import pretrain
@@ -109,7 +109,7 @@ class Evaluator:
             recall["final_loss"] = float(loss)
             finite = (
                 bool(np.isfinite(recall["final_loss"]))
-                and all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(theta))
+                and bool(all_finite(theta))
                 and nonfinite_rows(img) == 0
                 and nonfinite_rows(txt) == 0
             )

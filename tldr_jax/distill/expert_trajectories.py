@@ -41,7 +41,7 @@ from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.data.readers import input_identity
-from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
+from tldr_jax.distill.matching import LOGIT_SCALE, all_finite, contrastive_loss
 from tldr_jax.distill.student import Student, flatten_params, make_student
 from tldr_jax.eval.retrieval import retrieval_metrics
 from tldr_jax.models import encoder_kwargs, make_image_encoder
@@ -413,7 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 theta, opt_state, loss, correct = trainer(
                     theta, opt_state, images, texts, idx, keys
                 )
-                if not (np.isfinite(float(loss)) and all(np.isfinite(x).all() for x in theta)):
+                if not bool(all_finite((loss, theta))):
                     raise ConfigError(
                         f"buffer: expert {e} diverged in epoch {epoch + 1} (non-finite loss "
                         f"or parameters) at buffer.lr {float(b.lr):g}. Lower buffer.lr and "
