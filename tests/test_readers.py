@@ -1314,3 +1314,88 @@ def test_several_inputs_joined_by_commas_are_one_set(tmp_path):
     assert image_root_for(config, tmp_path / "w") == ""
     with pytest.raises(FileNotFoundError, match="no such input: nowhere.json"):
         read_records(f"{tmp_path}/b/cc.tsv,nowhere.json", "", Skips())
+
+
+def test_a_missing_shard_is_met_where_the_pattern_names_it(tmp_path):
+    """Strict mode stops at the first unusable row in input order: a bad row in the first
+    shard comes before a gap the pattern names later (the gap was counted first)."""
+    root = tmp_path / "wds"
+    root.mkdir()
+    _write_shard(root / "00000.tar", {"0": {"png": _encode(_image(0)), "txt": b"a"}})
+    _write_shard(root / "00001.tar", {"1": {"png": _encode(_image(1)), "txt": b""}})
+    pattern = str(root / "{00000..00003}.tar")
+    with pytest.raises(BadRowError, match=r"00001\.tar, row 1: empty_caption"):
+        read_records(pattern, "", Skips(strict=True))
+    skips = Skips()
+    assert [r.sample_id for r in read_records(pattern, "", skips)] == ["00000/0"]
+    assert skips.as_dict() == {"empty_caption": 1, "unreadable_shard": 2}
+    assert readers.shard_listing(pattern)[1:] == (
+        [root / "00000.tar", root / "00001.tar"],
+        [str(root / "00002.tar"), str(root / "00003.tar")],
+    )
+
+
+def test_image_folder_names_with_dots_keep_their_captions(tmp_path):
+    """In a folder, a sample's key is the file name less its extension (`photo.2019.jpg` +
+    `photo.2019.txt`); such pairs were dropped uncounted when the key ended at the first dot."""
+    root = tmp_path / "trips"
+    root.mkdir()
+    for i, stem in enumerate(("photo.2019", "IMG_0001.final", "plain")):
+        (root / f"{stem}.png").write_bytes(_encode(_image(i)))
+        (root / f"{stem}.txt").write_text(f"caption {i}")
+    (root / "README").write_text("no extension: not a sample")
+    skips = Skips()
+    recs = read_records(str(root), "", skips)
+    assert [(r.sample_id, r.captions) for r in recs] == [
+        ("IMG_0001.final", ("caption 1",)),
+        ("photo.2019", ("caption 0",)),
+        ("plain", ("caption 2",)),
+    ]
+    assert skips.total == 0
+
+
+def test_json_caption_files_that_do_not_parse_or_decode_are_counted_as_such(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(_encode(_image(i)))
+    (root / "0.json").write_bytes(b'{"caption": "fine"}')
+    (root / "1.json").write_bytes(b'{"caption": "caf\xe9"}')  # latin-1, not UTF-8
+    (root / "2.json").write_bytes(b'{"caption": ')  # cut short
+    skips = Skips()
+    assert [r.captions for r in read_records(str(root), "", skips)] == [("fine",)]
+    assert skips.as_dict() == {"non_utf8": 1, "malformed_row": 1}
+
+
+def test_max_rows_cuts_the_training_sets_not_the_test_set(tmp_path):
+    names = _write_images(tmp_path, 3)
+    rows = [{"image": n, "caption": "x"} for n in names]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    cfg = _cfg(max_rows=2, cache_dir=str(tmp_path / "cache"))
+    assert len(load_set(str(tmp_path / "a.json"), cfg, "train")) == 2
+    assert len(load_set(str(tmp_path / "a.json"), cfg, "clean")) == 2
+    assert len(load_set(str(tmp_path / "a.json"), cfg, "test")) == 3
+
+
+def test_a_split_file_among_several_inputs_is_written_by_compress(tmp_path):
+    """`data.train=dataset_coco.json,blip.json`: `write` reads the inputs as the stages do
+    (the split file's train + restval images); it stopped asking for a `:split` suffix."""
+    import ml_collections
+
+    from tldr_jax.compress.common import data_counts, load_train
+    from tldr_jax.compress.write import materialise_encoded_images
+
+    names = _karpathy_split_file(tmp_path)
+    rows = [{"image": str(tmp_path / "val2014" / names[3]), "caption": "extra"}]
+    (tmp_path / "blip.json").write_text(json.dumps(rows))
+    spec = f"{tmp_path}/dataset_coco.json,{tmp_path}/blip.json"
+    config = ml_collections.ConfigDict({"data": _cfg(train=spec).to_dict()})
+    train = load_train(config)
+    paths = materialise_encoded_images(config, train.ids, tmp_path / "out")
+    assert len(train) == 11 and sorted(paths) == sorted(train.ids)  # 9 + 1 + 1 captions
+    assert paths[train.ids[0]] == str(tmp_path / "val2014" / names[0])
+    # The stage summaries' counts add up: rows read = usable records + skipped rows; the
+    # records (images with their captions) are fewer than the pairs.
+    counts = data_counts(train)
+    assert counts["input_records"] == 5 and counts["captions_dropped"] == 0
+    assert counts["rows_read"] == 5 + sum(counts["skipped"].values())

@@ -63,7 +63,9 @@ def data_config(**overrides: object) -> ml_collections.ConfigDict:
     d.test_image_root = ""  # root for data.test's relative image paths; "" = data.image_root
     d.strict = False  # True: stop at the first bad row with file + row in the error
     d.image_size = 64  # images are decoded and resized to this square size
-    d.max_rows = 0  # 0 = all rows
+    # At most this many rows of data.train (and caption.data); 0 = all. The test set is
+    # always read whole (recall on a cut test set is not comparable).
+    d.max_rows = 0
     d.decode_workers = 8  # threads for image decoding
     # A folder: each input set on disk is decoded once into a memory-mapped .npy there and
     # mapped by every later load (stages, reruns), so sets larger than host memory work and
@@ -79,6 +81,12 @@ def image_root_of(data_cfg: ml_collections.ConfigDict | Any, role: str) -> str:
     when given (a test set kept apart from the training images), else data.image_root."""
     test_root = str(data_cfg.get("test_image_root", "") or "")
     return test_root if role == "test" and test_root else str(data_cfg.image_root)
+
+
+def max_rows_of(data_cfg: ml_collections.ConfigDict | Any, role: str) -> int:
+    """data.max_rows for the set read for `role`: it cuts the training sets (a quick run on
+    part of the data); the test set is always read whole, so recall stays comparable."""
+    return 0 if role == "test" else int(data_cfg.max_rows)
 
 
 def text_config(**overrides: object) -> ml_collections.ConfigDict:

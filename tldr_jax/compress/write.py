@@ -17,6 +17,7 @@ import numpy as np
 
 from tldr_jax.compress.common import (
     check_stage,
+    data_counts,
     load_train,
     require_inputs,
     rows_of,
@@ -55,6 +56,7 @@ def materialise_encoded_images(
     several = len(parts) > 1
     if not encoded and not several:
         return None
+    from tldr_jax.config_lib import image_root_of
     from tldr_jax.data import dataset
     from tldr_jax.data.imagestore import image_identity
     from tldr_jax.data.records import LazyImage, Skips
@@ -63,7 +65,9 @@ def materialise_encoded_images(
     paths: dict[str, str] = {}
     written: dict[bytes, str] = {}  # one file per distinct image (`image_identity`)
     names: set[str] = set()
-    for rec in read_records(source, str(config.data.image_root), Skips(strict=False)):
+    # Read as load_train reads it (a Karpathy split file among the inputs: its train split).
+    root = image_root_of(config.data, "train")
+    for rec in read_records(source, root, Skips(strict=False), role="train"):
         # TL;DR's stages see one pair per caption (`ImageTextSet.pairs`).
         pair_ids = [p for p in dataset.pair_ids(rec.sample_id, len(rec.captions)) if p in wanted]
         if pair_ids and several and isinstance(rec.image, str):
@@ -169,8 +173,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     return {
         "input_rows": len(train),
-        "rows_read": train.rows_read,
-        "skipped": dict(train.skipped),
+        **data_counts(train),
+        # Distinct image files (webdataset / TFDS: samples) among the pairs.
+        "input_images": len(set(train.image_keys)),
+        "kept_images": len({train.image_keys[r] for r in rows}),
         "kept_rows": len(entries),
         "fraction": len(entries) / max(len(train), 1),
         "mode": mode,

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tldr_jax.config_lib import image_root_of
+from tldr_jax.config_lib import image_root_of, max_rows_of
 from tldr_jax.data import imagestore, readers, world
 from tldr_jax.data.imagestore import ImageRows
 from tldr_jax.data.records import SKIP_REASONS, BadRowError, InputError, Record, Skips
@@ -253,7 +253,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     # process that meets a bad row never leaves the others waiting in a collective.
     skips = Skips(strict=strict and not multi)
     size = int(data_cfg.image_size)
-    max_rows = int(data_cfg.max_rows)
+    max_rows = max_rows_of(data_cfg, role)
     source = path or f"world:{role}"
     if not path and role == "test" and data_cfg.get("train", ""):
         log.warning(

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from tldr_jax.config_lib import image_root_of
+from tldr_jax.config_lib import image_root_of, max_rows_of
 from tldr_jax.data import images as images_lib
 from tldr_jax.data import readers
 from tldr_jax.data.records import LazyImage, Record, Skips
@@ -231,7 +231,7 @@ def cache_key(path: str, data_cfg: Any, role: str, strict: bool) -> str:
         "inputs": _fingerprint(path),
         "image_root": os.path.abspath(root) if (root := image_root_of(data_cfg, role)) else "",
         "image_size": int(data_cfg.image_size),
-        "max_rows": int(data_cfg.max_rows),
+        "max_rows": max_rows_of(data_cfg, role),
         "strict": bool(strict),
         "role": role,
     }

@@ -161,6 +161,9 @@ class _RecordSink:
         self.records: list[Record] = []
         self._ids: set[str] = set()
         self._next_suffix: dict[str, int] = {}
+        # The input being read (one of several joined by commas): a record's file where its
+        # reader names no other, so an image that does not decode is reported at it.
+        self.input = ""
 
     def row(self) -> None:
         """Counts one input row; call before handling it."""
@@ -185,7 +188,7 @@ class _RecordSink:
             unique = f"{sample_id}#{k}"
         self._next_suffix[sample_id] = k + 1
         self._ids.add(unique)
-        self.records.append(Record(unique, image, captions, key, row, file))
+        self.records.append(Record(unique, image, captions, key, row, file or self.input))
 
 
 def _json_row(
@@ -793,14 +796,22 @@ def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
     word or match that is a folder standing for the shards under it, each shard once;
     `missing` = shard files the braces name that do not exist. Sample ids and image keys
     are relative to `root`: the folder, or the pattern's folder above its first wildcard."""
+    root, entries = shard_entries(path)
+    shards = [e for e in entries if isinstance(e, Path)]
+    return root, shards, [e for e in entries if isinstance(e, str)]
+
+
+def shard_entries(path: str) -> tuple[Path, list[Path | str]]:
+    """`shard_listing`'s shards and missing names in one list, in the order the pattern
+    names them (a missing shard is its name, a str), so a reader meets a gap where the
+    input has it."""
     if os.path.isdir(path):
-        return Path(path), shard_paths(path), []
+        return Path(path), list(shard_paths(path))
     if os.path.isfile(path):  # one shard file
-        return Path(os.path.dirname(path) or "."), [Path(path)], []
+        return Path(os.path.dirname(path) or "."), [Path(path)]
     first = min((i for i in (path.find(c) for c in "{*?[") if i >= 0), default=len(path))
     root = Path(os.path.dirname(path[:first]) or ".")
-    shards: list[Path] = []
-    missing: list[str] = []
+    entries: list[Path | str] = []
     for word in expand_braces(path):
         if _GLOB_CHARS.search(word):
             found = sorted(glob.glob(word))
@@ -808,18 +819,25 @@ def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
         elif os.path.isdir(word) or os.path.isfile(word):
             found = [word]
         else:
-            missing.append(word)
+            entries.append(word)
             continue
         for f in found:
             if os.path.isdir(f):
-                shards += shard_paths(f)
+                entries += shard_paths(f)
             elif _is_shard_name(f):
-                shards.append(Path(f))
+                entries.append(Path(f))
             else:
                 raise InputError(f"{path}: {f} is not a .tar / .tar.gz shard")
-    unique = list(dict.fromkeys(os.path.realpath(s) for s in shards))
-    first_of = {os.path.realpath(s): s for s in reversed(shards)}
-    return root, [first_of[u] for u in unique], missing
+    seen: set[str] = set()  # each shard once, where it is first named
+    unique: list[Path | str] = []
+    for e in entries:
+        real = os.path.realpath(e) if isinstance(e, Path) else None
+        if real is not None and real in seen:
+            continue
+        if real is not None:
+            seen.add(real)
+        unique.append(e)
+    return root, unique
 
 
 def _walk_files(folder: str | Path) -> list[Path]:
@@ -847,13 +865,17 @@ def shard_paths(folder: str | Path) -> list[Path]:
 
 def folder_samples(folder: str | Path) -> dict[str, dict[str, Path]]:
     """img2dataset's `files` output (its default) and any folder of images with caption
-    files beside them: key (path below `folder` up to the first dot of the name, e.g.
-    `00000/000000001`) -> {extension: file}. A key is a sample when it has an image or a
-    `.txt` file; img2dataset's per-shard `.parquet` and `_stats.json` files are not."""
+    files beside them: key (path below `folder` less the file's extension, e.g.
+    `00000/000000001`, `trips/photo.2019` for `photo.2019.jpg` + `photo.2019.txt`) ->
+    {extension: file}. A key is a sample when it has an image or a `.txt` file;
+    img2dataset's per-shard `.parquet` and `_stats.json` files are not. (Inside a `.tar`
+    shard the key ends at the first dot of the name, as webdataset groups files.)"""
     groups: dict[str, dict[str, Path]] = {}
     for f in _walk_files(folder):
         relative = f.relative_to(folder)
-        stem, _, ext = relative.name.partition(".")
+        stem, dot, ext = relative.name.rpartition(".")
+        if not dot:  # no extension: not an image or a caption file
+            continue
         groups.setdefault((relative.parent / stem).as_posix(), {})[ext.lower()] = f
     return {
         key: files
@@ -870,8 +892,10 @@ def _sample_caption(files: dict[str, Any], read: Any) -> tuple[str, str]:
     else:
         try:
             meta = json.loads(read("json").decode("utf-8")) if "json" in files else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}
+        except UnicodeDecodeError:
+            return "", "non_utf8"
+        except json.JSONDecodeError:
+            return "", "malformed_row"
         cap = meta.get("caption") if isinstance(meta, dict) else None
         if cap is None:
             return "", "no_caption"
@@ -909,17 +933,18 @@ def _read_image_folder(path: str, sink: _RecordSink) -> None:
 
 
 def _read_webdataset(path: str, sink: _RecordSink) -> None:
-    root, shards, missing = shard_listing(path)
-    if not shards and not missing and os.path.isdir(path):
+    root, entries = shard_entries(path)
+    if not entries and os.path.isdir(path):
         return _read_image_folder(path, sink)
-    if not shards:
-        gap = f" (none of the {len(missing)} it names exists: {missing[0]}, ...)" if missing else ""
+    if not any(isinstance(e, Path) for e in entries):
+        gap = f" (none of the {len(entries)} it names exists: {entries[0]}, ...)" if entries else ""
         raise FileNotFoundError(f"{path}: no .tar shards{gap}")
     skips = sink.skips
-    for name in missing:  # named by the pattern, not on disk (a failed download's gap)
-        sink.row()
-        skips.skip("unreadable_shard", name, "-", "no such shard file")
-    for shard in shards:
+    for shard in entries:
+        if isinstance(shard, str):  # named by the pattern, not on disk (a download's gap)
+            sink.row()
+            skips.skip("unreadable_shard", shard, "-", "no such shard file")
+            continue
         samples, error = _shard_samples(shard)
         if error is not None:
             # Counted once: how many rows the unread tail held is unknown.
@@ -1082,6 +1107,7 @@ def read_records(
     sink = _RecordSink(skips, max_rows)
     try:
         for part in split_inputs(path):
+            sink.input = split_suffix_of(part)[0]
             _read_one(part, image_root, sink, role)
     except _Limit:
         pass
