@@ -58,6 +58,13 @@ def test_compress_outputs(clean_run):
         assert k in summary, k
     assert summary["input_rows"] == 192 and summary["kept_rows"] == 48
     assert summary["fraction"] == pytest.approx(0.25)
+    # rows_read = input_records + skipped; one caption per row here, so records = pairs
+    assert (summary["rows_read"], summary["input_records"], summary["captions_dropped"]) == (
+        192,
+        192,
+        0,
+    )
+    assert 0 < summary["kept_images"] <= 48 and summary["input_images"] <= 192
     for name in ("full", "tldr", "random"):
         for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
             assert 0.0 <= summary["retrieval"][name][k] <= 100.0
@@ -65,6 +72,7 @@ def test_compress_outputs(clean_run):
     for stage in ("train-captioner", "extract", "select", "score", "caption", "write"):
         stage_summary = json.loads((w / f"{stage}.json").read_text())
         assert stage_summary["rows_read"] == 192 and "skipped" in stage_summary, stage
+        assert stage_summary["captions_dropped"] == 0, stage
     for png in ("score_histogram.png", "recall.png", "select/cluster_sizes.png"):
         assert (w / png).stat().st_size > 1000, png
     report = (w / "report.md").read_text()

@@ -293,7 +293,12 @@ def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
     # the shell leaves `--config.data.train=~/x` and `--workdir=~/w` as they are
     c = distill_config.get_config("tiny")
     c.data.train = "~/missing.json"
-    with pytest.raises(FileNotFoundError, match=f"no such input: {tmp_path}/missing.json"):
+    with pytest.raises(ConfigError, match=f"data.train='{tmp_path}/missing.json': no such file"):
+        run_stage("buffer", c, "~/w")
+    assert not (tmp_path / "w").exists()  # refused before anything was made
+    (tmp_path / "empty.json").write_text("[]")
+    c.data.train = "~/empty.json"
+    with pytest.raises(ValueError, match="empty.json"):  # read, and found to hold no rows
         run_stage("buffer", c, "~/w")
     assert (tmp_path / "w").is_dir() and not (tmp_path / "~").exists()
 
@@ -334,3 +339,88 @@ def test_ctrl_c_inside_jaxs_gc_callback_is_sent_again_not_lost(monkeypatch):
     elsewhere = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="load"))
     with pytest.raises(KeyboardInterrupt):
         cli.sigint_handler(signal.SIGINT, elsewhere)
+
+
+def test_image_size_must_suit_every_encoder_before_anything_runs():
+    c = tldr_config.get_config("tiny")  # 16 px, ViT patches of 8 in the captioners
+    c.data.image_size = 18
+    assert config_check.problems(c) == [
+        "data.image_size=18: model.image='convnet': not a multiple of 2**depth = 4 (the ConvNet "
+        "halves it depth times)",
+        "data.image_size=18: captioner.image='vit': not a multiple of the ViT's patch_size 8",
+        "data.image_size=18: caption.image='vit': not a multiple of the ViT's patch_size 8",
+    ]
+    c = distill_config.get_config("tiny")
+    c.model.image, c.model.image_kwargs.preset = "nfresnet", "tiny"
+    c.data.image_size = 21
+    assert config_check.problems(c) == []  # NF-ResNets take any size
+    c.model.image, c.model.image_kwargs.preset = "vit", "b16"
+    assert config_check.problems(c) == [
+        "data.image_size=21: model.image='vit': preset b16 is ViT-B/16 at 224 px"
+    ]
+
+
+def test_input_paths_are_checked_before_any_stage_runs(tmp_path):
+    """A missing `caption.data` used to surface at compress's fifth stage; every input path a
+    stage reads is checked first (each of several inputs; a split suffix off; shard patterns
+    and TFDS names are the readers' to check)."""
+    (tmp_path / "a.json").write_text("[]")
+    (tmp_path / "img").mkdir()
+    c = tldr_config.get_config("tiny")
+    c.data.train = f"{tmp_path}/a.json:train,{tmp_path}/{{00000..00002}}.tar,tfds:coco"
+    c.data.image_root = str(tmp_path / "img")
+    assert config_check.missing_inputs(c, "compress") == []
+    c.caption.data = str(tmp_path / "gone.json")
+    c.data.test = str(tmp_path / "a.json")
+    c.data.test_image_root = str(tmp_path / "a.json")
+    c.text.model_dir = str(tmp_path / "bert")
+    assert config_check.missing_inputs(c, "compress") == [
+        f"data.test_image_root='{tmp_path}/a.json': not a folder",
+        f"caption.data='{tmp_path}/gone.json': no such file or folder",
+        f"text.model_dir='{tmp_path}/bert': no such folder",
+    ]
+    # a stage checks the inputs it reads: train-captioner reads no test set nor caption.data
+    assert config_check.missing_inputs(c, "train-captioner") == [
+        f"text.model_dir='{tmp_path}/bert': no such folder"
+    ]
+    with pytest.raises(ConfigError, match="caption.data="):
+        run_stage("compress", c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_mesh_and_sharded_batches_must_fit_the_devices(tmp_path):
+    """8 (fake) devices in the tests: a batch that does not split evenly over them, or a mesh
+    that does not cover them, is one line before anything is read (it failed with a traceback
+    in the first training step, after the caption embeddings)."""
+    import jax
+
+    from tldr_jax.utils import mesh
+
+    assert jax.device_count() == 8
+    c = pretrain_config.get_config("tiny")
+    mesh.check_setup(c, "pretrain")
+    c.train.batch_size = 36
+    with pytest.raises(ConfigError, match=r"train.batch_size=36: must be a multiple of the 8 "):
+        run_stage("pretrain", c, str(tmp_path / "w"))
+    mesh.check_setup(c, "evaluate")  # evaluation batches are padded, not split as given
+    c = pretrain_config.get_config("tiny")
+    c.mesh.data = 3
+    with pytest.raises(ConfigError, match=r"mesh.data=3 x mesh.fsdp=1 != the 8 devices"):
+        mesh.check_setup(c, "pretrain")
+    c.mesh.data, c.mesh.fsdp = -1, 3
+    with pytest.raises(ConfigError, match=r"mesh.fsdp=3: must divide the 8 devices"):
+        mesh.check_setup(c, "pretrain")
+    c = tldr_config.get_config("tiny")
+    c.caption.train.batch_size = 12
+    with pytest.raises(ConfigError, match=r"caption.train.batch_size=12: .*\(e.g. 16\)"):
+        mesh.check_setup(c, "compress")
+    mesh.check_setup(c, "train-captioner")
+    assert not (tmp_path / "w").exists()
+
+
+def test_embed_dim_zero_is_no_image_projection():
+    c = pretrain_config.get_config("tiny")
+    c.model.embed_dim = 0  # configs/pretrain.py: 0 = no image projection
+    assert config_check.problems(c) == []
+    c.model.embed_dim = -1
+    assert config_check.problems(c) == ["model.embed_dim=-1: must be an integer >= 0"]

@@ -185,3 +185,51 @@ def test_generic_check_is_the_distillation_one(tmp_path):
     with pytest.raises(ConfigError, match="buffer.epochs: 8 -> 10") as e:
         et.check_signature(path, other, create=True, redo="train again")
     assert str(e.value).endswith(f"delete {path.parent} to train again.")
+
+
+def test_a_stage_that_stopped_at_its_start_does_not_bind_the_workdir(tmp_path):
+    """A stage that stopped at its start (a batch larger than the set, an image size its
+    encoder cannot take) leaves its signature and files it makes again, and nothing else: a
+    rerun with the fix runs instead of being refused. Output made binds as before."""
+    config = tldr_config.get_config("tiny")
+    w = tmp_path / "w"
+    folder = w / "train-captioner"
+    common.check_stage(config, w, "train-captioner")
+    (folder / "vocab.json").write_text("[1, 2]")  # built from this run's captions
+    fixed = config.copy_and_resolve_references()
+    fixed.captioner.train.batch_size = 16
+    common.check_stage(fixed, w, "train-captioner")
+    assert signature.read(folder / "signature.json")["captioner.train.batch_size"] == 16
+    assert not (folder / "vocab.json").exists()  # made with the other settings: made again
+    assert common.check_pipeline(config, w, ("train-captioner", "extract")) == set()
+    (folder / "checkpoints" / "8").mkdir(parents=True)
+    (folder / "checkpoints" / "8" / "state").write_text("")
+    with pytest.raises(ConfigError, match="captioner.train.batch_size: 16 -> 32"):
+        common.check_stage(config, w, "train-captioner")
+    with pytest.raises(ConfigError, match="captioner.train.batch_size: 16 -> 32"):
+        common.check_pipeline(config, w, ("train-captioner", "extract"))
+
+
+def test_input_paths_in_signatures_name_files_not_strings(tmp_path, monkeypatch):
+    """The same command from another working folder, or a relative path written absolute,
+    is the same run; a signature recorded with a relative path still matches from there."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "test.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    config = tldr_config.get_config("tiny")
+    config.data.test = "sub/test.json"
+    config.caption.data = "sub/test.json:test"
+    fp = {"pairs": 3, "sha256": "ab" * 32}
+    sig = common.stage_signature(config, "score", fp)
+    assert sig["data.test"] == str(tmp_path / "sub" / "test.json")
+    old = dict(sig, **{"data.test": "sub/test.json"})  # as an older version recorded it
+    assert signature.differences(old, sig) == {}
+    config.data.test = str(tmp_path / "sub" / "test.json")
+    assert signature.differences(sig, common.stage_signature(config, "score", fp)) == {}
+    caption = common.stage_signature(config, "caption", fp)["caption.data"]
+    assert caption == f"{tmp_path}/sub/test.json:test"
+    monkeypatch.chdir(tmp_path / "sub")
+    config.data.test = "test.json"
+    assert signature.differences(sig, common.stage_signature(config, "score", fp)) == {}
+    config.data.test = "other.json"
+    assert "data.test" in signature.differences(sig, common.stage_signature(config, "score", fp))

@@ -122,11 +122,12 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     import jax
 
     from tldr_jax import config_check
-    from tldr_jax.utils import dist, hostenv, io
+    from tldr_jax.utils import dist, hostenv, io, mesh
 
     config_check.expand_home(config)  # `--config.data.train=~/x`: the shell leaves the ~
     workdir = os.path.expanduser(workdir)
     config_check.check(config, name)  # before any data is read or any directory is made
+    mesh.check_setup(config, name)  # the mesh and sharded batches fit the devices
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise config_check.ConfigError(f"--workdir {workdir} exists and is not a directory")
     Path(workdir).mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def rules() -> dict[str, Rule]:
         "text.pooling": choice(*bert.POOLINGS),
         # models
         "model.image": choice(*models.ENCODERS),
-        "model.embed_dim": COUNT,
+        "model.embed_dim": NONNEG_INT,  # 0: no image projection (configs/pretrain.py)
         "model.head_dropout": PROB,
         "model.temperature": POSITIVE,
         "model.learn_temperature": boolean,
@@ -261,6 +261,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                 models.encoder_kwargs(name, dict(kwargs))
             except ValueError as e:
                 out.append(f"{block}.image={name!r}: {e}")
+                continue
+            size_ok, size = _lookup(config, "data.image_size")
+            if size_ok and isinstance(size, int) and size > 0:
+                why = models.image_size_problem(name, dict(kwargs), size)
+                if why:
+                    out.append(f"data.image_size={size}: {block}.image={name!r}: {why}")
     return out
 
 
@@ -281,6 +287,56 @@ STAGE_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+# The path keys a stage reads -> what each must name (a file or folder, or a folder).
+_READS_TRAIN = (
+    "pretrain",
+    "train-captioner",
+    "extract",
+    "score",
+    "caption",
+    "write",
+    "compress",
+    "buffer",
+    "distill",
+    "eval-distilled",
+)
+_READS_TEST = ("pretrain", "evaluate", "score", "compress", "buffer", "distill", "eval-distilled")
+_INPUT_KEYS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "data.train": (_READS_TRAIN, False),
+    "data.image_root": ((*_READS_TRAIN, "evaluate"), True),
+    "data.test": (_READS_TEST, False),
+    "data.test_image_root": (_READS_TEST, True),
+    "caption.data": (("caption", "compress"), False),
+    "caption.image_root": (("caption", "compress"), True),
+    "text.model_dir": ((*_READS_TRAIN, "evaluate"), True),
+}
+
+
+def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
+    """`key='path': no such file or folder` for each input path the stage reads that is not
+    there, before any stage has run (a bad `caption.data` surfaced only at the fifth of
+    compress's stages). Each of several inputs joined by commas is checked; a Karpathy
+    `:split` suffix is left off; `tfds:` names and shard patterns (`{00000..00099}.tar`, a
+    missing shard of which is a counted gap) are the readers' to check."""
+    from tldr_jax.data import readers
+
+    out = []
+    for key, (stages, folder) in _INPUT_KEYS.items():
+        present, value = _lookup(config, key)
+        if not present or stage not in stages or not isinstance(value, str) or not value:
+            continue
+        for part in [value] if folder else readers.split_inputs(value):
+            path = part if folder else readers.split_suffix_of(part)[0]
+            if path.startswith("tfds:") or (not folder and readers.is_shard_pattern(path)):
+                continue
+            if folder and not os.path.isdir(path):
+                what = "not a folder" if os.path.exists(path) else "no such folder"
+                out.append(f"{key}={path!r}: {what}")
+            elif not folder and not os.path.exists(path):
+                out.append(f"{key}={path!r}: no such file or folder")
+    return out
+
+
 def expand_home(config: ml_collections.ConfigDict) -> None:
     """Expands a leading `~` / `~user` in every string value in place, and in each part of
     one joined by commas (`data.train`,
@@ -298,6 +354,12 @@ def expand_home(config: ml_collections.ConfigDict) -> None:
                 config[key] = expanded
 
 
+def check_batch_fits(pairs: int, batch_size: int, key: str) -> None:
+    """A ConfigError where a training set of `pairs` pairs is smaller than one batch."""
+    if pairs < batch_size:
+        raise ConfigError(f"{pairs} training pairs < {key}={batch_size}: lower it or use more data")
+
+
 def check(config: ml_collections.ConfigDict, stage: str | None = None) -> None:
     """Raises ConfigError naming every bad value (see `problems`), or, given the stage, the
     blocks it reads that the config lacks (a config of another stage family)."""
@@ -309,7 +371,7 @@ def check(config: ml_collections.ConfigDict, stage: str | None = None) -> None:
                 f"stage {stage!r} reads config blocks {', '.join(blocks)} ({source}); this "
                 f"config has no {', '.join(missing)}"
             )
-    found = problems(config)
+    found = problems(config) + (missing_inputs(config, stage) if stage else [])
     if found:
         head = "bad config value" + ("s" if len(found) > 1 else "")
         raise ConfigError(head + ": " + "; ".join(found))

@@ -42,6 +42,7 @@ from tldr_jax.compress.captioner_stage import (
 )
 from tldr_jax.compress.common import (
     check_stage,
+    data_counts,
     load_train,
     require_inputs,
     rows_of,
@@ -276,8 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "resumed_from": result.resumed_from,
         "final_loss": result.metrics.get("loss"),
         # The training set whose kept rows are captioned (read and skipped as it was read).
-        "rows_read": train.rows_read,
-        "skipped": dict(train.skipped),
+        **data_counts(train),
         "caption_set": clean.source,
         "caption_rows_read": clean.rows_read,
         "caption_skipped": dict(clean.skipped),

@@ -26,8 +26,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
-from tldr_jax.compress.common import check_stage, load_train, stage_dir
-from tldr_jax.config_check import ConfigError
+from tldr_jax.compress.common import check_stage, data_counts, load_train, stage_dir
+from tldr_jax.config_check import ConfigError, check_batch_fits
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.pipeline import train_iterator
 from tldr_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -245,11 +245,8 @@ def train_model(
     workdir/metrics/<name>.csv|png, checkpoints (state + data iterator) to ckpt_dir.
     """
     batch_size = int(tc.batch_size)
-    if len(ds) < batch_size:
-        key = {"caption": "caption.train", NAME: "captioner.train"}.get(name, name)
-        raise ConfigError(
-            f"{name}: {len(ds)} images < {key}.batch_size={batch_size}: lower it or use more data"
-        )
+    key = {"caption": "caption.train", NAME: "captioner.train"}.get(name, name)
+    check_batch_fits(len(ds), batch_size, f"{key}.batch_size")
     steps_per_epoch = len(ds) // batch_size
     total = int(tc.epochs) * steps_per_epoch
 
@@ -428,7 +425,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "code_dim": int(c.code_dim),
         "vq_loss_form": str(c.vq_loss),
         "tokens_per_image": tokens_per_image(model, int(config.data.image_size)),
-        "rows_read": train.rows_read,
-        "skipped": dict(train.skipped),
+        **data_counts(train),
         "time_s": {"train": round(result.train_s, 3), "total": round(time.time() - t0, 3)},
     }

@@ -13,7 +13,7 @@ import numpy as np
 
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
-from tldr_jax.utils import signature
+from tldr_jax.utils import dist, signature
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,23 @@ def train_fingerprint(config: ml_collections.ConfigDict, keep: bool = False) -> 
             _LOADED.clear()
             _LOADED[key] = train
     return _FINGERPRINTS[key]
+
+
+DATA_COUNT_KEYS = ("rows_read", "input_records", "skipped", "captions_dropped")
+
+
+def data_counts(train: ImageTextSet) -> dict[str, Any]:
+    """What a stage's summary says about the training set it read: input rows read (good or
+    bad, `rows_read` = `input_records` + the `skipped` total), the usable ones
+    (`input_records`: a row with several captions is one record and several pairs), rows
+    skipped per reason, and empty captions dropped from rows that kept others."""
+    skipped = dict(train.skipped)
+    return {
+        "rows_read": train.rows_read,
+        "input_records": train.rows_read - sum(skipped.values()),
+        "skipped": skipped,
+        "captions_dropped": train.captions_dropped,
+    }
 
 
 def load_test(config: ml_collections.ConfigDict) -> ImageTextSet:
@@ -210,9 +227,23 @@ def _chain(stage: str) -> list[str]:
     return out
 
 
+# Files a stage writes at its start, before any of its checks can fail, that it makes again
+# when they are missing: they alone are not output that binds the workdir to the settings.
+START_FILES: dict[str, tuple[str, ...]] = {
+    "train-captioner": ("vocab.json", "vocab.json.texts-sha256"),
+}
+
+
 def _has_output(workdir: Path, stage: str) -> bool:
+    """Whether `stage` made anything in its folder: a file other than its signature and its
+    `START_FILES` (a stage that stopped at its start, on a batch larger than the set or an
+    image size the encoder cannot take, leaves nothing that a rerun with the fix would
+    reuse)."""
     folder = workdir / FOLDERS[stage]
-    return folder.is_dir() and any(p.name != signature.FILE for p in folder.iterdir())
+    keep = {signature.FILE, *START_FILES.get(stage, ())}
+    return folder.is_dir() and any(
+        p.is_file() and p.relative_to(folder).as_posix() not in keep for p in folder.rglob("*")
+    )
 
 
 def _refuse(workdir: Path, conflicts: list[tuple[str, dict]]) -> ConfigError:
@@ -251,7 +282,7 @@ def check_stage(config: ml_collections.ConfigDict, workdir: str | Path, stage: s
     conflicts = []
     for s in _chain(stage):
         have = signature.read(signature_path(w, s))
-        if have is None or (s == stage and s in REDO):
+        if have is None or (s == stage and s in REDO) or not _has_output(w, s):
             continue
         diff = signature.differences(have, stage_signature(config, s, fingerprint), known_only=True)
         if diff:
@@ -270,6 +301,9 @@ def check_stage(config: ml_collections.ConfigDict, workdir: str | Path, stage: s
             signature.FILE,
         )
     if have != signature.jsonable(want):
+        if have is not None and not _has_output(w, stage) and dist.is_main():
+            for name in START_FILES.get(stage, ()):  # made with the earlier settings
+                (path.parent / name).unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         signature.write(path, want)
 
@@ -302,7 +336,7 @@ def check_pipeline(
                 legacy.append(s)
             continue
         diff = signature.differences(have, want, known_only=True)
-        if diff and (s in done or s not in REDO):
+        if diff and (s in done or (s not in REDO and _has_output(w, s))):
             conflicts.append((s, diff))
     if conflicts:
         raise _refuse(w, conflicts)

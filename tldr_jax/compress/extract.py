@@ -31,7 +31,13 @@ from tldr_jax.compress.captioner_stage import (
     restore_codebook_captioner,
     round_up,
 )
-from tldr_jax.compress.common import check_stage, load_train, require_inputs, stage_dir
+from tldr_jax.compress.common import (
+    check_stage,
+    data_counts,
+    load_train,
+    require_inputs,
+    stage_dir,
+)
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.images import normalize
 from tldr_jax.models.captioner import CodebookCaptioner
@@ -157,8 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_chunks = len(chunk_plan(len(train), int(e.chunk_size)))
     return {
         "rows": len(ids),
-        "rows_read": train.rows_read,
-        "skipped": dict(train.skipped),
+        **data_counts(train),
         "chunks": num_chunks,
         "chunks_written": written,  # by this process in this run; the rest existed
         "chunk_size": int(e.chunk_size),

@@ -30,8 +30,9 @@ from tldr_jax.compress.common import (
     rows_of,
     shared_cache,
     stage_dir,
+    train_fingerprint,
 )
-from tldr_jax.config_check import ConfigError
+from tldr_jax.config_check import ConfigError, check_batch_fits
 from tldr_jax.eval.retrieval import RECALL_KEYS
 from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
 from tldr_jax.utils import dist, io
@@ -47,6 +48,12 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     walls: dict[str, float] = {}
     checked = STAGES + (("eval",) if config.retrieval_eval.enabled else ())
     done = check_pipeline(config, workdir, checked)
+    # Batches larger than the set, found now rather than at the stage that trains with them.
+    pairs = int(train_fingerprint(config)["pairs"])
+    for stage, block in (("train-captioner", config.captioner.train), ("score", config.train)):
+        if stage not in done:
+            key = "captioner.train" if stage == "train-captioner" else "train"
+            check_batch_fits(pairs, int(block.batch_size), f"{key}.batch_size")
     for stage in STAGES:
         if stage in done:
             log.info("compress: %s already finished, skipping", stage)
@@ -171,6 +178,15 @@ def _nonzero(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
 
 
+def _of_rows(summary: dict[str, Any]) -> str:
+    """` from 50 rows (50 images)`: where pairs and input rows differ (several captions per
+    row) the report says both."""
+    records, images = summary.get("input_records"), summary.get("input_images")
+    if records is None or (records == summary["input_rows"] and images in (None, records)):
+        return ""
+    return f" from {records} rows" + (f" ({images} images)" if images is not None else "")
+
+
 def plot_recalls(path: Path, retrieval: dict[str, Any]) -> None:
     import matplotlib
 
@@ -194,8 +210,15 @@ def write_report(workdir: str, summary: dict[str, Any]) -> None:
     lines = [
         "# TL;DR compression report",
         "",
-        f"Input rows: {summary['input_rows']}; kept: {summary['kept_rows']} "
-        f"({100 * summary['fraction']:.1f}%). Skipped rows: {_nonzero(summary['skipped'])}.",
+        f"Input: {summary['input_rows']} pairs{_of_rows(summary)}; kept: "
+        f"{summary['kept_rows']} pairs ({100 * summary['fraction']:.1f}%)"
+        + (f", {summary['kept_images']} images" if summary.get("kept_images") else "")
+        + f". Skipped rows: {_nonzero(summary['skipped'])}."
+        + (
+            f" Empty captions dropped: {summary['captions_dropped']}."
+            if summary.get("captions_dropped")
+            else ""
+        ),
         "",
         "Stage wall times (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_wall_s"].items()),
@@ -236,12 +259,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     walls = run_stages(config, workdir)
     write_summary = io.read_json(Path(workdir) / "write.json")
     train_summary = io.read_json(Path(workdir) / "score.json")
+    # input_rows / kept_rows / fraction count (image, caption) pairs, one per caption;
+    # rows_read counts the input's rows (= input_records + skipped), as read by `write`.
+    counts = write_summary if "input_records" in write_summary else train_summary
     summary: dict[str, Any] = {
         "input_rows": int(write_summary["input_rows"]),
         "kept_rows": int(write_summary["kept_rows"]),
         "fraction": float(write_summary["fraction"]),
-        "rows_read": int(train_summary.get("rows_read", write_summary["input_rows"])),
-        "skipped": train_summary.get("skipped", {}),
+        "input_images": write_summary.get("input_images"),
+        "kept_images": write_summary.get("kept_images"),
+        "rows_read": int(counts.get("rows_read", write_summary["input_rows"])),
+        "input_records": counts.get("input_records"),
+        "skipped": counts.get("skipped", {}),
+        "captions_dropped": int(counts.get("captions_dropped", 0)),
         "test_rows_read": train_summary.get("test_rows_read"),
         "skipped_test": train_summary.get("skipped_test", {}),
         "train_json": write_summary["train_json"],

@@ -17,6 +17,7 @@ import numpy as np
 
 from tldr_jax.compress.common import (
     check_stage,
+    data_counts,
     load_test,
     load_train,
     require_inputs,
@@ -111,8 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             k: full_summary[k] for k in full_summary if k.startswith(("tr_", "ir_"))
         },
         "scorer_steps": full_summary["steps"],
-        "rows_read": train.rows_read,
-        "skipped": dict(train.skipped),
+        **data_counts(train),
         "test_rows_read": test.rows_read,
         "skipped_test": dict(test.skipped),
     }

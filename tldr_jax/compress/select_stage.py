@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tldr_jax.compress.common import check_stage, require_inputs
+from tldr_jax.compress.common import DATA_COUNT_KEYS, check_stage, require_inputs
 from tldr_jax.select import features as features_lib
 from tldr_jax.select import kmeans as kmeans_lib
 from tldr_jax.select import pca as pca_lib
@@ -293,8 +293,7 @@ def run(config: Any, workdir: str) -> dict:
     return {
         "input_rows": n,
         # The data rows behind the features (read and skipped by `extract`).
-        "rows_read": extract_summary.get("rows_read", n),
-        "skipped": extract_summary.get("skipped", {}),
+        **{k: extract_summary[k] for k in DATA_COUNT_KEYS if k in extract_summary},
         "feature_dim": dim,
         "pca_dim": pca_out_dim,
         "kept_rows": len(keep),

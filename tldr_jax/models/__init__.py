@@ -76,6 +76,30 @@ def encoder_kwargs(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], l
     return used, rest
 
 
+def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> str | None:
+    """Why the encoder `name` with `kwargs` cannot take `image_size` px images (a ViT's patch
+    or a ConvNet's 2**depth pooling not dividing it, ViT-B/16 not at 224), or None. Read
+    from the arguments and the constructor's defaults, before any model is built."""
+    kwargs, _ = encoder_kwargs(name, kwargs)
+    preset = kwargs.pop("preset", "")
+    if name == "vit" and preset == "b16":
+        return None if image_size == 224 else "preset b16 is ViT-B/16 at 224 px"
+    ctor = _constructor(name, preset)
+    target = ctor.__init__ if isinstance(ctor, type) else ctor
+    params = inspect.signature(target).parameters
+
+    def arg(key: str) -> Any:
+        return kwargs.get(key, params[key].default if key in params else None)
+
+    patch = arg("patch_size") if name == "vit" else None
+    if isinstance(patch, int) and patch > 0 and image_size % patch:
+        return f"not a multiple of the ViT's patch_size {patch}"
+    depth = arg("depth") if name == "convnet" else None
+    if isinstance(depth, int) and depth >= 0 and image_size % 2**depth:
+        return f"not a multiple of 2**depth = {2**depth} (the ConvNet halves it depth times)"
+    return None
+
+
 def make_image_encoder(
     name: str, kwargs: dict[str, Any], image_size: int, rngs: nnx.Rngs
 ) -> nnx.Module:

@@ -18,14 +18,57 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     Axes are `Auto` (the compiler propagates shardings from jit's in/out_shardings), which is
     how every stage here declares its layout; jax.make_mesh's default would be `Explicit`.
     """
-    n = jax.device_count()
-    if fsdp < 1 or n % fsdp:
-        raise ValueError(f"fsdp={fsdp} must divide the device count {n}")
-    if data == -1:
-        data = n // fsdp
-    if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
+    data, fsdp = mesh_shape(data, fsdp, jax.device_count())
     return jax.make_mesh((data, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:
+    """(data, fsdp) of the mesh over `devices`; a ConfigError naming mesh.data / mesh.fsdp
+    where they do not fit (`data=-1` takes what fsdp leaves)."""
+    from tldr_jax.config_check import ConfigError
+
+    if fsdp < 1 or devices % fsdp:
+        raise ConfigError(f"mesh.fsdp={fsdp}: must divide the {devices} devices")
+    if data == -1:
+        data = devices // fsdp
+    if data * fsdp != devices:
+        raise ConfigError(
+            f"mesh.data={data} x mesh.fsdp={fsdp} != the {devices} devices: set mesh.data=-1 "
+            "(all the devices fsdp leaves)"
+        )
+    return data, fsdp
+
+
+# Training batches each stage splits over every device (`shard_batch`).
+SHARDED_BATCHES: dict[str, tuple[str, ...]] = {
+    "pretrain": ("train.batch_size",),
+    "score": ("train.batch_size",),
+    "train-captioner": ("captioner.train.batch_size",),
+    "caption": ("caption.train.batch_size",),
+    "compress": ("captioner.train.batch_size", "train.batch_size", "caption.train.batch_size"),
+}
+
+
+def check_setup(config: Any, stage: str) -> None:
+    """Before a stage reads anything: its mesh fits the devices and the training batches it
+    splits over them divide evenly (a ConfigError naming the key; an uneven batch failed
+    inside the first training step, after the caption embeddings were computed)."""
+    from tldr_jax.config_check import ConfigError
+
+    devices = jax.device_count()
+    mesh_cfg = config.get("mesh") if hasattr(config, "get") else None
+    if mesh_cfg is not None:
+        mesh_shape(int(mesh_cfg.data), int(mesh_cfg.fsdp), devices)
+    bad = []
+    for key in SHARDED_BATCHES.get(stage, ()):
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if isinstance(node, int) and node % devices:
+            up = -(-node // devices) * devices
+            bad.append(f"{key}={node}: must be a multiple of the {devices} devices (e.g. {up})")
+    if bad:
+        raise ConfigError("; ".join(bad) + ": each device takes an equal share of a batch")
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

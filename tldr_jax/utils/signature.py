@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,29 @@ RERUN_FREE = (
     "data.image_root",
     "text.batch_size",
 )
+
+
+# Config keys that name inputs on disk: compared as the files they name, so the same command
+# run from another working folder, or a relative path written absolute, is the same run.
+PATH_KEYS = (
+    "data.test",
+    "data.test_image_root",
+    "caption.data",
+    "caption.image_root",
+    "text.model_dir",
+)
+
+
+def normal_path(key: str, value: Any) -> Any:
+    """`value` of a `PATH_KEYS` key as it names the input from any working folder (absolute;
+    `tfds:` names as they are); any other key's value unchanged."""
+    if key not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    if key.endswith(("image_root", "model_dir")):
+        return os.path.abspath(value)
+    from tldr_jax.data.readers import input_identity
+
+    return input_identity(value)
 
 
 def jsonable(obj: Any) -> Any:
@@ -99,7 +123,7 @@ def config_values(
     prefixes = tuple(include)
     skip = (*RERUN_FREE, *exclude)
     return {
-        k: v
+        k: normal_path(k, v)
         for k, v in sorted(flat.items())
         if any(k == p or k.startswith(p + ".") for p in prefixes) and not matches(k, skip)
     }
@@ -143,6 +167,9 @@ def differences(
     the keys both name (a key a newer version added, or one the config leaves out, is not a
     change); the training-data fingerprint is compared whenever either side has it."""
     have, want = jsonable(dict(have)), jsonable(dict(want))
+    # Paths recorded relative (older signatures) compare as the files they name from here.
+    have = {k: normal_path(k, v) for k, v in have.items()}
+    want = {k: normal_path(k, v) for k, v in want.items()}
     keys = set(have) | set(want)
     if known_only:
         keys = (set(have) & set(want)) | (keys & set(DATA_KEYS))
