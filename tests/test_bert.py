@@ -88,6 +88,23 @@ def test_embed_cached(encoder, reference, tmp_path, monkeypatch):
     assert len(keys) == 6
 
 
+def test_weights_saved_over_the_same_folder_are_another_cache_key(encoder, tmp_path):
+    """Fine-tuned weights of the same shape written over a model folder have the same size:
+    the key also takes the weights file's modification time (stale embeddings otherwise)."""
+    import copy
+    import os
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"0" * 64)
+    other = copy.copy(encoder)
+    other.model_dir = folder
+    key = other.cache_key(["a"])
+    assert other.cache_key(["a"]) == key
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    assert other.cache_key(["a"]) != key
+
+
 def test_pool_mean_ignores_padding():
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(3, 6, 4)).astype(np.float32)

@@ -293,10 +293,13 @@ class TextEncoder:
         return out
 
     def cache_key(self, texts: Sequence[str], normalize: bool = False) -> str:
-        """Hash of everything the embeddings depend on: model, pooling, max_len, texts."""
+        """Hash of everything the embeddings depend on: model (its folder, and its weights
+        file's size and modification time: weights saved over the same folder, fine-tuned
+        ones of the same shape too, are another model), pooling, max_len, texts."""
         h = hashlib.sha256()
-        weights = self.model_dir / "model.safetensors"
-        header = f"{self.model_dir}|{weights.stat().st_size}|{self.pooling}|{self.max_len}"
+        st = (self.model_dir / "model.safetensors").stat()
+        weights = f"{st.st_size}|{st.st_mtime_ns}"
+        header = f"{self.model_dir}|{weights}|{self.pooling}|{self.max_len}"
         h.update(f"{header}|{normalize}|{len(texts)}".encode())
         for text in texts:
             h.update(text.encode("utf-8"))

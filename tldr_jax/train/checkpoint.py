@@ -74,6 +74,18 @@ class Checkpointer:
                 self._mngr.restore(step, args=ocp.args.Composite(**legacy))
         return out["state"], extra
 
+    def restore_part(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+        """Restores only the top-level entries of the saved state that `target` names (e.g.
+        {"params", "rest"} for evaluation), into its structure, dtypes and shardings; the
+        others (the optimizer state, whatever optimizer made it) are not read."""
+        abstract = jax.tree.map(_abstract, target)
+        args = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        return self._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
+
     def close(self) -> None:
         self._mngr.close()
 

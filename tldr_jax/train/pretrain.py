@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from tldr_jax.config_check import ConfigError
+from tldr_jax.config_check import check_batch_fits
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.pipeline import eval_batches, train_iterator
 from tldr_jax.eval.retrieval import retrieval_metrics
@@ -162,11 +162,7 @@ def train_and_evaluate(
     seed = int(config.seed)
     tc = config.train
     batch_size = int(tc.batch_size)
-    if len(train) < batch_size:
-        raise ConfigError(
-            f"{len(train)} training pairs < train.batch_size={batch_size}: lower it or use "
-            "more data"
-        )
+    check_batch_fits(len(train), batch_size, "train.batch_size")
 
     # --- Text embeddings (frozen encoder, computed once, cached).
     t0 = time.time()
@@ -360,9 +356,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     test_txt = embed_captions(text_encoder, test_caps, cache_dir, int(config.text.batch_size))
     model = build_model(config, test_txt.shape[1], int(config.seed))
     model_def, params, rest = train_state.split_model(model)
-    tx = train_state.make_optimizer(config.train, 1)
-    target = train_state.init_state(params, rest, tx)
-    state, _ = ckpt.restore(step, target)
+    # The model only: the optimizer state (any train.optimizer / grad_clip) is not read.
+    state = ckpt.restore_part(step, {"params": params, "rest": rest})
     ckpt.close()
     model = model_def.merge(state["params"], state["rest"])
     recall = evaluate_retrieval(model, test, test_txt)
@@ -371,6 +366,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         "checkpoint_step": int(step),
         "rows_read": test.rows_read,
         "skipped": dict(test.skipped),
+        "captions_dropped": test.captions_dropped,
+        "test_source": test.source,
         "test_images": len(test),
         "test_captions": len(test_caps),
     }
