@@ -84,3 +84,15 @@ def test_forgetting_counts_and_selection():
     # Top-3 by count: s0 (4), s2 (2), then one of the tied s3 / s4, chosen by seed.
     picks = {tuple(coresets.forgetting(correct, 3, seed=s).tolist()) for s in range(20)}
     assert picks == {(0, 2, 3), (0, 2, 4)}
+
+
+def test_herding_and_kcenter_do_not_change_under_a_shared_offset():
+    """Both are shift invariant; their float32 expansions |x|^2 - 2<x, y> lost the differences
+    to a large common offset (herding picked other points at 1000)."""
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    want_h, want_k = coresets.herding(x, 10), coresets.kcenter(x, 10, seed=1)
+    assert want_h.tolist() == _herding_bruteforce(x.astype(np.float64), 10)
+    for offset in (100.0, 1000.0, 1e5):
+        shifted = x + np.float32(offset)
+        np.testing.assert_array_equal(coresets.herding(shifted, 10), want_h)
+        np.testing.assert_array_equal(coresets.kcenter(shifted, 10, seed=1), want_k)

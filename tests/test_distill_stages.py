@@ -107,8 +107,8 @@ def test_distill_outputs_resume_and_eval(buffered):
     second = run_stage("distill", config5, str(workdir))
     assert second["resumed_from"] == 3 and second["iterations"] == 5
     assert second["grad_mode_history"] == [
-        {"from_iteration": 0, "grad_mode": "unroll"},
-        {"from_iteration": 3, "grad_mode": "remat"},
+        {"from_iteration": 0, "grad_mode": "unroll", "scan_unroll": False, "remat_chunk": None},
+        {"from_iteration": 3, "grad_mode": "remat", "scan_unroll": False, "remat_chunk": 1},
     ]
     with np.load(out / "distilled.npz") as f:
         assert not np.array_equal(f["images"], images)
@@ -121,8 +121,10 @@ def test_distill_outputs_resume_and_eval(buffered):
     # Fewer iterations asked of a set learned for more: kept as it is, reported as it is.
     config2 = config.copy_and_resolve_references()
     config2.distill.iterations = 2
+    config2.distill.scan_unroll = True  # runs nothing: the summary says what made the set
     fewer = run_stage("distill", config2, str(workdir))
     assert fewer["iterations"] == 5 and fewer["iterations_asked"] == 2
+    assert (fewer["grad_mode"], fewer["scan_unroll"], fewer["remat_chunk"]) == ("remat", False, 1)
     with np.load(out / "distilled.npz") as f:
         assert int(f["iterations"]) == 5
     # eval-distilled refuses a set short of distill.iterations (a longer distill run that
@@ -138,6 +140,14 @@ def test_distill_outputs_resume_and_eval(buffered):
         ValueError, match=r"other settings than this run's \(distill.init: 'real' -> 'noise'\)"
     ):
         run_stage("distill", noise, str(workdir))
+    # Image-tower slices that do not divide the student batch: one line before anything is
+    # read or compiled (a traceback from inside the meta-gradient's tracing before).
+    sliced = config5.copy_and_resolve_references()
+    sliced.distill.micro_batches = 3
+    with pytest.raises(
+        ValueError, match=r"distill.micro_batches=3: must divide the student batch 8"
+    ):
+        run_stage("distill", sliced, str(workdir))
 
     # eval-distilled: the five methods, each with mean/std of the six recall keys.
     result = run_stage("eval-distilled", config, str(workdir))

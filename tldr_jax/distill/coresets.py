@@ -49,7 +49,15 @@ def herding(features: np.ndarray, budget: int) -> np.ndarray:
     selection closest to the mean of all features. Returned in selection order; ties go to
     the lowest index."""
     _check_budget(features.shape[0], budget)
-    return np.asarray(_herding(jnp.asarray(features, jnp.float32), budget)).astype(np.int64)
+    return np.asarray(_herding(_centered(features), budget)).astype(np.int64)
+
+
+def _centered(features: np.ndarray) -> jax.Array:
+    """Features less their mean (taken in float64), in float32. Herding and k-center do not
+    change under a common shift, but their float32 expansions |x|^2 - 2<x, y> lose the
+    differences to a large shared offset (herding picked other points at an offset of 1000)."""
+    x = np.asarray(features, np.float64)
+    return jnp.asarray(x - x.mean(axis=0), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -78,7 +86,7 @@ def kcenter(features: np.ndarray, budget: int, seed: int) -> np.ndarray:
     n = features.shape[0]
     _check_budget(n, budget)
     first = int(np.random.default_rng(seed).integers(n))
-    out = _kcenter(jnp.asarray(features, jnp.float32), budget, jnp.int32(first))
+    out = _kcenter(_centered(features), budget, jnp.int32(first))
     return np.asarray(out).astype(np.int64)
 
 

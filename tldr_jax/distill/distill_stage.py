@@ -207,6 +207,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Each key's own range and names (max_start_epoch >= 1, grad_mode, init,
     # kmeans_features, ...) were checked by config_check before the stage; here what spans keys.
     max_start = start_epochs(config)
+    student_batch = min(int(d.batch_syn) or m, m)
+    slices = int(d.get("micro_batches", 1))
+    if student_batch % slices:
+        raise ConfigError(
+            f"distill.micro_batches={slices}: must divide the student batch {student_batch} "
+            "(distill.batch_syn, or distill.num_pairs where batch_syn is 0 or larger)"
+        )
     lors = bool(d.get("lors", False))
     scan_unroll = bool(d.get("scan_unroll", False))
     if scan_unroll and d.grad_mode != "unroll":
@@ -300,14 +307,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     first_losses: list[float] = []
     history_known = start == 0
     experts_history: list[list[int]] = []
-    modes_history: list[list[Any]] = []  # [from_iteration, grad_mode] (a rerun-free key)
+    # [from_iteration, grad_mode, scan_unroll, remat_chunk] per stretch of iterations run
+    # with those settings (rerun-free keys); None where a checkpoint from before did not say.
+    modes_history: list[list[Any]] = []
+    remat_chunk = (
+        matching.remat_chunk(syn_steps, (traj_img[0, 0], traj_txt[0, 0]), inner)
+        if d.grad_mode == "remat"
+        else None
+    )
+    settings = [str(d.grad_mode), scan_unroll, remat_chunk]
     if start:
         state, extra = ckpt.restore(start, {"syn": syn, "opt_state": opt_state})
         syn, opt_state = state["syn"], state["opt_state"]
         skipped = int(extra.get("skipped", 0))
         # [from_iteration, experts matched] segments; unknown for checkpoints written before.
         experts_history = [list(map(int, seg)) for seg in extra.get("experts_history", [])]
-        modes_history = [[int(i), str(g)] for i, g in extra.get("grad_mode_history", [])]
+        modes_history = [
+            [int(h[0]), str(h[1]), *(list(h[2:4]) + [None, None])[:2]]
+            for h in extra.get("grad_mode_history", [])
+        ]
         if "meta_losses" in extra:
             losses = [float(x) for x in extra["meta_losses"]]
             first_losses = losses[:10]
@@ -316,8 +334,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logger = MetricLogger(workdir_p, "distill", resume_step=start)
     if start < iterations and (not experts_history or experts_history[-1][1] != len(trajs)):
         experts_history.append([start, len(trajs)])
-    if start < iterations and (not modes_history or modes_history[-1][1] != d.grad_mode):
-        modes_history.append([start, str(d.grad_mode)])
+    if start < iterations and (not modes_history or modes_history[-1][1:] != settings):
+        modes_history.append([start, *settings])
     if start == iterations and experts_history and experts_history[-1][1] < len(trajs):
         log.warning(
             "distill: this workdir's set was learned matching %d experts; %d are finished now. "
@@ -441,20 +459,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "resumed_from": start,
         "skipped": skipped,  # non-finite outer iterations (NaN guard); data rows: "data"
         "data": pretrain.data_summary(data.train, data.test),
+        # The settings the latest iterations ran with (a rerun of a finished set runs none:
+        # those of the run that made it), and per stretch of iterations (a rerun may change
+        # them; empty for checkpoints written before they were recorded).
         "grad_mode": modes_history[-1][1] if modes_history else d.grad_mode,
-        # Gradient modes per stretch of iterations (a rerun may change it); empty for
-        # checkpoints written before it was recorded.
-        "grad_mode_history": [{"from_iteration": i, "grad_mode": g} for i, g in modes_history],
-        "scan_unroll": scan_unroll,
+        "grad_mode_history": [
+            {"from_iteration": i, "grad_mode": g, "scan_unroll": su, "remat_chunk": rc}
+            for i, g, su, rc in modes_history
+        ],
+        "scan_unroll": modes_history[-1][2] if modes_history else None,
         "init": d.init,
         "seed": seed,  # distill.seed, or the global seed where that is -1
         "syn_steps": syn_steps,
         # remat: student steps per nested checkpoint chunk (1 = every step's parameters kept)
-        "remat_chunk": (
-            matching.remat_chunk(syn_steps, (traj_img[0, 0], traj_txt[0, 0]), inner)
-            if d.grad_mode == "remat"
-            else None
-        ),
+        "remat_chunk": modes_history[-1][3] if modes_history else None,
         "expert_epochs": expert_epochs,
         "max_start_epoch": max_start,  # as drawn: capped where s + expert_epochs > epochs
         "max_start_epoch_asked": int(d.max_start_epoch),
