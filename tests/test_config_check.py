@@ -287,9 +287,9 @@ def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
     config_check.expand_home(c)
     assert c.data.train == f"{tmp_path}/cc.tsv:x" and c.data.image_root == str(tmp_path)
     assert c.caption.data == f"{tmp_path}/coco.json" and c.data.test == "a~b.json"
-    c.data.train = "a.json,~/b.json, c.tsv"  # each of several inputs
+    c.data.train = "a.json,~/b.json, c.tsv, ~/d"  # each of several inputs, spaces or not
     config_check.expand_home(c)
-    assert c.data.train == f"a.json,{tmp_path}/b.json, c.tsv"
+    assert c.data.train == f"a.json,{tmp_path}/b.json, c.tsv,{tmp_path}/d"
     # the shell leaves `--config.data.train=~/x` and `--workdir=~/w` as they are
     c = distill_config.get_config("tiny")
     c.data.train = "~/missing.json"
@@ -357,6 +357,13 @@ def test_image_size_must_suit_every_encoder_before_anything_runs():
     c.model.image, c.model.image_kwargs.preset = "vit", "b16"
     assert config_check.problems(c) == [
         "data.image_size=21: model.image='vit': preset b16 is ViT-B/16 at 224 px"
+    ]
+    c = tldr_config.get_config("tiny")
+    c.captioner.image_kwargs.patch_size = 0  # a ZeroDivisionError inside the ViT before
+    c.model.image_kwargs.depth = -1  # 2**-1 divides everything; a traceback in the model
+    assert config_check.problems(c) == [
+        "data.image_size=16: model.image='convnet': the ConvNet's depth -1 must be >= 1",
+        "data.image_size=16: captioner.image='vit': the ViT's patch_size 0 must be >= 1",
     ]
 
 

@@ -1399,3 +1399,10 @@ def test_a_split_file_among_several_inputs_is_written_by_compress(tmp_path):
     counts = data_counts(train)
     assert counts["input_records"] == 5 and counts["captions_dropped"] == 0
     assert counts["rows_read"] == 5 + sum(counts["skipped"].values())
+
+
+def test_a_tfds_source_that_cannot_be_read_is_one_line(tmp_path):
+    """Not found, not prepared, or prepared as TFRecord (no random access): an InputError
+    saying what to do, not TFDS's traceback (with its list of every dataset it knows)."""
+    with pytest.raises(InputError, match=r"tfds:no_such_dataset_xyz: cannot read it as a "):
+        read_records("tfds:no_such_dataset_xyz", str(tmp_path), Skips())

@@ -202,6 +202,9 @@ def test_a_stage_that_stopped_at_its_start_does_not_bind_the_workdir(tmp_path):
     assert signature.read(folder / "signature.json")["captioner.train.batch_size"] == 16
     assert not (folder / "vocab.json").exists()  # made with the other settings: made again
     assert common.check_pipeline(config, w, ("train-captioner", "extract")) == set()
+    (w / "caption").mkdir()  # the caption stage builds its vocabulary first too
+    (w / "caption" / "vocab.json").write_text("[1]")
+    assert not common._has_output(w, "caption")
     (folder / "checkpoints" / "8").mkdir(parents=True)
     (folder / "checkpoints" / "8" / "state").write_text("")
     with pytest.raises(ConfigError, match="captioner.train.batch_size: 16 -> 32"):
@@ -233,3 +236,5 @@ def test_input_paths_in_signatures_name_files_not_strings(tmp_path, monkeypatch)
     assert signature.differences(sig, common.stage_signature(config, "score", fp)) == {}
     config.data.test = "other.json"
     assert "data.test" in signature.differences(sig, common.stage_signature(config, "score", fp))
+    # the distillation buffer records its text encoder folder the same way
+    assert signature.normal_path("text.model_dir", "bert") == str(tmp_path / "sub" / "bert")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -346,10 +347,12 @@ def expand_home(config: ml_collections.ConfigDict) -> None:
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict):
             expand_home(value)
-        elif isinstance(value, str) and (value.startswith("~") or ",~" in value):
-            # each of several inputs joined by commas (`data.train=~/a.json,~/b.json`)
-            parts = value.split(",") if ",~" in value else [value]
-            expanded = ",".join(os.path.expanduser(p) for p in parts)
+        elif isinstance(value, str) and "~" in value:
+            # each of several inputs joined by commas (`data.train=~/a.json, ~/b.json`)
+            parts = value.split(",") if re.search(r",\s*~", value) else [value]
+            expanded = ",".join(
+                os.path.expanduser(p.strip()) if p.strip().startswith("~") else p for p in parts
+            )
             if expanded != value:
                 config[key] = expanded
 

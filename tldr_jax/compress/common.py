@@ -231,6 +231,7 @@ def _chain(stage: str) -> list[str]:
 # when they are missing: they alone are not output that binds the workdir to the settings.
 START_FILES: dict[str, tuple[str, ...]] = {
     "train-captioner": ("vocab.json", "vocab.json.texts-sha256"),
+    "caption": ("vocab.json", "vocab.json.texts-sha256"),
 }
 
 

@@ -998,12 +998,26 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
 
     name, _, split = spec.removeprefix("tfds:").partition(":")
     split = split or "train"
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
-    if not image_keys:
-        raise InputError(f"{spec}: the dataset has no Image feature")
-    image_key = image_keys[0]
-    source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        features = builder.info.features.items()
+        image_keys = [k for k, f in features if isinstance(f, tfds.features.Image)]
+        if not image_keys:
+            raise InputError(f"{spec}: the dataset has no Image feature")
+        image_key = image_keys[0]
+        decoders = {image_key: tfds.decode.SkipDecoding()}
+        source = builder.as_data_source(split=split, decoders=decoders)
+    except InputError:
+        raise
+    except Exception as e:  # TFDS's own: not found, not prepared, a format it cannot index
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(
+            f"{spec}: cannot read it as a prepared TFDS data source under {where} "
+            f"({type(e).__name__}: {first[:300]}). Prepare it first with "
+            "`tfds build NAME --file_format=array_record` (random access needs array_record "
+            "files), or point data.image_root at its data_dir"
+        ) from None
     skips = sink.skips
     lock = threading.Lock()  # the images are read again, from the decoding threads
     for i in range(len(source)):

@@ -298,7 +298,8 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
             "image_kwargs": encoder_kwargs(config.model.image, dict(config.model.image_kwargs))[0],
         },
         "text": {
-            "model_dir": str(t.model_dir),
+            # as the folder it names (the same run from another working folder)
+            "model_dir": signature.normal_path("text.model_dir", str(t.model_dir)),
             "pooling": str(t.pooling),
             "max_len": int(t.max_len),
         },

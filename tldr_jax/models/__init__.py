@@ -92,10 +92,14 @@ def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> st
         return kwargs.get(key, params[key].default if key in params else None)
 
     patch = arg("patch_size") if name == "vit" else None
-    if isinstance(patch, int) and patch > 0 and image_size % patch:
+    if isinstance(patch, int) and patch < 1:
+        return f"the ViT's patch_size {patch} must be >= 1"
+    if isinstance(patch, int) and image_size % patch:
         return f"not a multiple of the ViT's patch_size {patch}"
     depth = arg("depth") if name == "convnet" else None
-    if isinstance(depth, int) and depth >= 0 and image_size % 2**depth:
+    if isinstance(depth, int) and depth < 1:
+        return f"the ConvNet's depth {depth} must be >= 1"
+    if isinstance(depth, int) and image_size % 2**depth:
         return f"not a multiple of 2**depth = {2**depth} (the ConvNet halves it depth times)"
     return None
 
