@@ -47,7 +47,7 @@ def test_every_checked_key_exists_in_some_config():
         # The training blocks share one rule set: each key must exist in one of them.
         blocks = config_check.TRAINING_BLOCKS if head in config_check.TRAINING_BLOCKS else [head]
         paths = [f"{b}.{key}" if b else key for b in blocks]
-        assert any(config_check._lookup(c, p)[0] for c in configs for p in paths), path
+        assert any(config_check.lookup(c, p)[0] for c in configs for p in paths), path
 
 
 def test_bad_values_are_named_with_what_is_allowed():

@@ -234,7 +234,8 @@ def rules() -> dict[str, Rule]:
     return r
 
 
-def _lookup(config: ml_collections.ConfigDict, path: str) -> tuple[bool, Any]:
+def lookup(config: ml_collections.ConfigDict, path: str) -> tuple[bool, Any]:
+    """(present, value) of the dotted key `path` in `config`."""
     node: Any = config
     for part in path.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -247,7 +248,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     """`key=value: must be ...` for each checked key the config has with a bad value."""
     out = []
     for path, rule in rules().items():
-        present, value = _lookup(config, path)
+        present, value = lookup(config, path)
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
@@ -255,7 +256,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     from tldr_jax import models
 
     for block in ("model", "captioner", "caption"):
-        present, kwargs = _lookup(config, f"{block}.image_kwargs")
+        present, kwargs = lookup(config, f"{block}.image_kwargs")
         name = config[block].get("image") if present else None
         if present and name in models.ENCODERS:
             try:
@@ -263,7 +264,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
             except ValueError as e:
                 out.append(f"{block}.image={name!r}: {e}")
                 continue
-            size_ok, size = _lookup(config, "data.image_size")
+            size_ok, size = lookup(config, "data.image_size")
             if size_ok and isinstance(size, int) and size > 0:
                 why = models.image_size_problem(name, dict(kwargs), size)
                 if why:
@@ -323,7 +324,7 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
 
     out = []
     for key, (stages, folder) in _INPUT_KEYS.items():
-        present, value = _lookup(config, key)
+        present, value = lookup(config, key)
         if not present or stage not in stages or not isinstance(value, str) or not value:
             continue
         for part in [value] if folder else readers.split_inputs(value):

@@ -229,10 +229,10 @@ def _chain(stage: str) -> list[str]:
 
 # Files a stage writes at its start, before any of its checks can fail, that it makes again
 # when they are missing: they alone are not output that binds the workdir to the settings.
-START_FILES: dict[str, tuple[str, ...]] = {
-    "train-captioner": ("vocab.json", "vocab.json.texts-sha256"),
-    "caption": ("vocab.json", "vocab.json.texts-sha256"),
-}
+# (Both captioner stages build their `CompactVocab` first: captioner_stage.VOCAB_FILE and
+# the hash of the captions it was built from beside it.)
+_VOCAB_FILES = ("vocab.json", "vocab.json.texts-sha256")
+START_FILES: dict[str, tuple[str, ...]] = {"train-captioner": _VOCAB_FILES, "caption": _VOCAB_FILES}
 
 
 def _has_output(workdir: Path, stage: str) -> bool:

@@ -32,7 +32,7 @@ from tldr_jax.compress.common import (
     stage_dir,
     train_fingerprint,
 )
-from tldr_jax.config_check import ConfigError, check_batch_fits
+from tldr_jax.config_check import ConfigError, check_batch_fits, lookup
 from tldr_jax.eval.retrieval import RECALL_KEYS
 from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
 from tldr_jax.utils import dist, io
@@ -50,10 +50,12 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     done = check_pipeline(config, workdir, checked)
     # Batches larger than the set, found now rather than at the stage that trains with them.
     pairs = int(train_fingerprint(config)["pairs"])
-    for stage, block in (("train-captioner", config.captioner.train), ("score", config.train)):
+    for stage, key in (
+        ("train-captioner", "captioner.train.batch_size"),
+        ("score", "train.batch_size"),
+    ):
         if stage not in done:
-            key = "captioner.train" if stage == "train-captioner" else "train"
-            check_batch_fits(pairs, int(block.batch_size), f"{key}.batch_size")
+            check_batch_fits(pairs, int(lookup(config, key)[1]), key)
     for stage in STAGES:
         if stage in done:
             log.info("compress: %s already finished, skipping", stage)

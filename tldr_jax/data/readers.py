@@ -1082,6 +1082,7 @@ def split_inputs(path: str) -> list[str]:
 
 def _read_one(path: str, image_root: str, sink: _RecordSink, role: str) -> None:
     path, suffix_splits = split_suffix_of(path)
+    sink.input = path
     split_suffix = suffix_splits is not None
     splits = suffix_splits if split_suffix else KARPATHY_SPLITS.get(role)
     if path.startswith("tfds:"):
@@ -1121,7 +1122,6 @@ def read_records(
     sink = _RecordSink(skips, max_rows)
     try:
         for part in split_inputs(path):
-            sink.input = split_suffix_of(part)[0]
             _read_one(part, image_root, sink, role)
     except _Limit:
         pass

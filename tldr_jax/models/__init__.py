@@ -120,6 +120,7 @@ def make_image_encoder(
     from tldr_jax.config_check import ConfigError  # a ValueError; the CLI prints one line
 
     try:
+        why = image_size_problem(name, kwargs, image_size)
         kwargs, dropped = encoder_kwargs(name, kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -128,8 +129,8 @@ def make_image_encoder(
     if dropped and (what, tuple(dropped)) not in _WARNED:
         _WARNED.add((what, tuple(dropped)))
         log.warning("image encoder %s does not take image_kwargs %s: left out", what, dropped)
-    if name == "vit" and preset == "b16" and image_size != 224:
-        raise ConfigError(f"preset b16 is ViT-B/16 at 224 px, got image_size {image_size}")
+    if why:  # config_check says the same before any stage runs
+        raise ConfigError(f"image encoder {what}: data.image_size={image_size}: {why}")
     ctor = _constructor(name, preset)
     args = () if name == "nfresnet" or preset == "b16" else (image_size,)
     try:

@@ -53,7 +53,7 @@ def check_setup(config: Any, stage: str) -> None:
     """Before a stage reads anything: its mesh fits the devices and the training batches it
     splits over them divide evenly (a ConfigError naming the key; an uneven batch failed
     inside the first training step, after the caption embeddings were computed)."""
-    from tldr_jax.config_check import ConfigError
+    from tldr_jax.config_check import ConfigError, lookup
 
     devices = jax.device_count()
     mesh_cfg = config.get("mesh") if hasattr(config, "get") else None
@@ -61,12 +61,10 @@ def check_setup(config: Any, stage: str) -> None:
         mesh_shape(int(mesh_cfg.data), int(mesh_cfg.fsdp), devices)
     bad = []
     for key in SHARDED_BATCHES.get(stage, ()):
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if hasattr(node, "get") else None
-        if isinstance(node, int) and node % devices:
-            up = -(-node // devices) * devices
-            bad.append(f"{key}={node}: must be a multiple of the {devices} devices (e.g. {up})")
+        _, batch = lookup(config, key)
+        if isinstance(batch, int) and batch % devices:
+            up = -(-batch // devices) * devices
+            bad.append(f"{key}={batch}: must be a multiple of the {devices} devices (e.g. {up})")
     if bad:
         raise ConfigError("; ".join(bad) + ": each device takes an equal share of a batch")
 
