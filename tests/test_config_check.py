@@ -3,6 +3,7 @@ or an unknown config word stops the CLI in one line (exit 2) before any data is 
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -431,3 +432,27 @@ def test_embed_dim_zero_is_no_image_projection():
     assert config_check.problems(c) == []
     c.model.embed_dim = -1
     assert config_check.problems(c) == ["model.embed_dim=-1: must be an integer >= 0"]
+
+
+def test_compress_checks_the_caption_set_against_its_batch_first(tmp_path):
+    """The caption stage (compress's fifth) trains on `caption.data`: a batch larger than
+    that set is one line before the first stage, not after four stages (rows counted
+    without decoding; the embedded world's clean split by `num_clean`)."""
+    rows = [
+        {"filename": f"{i}.png", "split": "train", "sentences": [{"raw": "a red square"}]}
+        for i in range(5)
+    ]
+    (tmp_path / "clean.json").write_text(json.dumps({"images": rows}))
+    c = tldr_config.get_config("tiny")
+    c.caption.data = str(tmp_path / "clean.json")
+    c.caption.image_root = str(tmp_path)
+    c.caption.train.batch_size = 8
+    with pytest.raises(ConfigError, match=r"^5 clean images \(caption.data=.*clean.json\) < "):
+        run_stage("compress", c, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "train-captioner").exists()
+    c = tldr_config.get_config("tiny")
+    c.data.world.num_clean = 4
+    c.caption.train.batch_size = 8
+    with pytest.raises(ConfigError, match=r"4 clean images \(world\) < caption.train.batch_size=8"):
+        run_stage("compress", c, str(tmp_path / "w2"))
+    assert not (tmp_path / "w2" / "train-captioner").exists()

@@ -358,10 +358,11 @@ def expand_home(config: ml_collections.ConfigDict) -> None:
                 config[key] = expanded
 
 
-def check_batch_fits(pairs: int, batch_size: int, key: str) -> None:
-    """A ConfigError where a training set of `pairs` pairs is smaller than one batch."""
+def check_batch_fits(pairs: int, batch_size: int, key: str, what: str = "training pairs") -> None:
+    """A ConfigError where a training set of `pairs` examples (`what`) is smaller than one
+    batch."""
     if pairs < batch_size:
-        raise ConfigError(f"{pairs} training pairs < {key}={batch_size}: lower it or use more data")
+        raise ConfigError(f"{pairs} {what} < {key}={batch_size}: lower it or use more data")
 
 
 def check(config: ml_collections.ConfigDict, stage: str | None = None) -> None:

@@ -51,7 +51,8 @@ from tldr_jax.compress.common import (
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.images import normalize
 from tldr_jax.data.pipeline import process_slice
-from tldr_jax.data.records import clean_caption
+from tldr_jax.data.readers import is_shard_input, read_records, split_inputs
+from tldr_jax.data.records import Skips, clean_caption
 from tldr_jax.data.tokenizer import Tokenizer, load_tokenizer
 from tldr_jax.models import make_image_encoder
 from tldr_jax.models.captioner import Captioner, TextDecoder
@@ -70,6 +71,20 @@ def caption_data_config(config: ml_collections.ConfigDict) -> ml_collections.Con
         with data_cfg.unlocked():
             data_cfg.image_root = str(config.caption.image_root)
     return data_cfg
+
+
+def clean_pairs_bound(config: ml_collections.ConfigDict) -> int | None:
+    """At most how many images the caption model trains on, without decoding any: the
+    embedded world's `num_clean`, or the usable rows of `caption.data` as read (an image
+    that then fails to decode only lowers it). None where counting means reading the
+    images (TFDS sources, webdataset shards): that is the stage's work."""
+    path = str(config.caption.data)
+    if not path:
+        return int(config.data.world.num_clean)
+    if any(p.startswith("tfds:") or is_shard_input(p) for p in split_inputs(path)):
+        return None
+    records = read_records(path, str(config.caption.image_root), Skips(strict=False), 0, "clean")
+    return len(records)
 
 
 def prompt_token_ids(tokenizer: Tokenizer | CompactVocab, prompt: str) -> np.ndarray:

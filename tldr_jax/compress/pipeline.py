@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tldr_jax.compress.caption_stage import clean_pairs_bound
 from tldr_jax.compress.common import (
     check_pipeline,
     check_stage,
@@ -56,6 +57,12 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     ):
         if stage not in done:
             check_batch_fits(pairs, int(lookup(config, key)[1]), key)
+    if "caption" not in done:
+        clean = clean_pairs_bound(config)
+        if clean is not None:
+            key = "caption.train.batch_size"
+            where = f"caption.data={config.caption.data}" if config.caption.data else "world"
+            check_batch_fits(clean, int(lookup(config, key)[1]), key, f"clean images ({where})")
     for stage in STAGES:
         if stage in done:
             log.info("compress: %s already finished, skipping", stage)
