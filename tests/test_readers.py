@@ -1406,3 +1406,160 @@ def test_a_tfds_source_that_cannot_be_read_is_one_line(tmp_path):
     saying what to do, not TFDS's traceback (with its list of every dataset it knows)."""
     with pytest.raises(InputError, match=r"tfds:no_such_dataset_xyz: cannot read it as a "):
         read_records("tfds:no_such_dataset_xyz", str(tmp_path), Skips())
+
+
+def test_image_paths_that_cannot_be_opened_are_missing_images(tmp_path):
+    """A name too long, a NUL byte, a link loop: a skipped row, not a traceback."""
+    for path in (tmp_path / ("x" * 300 + ".png"), "a\x00.png"):
+        with pytest.raises(images_lib.MissingImageError):
+            images_lib.decode_image(path, 8)
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(images_lib.MissingImageError):
+        images_lib.decode_image(tmp_path / "loop", 8)
+    names = _write_images(tmp_path, 3)
+    rows = [{"image": n, "caption": f"c {i}"} for i, n in enumerate(names)]
+    rows += [{"image": "x" * 300 + ".png", "caption": "too long"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    ds = load_set(str(tmp_path / "a.json"), _cfg(image_root=str(tmp_path)), "train")
+    assert len(ds) == 3 and ds.skipped["missing_image"] == 1 and sum(ds.skipped.values()) == 1
+
+
+def test_lone_surrogates_and_nul_paths_are_counted_not_crashes(tmp_path):
+    """A caption or path holding a lone surrogate written as a JSON escape cannot be
+    UTF-8 (it crashed the fingerprint); a NUL byte in a path cannot be opened."""
+    names = _write_images(tmp_path, 2)
+    rows = [
+        {"image": names[0], "caption": "a \ud83d dog"},
+        {"image": "\udc00.png", "caption": "x"},
+        {"image": "a\x00.png", "caption": "nul"},
+        {"image": names[1], "caption": "fine"},
+    ]
+    text = json.dumps(rows)  # ASCII: the surrogates as \\u escapes
+    assert "\\ud83d" in text
+    (tmp_path / "a.json").write_text(text)
+    skips = Skips()
+    recs = read_records(str(tmp_path / "a.json"), str(tmp_path), skips)
+    assert [r.captions for r in recs] == [("fine",)]
+    assert skips.as_dict() == {"non_utf8": 2, "malformed_row": 1}
+    with pytest.raises(BadRowError, match=r"a.json, row 0: non_utf8"):
+        read_records(str(tmp_path / "a.json"), str(tmp_path), Skips(strict=True))
+
+
+def test_names_that_are_not_utf8_in_folders_and_shards_are_non_utf8(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    for i, stem in enumerate((b"good", b"caf\xe9")):
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(os.fsencode(root), stem + b".png"), "wb") as f:
+            f.write(_encode(_image(i)))
+        with open(os.path.join(os.fsencode(root), stem + b".txt"), "wb") as f:
+            f.write(b"a caption")
+    skips = Skips()
+    assert [r.sample_id for r in read_records(str(root), "", skips)] == ["good"]
+    assert skips.as_dict() == {"non_utf8": 1}
+    shards = tmp_path / "s"
+    shards.mkdir()
+    # GNU format: names as raw bytes (PAX would store them as UTF-8)
+    with tarfile.open(
+        shards / "00000.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1"
+    ) as tar:
+        for stem in ("good", "caf\xe9"):
+            _add(tar, f"{stem}.png", _encode(_image(0)))
+            _add(tar, f"{stem}.txt", b"a caption")
+    skips = Skips()
+    assert [r.sample_id for r in read_records(str(shards), "", skips)] == ["00000/good"]
+    assert skips.as_dict() == {"non_utf8": 1}
+
+
+def test_shard_members_that_leave_the_shard_are_malformed_and_never_written_out(tmp_path):
+    """`../../x.jpg` in a shard is skipped (compress wrote it outside its output folder),
+    and compress's writer keeps any name it is given under out/images."""
+    shards = tmp_path / "s"
+    shards.mkdir()
+    _write_shard(
+        shards / "00000.tar",
+        {
+            "../../../escaped/0": {"png": _encode(_image(0)), "txt": b"up"},
+            "/abs/1": {"png": _encode(_image(1)), "txt": b"absolute"},
+            "ok/2": {"png": _encode(_image(2)), "txt": b"inside"},
+        },
+    )
+    skips = Skips()
+    recs = read_records(str(shards), "", skips)
+    assert [r.captions for r in recs] == [("inside",)]
+    assert skips.as_dict() == {"malformed_row": 2}
+    assert "leaves the shard" in skips.examples["malformed_row"]
+
+
+def test_json_lines_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand unescaped inside JSON strings; str.splitlines
+    broke rows there (rows lost, later line numbers off)."""
+    names = _write_images(tmp_path, 4)
+    rows = [{"image": n, "caption": f"row {i}"} for i, n in enumerate(names)]
+    rows[1]["caption"] = "two\u2028lines"
+    rows[2]["caption"] = "next\u0085line\u2029para"
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines.insert(3, json.dumps({"image": "gone.png"}))  # line 4: no caption
+    (tmp_path / "a.jsonl").write_text("\r\n".join(lines) + "\n", encoding="utf-8")
+    skips = Skips()
+    recs = read_records(str(tmp_path / "a.jsonl"), str(tmp_path), skips)
+    assert len(recs) == 4 and skips.as_dict() == {"no_caption": 1}
+    assert [r.row for r in recs] == [1, 2, 3, 5]
+    assert skips.examples["no_caption"].endswith("a.jsonl, row 4: no_caption")
+
+
+def test_tsv_with_carriage_returns_only(tmp_path):
+    names = _write_images(tmp_path, 3)
+    text = "image\tcaption\r" + "".join(f"{n}\tcaption {i}\r" for i, n in enumerate(names))
+    (tmp_path / "a.tsv").write_bytes(text.encode())
+    skips = Skips()
+    recs = read_records(str(tmp_path / "a.tsv"), str(tmp_path), skips)
+    assert [r.captions for r in recs] == [("caption 0",), ("caption 1",), ("caption 2",)]
+    assert skips.total == 0
+
+
+def test_per_sample_caption_files_with_a_byte_order_mark(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    for i in range(2):
+        (root / f"{i}.png").write_bytes(_encode(_image(i)))
+    (root / "0.json").write_bytes(b'\xef\xbb\xbf{"caption": "from json"}')
+    (root / "1.txt").write_bytes(b"\xef\xbb\xbffrom txt")
+    skips = Skips()
+    assert [r.captions for r in read_records(str(root), "", skips)] == [
+        ("from json",),
+        ("from txt",),
+    ]
+    assert skips.total == 0
+
+
+def test_a_karpathy_split_that_is_not_a_string_is_counted(tmp_path):
+    rows = [
+        {"filename": "a.png", "split": "train", "sentences": [{"raw": "a"}]},
+        {"filename": "b.png", "split": 5, "sentences": [{"raw": "b"}]},
+        {"filename": "c.png", "split": "test", "sentences": [{"raw": "c"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps({"images": rows}))
+    skips = Skips()
+    recs = read_records(str(tmp_path / "d.json:train"), str(tmp_path), skips)
+    assert [r.captions for r in recs] == [("a",)]
+    assert skips.as_dict() == {"malformed_row": 1}
+    assert "no 'split' string: 5" in skips.examples["malformed_row"]
+
+
+def test_folder_and_shard_images_in_gif_and_tiff_and_two_images_for_one_key(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    for i, ext in enumerate(("gif", "tiff")):
+        Image.fromarray(_image(i)).save(root / f"s{i}.{ext}")
+        (root / f"s{i}.txt").write_text(f"caption {i}")
+    (root / "two.jpg").write_bytes(_encode(_image(2), "JPEG"))
+    (root / "two.png").write_bytes(_encode(_image(3)))
+    (root / "two.txt").write_text("which one")
+    skips = Skips()
+    recs = read_records(str(root), "", skips)
+    assert [r.sample_id for r in recs] == ["s0", "s1"]
+    assert skips.as_dict() == {"malformed_row": 1}
+    assert "two.jpg, two.png, two.txt" in skips.examples["malformed_row"]
+    ds = load_set(str(root), _cfg(), "train")
+    assert len(ds) == 2 and ds.skipped["malformed_row"] == 1 and sum(ds.skipped.values()) == 1

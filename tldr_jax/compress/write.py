@@ -77,6 +77,8 @@ def materialise_encoded_images(
         identity = image_identity(rec.image)
         if identity not in written:
             name = rec.image_key.replace(".tar/", "/").replace(":", "_").replace("\\", "/")
+            # Never outside out/images: no absolute, empty, "." or ".." parts.
+            name = "/".join(p for p in name.split("/") if p not in ("", ".", "..")) or "image"
             stem, dot, ext = name.rpartition(".")
             k = 0
             while name in names:  # the same key in two inputs' shards, different images

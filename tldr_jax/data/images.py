@@ -79,9 +79,9 @@ def _from_array(array: np.ndarray, size: int) -> np.ndarray:
 def decode_image(src: str | os.PathLike | bytes | LazyImage | np.ndarray, size: int) -> np.ndarray:
     """Decodes a path, encoded bytes, a `LazyImage` or an array to uint8 (size, size, 3) RGB.
 
-    Raises MissingImageError (no such file), NotAnImageError (Pillow cannot identify the
-    format) or TruncatedImageError (the format was identified but its data is cut or
-    corrupt).
+    Raises MissingImageError (no such file, or one that cannot be opened), NotAnImageError
+    (Pillow cannot identify the format) or TruncatedImageError (the format was identified
+    but its data is cut or corrupt).
     """
     if isinstance(src, np.ndarray):
         return _from_array(src, size)
@@ -101,6 +101,8 @@ def decode_image(src: str | os.PathLike | bytes | LazyImage | np.ndarray, size: 
             fp = open(name, "rb")  # noqa: SIM115 (closed by the `with fp` below)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise MissingImageError(f"{name}: {e.strerror}") from e
+        except (OSError, ValueError) as e:  # a name too long, a link loop, no permission
+            raise MissingImageError(f"{name!r}: cannot open: {e}") from e
     with fp:
         try:
             img = Image.open(fp)

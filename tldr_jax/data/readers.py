@@ -83,7 +83,7 @@ from tldr_jax.data.records import (
 _ID_FIELDS = ("sample_id", "id", "image_id")
 _TSV_HEADER_CAPTION = {"caption", "captions", "text", "title"}
 _TSV_HEADER_IMAGE = {"url", "image", "image_path", "image_url", "path", "file", "filepath"}
-_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 _TFDS_CAPTION_FIELDS = ("captions/text", "caption", "captions", "text", "caption/text")
 _TFDS_ID_FIELDS = ("image/id", "id", "image_id")
 _KARPATHY_ID_FIELDS = ("cocoid", "imgid")
@@ -100,12 +100,14 @@ class _Limit(Exception):
     """Raised internally when max_rows input rows have been read."""
 
 
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _has_bad_utf8(*texts: str) -> bool:
-    # Text decoded with errors="surrogateescape" keeps undecodable bytes as lone surrogates.
-    return any(_ESCAPED_BYTE.search(t) for t in texts)
+    # Text decoded with errors="surrogateescape" keeps undecodable bytes as lone surrogates;
+    # a JSON escape (`"\\ud83d"`) or a file name in another encoding gives them too. None
+    # can be written as UTF-8 (summaries, manifests, the tokenizer).
+    return any(_SURROGATE.search(t) for t in texts)
 
 
 def annotation_folder(path: str) -> str:
@@ -180,7 +182,17 @@ class _RecordSink:
         key: str,
         row: int | str = "",
         file: str = "",
-    ) -> None:
+    ) -> bool:
+        """Adds the record; False where it is unusable after all (counted as skipped): ids,
+        keys, paths or captions that are not UTF-8, a NUL byte in an image path."""
+        texts = (sample_id, key, *captions, *([image] if isinstance(image, str) else []))
+        where = file or self.input
+        if _has_bad_utf8(*texts):
+            self.skips.skip("non_utf8", where, row, "a name or caption that is not UTF-8")
+            return False
+        if isinstance(image, str) and "\x00" in image:
+            self.skips.skip("malformed_row", where, row, "a NUL byte in the image path")
+            return False
         k = self._next_suffix.get(sample_id, 0)
         unique = f"{sample_id}#{k}" if k else sample_id
         while unique in self._ids:
@@ -188,7 +200,8 @@ class _RecordSink:
             unique = f"{sample_id}#{k}"
         self._next_suffix[sample_id] = k + 1
         self._ids.add(unique)
-        self.records.append(Record(unique, image, captions, key, row, file or self.input))
+        self.records.append(Record(unique, image, captions, key, row, where))
+        return True
 
 
 def _json_row(
@@ -212,10 +225,11 @@ def _json_row(
         return skips.skip("empty_caption", file, where)
     if _is_remote(image):
         return skips.skip("missing_image", file, where, URL_DETAIL)
-    skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
     sample_id = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
-    sink.add(sample_id or default_id, _resolve(image, image_root, base_dir), captions, image, where)
+    resolved = _resolve(image, image_root, base_dir)
+    if sink.add(sample_id or default_id, resolved, captions, image, where):
+        skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
 
 
 def _karpathy_image(
@@ -248,16 +262,11 @@ def _karpathy_image(
     captions = tuple(c for c in map(clean_caption, raw) if c)
     if not captions:
         return skips.skip("empty_caption", file, where)
-    skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
     sample_id = next((str(row[k]) for k in _KARPATHY_ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
-    sink.add(
-        sample_id or f"{stem}:{where}",
-        _resolve(image, image_root, base_dir),
-        captions,
-        image,
-        where,
-    )
+    resolved = _resolve(image, image_root, base_dir)
+    if sink.add(sample_id or f"{stem}:{where}", resolved, captions, image, where):
+        skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
 
 
 def _read_karpathy(
@@ -266,13 +275,13 @@ def _read_karpathy(
     stem = Path(path).stem
     for i, row in enumerate(images):
         split = row.get("split") if isinstance(row, dict) else None
-        if split is not None and split not in splits:
+        if isinstance(split, str) and split not in splits:
             continue  # another split's image: not a row of this input
         sink.row()
         if not isinstance(row, dict):
             sink.skips.skip("malformed_row", path, i, f"not an object: {type(row).__name__}")
         elif not isinstance(split, str):
-            sink.skips.skip("malformed_row", path, i, "no 'split' string")
+            sink.skips.skip("malformed_row", path, i, f"no 'split' string: {split!r}")
         else:
             _karpathy_image(row, path, i, stem, image_root, sink)
 
@@ -356,9 +365,9 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
         if not cleaned:
             skips.skip("empty_caption", path, i)
             continue
-        skips.drop_captions(path, i, len(raw) - len(cleaned), len(raw))
         sample_id = str(row["id"]) if row.get("id") not in (None, "") else f"{stem}:{i}"
-        sink.add(sample_id, _resolve(name, "", base_dir), cleaned, name, i)
+        if sink.add(sample_id, _resolve(name, "", base_dir), cleaned, name, i):
+            skips.drop_captions(path, i, len(raw) - len(cleaned), len(raw))
     for i, reason, detail in bad:
         sink.row()
         skips.skip(reason, path, f"annotations[{i}]", detail)
@@ -415,7 +424,9 @@ def _read_json(
             _json_row(row, path, i, f"{stem}:{i}", image_root, sink)
         return
     # Not one JSON list: read it as JSON lines, one object per line.
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON strings
+    # may hold unescaped.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         sink.row()
@@ -527,6 +538,16 @@ def _csv_fields(text: str, more: bool) -> Any:
     return spans if spans is not None else next(csv.reader([text]), [])
 
 
+def _cr_lines(f: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a binary file whose lines end in CR alone, read a chunk at a time."""
+    rest = b""
+    while data := f.read(chunk):
+        *lines, rest = (rest + data).split(b"\r")
+        yield from lines
+    if rest:
+        yield rest
+
+
 def _tsv_rows(path: str, sep: str) -> Iterator[tuple[int, int, str, Any]]:
     """(first line, last line, text, fields) of each row of a TSV (`sep` tab) or CSV file,
     lines numbered from 1, read line by line (never the whole file at once); blank lines
@@ -540,7 +561,11 @@ def _tsv_rows(path: str, sep: str) -> Iterator[tuple[int, int, str, Any]]:
 
     def lines() -> Iterator[tuple[int, str]]:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            head = f.read(1 << 16)
+            f.seek(0)
+            # Classic Mac OS line endings (CR only): one line per CR, else the file is one row.
+            cr_only = b"\r" in head and b"\n" not in head
+            for lineno, raw in enumerate(_cr_lines(f) if cr_only else f, start=1):
                 raw = raw.rstrip(b"\n").rstrip(b"\r")
                 if lineno == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
@@ -869,14 +894,21 @@ def folder_samples(folder: str | Path) -> dict[str, dict[str, Path]]:
     `00000/000000001`, `trips/photo.2019` for `photo.2019.jpg` + `photo.2019.txt`) ->
     {extension: file}. A key is a sample when it has an image or a `.txt` file;
     img2dataset's per-shard `.parquet` and `_stats.json` files are not. (Inside a `.tar`
-    shard the key ends at the first dot of the name, as webdataset groups files.)"""
+    shard the key ends at the first dot of the name, as webdataset groups files.) A key with
+    two images (`x.jpg` + `x.png`, `x.jpg` + `x.JPG`) or two caption files of one kind is
+    marked with `_DUPLICATE_EXT`: which one the caption describes is unknown."""
     groups: dict[str, dict[str, Path]] = {}
     for f in _walk_files(folder):
         relative = f.relative_to(folder)
         stem, dot, ext = relative.name.rpartition(".")
         if not dot:  # no extension: not an image or a caption file
             continue
-        groups.setdefault((relative.parent / stem).as_posix(), {})[ext.lower()] = f
+        group = groups.setdefault((relative.parent / stem).as_posix(), {})
+        ext = ext.lower()
+        image = ext in _WDS_IMAGE_EXTS
+        if ext in group or (image and any(e in group for e in _WDS_IMAGE_EXTS)):
+            group[_DUPLICATE_EXT] = f
+        group.setdefault(ext, f)
     return {
         key: files
         for key, files in groups.items()
@@ -891,7 +923,7 @@ def _sample_caption(files: dict[str, Any], read: Any) -> tuple[str, str]:
         caption_bytes = read("txt")
     else:
         try:
-            meta = json.loads(read("json").decode("utf-8")) if "json" in files else {}
+            meta = json.loads(read("json").decode("utf-8-sig")) if "json" in files else {}
         except UnicodeDecodeError:
             return "", "non_utf8"
         except json.JSONDecodeError:
@@ -903,7 +935,7 @@ def _sample_caption(files: dict[str, Any], read: Any) -> tuple[str, str]:
             return "", "malformed_row"
         caption_bytes = cap.encode("utf-8", "surrogatepass")
     try:
-        caption = clean_caption(caption_bytes.decode("utf-8"))
+        caption = clean_caption(caption_bytes.decode("utf-8-sig"))  # a byte-order mark off
     except UnicodeDecodeError:
         return "", "non_utf8"
     return (caption, "") if caption else ("", "empty_caption")
@@ -920,6 +952,12 @@ def _read_image_folder(path: str, sink: _RecordSink) -> None:
         sink.row()
         ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
         where = str(next(iter(files.values())))
+        if _DUPLICATE_EXT in files:
+            names = ", ".join(sorted({f.name for f in files.values()}))
+            skips.skip(
+                "malformed_row", where, key, f"several images or captions for one key: {names}"
+            )
+            continue
         if ext is None:
             skips.skip("missing_image", where, key, "no image file for this key")
             continue
@@ -956,6 +994,10 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             if _DUPLICATE_EXT in files:
                 ext = files[_DUPLICATE_EXT].decode()  # type: ignore[union-attr]
                 skips.skip("malformed_row", str(shard), key, f"two .{ext} files in one sample")
+                continue
+            if key.startswith("/") or ".." in key.split("/"):
+                # A name like ../../x.jpg: it would be written outside the output folder.
+                skips.skip("malformed_row", str(shard), key, "a member path that leaves the shard")
                 continue
             ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
             if ext is None:
@@ -1038,7 +1080,6 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
         if not captions:
             skips.skip("empty_caption", spec, i)
             continue
-        skips.drop_captions(spec, i, len(texts) - len(captions), len(texts))
         explicit = next((example[k] for k in _TFDS_ID_FIELDS if k in example), None)
         sample_id = str(explicit) if explicit is not None else f"{name}:{split}:{i}"
         filename = example.get(f"{image_key}/filename", example.get("image/filename"))
@@ -1046,7 +1087,8 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
             filename = filename.decode("utf-8", "replace")
         encoded = bytes(example[image_key])
         image = TfdsImage(source, i, image_key, lock, hashlib.sha1(encoded).digest())
-        sink.add(sample_id, image, captions, filename or f"{spec}:{i}", i)
+        if sink.add(sample_id, image, captions, filename or f"{spec}:{i}", i):
+            skips.drop_captions(spec, i, len(texts) - len(captions), len(texts))
 
 
 def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:
