@@ -1506,6 +1506,8 @@ def test_json_lines_split_at_newlines_only(tmp_path):
     assert len(recs) == 4 and skips.as_dict() == {"no_caption": 1}
     assert [r.row for r in recs] == [1, 2, 3, 5]
     assert skips.examples["no_caption"].endswith("a.jsonl, row 4: no_caption")
+    (tmp_path / "b.jsonl").write_text("\r".join(lines), encoding="utf-8")  # CR only
+    assert len(read_records(str(tmp_path / "b.jsonl"), str(tmp_path), Skips())) == 4
 
 
 def test_tsv_with_carriage_returns_only(tmp_path):

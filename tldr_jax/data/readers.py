@@ -424,9 +424,10 @@ def _read_json(
             _json_row(row, path, i, f"{stem}:{i}", image_root, sink)
         return
     # Not one JSON list: read it as JSON lines, one object per line.
-    # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON strings
-    # may hold unescaped.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # LF, CRLF or CR (which JSON strings cannot hold unescaped), not str.splitlines: that
+    # also breaks at U+2028, U+2029 and U+0085, which JSON strings may hold.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         sink.row()
