@@ -470,6 +470,27 @@ def test_stages_read_a_karpathy_set_from_disk(tmp_path):
     for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
         assert 0.0 <= result[method]["tr_r1"]["mean"] <= 100.0
 
+    # The same pairs under another file path are the same data (as for compress and
+    # pretrain); images read from another folder are not.
+    moved = tmp_path / "moved.json"
+    shutil.copy(train_json, moved)
+    config.data.train = str(moved)
+    assert run_stage("distill", config, workdir)["iterations"] == 2
+    shutil.copytree(tmp_path / "set", tmp_path / "set2")  # these may differ: not hashed
+    config.data.image_root = str(tmp_path / "set2")
+    with pytest.raises(ValueError, match=r"buffer was made with other settings.*image_root: "):
+        run_stage("distill", config, workdir)
+
+
+def test_a_distill_without_experts_records_nothing(buffered, tmp_path):
+    """A distill stopped at "no finished expert" left its signature: the rerun with other
+    settings after `buffer` was refused."""
+    config, _, _ = buffered
+    workdir = tmp_path / "w"
+    with pytest.raises(FileNotFoundError, match="no finished expert"):
+        run_stage("distill", config, str(workdir))
+    assert not (workdir / "distill" / "signature.json").exists()
+
 
 def test_stages_read_karpathys_split_file_one_pair_per_caption(tmp_path):
     # Karpathy's original `dataset_*.json` (an 'images' list, several captions per image, the

@@ -5,6 +5,7 @@ do not count; a workdir from before signatures keeps working."""
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,39 @@ def test_generic_check_is_the_distillation_one(tmp_path):
     with pytest.raises(ConfigError, match="buffer.epochs: 8 -> 10") as e:
         et.check_signature(path, other, create=True, redo="train again")
     assert str(e.value).endswith(f"delete {path.parent} to train again.")
+
+
+def test_image_root_binds_and_retired_keys_do_not(tmp_path, monkeypatch):
+    """The images are not hashed, so where they are read from binds a workdir (compress and
+    pretrain left `data.image_root` out: a rerun on other images resumed). A key an older
+    version recorded and no longer binds (the buffer's training-file path) is no change."""
+    from configs import pretrain as pretrain_config
+    from tldr_jax.train import pretrain
+
+    monkeypatch.chdir(tmp_path)
+    config = tldr_config.get_config("tiny")
+    config.data.image_root = "imgs"
+    fp = {"pairs": 3, "sha256": "ab" * 32}
+    for stage in STAGE_FILES:
+        sig = common.stage_signature(config, stage, fp)
+        assert sig["data.image_root"] == str(tmp_path / "imgs"), stage
+    other = config.copy_and_resolve_references()
+    other.data.image_root = "other"
+    diff = signature.differences(
+        common.stage_signature(config, "score", fp), common.stage_signature(other, "score", fp)
+    )
+    assert list(diff) == ["data.image_root"]
+    pconfig = pretrain_config.get_config("tiny")
+    pconfig.data.image_root = "imgs"
+    train = types.SimpleNamespace(ids=["a"], captions=[["a cat"]])  # what the signature reads
+    assert pretrain.pretrain_signature(pconfig, train)["data.image_root"] == str(tmp_path / "imgs")
+
+    path = tmp_path / "buffer" / "signature.json"
+    want = {"train_pairs": 4, "image_root": ""}
+    signature.write(path, {**want, "train": "/old/path/train.json"})
+    with pytest.raises(ConfigError, match="train: '/old/path/train.json' -> None"):
+        signature.check_signature(path, want, create=True, redo="x")
+    signature.check_signature(path, want, create=True, redo="x", retired=("train",))
 
 
 def test_a_stage_that_stopped_at_its_start_does_not_bind_the_workdir(tmp_path):

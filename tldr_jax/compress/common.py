@@ -177,6 +177,7 @@ def _own_keys(config: ml_collections.ConfigDict, stage: str) -> tuple[dict, dict
     test_keys = ("data.test", "data.test_image_root", *world_if(d.test))
     if stage == "train-captioner":
         keys = ("captioner", "text.model_dir", "seed", "data.image_size", "data.max_rows")
+        keys += ("data.image_root",)  # where the images are read from (they are not hashed)
         return values(config, (*keys, *world_if(d.train))), {}
     if stage == "extract":
         return values(config, ("extract",), ("extract.batch_size",)), {}

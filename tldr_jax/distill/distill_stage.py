@@ -21,6 +21,7 @@ targets; its factors live in the checkpoints and, with the dense S, in distilled
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 import time
@@ -226,10 +227,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     data = et.load_pairs(config, workdir)
     sig = distill_signature(config, et.check_buffer(workdir, config, data))
-    et.check_signature(out_dir / "signature.json", sig, create=True, redo="distill again")
+    retired = [f"buffer.{k}" for k in et.RETIRED_BUFFER_KEYS]
+    check = functools.partial(et.check_signature, redo="distill again", retired=retired)
+    check(out_dir / "signature.json", sig, create=False)  # refused before anything is loaded
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
+    # Recorded once there is something to distil from (a run stopped at "no finished expert"
+    # leaves no record that would refuse the next run's settings).
+    check(out_dir / "signature.json", sig, create=True)
     if len(trajs) < int(b.num_experts):
         log.warning(
             "distill: %d of buffer.num_experts=%d experts are finished; matching those "

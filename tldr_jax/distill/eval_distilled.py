@@ -233,7 +233,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data = et.load_pairs(config, workdir)
     sig = distill_signature(config, et.check_buffer(workdir, config, data))
     et.check_signature(
-        workdir_p / "distill" / "signature.json", sig, create=False, redo="distill again"
+        workdir_p / "distill" / "signature.json",
+        sig,
+        create=False,
+        redo="distill again",
+        retired=[f"buffer.{k}" for k in et.RETIRED_BUFFER_KEYS],
     )
     distilled_iterations = check_distilled_iterations(syn, config, npz)
     n = data.num_pairs

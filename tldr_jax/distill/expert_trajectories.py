@@ -40,7 +40,6 @@ from tqdm import tqdm
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
-from tldr_jax.data.readers import input_identity
 from tldr_jax.distill.matching import LOGIT_SCALE, all_finite, contrastive_loss
 from tldr_jax.distill.student import Student, flatten_params, make_student
 from tldr_jax.eval.retrieval import retrieval_metrics
@@ -277,8 +276,9 @@ def epoch_batches(n: int, batch: int, seed: int, expert: int, epoch: int) -> np.
 
 
 def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[str, Any]:
-    """What the experts depend on: the training pairs (source, count, a hash of their ids and
-    captions), image size, model, text encoder, seed and the expert recipe. Adding experts
+    """What the experts depend on: the training pairs (count, a hash of their ids and captions:
+    the same pairs under another file path are the same data), where their images are read
+    from, image size, model, text encoder, seed and the expert recipe. Adding experts
     (buffer.num_experts) or changing the test set does not change it."""
     digest = hashlib.sha256()
     for sid, caption in zip(data.train_pair_ids, data.train_captions, strict=True):
@@ -286,7 +286,6 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
     t, b = config.text, config.buffer
     root = str(config.data.image_root)
     return {
-        "train": input_identity(data.train.source),
         "image_root": os.path.abspath(root) if root else "",
         "train_pairs": data.num_pairs,
         "train_sha256": digest.hexdigest(),
@@ -310,6 +309,9 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
 
 # The refusal of a workdir made with other settings (shared with the compress stages).
 check_signature = signature.check_signature
+# Buffer signature keys older versions recorded that no longer bind: "train", the training
+# file's path (its pairs are hashed). In W/distill's signature they sit under "buffer.".
+RETIRED_BUFFER_KEYS = ("train",)
 
 
 def check_buffer(
@@ -318,7 +320,9 @@ def check_buffer(
     """`check_signature` for W/buffer (created by `buffer`, checked by the later stages)."""
     sig = buffer_signature(config, data)
     path = Path(workdir) / "buffer" / "signature.json"
-    check_signature(path, sig, create=create, redo="train the experts again")
+    check_signature(
+        path, sig, create=create, redo="train the experts again", retired=RETIRED_BUFFER_KEYS
+    )
     return sig
 
 

@@ -278,7 +278,7 @@ def signature_path(workdir: str | Path) -> Path:
 
 def pretrain_signature(config: ml_collections.ConfigDict, train: ImageTextSet) -> dict[str, Any]:
     world = ("data.world",) if not config.data.train else ()
-    keys = (*SIGNATURE_KEYS, "data.image_size", "data.max_rows", *world)
+    keys = (*SIGNATURE_KEYS, "data.image_size", "data.max_rows", "data.image_root", *world)
     data = signature.pair_fingerprint(train.ids, train.captions)
     return {
         **signature.config_values(config, keys),

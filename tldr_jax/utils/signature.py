@@ -45,7 +45,6 @@ RERUN_FREE = (
     "data.decode_workers",
     "data.strict",
     "data.train",  # its content: train_data.*
-    "data.image_root",
     "text.batch_size",
 )
 
@@ -53,6 +52,7 @@ RERUN_FREE = (
 # Config keys that name inputs on disk: compared as the files they name, so the same command
 # run from another working folder, or a relative path written absolute, is the same run.
 PATH_KEYS = (
+    "data.image_root",  # the images themselves are not hashed: where they are read from is
     "data.test",
     "data.test_image_root",
     "caption.data",
@@ -195,14 +195,18 @@ def _data(pairs: Any, sha: Any) -> str:
     return f"{pairs} pairs, sha256 {str(sha)[:12]}"
 
 
-def check_signature(path: Path, want: dict[str, Any], *, create: bool, redo: str) -> None:
+def check_signature(
+    path: Path, want: dict[str, Any], *, create: bool, redo: str, retired: Iterable[str] = ()
+) -> None:
     """Refuses a workdir whose stage output was made with other settings (`path` holds what
     they were); writes `want` there when absent and `create`. `redo`: what deleting the
-    folder would do, for the message. (The distillation stages' check: every key counts.)"""
+    folder would do, for the message. (The distillation stages' check: every key counts but
+    the `retired` ones.)"""
     want = flatten(jsonable(want))
     have = read(path)
     if have is not None:
-        diff = differences(have, want)
+        # `retired`: keys an older version recorded that no longer bind a workdir.
+        diff = differences({k: v for k, v in have.items() if k not in set(retired)}, want)
         if diff:
             folder = Path(path).parent
             raise refusal([folder], diff, f"Use a new workdir, or delete {folder} to {redo}.")
