@@ -4,7 +4,9 @@ Command lines (the same workdir for all three stages):
   tldr-jax buffer         --config configs/distill.py:small --workdir /tmp/vld
   tldr-jax distill        --config configs/distill.py:small --workdir /tmp/vld
   tldr-jax eval-distilled --config configs/distill.py:small --workdir /tmp/vld
-  # ablations override any key, e.g.
+  # ablations override any key; on the same experts, in a new workdir holding a copy of
+  # the buffer (distill and eval-distilled read W/buffer), e.g.
+  mkdir -p /tmp/vld2 && cp -r /tmp/vld/buffer /tmp/vld2/
   tldr-jax distill --config configs/distill.py:small --workdir /tmp/vld2 \
       --config.distill.grad_mode=tesla --config.distill.init=kmeans
 

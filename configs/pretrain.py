@@ -6,7 +6,7 @@ Command lines:
   # on a BLIP JSON + a Karpathy test set on disk:
   tldr-jax pretrain --config configs/pretrain.py --workdir W \
       --config.data.train=cc3m.json --config.data.image_root=/data/cc3m \
-      --config.data.test=coco_karpathy_test.json
+      --config.data.test=coco_karpathy_test.json --config.data.test_image_root=/data/coco
 
 `small` runs in a few minutes on 2 CPU cores (32 px embedded world, a small ConvNet);
 `tiny` is a smoke test of both stages in well under a minute (16 px, 2 epochs; not for results).

@@ -162,6 +162,10 @@ def test_unknown_override_message_names_the_flag():
             "tldr-jax distill: error: flag --config.distill.syn_steps=abc: invalid literal "
             "for int() with base 10: 'abc'",
         ),
+        (
+            ["--config.data.strict=maybe"],
+            "tldr-jax distill: error: --config.data.strict=maybe: not a boolean (True or False)",
+        ),
     ],
 )
 def test_cli_config_errors_are_one_line(tmp_path, extra, expected):
@@ -170,6 +174,17 @@ def test_cli_config_errors_are_one_line(tmp_path, extra, expected):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [expected]
     assert not work.exists()
+
+
+def test_flag_errors_in_plain_words():
+    from tldr_jax.cli import flag_error_message
+
+    text = "flag --workdir=None: Flag --workdir must have a value other than None."
+    assert flag_error_message(text) == (
+        "--workdir DIR is required: the folder the stage reads and writes"
+    )
+    other = "flag --config.train.lr=x: could not convert string to float: 'x'"
+    assert flag_error_message(other) == other
 
 
 def test_cli_unknown_config_word_is_one_line(tmp_path):
@@ -291,6 +306,10 @@ def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
     c.data.train = "a.json,~/b.json, c.tsv, ~/d"  # each of several inputs, spaces or not
     config_check.expand_home(c)
     assert c.data.train == f"a.json,{tmp_path}/b.json, c.tsv,{tmp_path}/d"
+    # a file:// URL is the path it names, alone or among several inputs
+    c.data.train, c.data.image_root = "file:///data/my%20set/a.json,file:///b.json", "file:///x"
+    config_check.expand_home(c)
+    assert (c.data.train, c.data.image_root) == ("/data/my set/a.json,/b.json", "/x")
     # the shell leaves `--config.data.train=~/x` and `--workdir=~/w` as they are
     c = distill_config.get_config("tiny")
     c.data.train = "~/missing.json"
@@ -363,8 +382,8 @@ def test_image_size_must_suit_every_encoder_before_anything_runs():
     c.captioner.image_kwargs.patch_size = 0  # a ZeroDivisionError inside the ViT before
     c.model.image_kwargs.depth = -1  # 2**-1 divides everything; a traceback in the model
     assert config_check.problems(c) == [
-        "data.image_size=16: model.image='convnet': the ConvNet's depth -1 must be >= 1",
-        "data.image_size=16: captioner.image='vit': the ViT's patch_size 0 must be >= 1",
+        "model.image_kwargs.depth=-1: must be >= 1 (the ConvNet's depth)",
+        "captioner.image_kwargs.patch_size=0: must be >= 1 (the ViT's patch size)",
     ]
 
 
@@ -451,8 +470,13 @@ def test_compress_checks_the_caption_set_against_its_batch_first(tmp_path):
         run_stage("compress", c, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "train-captioner").exists()
     c = tldr_config.get_config("tiny")
-    c.data.world.num_clean = 4
-    c.caption.train.batch_size = 8
-    with pytest.raises(ConfigError, match=r"4 clean images \(world\) < caption.train.batch_size=8"):
+    c.data.world.update(num_clean=4, num_pairs=24)
+    c.caption.train.batch_size = c.train.batch_size = c.captioner.train.batch_size = 32
+    with pytest.raises(ConfigError) as e:  # every batch too large, in one line
         run_stage("compress", c, str(tmp_path / "w2"))
+    assert str(e.value) == (
+        "24 training pairs < captioner.train.batch_size=32: lower it or use more data; "
+        "24 training pairs < train.batch_size=32: lower it or use more data; "
+        "4 clean images (world) < caption.train.batch_size=32: lower it or use more data"
+    )
     assert not (tmp_path / "w2" / "train-captioner").exists()

@@ -171,6 +171,11 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
 def test_cli_rejects_unknown_stage():
     r = run_cli("no-such-stage", "--config", "configs/pretrain.py", "--workdir", "/tmp/x")
     assert r.returncode == 2 and "unknown stage" in r.stderr
+    r = run_cli("pretrian", "--config", "configs/pretrain.py", "--workdir", "/tmp/x")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "tldr-jax: unknown stage 'pretrian': did you mean 'pretrain'? `tldr-jax --help` lists "
+        "the stages"
+    ]
 
 
 def test_config_arguments_are_checked():

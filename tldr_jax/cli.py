@@ -47,9 +47,9 @@ stages:
   extract          per-sample code indices keyed by sample id         (configs/tldr.py)
   select           PCA + k-means + per-cluster selection              (configs/tldr.py)
   score            image-text alignment scores and top-fraction filter (configs/tldr.py)
-  caption          plain captioner fine-tuned on clean captions + generation
-  write            new BLIP-format training file + manifest
-  compress         train-captioner..write, then the retrieval comparison
+  caption          captioner trained on clean captions + generation (configs/tldr.py)
+  write            new BLIP-format training file + manifest           (configs/tldr.py)
+  compress         the six stages above, then the retrieval comparison (configs/tldr.py)
   buffer           expert trajectories for distillation              (configs/distill.py)
   distill          trajectory-matching dataset distillation           (configs/distill.py)
   eval-distilled   train fresh models on distilled set and coresets   (configs/distill.py)
@@ -189,7 +189,14 @@ def _main_impl(argv: list[str] | None) -> None:
         sys.exit(0 if len(argv) >= 2 else 2)
     stage = argv[1]
     if stage not in STAGES:
-        print(f"tldr-jax: unknown stage {stage!r}\n\n{USAGE}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(
+            f"tldr-jax: unknown stage {stage!r}: {hint}`tldr-jax --help` lists the stages",
+            file=sys.stderr,
+        )
         sys.exit(2)
     from tldr_jax.config_check import ConfigError  # ml_collections only: --help stays instant
 
@@ -281,13 +288,26 @@ def _main_impl(argv: list[str] | None) -> None:
             # ml_collections wraps what get_config raised, traceback text included: keep ours.
             text = str(e)
             mark = text.rfind("ConfigError: ")
-            _usage_error(stage, text[mark + len("ConfigError: ") :].strip() if mark >= 0 else text)
+            if mark >= 0:
+                _usage_error(stage, text[mark + len("ConfigError: ") :].strip())
+            _usage_error(stage, flag_error_message(text))
         except ConfigError as e:  # an unknown `file.py:word`
             _usage_error(stage, str(e))
         except (AttributeError, KeyError) as e:  # `--config.a.b=v` naming no key of the config
             _usage_error(stage, unknown_override_message(args, e))
 
     app.run(_main, argv=[argv[0]] + argv[2:], flags_parser=_parse_flags)
+
+
+def flag_error_message(text: str) -> str:
+    """absl's flag errors in plain words: a missing --workdir, a value that is not a
+    boolean (absl says `('Non-boolean argument to boolean flag', 'maybe')`)."""
+    if text.startswith("flag --workdir=None"):
+        return "--workdir DIR is required: the folder the stage reads and writes"
+    m = re.match(r"flag (--\S+?)=(.*?): \('Non-boolean argument to boolean flag', .*\)$", text)
+    if m:
+        return f"{m[1]}={m[2]}: not a boolean (True or False)"
+    return text
 
 
 def stage_help(stage: str, args: list[str]) -> str:

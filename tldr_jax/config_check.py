@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -267,7 +268,9 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
             size_ok, size = lookup(config, "data.image_size")
             if size_ok and isinstance(size, int) and size > 0:
                 why = models.image_size_problem(name, dict(kwargs), size)
-                if why:
+                if why and why.startswith("image_kwargs."):  # the argument's own fault
+                    out.append(f"{block}.{why}")
+                elif why:
                     out.append(f"data.image_size={size}: {block}.image={name!r}: {why}")
     return out
 
@@ -339,21 +342,29 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
     return out
 
 
+def _local_path(part: str) -> str:
+    text = part.strip()
+    if text.startswith("~"):
+        return os.path.expanduser(text)
+    if text.startswith("file://"):
+        return urllib.parse.unquote(text.removeprefix("file://"))
+    return part
+
+
 def expand_home(config: ml_collections.ConfigDict) -> None:
     """Expands a leading `~` / `~user` in every string value in place, and in each part of
-    one joined by commas (`data.train`,
-    `data.image_root`, `caption.data`, ...): the shell leaves `--config.data.train=~/x` as
-    it is, and a path with a literal `~` folder is never what was meant."""
+    one joined by commas (`data.train`, `data.image_root`, `caption.data`, ...): the shell
+    leaves `--config.data.train=~/x` as it is, and a path with a literal `~` folder is never
+    what was meant. A `file://` URL is the path it names, as in the readers' rows."""
     for key in list(config.keys()):
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict):
             expand_home(value)
-        elif isinstance(value, str) and "~" in value:
+        elif isinstance(value, str) and ("~" in value or "file://" in value):
             # each of several inputs joined by commas (`data.train=~/a.json, ~/b.json`)
-            parts = value.split(",") if re.search(r",\s*~", value) else [value]
-            expanded = ",".join(
-                os.path.expanduser(p.strip()) if p.strip().startswith("~") else p for p in parts
-            )
+            several = re.search(r",\s*(~|file://)", value)
+            parts = value.split(",") if several else [value]
+            expanded = ",".join(_local_path(p) for p in parts)
             if expanded != value:
                 config[key] = expanded
 

@@ -41,6 +41,12 @@ from tldr_jax.utils import dist, io
 log = logging.getLogger(__name__)
 
 STAGES = ("train-captioner", "extract", "select", "score", "caption", "write")
+# The batch each training stage draws from a set (checked against it before the first stage).
+BATCH_KEYS = {
+    "train-captioner": "captioner.train.batch_size",
+    "score": "train.batch_size",
+    "caption": "caption.train.batch_size",
+}
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -49,20 +55,23 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     walls: dict[str, float] = {}
     checked = STAGES + (("eval",) if config.retrieval_eval.enabled else ())
     done = check_pipeline(config, workdir, checked)
-    # Batches larger than the set, found now rather than at the stage that trains with them.
+    # Batches larger than the set, found now rather than at the stage that trains with them
+    # (every one too large, in one line).
     pairs = int(train_fingerprint(config)["pairs"])
-    for stage, key in (
-        ("train-captioner", "captioner.train.batch_size"),
-        ("score", "train.batch_size"),
-    ):
-        if stage not in done:
-            check_batch_fits(pairs, int(lookup(config, key)[1]), key)
-    if "caption" not in done:
-        clean = clean_pairs_bound(config)
-        if clean is not None:
-            key = "caption.train.batch_size"
-            where = f"caption.data={config.caption.data}" if config.caption.data else "world"
-            check_batch_fits(clean, int(lookup(config, key)[1]), key, f"clean images ({where})")
+    sets = {"train-captioner": (pairs, "training pairs"), "score": (pairs, "training pairs")}
+    if "caption" not in done and (clean := clean_pairs_bound(config)) is not None:
+        where = f"caption.data={config.caption.data}" if config.caption.data else "world"
+        sets["caption"] = (clean, f"clean images ({where})")
+    found = []
+    for stage, (size, what) in sets.items():
+        key = BATCH_KEYS[stage]
+        try:
+            if stage not in done:
+                check_batch_fits(size, int(lookup(config, key)[1]), key, what)
+        except ConfigError as e:
+            found.append(str(e))
+    if found:
+        raise ConfigError("; ".join(found))
     for stage in STAGES:
         if stage in done:
             log.info("compress: %s already finished, skipping", stage)

@@ -79,7 +79,9 @@ def encoder_kwargs(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], l
 def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> str | None:
     """Why the encoder `name` with `kwargs` cannot take `image_size` px images (a ViT's patch
     or a ConvNet's 2**depth pooling not dividing it, ViT-B/16 not at 224), or None. Read
-    from the arguments and the constructor's defaults, before any model is built."""
+    from the arguments and the constructor's defaults, before any model is built. A patch
+    size or depth below 1 is the argument's own fault: that message starts with
+    `image_kwargs.KEY=VALUE:`."""
     kwargs, _ = encoder_kwargs(name, kwargs)
     preset = kwargs.pop("preset", "")
     if name == "vit" and preset == "b16":
@@ -93,12 +95,12 @@ def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> st
 
     patch = arg("patch_size") if name == "vit" else None
     if isinstance(patch, int) and patch < 1:
-        return f"the ViT's patch_size {patch} must be >= 1"
+        return f"image_kwargs.patch_size={patch}: must be >= 1 (the ViT's patch size)"
     if isinstance(patch, int) and image_size % patch:
         return f"not a multiple of the ViT's patch_size {patch}"
     depth = arg("depth") if name == "convnet" else None
     if isinstance(depth, int) and depth < 1:
-        return f"the ConvNet's depth {depth} must be >= 1"
+        return f"image_kwargs.depth={depth}: must be >= 1 (the ConvNet's depth)"
     if isinstance(depth, int) and image_size % 2**depth:
         return f"not a multiple of 2**depth = {2**depth} (the ConvNet halves it depth times)"
     return None
@@ -130,7 +132,8 @@ def make_image_encoder(
         _WARNED.add((what, tuple(dropped)))
         log.warning("image encoder %s does not take image_kwargs %s: left out", what, dropped)
     if why:  # config_check says the same before any stage runs
-        raise ConfigError(f"image encoder {what}: data.image_size={image_size}: {why}")
+        where = "" if why.startswith("image_kwargs.") else f"data.image_size={image_size}: "
+        raise ConfigError(f"image encoder {what}: {where}{why}")
     ctor = _constructor(name, preset)
     args = () if name == "nfresnet" or preset == "b16" else (image_size,)
     try:
