@@ -331,3 +331,34 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_another_cou
     assert resumed["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
     for k in ("tr_r5", "tr_r10", "ir_r5", "ir_r10"):
         assert resumed[k] == pytest.approx(one[k], abs=5.0), k
+
+
+def test_a_busy_workdir_stops_every_process_with_one_line(tmp_path):
+    """Only the main process takes the stage lock; the others went on into the stage and
+    crashed 30 s later in its first collective. Now each stops at once with the line."""
+    import fcntl
+
+    work = tmp_path / "w"
+    work.mkdir()
+    with open(work / ".pretrain.lock", "a+") as held:  # a run of this stage, still going
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("424242")
+        held.flush()
+        env = _env(2)
+        env["TLDR_LOGDIR"] = str(tmp_path / "logs")
+        args = ["--config", "configs/pretrain.py:tiny", "--workdir", str(work)]
+        r = subprocess.run(
+            ["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", "pretrain", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert r.returncode == 2
+    for i in range(2):
+        log = (tmp_path / "logs" / f"process_{i}.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+        line = f"error: another `tldr-jax pretrain` (pid 424242) is running on {work}"
+        assert f"tldr-jax pretrain: {line}" in log, log[-3000:]
+    assert not (work / "pretrain.json").exists()

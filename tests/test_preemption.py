@@ -116,6 +116,14 @@ def test_sigterm_outside_a_checkpointed_loop_stops_at_once_inside_it_waits():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler runs here: no exception inside the loop
             assert preemption.requested() and preemption.agreed()
+        # A signal after the loop's last look (during its final checkpoint): the loop ends,
+        # and the stage stops there instead of going on (pretrain's evaluation ran, exit 0).
+        preemption.reset()
+        finished = pytest.raises(preemption.Preempted, match="as a checkpointed loop finished")
+        with finished, preemption.polling():
+            assert not preemption.agreed()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
         preemption.reset()
         with pytest.raises(preemption.Preempted, match="no checkpointed loop"):
             os.kill(os.getpid(), signal.SIGTERM)

@@ -61,22 +61,22 @@ def resolve_stage(name: str) -> Callable[[Any, str], dict]:
     return getattr(importlib.import_module(module), fn)
 
 
-@contextlib.contextmanager
-def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[None]:
-    """Refuses a second run of the same stage on the same workdir while one is running (both
-    would write the same checkpoints): an exclusive `flock` on `W/.<stage>.lock`, held while
-    the stage runs and released by the kernel however the process ends; the file is removed
-    when the stage returns or raises. Other stages may run beside it (distill beside a buffer
-    still training). Only the main process of a multi-process run locks; where the
-    filesystem has no locks (some network mounts) nothing is locked."""
-    import fcntl
-
+def _busy(name: str, workdir: str, holder: str) -> Exception:
     from tldr_jax.config_check import ConfigError
 
-    if not main_process:
-        yield
-        return
-    path = Path(workdir) / f".{name}.lock"
+    error = ConfigError(
+        f"another `tldr-jax {name}` (pid {holder}) is running on {workdir}: wait for it to "
+        "finish or use another --workdir"
+    )
+    error.holder = holder  # type: ignore[attr-defined]  # told to the other processes
+    return error
+
+
+def _acquire_lock(path: Path, name: str, workdir: str) -> Any:
+    """The open, flock-ed lock file, or None where the filesystem has no locks; a
+    ConfigError naming the holder's pid where another run holds it."""
+    import fcntl
+
     while True:
         f = open(path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
         try:
@@ -85,14 +85,10 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
-            raise ConfigError(
-                f"another `tldr-jax {name}` (pid {holder}) is running on {workdir}: wait for it "
-                "to finish or use another --workdir"
-            ) from None
+            raise _busy(name, workdir, holder) from None
         except OSError:  # no locks on this filesystem
             f.close()
-            f = None
-            break
+            return None
         # The holder removes the file before unlocking: a file locked after that removal is
         # no longer the lock file; open the current one again.
         try:
@@ -100,8 +96,51 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return f
         f.close()
+
+
+def _agree_on_lock(error: Exception | None, main_process: bool, name: str, workdir: str) -> None:
+    """Every process of a multi-process run learns whether the main process got the lock
+    (one collective): where it did not, each stops with the same line, at once (the others
+    went on into the stage and failed in its first collective with a traceback)."""
+    import jax
+
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    holder = -1  # the main process got the lock (or the filesystem has none)
+    if main_process and error is not None:
+        pid = str(getattr(error, "holder", ""))
+        holder = int(pid) if pid.isdigit() else 0
+    holder = int(multihost_utils.broadcast_one_to_all(np.int64(holder)))
+    if error is not None:
+        raise error
+    if holder >= 0:
+        raise _busy(name, workdir, str(holder or "?"))
+
+
+@contextlib.contextmanager
+def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[None]:
+    """Refuses a second run of the same stage on the same workdir while one is running (both
+    would write the same checkpoints): an exclusive `flock` on `W/.<stage>.lock`, held while
+    the stage runs and released by the kernel however the process ends; the file is removed
+    when the stage returns or raises. Other stages may run beside it (distill beside a buffer
+    still training). The main process of a multi-process run locks and tells the others
+    whether it could; where the filesystem has no locks (some network mounts) nothing is
+    locked."""
+    path = Path(workdir) / f".{name}.lock"
+    f, error = None, None
+    if main_process:
+        try:
+            f = _acquire_lock(path, name, workdir)
+        except Exception as e:  # a ConfigError naming the holder
+            error = e
+    _agree_on_lock(error, main_process, name, workdir)
     if f is None:
         yield
         return
@@ -268,7 +307,10 @@ def _main_impl(argv: list[str] | None) -> None:
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
         short = " ".join(f"{k}={summary[k]:.4g}" for k in keys)
         wrote = Path(os.path.expanduser(flags.FLAGS.workdir)) / (stage + ".json")
-        print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
+        import jax
+
+        if jax.process_index() == 0:  # the process that wrote it
+            print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
     def _exit_now(code: int) -> None:
         """Exits after a signal stopped the stage (its `finally` blocks have run): a single

@@ -97,11 +97,9 @@ def extract_chunks(
     mesh = local_mesh()
     batch_size = round_up(batch_size, mesh.size)  # every device gets the same number of rows
     codes_fn = make_codes_fn(model, mesh)
-    todo = [
-        (c, a, b)
-        for c, a, b in chunk_plan(len(ds), chunk_size, process_index, process_count)
-        if not chunk_path(out_dir, c).exists()
-    ]
+    plan = chunk_plan(len(ds), chunk_size, process_index, process_count)
+    todo = [(c, a, b) for c, a, b in plan if not chunk_path(out_dir, c).exists()]
+    done = len(plan) - len(todo)  # this process's chunks written by earlier runs
     with preemption.polling():
         for c, start, stop in tqdm(todo, desc=NAME, disable=not dist.is_main(), leave=False):
             rows = np.arange(start, stop)
@@ -112,8 +110,9 @@ def extract_chunks(
             codes = np.concatenate(parts)[: len(rows)].astype(np.int32)
             ids = np.array([ds.ids[r] for r in rows], dtype=np.str_)
             io.write_npz(chunk_path(out_dir, c), ids=ids, codes=codes)
+            done += 1
             if preemption.requested():
-                raise preemption.stop(NAME, c)
+                raise preemption.stop(NAME, done)  # step = chunks written
     return len(todo)
 
 

@@ -344,6 +344,7 @@ def write_world(world: World, out_dir: str | Path, workers: int = 8) -> dict[str
     to out_dir, so `data.image_root = out_dir` (or nothing: the files sit in out_dir).
     """
     out = Path(out_dir)
+    io.remove_stale_temps(out)  # an earlier run's, killed while writing
     paths = world_paths(out)
     records = world.train + world.test + world.clean
     with ThreadPoolExecutor(workers) as pool:

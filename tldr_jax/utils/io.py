@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# `atomic_path`'s temporary names: ".<name>.<8 random chars>.tmp<suffix>".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Removes `atomic_path` temporaries under `folder` (subfolders too) that a killed run
+    left behind (kill -9 skips the clean-up); returns how many. Only for folders this
+    process alone writes."""
+    removed = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if _TEMP_NAME.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
 
 
 def _to_jsonable(obj: Any) -> Any:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
 
 _requested = threading.Event()
-_state = {"calls": 0, "agreed": False, "polling": 0}
+_state = {"calls": 0, "agreed": False, "polling": 0, "seen": False}
 
 
 class Preempted(RuntimeError):
@@ -72,11 +72,20 @@ def polling() -> Iterator[None]:
         yield
     finally:
         _state["polling"] -= 1
+    if not _state["polling"] and _requested.is_set() and not _state["seen"]:
+        # The signal came after the loop's last look (while its final checkpoint was
+        # written): its work is kept, and the stage stops here rather than going on into
+        # work the signal was meant to stop (an evaluation after training).
+        raise Preempted(
+            "SIGTERM received as a checkpointed loop finished; its work is kept. Rerun the "
+            "same command to go on from there."
+        )
 
 
 def requested() -> bool:
     """True once SIGTERM arrived at this process (loops with no collectives read it)."""
-    return _requested.is_set()
+    _state["seen"] = _requested.is_set()
+    return _state["seen"]
 
 
 def agreed() -> bool:
@@ -95,12 +104,13 @@ def agreed() -> bool:
         _state["agreed"] = bool(service.reached_sync_point(_state["calls"]))
         if _state["agreed"]:
             _requested.set()
+    _state["seen"] = _state["agreed"]
     return _state["agreed"]
 
 
 def reset() -> None:
     _requested.clear()
-    _state.update(calls=0, agreed=False, polling=0)
+    _state.update(calls=0, agreed=False, polling=0, seen=False)
 
 
 def stop(what: str, step: int) -> Preempted:
