@@ -1354,11 +1354,17 @@ def test_image_folder_names_with_dots_keep_their_captions(tmp_path):
     assert skips.total == 0
 
 
-def test_json_caption_files_that_do_not_parse_or_decode_are_counted_as_such(tmp_path):
+def _png_folder(tmp_path: Path, n: int) -> Path:
+    """A folder `f` of `n` PNGs named 0.png, 1.png, ... (captions are the test's)."""
     root = tmp_path / "f"
     root.mkdir()
-    for i in range(3):
+    for i in range(n):
         (root / f"{i}.png").write_bytes(_encode(_image(i)))
+    return root
+
+
+def test_json_caption_files_that_do_not_parse_or_decode_are_counted_as_such(tmp_path):
+    root = _png_folder(tmp_path, 3)
     (root / "0.json").write_bytes(b'{"caption": "fine"}')
     (root / "1.json").write_bytes(b'{"caption": "caf\xe9"}')  # latin-1, not UTF-8
     (root / "2.json").write_bytes(b'{"caption": ')  # cut short
@@ -1521,10 +1527,7 @@ def test_tsv_with_carriage_returns_only(tmp_path):
 
 
 def test_per_sample_caption_files_with_a_byte_order_mark(tmp_path):
-    root = tmp_path / "f"
-    root.mkdir()
-    for i in range(2):
-        (root / f"{i}.png").write_bytes(_encode(_image(i)))
+    root = _png_folder(tmp_path, 2)
     (root / "0.json").write_bytes(b'\xef\xbb\xbf{"caption": "from json"}')
     (root / "1.txt").write_bytes(b"\xef\xbb\xbffrom txt")
     skips = Skips()
