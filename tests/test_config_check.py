@@ -163,6 +163,10 @@ def test_unknown_override_message_names_the_flag():
             "for int() with base 10: 'abc'",
         ),
         (
+            ["--config.data.strict", "maybe"],  # a boolean flag, then a word: was ignored
+            "tldr-jax distill: error: unexpected argument 'maybe': write flags as --name=value",
+        ),
+        (
             ["--config.data.strict=maybe"],
             "tldr-jax distill: error: --config.data.strict=maybe: not a boolean (True or False)",
         ),
@@ -183,6 +187,8 @@ def test_flag_errors_in_plain_words():
     assert flag_error_message(text) == (
         "--workdir DIR is required: the folder the stage reads and writes"
     )
+    text = "flag --config=None: Flag --config must have a value other than None."
+    assert flag_error_message(text).startswith("--config FILE[:arg] is required")
     other = "flag --config.train.lr=x: could not convert string to float: 'x'"
     assert flag_error_message(other) == other
 
@@ -321,6 +327,13 @@ def test_a_leading_tilde_in_paths_and_workdir_means_home(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="empty.json"):  # read, and found to hold no rows
         run_stage("buffer", c, "~/w")
     assert (tmp_path / "w").is_dir() and not (tmp_path / "~").exists()
+    # --workdir as a file:// URL is that folder; an empty one ran in the current folder
+    from tldr_jax.cli import workdir_path
+
+    assert workdir_path(f"file://localhost{tmp_path}/w2") == f"{tmp_path}/w2"
+    assert workdir_path("~/w") == f"{tmp_path}/w"
+    with pytest.raises(ConfigError, match="--workdir DIR is required"):
+        run_stage("buffer", c, " ")
 
 
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(monkeypatch, capsys):
@@ -383,7 +396,14 @@ def test_image_size_must_suit_every_encoder_before_anything_runs():
     c.model.image_kwargs.depth = -1  # 2**-1 divides everything; a traceback in the model
     assert config_check.problems(c) == [
         "model.image_kwargs.depth=-1: must be >= 1 (the ConvNet's depth)",
-        "captioner.image_kwargs.patch_size=0: must be >= 1 (the ViT's patch size)",
+        "captioner.image_kwargs.patch_size=0: must be >= 1 (the ViT's patch_size)",
+    ]
+    c = tldr_config.get_config("tiny")  # every size an encoder divides by or builds from
+    c.model.image_kwargs.width = 0  # a ZeroDivisionError in the ConvNet's init
+    c.captioner.image_kwargs.depth = 0  # a ViT with no blocks
+    assert config_check.problems(c) == [
+        "model.image_kwargs.width=0: must be >= 1 (the ConvNet's width)",
+        "captioner.image_kwargs.depth=0: must be >= 1 (the ViT's depth)",
     ]
 
 
@@ -469,6 +489,13 @@ def test_compress_checks_the_caption_set_against_its_batch_first(tmp_path):
     with pytest.raises(ConfigError, match=r"^5 clean images \(caption.data=.*clean.json\) < "):
         run_stage("compress", c, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "train-captioner").exists()
+    c = tldr_config.get_config("tiny")  # data.max_rows cuts the caption set too
+    c.data.max_rows, c.caption.train.batch_size = 12, 16
+    c.captioner.train.batch_size = c.train.batch_size = 8
+    with pytest.raises(
+        ConfigError, match=r"^12 clean images \(world\) < caption.train.batch_size=16"
+    ):
+        run_stage("compress", c, str(tmp_path / "w3"))
     c = tldr_config.get_config("tiny")
     c.data.world.update(num_clean=4, num_pairs=24)
     c.caption.train.batch_size = c.train.batch_size = c.captioner.train.batch_size = 32

@@ -1488,11 +1488,12 @@ def test_shard_members_that_leave_the_shard_are_malformed_and_never_written_out(
             "../../../escaped/0": {"png": _encode(_image(0)), "txt": b"up"},
             "/abs/1": {"png": _encode(_image(1)), "txt": b"absolute"},
             "ok/2": {"png": _encode(_image(2)), "txt": b"inside"},
+            "ok/../3": {"png": _encode(_image(3)), "txt": b"still inside"},
         },
     )
     skips = Skips()
     recs = read_records(str(shards), "", skips)
-    assert [r.captions for r in recs] == [("inside",)]
+    assert [r.captions for r in recs] == [("inside",), ("still inside",)]
     assert skips.as_dict() == {"malformed_row": 2}
     assert "leaves the shard" in skips.examples["malformed_row"]
 
@@ -1543,12 +1544,14 @@ def test_a_karpathy_split_that_is_not_a_string_is_counted(tmp_path):
         {"filename": "a.png", "split": "train", "sentences": [{"raw": "a"}]},
         {"filename": "b.png", "split": 5, "sentences": [{"raw": "b"}]},
         {"filename": "c.png", "split": "test", "sentences": [{"raw": "c"}]},
+        {"filename": "d.png", "split": ["train"], "sentences": [{"raw": "d"}]},  # a crash
+        {"filename": "e.png", "split": {"x": 1}, "sentences": [{"raw": "e"}]},
     ]
     (tmp_path / "d.json").write_text(json.dumps({"images": rows}))
     skips = Skips()
     recs = read_records(str(tmp_path / "d.json:train"), str(tmp_path), skips)
     assert [r.captions for r in recs] == [("a",)]
-    assert skips.as_dict() == {"malformed_row": 1}
+    assert skips.as_dict() == {"malformed_row": 3}
     assert "no 'split' string: 5" in skips.examples["malformed_row"]
 
 
@@ -1568,3 +1571,10 @@ def test_folder_and_shard_images_in_gif_and_tiff_and_two_images_for_one_key(tmp_
     assert "two.jpg, two.png, two.txt" in skips.examples["malformed_row"]
     ds = load_set(str(root), _cfg(), "train")
     assert len(ds) == 2 and ds.skipped["malformed_row"] == 1 and sum(ds.skipped.values()) == 1
+
+
+def test_file_urls_name_local_paths():
+    for url in ("file:///a/my%20b.png", "file://localhost/a/my%20b.png", "FILE:/a/my b.png"):
+        assert readers.file_url_path(url) == "/a/my b.png", url
+    assert readers.file_url_path("file://otherhost/a.png") is None  # not on this machine
+    assert readers.file_url_path("/a.png") is None

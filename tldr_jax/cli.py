@@ -156,6 +156,18 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         f.close()  # releases the flock
 
 
+def workdir_path(workdir: str) -> str:
+    """`--workdir` as a path: `~` and `file://` URLs as for input paths; empty is an error
+    (it ran the stage in the current folder)."""
+    from tldr_jax import config_check
+
+    if not str(workdir).strip():
+        raise config_check.ConfigError(
+            "--workdir DIR is required: the folder the stage reads and writes"
+        )
+    return config_check.local_path(str(workdir))
+
+
 def run_stage(name: str, config: Any, workdir: str) -> dict:
     """Runs one stage and writes `workdir/<name>.json` (main process only)."""
     import jax
@@ -164,7 +176,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     from tldr_jax.utils import dist, hostenv, io, mesh
 
     config_check.expand_home(config)  # `--config.data.train=~/x`: the shell leaves the ~
-    workdir = os.path.expanduser(workdir)
+    workdir = workdir_path(workdir)
     config_check.check(config, name)  # before any data is read or any directory is made
     mesh.check_setup(config, name)  # the mesh and sharded batches fit the devices
     if Path(workdir).exists() and not Path(workdir).is_dir():
@@ -306,7 +318,7 @@ def _main_impl(argv: list[str] | None) -> None:
             sys.exit(2)
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
         short = " ".join(f"{k}={summary[k]:.4g}" for k in keys)
-        wrote = Path(os.path.expanduser(flags.FLAGS.workdir)) / (stage + ".json")
+        wrote = Path(workdir_path(flags.FLAGS.workdir)) / (stage + ".json")
         import jax
 
         if jax.process_index() == 0:  # the process that wrote it
@@ -325,7 +337,11 @@ def _main_impl(argv: list[str] | None) -> None:
 
     def _parse_flags(args: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(args)
+            rest = flags.FLAGS(args)
+            if len(rest) > 1:  # `--config.data.strict maybe`: a boolean flag, then a word
+                words = " ".join(repr(w) for w in rest[1:])
+                _usage_error(stage, f"unexpected argument {words}: write flags as --name=value")
+            return rest
         except flags.Error as e:
             # ml_collections wraps what get_config raised, traceback text included: keep ours.
             text = str(e)
@@ -346,6 +362,8 @@ def flag_error_message(text: str) -> str:
     boolean (absl says `('Non-boolean argument to boolean flag', 'maybe')`)."""
     if text.startswith("flag --workdir=None"):
         return "--workdir DIR is required: the folder the stage reads and writes"
+    if text.startswith("flag --config=None"):
+        return "--config FILE[:arg] is required, e.g. --config configs/tldr.py:small"
     m = re.match(r"flag (--\S+?)=(.*?): \('Non-boolean argument to boolean flag', .*\)$", text)
     if m:
         return f"{m[1]}={m[2]}: not a boolean (True or False)"

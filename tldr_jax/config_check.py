@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -342,12 +341,17 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
     return out
 
 
-def _local_path(part: str) -> str:
+def local_path(part: str) -> str:
+    """A path value as the shell would not give it: a leading `~` expanded, a `file:` URL
+    as the path it names; anything else unchanged."""
     text = part.strip()
     if text.startswith("~"):
         return os.path.expanduser(text)
-    if text.startswith("file://"):
-        return urllib.parse.unquote(text.removeprefix("file://"))
+    if text[:5].lower() == "file:":
+        from tldr_jax.data.readers import file_url_path
+
+        local = file_url_path(text)
+        return part if local is None else local
     return part
 
 
@@ -360,11 +364,11 @@ def expand_home(config: ml_collections.ConfigDict) -> None:
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict):
             expand_home(value)
-        elif isinstance(value, str) and ("~" in value or "file://" in value):
+        elif isinstance(value, str) and ("~" in value or "file:" in value.lower()):
             # each of several inputs joined by commas (`data.train=~/a.json, ~/b.json`)
-            several = re.search(r",\s*(~|file://)", value)
+            several = re.search(r",\s*(~|[fF][iI][lL][eE]:)", value)
             parts = value.split(",") if several else [value]
-            expanded = ",".join(_local_path(p) for p in parts)
+            expanded = ",".join(local_path(p) for p in parts)
             if expanded != value:
                 config[key] = expanded
 

@@ -48,6 +48,7 @@ from tldr_jax.compress.common import (
     rows_of,
     stage_dir,
 )
+from tldr_jax.config_lib import max_rows_of
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.images import normalize
 from tldr_jax.data.pipeline import process_slice
@@ -79,12 +80,14 @@ def clean_pairs_bound(config: ml_collections.ConfigDict) -> int | None:
     that then fails to decode only lowers it). None where counting means reading the
     images (TFDS sources, webdataset shards): that is the stage's work."""
     path = str(config.caption.data)
+    max_rows = max_rows_of(config.data, "clean")  # load_set cuts the clean set too
     if not path:
-        return int(config.data.world.num_clean)
+        clean = int(config.data.world.num_clean)
+        return min(clean, max_rows) if max_rows else clean
     if any(p.startswith("tfds:") or is_shard_input(p) for p in split_inputs(path)):
         return None
-    records = read_records(path, str(config.caption.image_root), Skips(strict=False), 0, "clean")
-    return len(records)
+    root = str(config.caption.image_root)
+    return len(read_records(path, root, Skips(strict=False), max_rows, "clean"))
 
 
 def prompt_token_ids(tokenizer: Tokenizer | CompactVocab, prompt: str) -> np.ndarray:

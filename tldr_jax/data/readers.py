@@ -60,6 +60,7 @@ import hashlib
 import json
 import lzma
 import os
+import posixpath
 import re
 import tarfile
 import threading
@@ -132,16 +133,32 @@ URL_DETAIL = (
 )
 
 
+def file_url_path(text: str) -> str | None:
+    """The local path a `file:` URL names (`file:///a/b`, `file://localhost/a/b`,
+    `file:/a/b`; %-escapes decoded), or None for anything else."""
+    if text[:5].lower() != "file:":
+        return None
+    rest = text[5:]
+    if rest.startswith("//"):
+        rest = rest[2:]
+        host, slash, path = rest.partition("/")
+        if host.lower() not in ("", "localhost"):
+            return None  # another host's file: not a path on this machine
+        rest = slash + path
+    return urllib.parse.unquote(rest)
+
+
 def _resolve(image: str, image_root: str, base_dir: str) -> str:
-    if image.startswith("file://"):
-        image = urllib.parse.unquote(image.removeprefix("file://"))
+    local = file_url_path(image)
+    if local is not None:
+        image = local
     if os.path.isabs(image):
         return image
     return os.path.join(image_root or base_dir, image)
 
 
 def _is_remote(image: str) -> bool:
-    return bool(_URL.match(image)) and not image.startswith("file://")
+    return bool(_URL.match(image)) and file_url_path(image) is None
 
 
 def _captions(value: Any) -> tuple[str, ...] | None:
@@ -407,7 +424,11 @@ def _read_json(
                 f"{path}: a Karpathy split file (an 'images' list): say which split to read "
                 f"with a suffix, e.g. {path}:test"
             )
-        present = {r.get("split") for r in data["images"] if isinstance(r, dict)}
+        present = {
+            r["split"]
+            for r in data["images"]
+            if isinstance(r, dict) and isinstance(r.get("split"), str)
+        }
         if split_suffix and not present.intersection(splits):
             names = ", ".join(sorted(str(x) for x in present))
             raise InputError(
@@ -996,7 +1017,7 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
                 ext = files[_DUPLICATE_EXT].decode()  # type: ignore[union-attr]
                 skips.skip("malformed_row", str(shard), key, f"two .{ext} files in one sample")
                 continue
-            if key.startswith("/") or ".." in key.split("/"):
+            if key.startswith("/") or posixpath.normpath(key).split("/")[0] == "..":
                 # A name like ../../x.jpg: it would be written outside the output folder.
                 skips.skip("malformed_row", str(shard), key, "a member path that leaves the shard")
                 continue

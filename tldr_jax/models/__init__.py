@@ -76,6 +76,12 @@ def encoder_kwargs(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], l
     return used, rest
 
 
+# Integer sizes an encoder needs at least 1 of (0 divided by zero inside the model, or built
+# a network with no layers); and the encoders' names in messages.
+_POSITIVE_ARGS = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "stem_width")
+_ENCODER_NAMES = {"convnet": "ConvNet", "vit": "ViT", "nfresnet": "NF-ResNet"}
+
+
 def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> str | None:
     """Why the encoder `name` with `kwargs` cannot take `image_size` px images (a ViT's patch
     or a ConvNet's 2**depth pooling not dividing it, ViT-B/16 not at 224), or None. Read
@@ -93,14 +99,14 @@ def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> st
     def arg(key: str) -> Any:
         return kwargs.get(key, params[key].default if key in params else None)
 
+    for key in _POSITIVE_ARGS:
+        value = arg(key) if key in params or key in kwargs else None
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            return f"image_kwargs.{key}={value}: must be >= 1 (the {_ENCODER_NAMES[name]}'s {key})"
     patch = arg("patch_size") if name == "vit" else None
-    if isinstance(patch, int) and patch < 1:
-        return f"image_kwargs.patch_size={patch}: must be >= 1 (the ViT's patch size)"
     if isinstance(patch, int) and image_size % patch:
         return f"not a multiple of the ViT's patch_size {patch}"
     depth = arg("depth") if name == "convnet" else None
-    if isinstance(depth, int) and depth < 1:
-        return f"image_kwargs.depth={depth}: must be >= 1 (the ConvNet's depth)"
     if isinstance(depth, int) and image_size % 2**depth:
         return f"not a multiple of 2**depth = {2**depth} (the ConvNet halves it depth times)"
     return None
