@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+VARIANTS = ("tldr_original_captions", "tldr_generated_only", "filter_only", "clustering_only")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -28,15 +30,33 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tldr.py:small")
     ap.add_argument("--variants", default="")
     args = ap.parse_args()
+    wanted = [v for v in args.variants.split(",") if v] or list(VARIANTS)
+    if unknown := [v for v in wanted if v not in VARIANTS]:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    for name in ("score", "compress"):
+        if not (Path(args.workdir) / name).is_dir():
+            ap.error(f"--workdir {args.workdir}: no {name}/ folder (run `tldr-jax compress` there)")
 
     from tldr_jax.cli import load_config
-    from tldr_jax.compress.common import load_test, load_train, rows_of, shared_cache
+    from tldr_jax.compress.common import (
+        check_pipeline,
+        load_test,
+        load_train,
+        rows_of,
+        shared_cache,
+    )
+    from tldr_jax.compress.pipeline import STAGES
+    from tldr_jax.config_check import ConfigError
     from tldr_jax.eval.retrieval import RECALL_KEYS
     from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
     from tldr_jax.utils import io
 
     w = Path(args.workdir)
-    cfg = shared_cache(load_config(args.config), w)
+    try:  # the config the workdir was made with (another one fails deep in training)
+        cfg = shared_cache(load_config(args.config), w)
+        check_pipeline(cfg, w, STAGES)
+    except ConfigError as e:
+        ap.error(f"{e} (pass the --config the workdir was made with)")
     train, test = load_train(cfg), load_test(cfg)
     full = io.read_json(w / "score" / "full_retrieval.json")
     steps = int(full["steps"])
@@ -57,7 +77,6 @@ def main() -> None:
         "filter_only": train.subset(np.sort(np.argsort(-scores, kind="stable")[:n])),
         "clustering_only": train.subset(np.sort(rng.choice(selected, n, replace=False))),
     }
-    wanted = [v for v in args.variants.split(",") if v] or list(variants)
     text_encoder = make_text_encoder(cfg)
     out = {}
     for name in wanted:

@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from tldr_jax.utils.argtypes import positive_int
+
 MODES = ("per-row copies", "store", "cache cold", "cache warm")
 WDS_MODES = ("wds bytes held", "wds indexed")
 
@@ -143,9 +145,9 @@ def child(mode: str, path: str, size: int, cache: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--captions", type=int, default=5)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--images", type=positive_int, default=4000)
+    p.add_argument("--captions", type=positive_int, default=5)
+    p.add_argument("--size", type=positive_int, default=64)
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="")
     p.add_argument("--webdataset", action="store_true", help="compare the shard loaders")

@@ -21,6 +21,7 @@ from flax import nnx
 
 from tldr_jax.caption.generate import decode_recompute, generate
 from tldr_jax.models.captioner import TextDecoder
+from tldr_jax.utils.argtypes import positive_int
 from tldr_jax.utils.io import write_json
 
 PROMPT_IDS = [1037, 3861, 1997]  # "a picture of" in the BERT uncased vocabulary
@@ -35,16 +36,18 @@ def _timed(fn) -> tuple[np.ndarray, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image-tokens", type=int, default=197)
-    parser.add_argument("--image-dim", type=int, default=768)
-    parser.add_argument("--max-len", type=int, default=30)
+    parser.add_argument("--width", type=positive_int, default=512)
+    parser.add_argument("--depth", type=positive_int, default=6)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--vocab", type=positive_int, default=30522)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--image-tokens", type=positive_int, default=197)
+    parser.add_argument("--image-dim", type=positive_int, default=768)
+    parser.add_argument("--max-len", type=positive_int, default=30)
     parser.add_argument("--json", default="", help="write the numbers to this JSON file")
     args = parser.parse_args()
+    if args.width % args.heads:
+        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
 
     decoder = TextDecoder(
         args.vocab,

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -387,7 +388,7 @@ def _watch(cmd: list[str], args: argparse.Namespace) -> dict:
     if error:
         return {"error": error, "peak_mib_seen": round(peak_kib / 1024, 1)}
     if child.returncode != 0:
-        return {"error": f"exit {child.returncode}: {err.strip().splitlines()[-1:]}"}
+        return {"error": f"exit {child.returncode}: {error_line(err)}"}
     return json.loads(out.strip().splitlines()[-1]) | {
         "malloc_hugepages": hostenv.malloc_hugepages_active(env)
     }
@@ -412,6 +413,14 @@ def _reference_cmd(args: argparse.Namespace) -> list[str]:
     if args.platform == "gpu":
         cmd += ["--device", "cuda"] + (["--tf32"] if args.precision == "tensorfloat32" else [])
     return cmd + ["--size", str(size), "--pairs", str(pairs), "--txt-dim", str(txt_dim)]
+
+
+def error_line(stderr: str) -> str:
+    """The line of a failed worker's stderr that says why: its last exception line (JAX ends
+    a traceback with a note about its removed frames), else its last line."""
+    lines = [x.strip() for x in stderr.strip().splitlines() if x.strip()]
+    cause = [x for x in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", x)]
+    return (cause or lines or [""])[-1]
 
 
 def run_reference(args: argparse.Namespace, steps: list[int]) -> dict:
@@ -571,12 +580,23 @@ def main() -> None:
         parser.error(f"--steps: every value must be >= 1 (got {args.steps!r})")
     if args.iters < 0:
         parser.error(f"--iters must be >= 0 (got {args.iters})")
+    if args.micro_batches < 1:
+        parser.error(f"--micro-batches must be >= 1 (got {args.micro_batches})")
     for mode in modes:
         if mode not in ("unroll", "remat", "tesla"):
             parser.error(f"unknown mode {mode!r}")
 
     if args.reference_python and PRESETS[args.preset][0] not in TORCH_ARCH:
         parser.error(f"no PyTorch reference model for preset {args.preset!r}")
+    if args.reference_python and not (args.worker or args.export_check):
+        probe = subprocess.run(
+            [args.reference_python, "-c", "import torch"], capture_output=True, text=True
+        )
+        if probe.returncode != 0:
+            parser.error(
+                f"--reference-python {args.reference_python}: cannot import torch there "
+                f"({error_line(probe.stderr) or 'exit ' + str(probe.returncode)})"
+            )
     if args.platform == "cpu" and args.precision != "float32":
         parser.error("--precision tensorfloat32 needs --platform gpu (CPUs have no TF32)")
     if args.export_check:
@@ -619,6 +639,7 @@ def main() -> None:
     if args.reference_python:
         print_ratios(results, steps)
     failed = [f"{mode}@{n}" for mode in modes for n, p in results[mode].items() if "error" in p]
+    failed += [f"reference@{n}" for n, p in results.get("reference", {}).items() if "error" in p]
     if failed:
         print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

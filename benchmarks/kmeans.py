@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tldr_jax.utils.argtypes import positive_int
+
 
 def make_data(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Overlapping Gaussian blobs around 2k centres, plus k initial centroids from the rows.
@@ -55,18 +57,20 @@ def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--block", type=int, default=1024, help="our assignment block (rows)")
+    ap.add_argument("--n", type=positive_int, default=200_000)
+    ap.add_argument("--d", type=positive_int, default=128)
+    ap.add_argument("--k", type=positive_int, default=1024)
+    ap.add_argument("--iters", type=positive_int, default=10)
+    ap.add_argument("--repeats", type=positive_int, default=2)
+    ap.add_argument("--block", type=positive_int, default=1024, help="our assignment block (rows)")
     ap.add_argument("--bf16", action="store_true", help="our distance GEMM in bf16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the figures to this JSON path")
     args = ap.parse_args()
-
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        ap.error("faiss is not installed (the comparison needs it: pip install faiss-cpu)")
     import jax
     import jax.numpy as jnp
     from sklearn.cluster import KMeans

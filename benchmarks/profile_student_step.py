@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from tldr_jax.utils.argtypes import positive_int
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -142,7 +144,7 @@ def main() -> None:
         "--preset", default="nf_resnet26_64", choices=("nf_resnet26_64", "nf_tiny", "small")
     )
     parser.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp dir)")
     parser.add_argument("--top", type=int, default=15, help="op kinds to print")
     parser.add_argument("--json", default="", help="write the results here")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -373,6 +374,8 @@ def main() -> None:
         "torch's own default is TF32 convolutions and float32 matmuls)",
     )
     args = parser.parse_args()
+    if torch is None:
+        parser.error(f"PyTorch is not installed for {sys.executable} (the reference needs it)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Set both ways explicitly: the two sides must run at one stated precision.

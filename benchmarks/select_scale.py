@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tldr_jax.utils import io
+from tldr_jax.utils.argtypes import positive_int
 
 
 def write_fake_extract(
@@ -48,7 +49,7 @@ def write_fake_extract(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/select_scale")
-    ap.add_argument("--n", type=int, default=2_800_000)
+    ap.add_argument("--n", type=positive_int, default=2_800_000)
     ap.add_argument("--regen", action="store_true", help="rewrite the fake extract output")
     ap.add_argument("extra", nargs="*", help="more flags for `tldr-jax select`")
     args = ap.parse_args()

@@ -22,6 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from tldr_jax.utils.argtypes import positive_int
+
 # (M, K, N) of the student's products: conv output channels x fan-in x B*H*W, and the square
 # probe distill_memory.py uses.
 SHAPES = (
@@ -78,7 +80,7 @@ def rates(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; GFLOP/s per product")
     header = ("M x K x N", "f32", "bf16 cvt", "bf16 ready", "wgrad f32")

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from tldr_jax.utils.argtypes import positive_int, positive_ints
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FIELDS = ("images", "texts", "lr_img", "lr_txt")
@@ -126,18 +128,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/distill.py[:arg]")
     parser.add_argument("--workdir", required=True, help="a workdir that has run `buffer`")
-    parser.add_argument("--steps", default="5,10,20", help="syn_steps values, comma-separated")
-    parser.add_argument("--draws", type=int, default=8, help="(expert, start) draws per point")
+    parser.add_argument(
+        "--steps", type=positive_ints, default="5,10,20", help="syn_steps values, comma-separated"
+    )
+    parser.add_argument(
+        "--draws", type=positive_int, default=8, help="(expert, start) draws per point"
+    )
     parser.add_argument("--json", default="", help="write the result here")
     parser.add_argument(
         "--override", action="append", default=[], help="a.b=v config override (repeatable)"
     )
     args = parser.parse_args(argv)
     from tldr_jax import cli
+    from tldr_jax.config_check import ConfigError
 
-    config = cli.load_config(args.config, args.override)
-    steps = [int(s) for s in args.steps.split(",") if s]
-    result = measure(config, args.workdir, steps, args.draws)
+    try:
+        config = cli.load_config(args.config, args.override)
+    except (ConfigError, KeyError, AttributeError, ValueError) as e:
+        parser.error(str(e))
+    result = measure(config, args.workdir, args.steps, args.draws)
     print(table(result))
     if args.json:
         from tldr_jax.utils import io as io_lib

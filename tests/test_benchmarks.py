@@ -22,12 +22,33 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--steps", "5,0"], "--steps: every value must be >= 1"),
         (["--steps", "-5"], "--steps: every value must be >= 1"),
         (["--iters", "-1"], "--iters must be >= 0"),
+        (["--micro-batches", "0"], "--micro-batches must be >= 1"),
+        # this project never installs torch: a reference interpreter without it is said first
+        (["--preset", "nf_tiny", "--reference-python", sys.executable], "cannot import torch"),
     ],
 )
 def test_distill_memory_rejects_bad_arguments(args, message):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_memory.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_failed_point_says_why():
+    """A worker's last stderr line was JAX's note about removed frames, not the error."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import distill_memory
+    finally:
+        sys.path.pop(0)
+    err = (
+        "Traceback (most recent call last):\n  ...\nValueError: micro_batches=3 does not "
+        "divide the student batch 32\n----\nFor simplicity, JAX has removed its internal "
+        "frames from the traceback of the following exception.\n"
+    )
+    assert distill_memory.error_line(err) == (
+        "ValueError: micro_batches=3 does not divide the student batch 32"
+    )
+    assert distill_memory.error_line("Killed\n") == "Killed"
 
 
 def test_distill_memory_json_interface(tmp_path):
@@ -269,3 +290,27 @@ def test_profile_student_step_cli_reports_the_pass_and_its_matmuls(tmp_path):
     assert 0.6 * r["cost_analysis_gflop"] <= r["dot_gflop"] <= r["cost_analysis_gflop"]
     assert 0 < r["dot_op_time_s"] < r["op_time_s"]
     assert r["op_time_by_kind_s"] and "matmuls:" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("decode.py", ["--heads", "0"], "argument --heads: must be >= 1, got 0"),
+        ("decode.py", ["--width", "30", "--heads", "4"], "must be a multiple of --heads 4"),
+        ("data_memory.py", ["--images", "0"], "argument --images: must be >= 1"),
+        ("profile_student_step.py", ["--repeats", "0"], "argument --repeats: must be >= 1"),
+        ("compress_ablation.py", ["--workdir", "/nonexistent"], "no score/ folder"),
+        (
+            "tesla_vs_exact.py",
+            ["--config", "configs/distill.py:tiny", "--workdir", "w", "--steps", "5,x"],
+            "argument --steps: not an integer: 'x'",
+        ),
+    ],
+)
+def test_benchmarks_answer_bad_arguments_in_one_line(script, args, message):
+    """A count of 0 ran into a ZeroDivisionError, wrote Infinity into the JSON or printed
+    meaningless rows; argparse says what is wrong instead (exit 2)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

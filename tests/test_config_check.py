@@ -507,3 +507,15 @@ def test_compress_checks_the_caption_set_against_its_batch_first(tmp_path):
         "4 clean images (world) < caption.train.batch_size=32: lower it or use more data"
     )
     assert not (tmp_path / "w2" / "train-captioner").exists()
+
+
+def test_world_row_kinds_must_fit_its_rows():
+    """duplicates=1.0 (nothing to copy) or misaligned + duplicates > 1 passed each fraction's
+    check and stopped make_world with a traceback."""
+    c = pretrain_config.get_config("tiny")
+    for mis, dup in ((0.0, 1.0), (0.3, 0.8)):
+        c.data.world.update(misaligned=mis, duplicates=dup)
+        (problem,) = config_check.problems(c)
+        assert problem.startswith(f"data.world.misaligned={mis} + data.world.duplicates={dup} ")
+    c.data.world.update(misaligned=0.5, duplicates=0.5)
+    assert config_check.problems(c) == []

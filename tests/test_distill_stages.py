@@ -169,6 +169,7 @@ def test_distill_outputs_resume_and_eval(buffered):
     assert result["protocol"]["coreset_pairs"] == n
     assert result["protocol"]["coreset_pairs_asked"] == 10**6
     assert result["random"]["num_pairs"] == n and set(result["budgets"]) == {"8", str(n)}
+    assert (workdir / "eval-distilled.png").stat().st_size > 1000  # recall vs pairs
 
     # Models that diverge (a blown-up learned step size, a coreset lr far too high) score 0,
     # are counted and marked; NaN scores once ranked first and reported recall 100.
@@ -183,6 +184,7 @@ def test_distill_outputs_resume_and_eval(buffered):
         assert result[method]["diverged_models"] == 1
         assert {result[method][k]["mean"] for k in et.RECALL_KEYS} == {0.0}
     assert "| 8 | distilled (1 diverged) |" in (workdir / "eval-distilled.md").read_text()
+    assert not (workdir / "eval-distilled.png").exists()  # one budget now: no stale curve
 
 
 def test_distill_beside_an_unfinished_buffer_records_the_experts_it_matched(buffered, caplog):

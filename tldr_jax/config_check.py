@@ -244,6 +244,27 @@ def lookup(config: ml_collections.ConfigDict, path: str) -> tuple[bool, Any]:
     return True, node
 
 
+def _world_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The embedded world's row kinds must fit its rows: duplicates copy non-duplicate rows,
+    and misaligned rows are non-duplicate rows describing another one (each fraction alone
+    in [0, 1] let `duplicates=1.0` or `misaligned + duplicates > 1` through)."""
+    values = [lookup(config, f"data.world.{k}") for k in ("num_pairs", "misaligned", "duplicates")]
+    if not all(ok for ok, _ in values):
+        return []
+    n, mis, dup = (v for _, v in values)
+    if not (isinstance(n, int) and n > 0 and all(isinstance(x, int | float) for x in (mis, dup))):
+        return []
+    base, n_mis = n - int(round(dup * n)), int(round(mis * n))
+    if base >= 1 and n_mis <= base and (n_mis == 0 or base >= 2):
+        return []
+    return [
+        f"data.world.misaligned={mis!r} + data.world.duplicates={dup!r} of {n} pairs: "
+        "duplicates copy the other rows and misaligned rows are drawn from those, so "
+        "misaligned + duplicates must be <= 1 and leave at least one row that is not a "
+        "duplicate (two where any are misaligned)"
+    ]
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """`key=value: must be ...` for each checked key the config has with a bad value."""
     out = []
@@ -251,6 +272,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         present, value = lookup(config, path)
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
+    out += _world_problems(config)
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
     # must suit the encoder it names (keys only another encoder takes are left out then).
     from tldr_jax import models

@@ -336,6 +336,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary.update(pretrain.data_summary(data.train, data.test))  # rows read, skipped per reason
     if dist.is_main():
         io.write_text(workdir_p / "eval-distilled.md", markdown_table(results, expert_recall))
+        plot = workdir_p / "eval-distilled.png"
         if len(results) > 1:
-            recall_plot(workdir_p / "eval-distilled.png", results)
+            recall_plot(plot, results)
+        else:  # one budget: no curve; an earlier run's would contradict the JSON
+            plot.unlink(missing_ok=True)
     return summary
