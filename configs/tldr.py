@@ -142,7 +142,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # 6. Write the new training file.
     w = config.write = ml_collections.ConfigDict()
-    w.mode = "append"  # append: original + "; " + generated | replace | generated
+    # append: original + "; " + generated (the reference) | replace: the generated caption,
+    # else the original | generated: generated captions only (rows without one left out)
+    w.mode = "append"
 
     # Built-in evaluation: full vs TL;DR vs random subset, same optimizer-step budget.
     r = config.retrieval_eval = ml_collections.ConfigDict()

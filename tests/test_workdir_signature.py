@@ -97,6 +97,33 @@ def test_compress_rerun_checks_settings_and_data(tmp_path):
     assert json.loads((w / "compress" / "manifest.json").read_text())["mode"] == "replace"
     r = compress("--config.write.mode=replace")
     assert r.returncode == 0 and r.stderr.count("already finished, skipping") == 6, r.stderr
+    # `generated` writes generated captions only: a kept row without one is left out (it was
+    # the same file as `replace`)
+    gen_path = w / "caption" / "generated.json"
+    generated = json.loads(gen_path.read_text())
+    kept = json.loads((w / "compress" / "manifest.json").read_text())["rows"]
+    blank = kept[0]["id"]
+    gen_path.write_text(json.dumps({**generated, blank: ""}))
+    r = run_cli("write", *args, train_arg, "--config.write.mode=generated")
+    gen_path.write_text(json.dumps(generated))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((w / "write.json").read_text())
+    rows = json.loads((w / "compress" / "manifest.json").read_text())["rows"]
+    out = json.loads((w / "compress" / "train.json").read_text())
+    assert summary["left_out_without_generated_caption"] >= 1 and blank not in {
+        m["id"] for m in rows
+    }
+    assert (
+        len(out)
+        == len(rows)
+        == summary["kept_rows"]
+        == len(kept) - summary["left_out_without_generated_caption"]
+    )
+    assert all(e["caption"] == m["generated"] for e, m in zip(out, rows, strict=True))
+    r = compress("--config.write.mode=replace")  # compress/ now says generated
+    assert "write.mode: 'generated' -> 'replace'" in r.stderr
+    r = run_cli("write", *args, train_arg, "--config.write.mode=replace")
+    assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("write", *args, train_arg)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -272,3 +299,17 @@ def test_input_paths_in_signatures_name_files_not_strings(tmp_path, monkeypatch)
     assert "data.test" in signature.differences(sig, common.stage_signature(config, "score", fp))
     # the distillation buffer records its text encoder folder the same way
     assert signature.normal_path("text.model_dir", "bert") == str(tmp_path / "sub" / "bert")
+
+
+def test_a_refusal_names_each_folders_recorded_value():
+    """`write` run alone with another mode leaves compress/ and eval/ disagreeing: the
+    refusal named the last folder's value as if both held it."""
+    err = common._refuse(
+        Path("W"),
+        [
+            ("eval", {"write.mode": ("append", "replace"), "seed": (0, 1)}),
+            ("write", {"write.mode": ("generated", "replace"), "seed": (0, 1)}),
+        ],
+    )
+    assert "write.mode: 'append' in eval / 'generated' in compress -> 'replace'" in str(err)
+    assert "seed: 0 -> 1" in str(err)

@@ -248,12 +248,33 @@ def _has_output(workdir: Path, stage: str) -> bool:
     )
 
 
+class _PerFolder:
+    """A key's recorded values where the folders disagree (`write` run alone with another
+    mode than the `compress` summary's): shown per folder, not the last folder's alone."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+
+    def __repr__(self) -> str:
+        return " / ".join(f"{v!r} in {folder}" for folder, v in self.values.items())
+
+
 def _refuse(workdir: Path, conflicts: list[tuple[str, dict]]) -> ConfigError:
-    diff: dict[str, tuple[Any, Any]] = {}
-    for _, d in conflicts:
-        diff.update(d)
+    recorded: dict[str, dict[str, Any]] = {}
+    now: dict[str, Any] = {}
+    for stage, d in conflicts:
+        for key, (old, new) in d.items():
+            recorded.setdefault(key, {})[FOLDERS[stage]] = old
+            now[key] = new
+    diff = {
+        key: (
+            olds.popitem()[1] if len(set(map(repr, olds.values()))) == 1 else _PerFolder(olds),
+            now[key],
+        )
+        for key, olds in sorted(recorded.items())
+    }
     folders = [workdir / FOLDERS[s] for s, _ in conflicts]
-    return signature.refusal(folders, dict(sorted(diff.items())))
+    return signature.refusal(folders, diff)
 
 
 # Stages that read only their upstream stage's files, never the training set: their

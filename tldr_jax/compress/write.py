@@ -1,8 +1,9 @@
 """Stage `write`: the new BLIP-format training file and its manifest (SPEC A.6).
 
 caption = original + "; " + generated (mode `append`, the reference), or the generated caption
-alone (`generated`), or the generated caption replacing the original only where one exists
-(`replace`). A kept sample with no generated caption keeps its original caption.
+replacing the original (`replace`); in both a kept sample with no generated caption keeps its
+original. `generated`: a file of generated captions only, kept samples without one left out
+(counted in the summary's `left_out_without_generated_caption`).
 Image paths are written exactly as the input had them.
 """
 
@@ -141,9 +142,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mode = str(config.write.mode)
     extracted = materialise_encoded_images(config, [train.ids[r] for r in rows], out)
     entries, manifest = [], []
+    left_out = 0
     for r, score in zip(rows, kept["scores"], strict=True):
         sid = train.ids[r]
         original = train.captions[r][0]
+        if mode == "generated" and not generated.get(sid):
+            left_out += 1  # a generated-captions-only file
+            continue
         caption = combine(original, generated.get(sid), mode)
         image = extracted.get(sid, train.image_keys[r]) if extracted else train.image_keys[r]
         entries.append({"image": image, "caption": caption})
@@ -183,6 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "fraction": len(entries) / max(len(train), 1),
         "mode": mode,
         "kept_without_generated_caption": without_generated,
+        "left_out_without_generated_caption": left_out,
         "train_json": os.path.abspath(out / "train.json"),
         "image_root": image_root,
     }
