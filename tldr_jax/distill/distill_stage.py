@@ -126,7 +126,9 @@ def save_grid(path: Path, images: np.ndarray, titles: list[str], max_images: int
         ax.axis("off")
         if i < n:
             ax.imshow(pixels[i], interpolation="nearest")
-            ax.set_title(textwrap.fill(titles[i], 28), fontsize=5)
+            # At most 4 lines of 28 characters: a longer caption ran into the image above.
+            title = textwrap.shorten(titles[i], 4 * 28 - 8, placeholder=" ...")
+            ax.set_title(textwrap.fill(title, 28, max_lines=4), fontsize=5)
     fig.tight_layout()
     io.save_figure(fig, path)
 
