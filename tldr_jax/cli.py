@@ -156,15 +156,16 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         f.close()  # releases the flock
 
 
+WORKDIR_REQUIRED = "--workdir DIR is required: the folder the stage reads and writes"
+
+
 def workdir_path(workdir: str) -> str:
     """`--workdir` as a path: `~` and `file://` URLs as for input paths; empty is an error
     (it ran the stage in the current folder)."""
     from tldr_jax import config_check
 
     if not str(workdir).strip():
-        raise config_check.ConfigError(
-            "--workdir DIR is required: the folder the stage reads and writes"
-        )
+        raise config_check.ConfigError(WORKDIR_REQUIRED)
     return config_check.local_path(str(workdir))
 
 
@@ -319,9 +320,7 @@ def _main_impl(argv: list[str] | None) -> None:
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
         short = " ".join(f"{k}={summary[k]:.4g}" for k in keys)
         wrote = Path(workdir_path(flags.FLAGS.workdir)) / (stage + ".json")
-        import jax
-
-        if jax.process_index() == 0:  # the process that wrote it
+        if dist.is_main():  # the process that wrote it
             print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
     def _exit_now(code: int) -> None:
@@ -361,7 +360,7 @@ def flag_error_message(text: str) -> str:
     """absl's flag errors in plain words: a missing --workdir, a value that is not a
     boolean (absl says `('Non-boolean argument to boolean flag', 'maybe')`)."""
     if text.startswith("flag --workdir=None"):
-        return "--workdir DIR is required: the folder the stage reads and writes"
+        return WORKDIR_REQUIRED
     if text.startswith("flag --config=None"):
         return "--config FILE[:arg] is required, e.g. --config configs/tldr.py:small"
     m = re.match(r"flag (--\S+?)=(.*?): \('Non-boolean argument to boolean flag', .*\)$", text)

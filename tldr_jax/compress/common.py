@@ -176,8 +176,14 @@ def _own_keys(config: ml_collections.ConfigDict, stage: str) -> tuple[dict, dict
     caption_data = config.get("caption", {}).get("data", "")
     test_keys = ("data.test", "data.test_image_root", *world_if(d.test))
     if stage == "train-captioner":
-        keys = ("captioner", "text.model_dir", "seed", "data.image_size", "data.max_rows")
-        keys += ("data.image_root",)  # where the images are read from (they are not hashed)
+        keys = (
+            "captioner",
+            "text.model_dir",
+            "seed",
+            "data.image_size",
+            "data.max_rows",
+            "data.image_root",  # where the images are read from (they are not hashed)
+        )
         return values(config, (*keys, *world_if(d.train))), {}
     if stage == "extract":
         return values(config, ("extract",), ("extract.batch_size",)), {}
@@ -268,7 +274,9 @@ def _refuse(workdir: Path, conflicts: list[tuple[str, dict]]) -> ConfigError:
             now[key] = new
     diff = {
         key: (
-            olds.popitem()[1] if len(set(map(repr, olds.values()))) == 1 else _PerFolder(olds),
+            next(iter(olds.values()))
+            if len(set(map(repr, olds.values()))) == 1
+            else _PerFolder(olds),
             now[key],
         )
         for key, olds in sorted(recorded.items())

@@ -58,7 +58,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     # Batches larger than the set, found now rather than at the stage that trains with them
     # (every one too large, in one line).
     pairs = int(train_fingerprint(config)["pairs"])
-    sets = {"train-captioner": (pairs, "training pairs"), "score": (pairs, "training pairs")}
+    sets = {s: (pairs, "training pairs") for s in ("train-captioner", "score") if s not in done}
     if "caption" not in done and (clean := clean_pairs_bound(config)) is not None:
         where = f"caption.data={config.caption.data}" if config.caption.data else "world"
         sets["caption"] = (clean, f"clean images ({where})")
@@ -66,8 +66,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, flo
     for stage, (size, what) in sets.items():
         key = BATCH_KEYS[stage]
         try:
-            if stage not in done:
-                check_batch_fits(size, int(lookup(config, key)[1]), key, what)
+            check_batch_fits(size, int(lookup(config, key)[1]), key, what)
         except ConfigError as e:
             found.append(str(e))
     if found:

@@ -229,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     data = et.load_pairs(config, workdir)
     sig = distill_signature(config, et.check_buffer(workdir, config, data))
-    retired = [f"buffer.{k}" for k in et.RETIRED_BUFFER_KEYS]
+    retired = et.RETIRED_DISTILL_KEYS
     check = functools.partial(et.check_signature, redo="distill again", retired=retired)
     check(out_dir / "signature.json", sig, create=False)  # refused before anything is loaded
     n = data.num_pairs

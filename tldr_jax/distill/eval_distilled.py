@@ -237,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         sig,
         create=False,
         redo="distill again",
-        retired=[f"buffer.{k}" for k in et.RETIRED_BUFFER_KEYS],
+        retired=et.RETIRED_DISTILL_KEYS,
     )
     distilled_iterations = check_distilled_iterations(syn, config, npz)
     n = data.num_pairs

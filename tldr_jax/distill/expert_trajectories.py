@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -284,9 +283,8 @@ def buffer_signature(config: ml_collections.ConfigDict, data: PairData) -> dict[
     for sid, caption in zip(data.train_pair_ids, data.train_captions, strict=True):
         digest.update(f"{sid}\t{caption}\n".encode("utf-8", "surrogateescape"))
     t, b = config.text, config.buffer
-    root = str(config.data.image_root)
     return {
-        "image_root": os.path.abspath(root) if root else "",
+        "image_root": signature.normal_path("data.image_root", str(config.data.image_root)),
         "train_pairs": data.num_pairs,
         "train_sha256": digest.hexdigest(),
         "image_size": int(config.data.image_size),
@@ -312,6 +310,7 @@ check_signature = signature.check_signature
 # Buffer signature keys older versions recorded that no longer bind: "train", the training
 # file's path (its pairs are hashed). In W/distill's signature they sit under "buffer.".
 RETIRED_BUFFER_KEYS = ("train",)
+RETIRED_DISTILL_KEYS = tuple(f"buffer.{k}" for k in RETIRED_BUFFER_KEYS)
 
 
 def check_buffer(

@@ -85,8 +85,8 @@ _ENCODER_NAMES = {"convnet": "ConvNet", "vit": "ViT", "nfresnet": "NF-ResNet"}
 def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> str | None:
     """Why the encoder `name` with `kwargs` cannot take `image_size` px images (a ViT's patch
     or a ConvNet's 2**depth pooling not dividing it, ViT-B/16 not at 224), or None. Read
-    from the arguments and the constructor's defaults, before any model is built. A patch
-    size or depth below 1 is the argument's own fault: that message starts with
+    from the arguments and the constructor's defaults, before any model is built. A size
+    below 1 (`_POSITIVE_ARGS`) is the argument's own fault: that message starts with
     `image_kwargs.KEY=VALUE:`."""
     kwargs, _ = encoder_kwargs(name, kwargs)
     preset = kwargs.pop("preset", "")
@@ -100,7 +100,7 @@ def image_size_problem(name: str, kwargs: dict[str, Any], image_size: int) -> st
         return kwargs.get(key, params[key].default if key in params else None)
 
     for key in _POSITIVE_ARGS:
-        value = arg(key) if key in params or key in kwargs else None
+        value = arg(key)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             return f"image_kwargs.{key}={value}: must be >= 1 (the {_ENCODER_NAMES[name]}'s {key})"
     patch = arg("patch_size") if name == "vit" else None
