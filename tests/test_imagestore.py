@@ -78,6 +78,22 @@ def test_rows_sharing_a_file_share_one_decoded_image(tmp_path):
     np.testing.assert_array_equal(sub.images[0], want)
 
 
+def test_one_file_named_by_different_paths_is_one_image(tmp_path, monkeypatch):
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    for i in range(2):
+        _png(tmp_path / "data" / "img" / f"{i}.png", i)
+    spellings = ["img/0.png", "./img/../img/0.png", str(tmp_path / "data" / "img" / "0.png")]
+    rows = [{"image": p, "caption": f"a caption {k}"} for k, p in enumerate(spellings)]
+    rows += [{"image": "img/1.png", "caption": "another"}]
+    (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
+    monkeypatch.chdir(tmp_path)  # a relative image root: data/../data/img/0.png is that file
+    ds = load_set("data/train.json", _cfg(image_root="data/../data"), "train")
+    assert len(ds) == 4 and len(set(ds.image_keys)) == 4
+    assert ds.distinct_images() == 2 and ds.distinct_images([0, 2]) == 1
+    assert ds.distinct_images([1, 3]) == 2
+    np.testing.assert_array_equal(ds.images[0], ds.images[2])
+
+
 def test_decode_cache_is_reused_and_equal(tmp_path, monkeypatch):
     path = str(_karpathy_train(tmp_path))
     cache = str(tmp_path / "cache")

@@ -635,6 +635,10 @@ def test_tfds_source(tmp_path):
                 captions = {"text": [f"Caption {i} A.", f"caption {i} b"]}
                 image = io.BytesIO(_encode(_image(i)))
                 yield i, {"image": image, "image/id": 100 + i, "captions": captions}
+            # one caption that is not UTF-8 is dropped (counted); with none left, the record
+            for i, texts in [(3, [b"caption 3 a", b"\xff bad"]), (4, [b"\xfe"])]:
+                image = io.BytesIO(_encode(_image(i)))
+                yield i, {"image": image, "image/id": 100 + i, "captions": {"text": texts}}
 
     TinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     cfg = _cfg(image_root=str(tmp_path))
@@ -644,12 +648,14 @@ def test_tfds_source(tmp_path):
 
     recs = read_records("tfds:tiny_captions:train", str(tmp_path), Skips())
     assert all(isinstance(r.image, TfdsImage) for r in recs)
-    assert recs[0].image.read() == _encode(_image(recs[0].image.index))
-    assert sorted(ds.ids) == ["100", "101", "102"]
+    assert recs[0].image.read() == _encode(_image(int(recs[0].sample_id) - 100))
+    assert sorted(ds.ids) == ["100", "101", "102", "103"]
+    assert ds.skipped["non_utf8"] == 1 and ds.captions_dropped == 1
     for sid, caps, image in zip(ds.ids, ds.captions, ds.images, strict=True):
         i = int(sid) - 100
-        assert caps == [f"caption {i} a", f"caption {i} b"]
+        assert caps == ([f"caption {i} a", f"caption {i} b"] if i < 3 else ["caption 3 a"])
         np.testing.assert_array_equal(image, _resized(i))
+    ds = ds.subset([ds.ids.index(f"{100 + i}") for i in range(3)])
 
     # TL;DR's stages take it as (image, caption) pairs, and `write` finds every pair's image.
     import ml_collections
@@ -1578,3 +1584,44 @@ def test_file_urls_name_local_paths():
         assert readers.file_url_path(url) == "/a/my b.png", url
     assert readers.file_url_path("file://otherhost/a.png") is None  # not on this machine
     assert readers.file_url_path("/a.png") is None
+
+
+def test_a_non_utf8_caption_among_several_is_dropped_not_the_image(tmp_path):
+    """One caption that cannot be UTF-8 (a lone-surrogate escape) among an image's several
+    is dropped and counted in captions_dropped, as an empty one is; the image keeps the
+    others. COCO's annotations are rows of their own: that annotation is a non_utf8 row."""
+    names = _write_images(tmp_path, 2)
+    bad = "a \ud83d dog"
+    eval_rows = [
+        {"image": names[0], "caption": ["A cat.", bad, " .."]},
+        {"image": names[1], "caption": [bad]},  # nothing usable left: the row is non_utf8
+    ]
+    (tmp_path / "test.json").write_text(json.dumps(eval_rows))
+    karpathy = {
+        "images": [
+            {"filename": "0.png", "filepath": "img", "split": "test", "sentences": s}
+            for s in ([{"raw": "A cat."}, {"raw": bad}], [{"raw": bad}])
+        ]
+    }
+    (tmp_path / "dataset_x.json").write_text(json.dumps(karpathy))
+    for name, dropped in [("test.json", 2), ("dataset_x.json", 1)]:
+        skips = Skips()
+        recs = read_records(str(tmp_path / name), str(tmp_path), skips, role="test")
+        assert [r.captions for r in recs] == [("a cat",)], name
+        assert skips.as_dict() == {"non_utf8": 1} and skips.captions_dropped == dropped, name
+        with pytest.raises(BadRowError, match=rf"{name}, row 0: non_utf8 \(1 of its"):
+            read_records(str(tmp_path / name), str(tmp_path), Skips(strict=True), role="test")
+    ds = load_set(str(tmp_path / "test.json"), _cfg(), "test")
+    assert ds.captions == [["a cat"]] and ds.captions_dropped == 2
+    coco = {
+        "images": [{"id": 1, "file_name": "0.png"}],
+        "annotations": [
+            {"image_id": 1, "id": 1, "caption": "A cat."},
+            {"image_id": 1, "id": 2, "caption": bad},
+        ],
+    }
+    (tmp_path / "captions_x.json").write_text(json.dumps(coco))
+    skips = Skips()
+    recs = read_records(str(tmp_path / "captions_x.json"), str(tmp_path / "img"), skips)
+    assert [r.captions for r in recs] == [("a cat",)]
+    assert skips.as_dict() == {"non_utf8": 1} and "annotations[1]" in skips.examples["non_utf8"]

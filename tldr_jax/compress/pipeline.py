@@ -232,7 +232,7 @@ def write_report(workdir: str, summary: dict[str, Any]) -> None:
         + (f", {summary['kept_images']} images" if summary.get("kept_images") else "")
         + f". Skipped rows: {_nonzero(summary['skipped'])}."
         + (
-            f" Empty captions dropped: {summary['captions_dropped']}."
+            f" Empty or non-UTF-8 captions dropped: {summary['captions_dropped']}."
             if summary.get("captions_dropped")
             else ""
         ),

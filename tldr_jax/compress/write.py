@@ -181,9 +181,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {
         "input_rows": len(train),
         **data_counts(train),
-        # Distinct image files (webdataset / TFDS: samples) among the pairs.
-        "input_images": len(set(train.image_keys)),
-        "kept_images": len({train.image_keys[r] for r in rows}),
+        # Distinct images among the pairs (one file however its path is spelled).
+        "input_images": train.distinct_images(),
+        "kept_images": train.distinct_images(rows),
         "kept_rows": len(entries),
         "fraction": len(entries) / max(len(train), 1),
         "mode": mode,

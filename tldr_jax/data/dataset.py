@@ -51,11 +51,21 @@ class ImageTextSet:
     rows_read: int
     skipped: dict[str, int]
     source: str
-    # Empty captions dropped from kept rows (the row's other captions are used).
+    # Empty or non-UTF-8 captions dropped from kept rows (the row's other captions are used).
     captions_dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def distinct_images(self, rows: Sequence[int] | np.ndarray | None = None) -> int:
+        """How many distinct images `rows` (default: all) show. Rows sharing one decoded
+        image count once: one file under any spelling of its path (`../a.jpg`,
+        `/abs/a.jpg`), or samples with the same encoded bytes; without a shared store, the
+        distinct image keys."""
+        idx = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64).reshape(-1)
+        if isinstance(self.images, ImageRows):
+            return len(np.unique(self.images.index[idx]))
+        return len({self.image_keys[i] for i in idx})
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageTextSet:
         """The rows at `indices`, in that order (counts and source are kept)."""
@@ -349,7 +359,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         log.warning("%s: skipped %s (e.g. %s)", source, skips.as_dict(), skips.examples)
     if skips.captions_dropped:
         log.warning(
-            "%s: %d empty captions dropped from rows that keep their other captions",
+            "%s: %d empty or non-UTF-8 captions dropped from rows that keep their other captions",
             source,
             skips.captions_dropped,
         )

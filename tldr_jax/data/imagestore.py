@@ -34,8 +34,9 @@ from tldr_jax.utils import io as io_lib
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: rows with the same encoded bytes share one stored image; 3: counts
-# the empty captions dropped from kept rows
+CACHE_VERSION = 4  # 2: rows with the same encoded bytes share one stored image; 3: counts
+# the empty captions dropped from kept rows; 4: one file under differently spelled paths is
+# stored once
 _CHUNK = 2048  # images decoded per batch of thread-pool work (bounds the queued futures)
 
 
@@ -126,11 +127,11 @@ def take_rows(images: np.ndarray | ImageRows, indices: np.ndarray) -> np.ndarray
 
 
 def image_identity(image: Any) -> Any:
-    """What makes two rows' images the same image: the normalised path of a file, the SHA-1
+    """What makes two rows' images the same image: the absolute path of a file, the SHA-1
     of encoded bytes (a webdataset with one sample per caption repeats each image's bytes);
     None for a decoded array (never shared)."""
     if isinstance(image, str):
-        return os.path.normpath(image)
+        return os.path.abspath(image)
     if isinstance(image, bytes | bytearray | memoryview):
         return hashlib.sha1(image).digest()
     if isinstance(image, LazyImage):

@@ -111,6 +111,17 @@ def _has_bad_utf8(*texts: str) -> bool:
     return any(_SURROGATE.search(t) for t in texts)
 
 
+def _utf8_only(raw: list[str]) -> tuple[list[str], int]:
+    """The texts of `raw` that are UTF-8, and how many are not (dropped from a row that keeps
+    its other captions, as empty ones are)."""
+    good = [t for t in raw if not _has_bad_utf8(t)]
+    return good, len(raw) - len(good)
+
+
+def _clean_all(raw: list[str]) -> tuple[str, ...]:
+    return tuple(c for c in map(clean_caption, raw) if c)
+
+
 def annotation_folder(path: str) -> str:
     """Where a file's relative image paths resolve when `data.image_root` is empty."""
     return os.path.dirname(os.path.abspath(path))
@@ -167,7 +178,7 @@ def _captions(value: Any) -> tuple[str, ...] | None:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
         return None
-    return tuple(c for c in map(clean_caption, value) if c)
+    return _clean_all(value)
 
 
 class _RecordSink:
@@ -236,8 +247,10 @@ def _json_row(
     if captions is None:
         return skips.skip("malformed_row", file, where, "'caption' is not a str or list of str")
     raw = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-    if _has_bad_utf8(image, *raw):
+    good, bad = _utf8_only(raw)
+    if _has_bad_utf8(image) or not good:
         return skips.skip("non_utf8", file, where)
+    captions = _clean_all(good) if bad else captions
     if not captions:
         return skips.skip("empty_caption", file, where)
     if _is_remote(image):
@@ -246,7 +259,7 @@ def _json_row(
     base_dir = annotation_folder(file)
     resolved = _resolve(image, image_root, base_dir)
     if sink.add(sample_id or default_id, resolved, captions, image, where):
-        skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
+        skips.drop_captions(file, where, len(good) - len(captions), len(raw), bad)
 
 
 def _karpathy_image(
@@ -274,16 +287,17 @@ def _karpathy_image(
             return skips.skip("malformed_row", file, where, "a sentence without 'raw' text")
         raw.append(text)
     image = os.path.join(folder, name)
-    if _has_bad_utf8(image, *raw):
+    good, bad = _utf8_only(raw)
+    if _has_bad_utf8(image) or not good:
         return skips.skip("non_utf8", file, where)
-    captions = tuple(c for c in map(clean_caption, raw) if c)
+    captions = _clean_all(good)
     if not captions:
         return skips.skip("empty_caption", file, where)
     sample_id = next((str(row[k]) for k in _KARPATHY_ID_FIELDS if row.get(k) not in (None, "")), "")
     base_dir = annotation_folder(file)
     resolved = _resolve(image, image_root, base_dir)
     if sink.add(sample_id or f"{stem}:{where}", resolved, captions, image, where):
-        skips.drop_captions(file, where, len(raw) - len(captions), len(raw))
+        skips.drop_captions(file, where, len(good) - len(captions), len(raw), bad)
 
 
 def _read_karpathy(
@@ -348,7 +362,8 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
     """COCO's own captions file (`captions_train2014.json`): one record per entry of
     `images` ({"id", "file_name"}) with the captions of every `annotations` entry
     ({"image_id", "caption"}) naming it, in file order. An annotation that cannot be used
-    (no such image, a caption that is not a string) counts as a row of its own."""
+    (no such image, a caption that is not a string or not UTF-8) counts as a row of its own;
+    the image keeps its other captions."""
     skips = sink.skips
     stem = Path(path).stem
     base_dir = _coco_image_folder(path, image_root, data["images"])
@@ -360,6 +375,8 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
             bad.append((i, "malformed_row", "an annotation without a 'caption' string"))
         elif str(ann.get("image_id")) not in image_ids:
             bad.append((i, "missing_image", f"image_id {ann.get('image_id')!r} is not in 'images'"))
+        elif _has_bad_utf8(ann["caption"]):
+            bad.append((i, "non_utf8", f"image_id {ann.get('image_id')!r}: a caption not UTF-8"))
         else:
             captions.setdefault(str(ann["image_id"]), []).append(ann["caption"])
     for i, row in enumerate(data["images"]):
@@ -375,10 +392,10 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
         if not raw:
             skips.skip("no_caption", path, i, f"no annotation names image id {row.get('id')!r}")
             continue
-        if _has_bad_utf8(name, *raw):
+        if _has_bad_utf8(name):
             skips.skip("non_utf8", path, i)
             continue
-        cleaned = tuple(c for c in map(clean_caption, raw) if c)
+        cleaned = _clean_all(raw)
         if not cleaned:
             skips.skip("empty_caption", path, i)
             continue
@@ -1093,12 +1110,14 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
             continue
         value = example[field]
         raw = list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
-        try:
-            texts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw]
-        except UnicodeDecodeError:
+        texts = [
+            v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in raw
+        ]
+        texts, bad = _utf8_only(texts)
+        if not texts:
             skips.skip("non_utf8", spec, i)
             continue
-        captions = tuple(c for c in map(clean_caption, texts) if c)
+        captions = _clean_all(texts)
         if not captions:
             skips.skip("empty_caption", spec, i)
             continue
@@ -1110,7 +1129,7 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
         encoded = bytes(example[image_key])
         image = TfdsImage(source, i, image_key, lock, hashlib.sha1(encoded).digest())
         if sink.add(sample_id, image, captions, filename or f"{spec}:{i}", i):
-            skips.drop_captions(spec, i, len(texts) - len(captions), len(texts))
+            skips.drop_captions(spec, i, len(texts) - len(captions), len(texts) + bad, bad)
 
 
 def split_suffix_of(path: str) -> tuple[str, tuple[str, ...] | None]:

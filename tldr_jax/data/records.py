@@ -142,15 +142,23 @@ class Skips:
         if not self.first:
             self.first, self.first_records = msg, self.records_before
 
-    def drop_captions(self, file: str, row: int | str, dropped: int, total: int) -> None:
-        """`dropped` of a kept row's `total` captions were empty after cleaning: counted (in
-        strict mode an error naming the file and row)."""
-        if not dropped:
+    def drop_captions(
+        self, file: str, row: int | str, dropped: int, total: int, non_utf8: int = 0
+    ) -> None:
+        """`dropped` of a kept row's `total` captions were empty after cleaning and
+        `non_utf8` were not UTF-8: counted together (in strict mode an error naming the file
+        and row)."""
+        if not dropped and not non_utf8:
             return
-        msg = f"{file}, row {row}: empty_caption ({dropped} of its {total} captions empty)"
+        if non_utf8:
+            empty = f", {dropped} empty" if dropped else ""
+            why = f"non_utf8 ({non_utf8} of its {total} captions not UTF-8{empty})"
+        else:
+            why = f"empty_caption ({dropped} of its {total} captions empty)"
+        msg = f"{file}, row {row}: {why}"
         if self.strict:
             raise BadRowError(msg)
-        self.captions_dropped += dropped
+        self.captions_dropped += dropped + non_utf8
         if not self.first:  # what strict mode stops at, when it reads leniently first
             self.first, self.first_records = msg, self.records_before
 
