@@ -56,7 +56,7 @@ def captioner_train(arg: ml_collections.ConfigDict, epochs: int) -> ml_collectio
     t.min_lr = 1e-6
     t.batch_size = 64
     t.epochs = epochs
-    t.grad_clip = 1.0
+    t.grad_clip = 0.0 if arg.reference else 1.0  # the reference does not clip
     t.log_every = 20
     t.ckpt_every = 200
     t.keep = 2
@@ -88,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vq_loss = "legacy"  # legacy (reference) | standard | ema
     c.beta = 0.25
     c.ema_decay = 0.99
+    # ema: a code's usage count starts at 1 and decays by ema_decay while unused, so a code
+    # is revived after ~log(threshold) / log(decay) unused steps (688 here)
     c.revive_threshold = 1e-3
     c.vq_weight = 1.0
     c.decoder = decoder_kwargs(arg)
@@ -111,7 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.gemm_dtype = "float32"  # distance GEMM: float32 | bfloat16 (fp32 accumulation; GPU/TPU)
     s.strategy = "nearest"  # stride (reference) | ratio | nearest | random
     s.stride = 2
-    s.target = 0.5  # fraction of rows (<= 1) or a count (> 1)
+    # fraction of rows (<= 1) or a count (> 1); 0 with strategy=stride: every stride-th
+    # member of each cluster, as many rows as that gives (the reference's rule and size)
+    s.target = 0.5
     s.seed = 0
     s.max_in_memory_mb = 4096.0  # larger feature matrices are memory-mapped and streamed
     s.stream_chunk_rows = 262144  # rows per device transfer when streaming
@@ -119,6 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 4. Alignment score + top-fraction filter.
     sc = config.score = ml_collections.ConfigDict()
     sc.keep_fraction = 0.5  # of the selected rows, keep the best-aligned half
+    # selected: the best keep_fraction of select's rows (an exact size) | all: select's rows
+    # that are among the best keep_fraction of all rows (the reference's intersection)
+    sc.filter_over = "selected"
     sc.scorer = "dual_encoder"  # a dual encoder trained on the full set (configs/pretrain.py)
 
     # 5. Plain captioner on human-quality captions (SPEC A.5).

@@ -227,3 +227,17 @@ def test_stage_without_its_inputs_says_what_to_run(tmp_path, stage):
     with pytest.raises(FileNotFoundError, match=f"{first} not found: run `tldr-jax {writer}`"):
         run_stage(stage, tldr_config.get_config("tiny"), str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_comparison_trains_on_train_json_captions_as_a_reader_sees_them(tmp_path):
+    """The TL;DR arm of the retrieval comparison takes compress/train.json's captions cleaned,
+    as a pre-training run reading that file gets them (the "; " joint and the 30-word cap)."""
+    long = " ".join(f"w{i}" for i in range(40))
+    rows = [
+        {"image": "a.jpg", "caption": "a red circle; a picture of a red circle"},
+        {"image": "b.jpg", "caption": f"Two Squares!; {long}"},
+    ]
+    io.write_json(tmp_path / "compress" / "train.json", rows)
+    caps = pipeline.written_captions(str(tmp_path))
+    assert caps[0] == ["a red circle a picture of a red circle"]
+    assert caps[1][0].split() == ["two", "squares", *[f"w{i}" for i in range(28)]]

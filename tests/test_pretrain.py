@@ -183,3 +183,27 @@ def test_config_arguments_are_checked():
     assert tiny.data.image_size == 16 and tiny.train.epochs == 2
     with pytest.raises(ValueError, match="unknown config argument 'smal'.*small, tiny"):
         pretrain_config.get_config("smal")
+
+
+def test_epoch_decay_schedule_has_no_drop_after_a_long_warmup():
+    """SPEC A.1's schedule: linear warm-up to lr, then x0.9 per epoch (floor min_lr). A
+    warm-up longer than an epoch reaches lr and decays from the next epoch boundary on (it
+    used to fall to lr x 0.9^(warm-up epochs) the step after the warm-up ended)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from tldr_jax.train.state import make_schedule
+
+    cfg = ml_collections.ConfigDict(
+        dict(lr=3e-4, warmup_steps=3000, schedule="epoch_decay", decay_per_epoch=0.9, min_lr=1e-6)
+    )
+    lr = make_schedule(cfg, 100_000, steps_per_epoch=1000)
+    at = lambda s: float(lr(jnp.asarray(s)))  # noqa: E731
+    assert np.isclose(at(0), 3e-4 / 3000) and np.isclose(at(1499), 1.5e-4)
+    assert np.isclose(at(2999), 3e-4) and np.isclose(at(3000), 3e-4) and np.isclose(at(3999), 3e-4)
+    assert np.isclose(at(4000), 2.7e-4) and np.isclose(at(5500), 3e-4 * 0.81)
+    assert np.isclose(at(99_999), 1e-6)  # floored
+    # a warm-up inside the first epoch: decay at every epoch boundary from step 0
+    cfg.warmup_steps = 30
+    lr = make_schedule(cfg, 1000, steps_per_epoch=46)
+    assert np.isclose(at(29), 3e-4) and np.isclose(at(45), 3e-4) and np.isclose(at(46), 2.7e-4)

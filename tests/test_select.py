@@ -40,6 +40,7 @@ def test_every_strategy_keeps_exact_count(strategy, count):
 def test_stride_is_reference_rule_at_its_natural_count():
     a, d = _clusters()
     natural = sum(-(-np.sum(a == j) // 3) for j in range(7))
+    assert strategies.stride_count(a, 3) == natural
     keep = strategies.select_stride(a, natural, stride=3)
     ref = np.concatenate([np.flatnonzero(a == j)[::3] for j in range(7)])
     np.testing.assert_array_equal(keep, np.sort(ref))
@@ -164,9 +165,8 @@ def test_select_stage_end_to_end(tmp_path, feature, budget, gemm_dtype):
     assert summary["pca_dim"] == (12 if feature == "sequence" else 16)  # clamped from 256
     sel = np.load(tmp_path / "select" / "selected.npz")
     clu = np.load(tmp_path / "select" / "clusters.npz")
-    rnd = np.load(tmp_path / "select" / "random.npz")
     np.testing.assert_array_equal(clu["ids"], ids)
-    assert len(sel["ids"]) == 60 == len(rnd["ids"]) and set(sel["ids"]) <= set(ids)
+    assert len(sel["ids"]) == 60 and set(sel["ids"]) <= set(ids)
     pos = {s: i for i, s in enumerate(ids)}
     assert np.all(np.diff([pos[s] for s in sel["ids"]]) > 0)  # input order
     # Rows sharing a code pattern share a cluster: features followed their ids.
@@ -177,6 +177,32 @@ def test_select_stage_end_to_end(tmp_path, feature, budget, gemm_dtype):
     assert summary["streamed"] == (budget < 1)
     assert not list((tmp_path / "select").glob("*.tmp.npy"))  # temporary maps removed
     json.dumps(summary)
+
+
+def test_stride_target_zero_keeps_the_reference_size(tmp_path):
+    """select.target=0 with the stride strategy: every stride-th member of each cluster, as
+    many rows as that rule gives (the reference's size), not a fraction of the rows."""
+    write_fake_extract(tmp_path)
+    summary = select_stage.run(select_config(target=0, stride=3), str(tmp_path))
+    clu = np.load(tmp_path / "select" / "clusters.npz")
+    sel = np.load(tmp_path / "select" / "selected.npz")
+    a, pos = clu["assignments"], {s: i for i, s in enumerate(clu["ids"])}
+    want = np.sort(np.concatenate([np.flatnonzero(a == j)[::3] for j in np.unique(a)]))
+    np.testing.assert_array_equal(np.sort([pos[s] for s in sel["ids"]]), want)
+    assert summary["kept_rows"] == len(want) == strategies.stride_count(a, 3)
+    assert summary["target_asked"] == 0
+    # 0 is the stride rule's own size: another strategy is told to take a fraction or count
+    config = tldr_config.get_config("tiny")
+    config.select.target = 0
+    assert config_check.problems(config) == [
+        "select.target=0.0 with select.strategy='nearest': 0 (keep every select.stride-th member "
+        "of each cluster) is the stride strategy's own size; give the others a fraction or a "
+        "count"
+    ]
+    config.select.strategy = "stride"
+    assert config_check.problems(config) == []
+    config.select.target = -1
+    assert "or 0 with select.strategy='stride'" in config_check.problems(config)[0]
 
 
 def test_gemm_dtype_config_key_checked():
@@ -235,3 +261,23 @@ def test_temporary_maps_of_processes_this_run_lacks_are_removed(tmp_path):
         np.save(tmp_path / "select" / name, np.zeros(3))
     select_stage.run(select_config(max_in_memory_mb=1e-3), str(tmp_path))
     assert not list((tmp_path / "select").glob("*.tmp.npy"))
+
+
+def test_alignment_filter_over_selected_or_all_rows():
+    """score.filter_over: `selected` keeps the best half of select's rows (exact size); `all`
+    keeps select's rows that are in the best half of every row (the reference's
+    intersection), so its size follows how selection and alignment agree."""
+    from tldr_jax.compress.score import filter_rows
+
+    scores = np.arange(10, dtype=np.float32)  # row i scores i: rows 5..9 are the best half
+    selected = np.array([9, 8, 7, 1, 0, 6])
+    np.testing.assert_array_equal(filter_rows(scores, selected, 0.5), [7, 8, 9])
+    np.testing.assert_array_equal(filter_rows(scores, selected, 0.5, "all"), [6, 7, 8, 9])
+    np.testing.assert_array_equal(filter_rows(scores, np.array([0, 1, 2]), 0.5, "all"), [])
+    with pytest.raises(ValueError, match="selected | all"):
+        filter_rows(scores, selected, 0.5, "both")
+    config = tldr_config.get_config("tiny")
+    config.score.filter_over = "both"
+    assert config_check.problems(config) == [
+        "score.filter_over='both': must be one of selected | all"
+    ]

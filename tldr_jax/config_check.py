@@ -76,14 +76,16 @@ def integers(lo: int) -> Rule:
 
 
 def fraction_or_count(v: Any) -> str | None:
-    """select.target: a fraction of the rows or a whole number of them (select/strategies.py)."""
+    """select.target: a fraction of the rows or a whole number of them (select/strategies.py),
+    or 0: the stride rule's own size (`_select_problems` checks the strategy)."""
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     fraction = ok and isinstance(v, float) and 0 < v <= 1
     count = ok and v > 1 and v == int(v)  # an int 1 is ambiguous (strategies.target_count)
     return (
         None
-        if fraction or count
-        else "a fraction in (0, 1] or a whole count > 1 (e.g. 0.5 or 100000)"
+        if fraction or count or (ok and v == 0)
+        else "a fraction in (0, 1], a whole count > 1 (e.g. 0.5 or 100000), or 0 with "
+        "select.strategy='stride' (every stride-th member of each cluster: the reference's size)"
     )
 
 
@@ -176,6 +178,7 @@ def rules() -> dict[str, Rule]:
         "select.max_in_memory_mb": POSITIVE,
         "select.stream_chunk_rows": COUNT,
         "score.keep_fraction": number(0.0, 1.0, lo_open=True),
+        "score.filter_over": choice("selected", "all"),
         "score.scorer": choice("dual_encoder"),
         "caption.method": choice(*generate.METHODS),
         "caption.beam_size": COUNT,
@@ -265,6 +268,20 @@ def _world_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+def _select_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """select.target=0 (the stride rule's own size) needs select.strategy='stride'."""
+    (has_target, target), (_, strategy) = (
+        lookup(config, f"select.{k}") for k in ("target", "strategy")
+    )
+    if not has_target or fraction_or_count(target) or target != 0 or strategy == "stride":
+        return []
+    return [
+        f"select.target={target!r} with select.strategy={strategy!r}: 0 (keep every "
+        "select.stride-th member of each cluster) is the stride strategy's own size; give "
+        "the others a fraction or a count"
+    ]
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """`key=value: must be ...` for each checked key the config has with a bad value."""
     out = []
@@ -272,7 +289,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         present, value = lookup(config, path)
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
-    out += _world_problems(config)
+    out += _world_problems(config) + _select_problems(config)
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
     # must suit the encoder it names (keys only another encoder takes are left out then).
     from tldr_jax import models

@@ -34,6 +34,7 @@ from tldr_jax.compress.common import (
     train_fingerprint,
 )
 from tldr_jax.config_check import ConfigError, check_batch_fits, lookup
+from tldr_jax.data.records import clean_caption
 from tldr_jax.eval.retrieval import RECALL_KEYS
 from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
 from tldr_jax.utils import dist, io
@@ -116,6 +117,14 @@ def subset_batch_config(
     return small_cfg, small
 
 
+def written_captions(workdir: str) -> list[list[str]]:
+    """compress/train.json's captions as a pre-training run reading that file sees them:
+    cleaned (BLIP's pre_caption drops the "; " joint and caps each at 30 words), as every
+    reader here cleans its input."""
+    written = io.read_json(Path(workdir) / "compress" / "train.json")
+    return [[clean_caption(e["caption"])] for e in written]
+
+
 def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg = shared_cache(config, workdir)
     check_stage(cfg, workdir, "eval")
@@ -124,7 +133,7 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
     full = io.read_json(Path(workdir) / "score" / "full_retrieval.json")
     manifest = io.read_json(Path(workdir) / "compress" / "manifest.json")["rows"]
     tldr_rows = rows_of(train.ids, [m["id"] for m in manifest])
-    new_caps = [[e["caption"]] for e in io.read_json(Path(workdir) / "compress" / "train.json")]
+    new_caps = written_captions(workdir)
     tldr = dataclasses.replace(train.subset(tldr_rows), captions=new_caps)
     rng = np.random.default_rng(int(cfg.seed) + 12345)
     random_rows = np.sort(rng.choice(len(train), size=len(tldr_rows), replace=False))

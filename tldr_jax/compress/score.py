@@ -3,7 +3,10 @@
 The scorer is a dual encoder trained on the full (noisy) set itself: misaligned captions are
 a minority, so the model learns the majority alignment and scores them low. Its retrieval on
 the test split is also the "full set" baseline of the compress report. The filter keeps the
-best-aligned `score.keep_fraction` of the rows that `select` kept.
+best-aligned `score.keep_fraction` of the rows that `select` kept (`score.filter_over=
+selected`, an exact size), or (`all`, SPEC A.3's reading of the reference) the rows `select`
+kept that are among the best-aligned `keep_fraction` of all rows: the size then depends on
+how selection and alignment correlate.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(order[:n_keep])
 
 
+def filter_rows(
+    scores: np.ndarray, selected: np.ndarray, fraction: float, over: str = "selected"
+) -> np.ndarray:
+    """The rows of `selected` the alignment filter keeps, sorted: the best `fraction` of them
+    (`over="selected"`), or those among the best `fraction` of all rows (`"all"`)."""
+    selected = np.asarray(selected, np.int64)
+    if over == "all":
+        return np.intersect1d(selected, top_fraction(scores, fraction))
+    if over != "selected":
+        raise ValueError(f"filter_over must be selected | all, got {over!r}")
+    return np.sort(selected[top_fraction(scores[selected], fraction)])
+
+
 def plot_score_histogram(
     path: Path, all_scores: np.ndarray, selected: np.ndarray, kept: np.ndarray
 ) -> None:
@@ -84,12 +100,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     sel = np.load(Path(workdir) / "select" / "selected.npz")
     sel_rows = rows_of(train.ids, sel["ids"])
-    keep_local = top_fraction(scores[sel_rows], float(cfg.score.keep_fraction))
-    kept_rows = np.sort(sel_rows[keep_local])
+    keep_fraction = float(cfg.score.keep_fraction)
+    over = str(cfg.score.get("filter_over", "selected"))
+    kept_rows = filter_rows(scores, sel_rows, keep_fraction, over)
     if not len(kept_rows):
         raise ConfigError(
-            f"score.keep_fraction={float(cfg.score.keep_fraction)} keeps none of the "
-            f"{len(sel_rows)} rows select kept; raise it"
+            f"score.keep_fraction={keep_fraction} with score.filter_over={over!r} keeps none "
+            f"of the {len(sel_rows)} rows select kept; raise it"
         )
 
     if dist.is_main():
@@ -104,7 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "input_rows": len(train),
         "selected_rows": len(sel_rows),
         "kept_rows": len(kept_rows),
-        "keep_fraction": float(cfg.score.keep_fraction),
+        "keep_fraction": keep_fraction,
+        "filter_over": over,
         "score_mean_all": float(scores.mean()),
         "score_mean_selected": float(scores[sel_rows].mean()),
         "score_mean_kept": float(scores[kept_rows].mean()),

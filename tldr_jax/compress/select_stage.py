@@ -230,7 +230,8 @@ def run(config: Any, workdir: str) -> dict:
     if float(target) > 1.0 and float(target) > n:
         log.warning("select.target %s is more than the %d rows there are: keeping all", target, n)
         target = 1.0  # all rows
-    count = strategies.target_count(target, n)
+    # 0: the stride rule's own size, known once the clusters are (config_check: stride only)
+    count = strategies.target_count(target, n) if float(target) else 0
 
     # PCA (clamped to min(pca_dim, D, N)) and L2 normalisation, in place where shapes allow.
     t0 = time.time()
@@ -262,16 +263,17 @@ def run(config: Any, workdir: str) -> dict:
     for tmp in out.glob(f"features*-{jax.process_index()}.tmp.npy"):
         tmp.unlink()
 
-    # Selection, and the random baseline of the same size.
+    # Selection (the compress report's random baseline is drawn at the final kept size).
+    stride = int(cfg.get("stride", 2))
+    count = count or strategies.stride_count(result.assignments, stride)
     keep = strategies.select(
         cfg.get("strategy", "stride"),
         result.assignments,
         result.sq_distances,
         count,
-        stride=int(cfg.get("stride", 2)),
+        stride=stride,
         seed=seed,
     )
-    baseline = strategies.select_random(n, count, seed + 1)
     sizes = np.bincount(result.assignments, minlength=k)
     if dist.is_main():
         io.write_npz(
@@ -286,7 +288,6 @@ def run(config: Any, workdir: str) -> dict:
             assignments=result.assignments,
             distance=np.sqrt(result.sq_distances),
         )
-        io.write_npz(out / "random.npz", ids=ids[baseline])
         _plot_cluster_sizes(sizes, out / "cluster_sizes.png")
     # Outputs are complete before any process reports the stage done.
     dist.barrier("select_written")

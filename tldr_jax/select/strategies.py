@@ -52,12 +52,20 @@ def cluster_quotas(sizes: np.ndarray, count: int) -> np.ndarray:
     return quota
 
 
+def stride_count(assignments: np.ndarray, stride: int) -> int:
+    """How many rows the reference's stride rule keeps: sum over clusters of
+    ceil(size / stride) (`select.target=0` with `select.strategy=stride`)."""
+    sizes = np.bincount(np.asarray(assignments, np.int64))
+    return int(np.sum(-(-sizes // int(stride))))
+
+
 def select_stride(assignments: np.ndarray, count: int, stride: int) -> np.ndarray:
     """The reference rule: every `stride`-th member of each cluster, in input order.
 
     Rows are ranked by (rank mod stride, rank div stride, cluster): taking the first
-    sum(ceil(size/stride)) is exactly the reference; a smaller count drops the deepest members
-    across clusters evenly, a larger one continues with the next offset.
+    `stride_count(assignments, stride)` = sum(ceil(size/stride)) is exactly the reference; a
+    smaller count drops the deepest members across clusters evenly, a larger one continues
+    with the next offset.
     """
     n = len(assignments)
     rank = _ranks_in_cluster(assignments, np.arange(n))

@@ -59,15 +59,14 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "epoch_decay")
 
 
-def make_optimizer(
+def make_schedule(
     cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1
-) -> optax.GradientTransformation:
-    """Optimiser + schedule from a `train` config block.
+) -> optax.Schedule:
+    """The learning-rate schedule of a `train` config block (`make_optimizer`).
 
-    Keys: optimizer (adamw | sgd), lr, weight_decay, momentum, warmup_steps,
-    schedule (cosine | constant | epoch_decay), decay_per_epoch, min_lr, grad_clip.
-    `epoch_decay` is SPEC A.1's: linear warm-up, then lr x decay_per_epoch each epoch, floored
-    at min_lr.
+    `epoch_decay` is SPEC A.1's: linear warm-up, then lr x decay_per_epoch at each epoch
+    boundary after the one the warm-up ends in (a warm-up longer than an epoch reaches lr and
+    decays from there, no drop), floored at min_lr.
     """
     lr = float(cfg.lr)
     warmup = int(cfg.get("warmup_steps", 0))
@@ -91,10 +90,23 @@ def make_optimizer(
 
         def sched(step: jax.Array) -> jax.Array:
             warm = lr * jnp.minimum(1.0, (step + 1) / max(warmup, 1))
-            decayed = jnp.maximum(lr * decay ** jnp.floor(step / spe), min_lr)
+            epochs = jnp.maximum(jnp.floor(step / spe) - warmup // spe, 0)
+            decayed = jnp.maximum(lr * decay**epochs, min_lr)
             return jnp.where(step < warmup, warm, decayed)
     else:
         raise ValueError(f"unknown schedule {kind!r}")
+    return sched
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
+    """Optimiser + schedule (`make_schedule`) from a `train` config block.
+
+    Keys: optimizer (adamw | sgd), lr, weight_decay, momentum, warmup_steps,
+    schedule (cosine | constant | epoch_decay), decay_per_epoch, min_lr, grad_clip.
+    """
+    sched = make_schedule(cfg, total_steps, steps_per_epoch)
 
     name = cfg.get("optimizer", "adamw")
     if name == "adamw":
