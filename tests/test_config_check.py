@@ -78,7 +78,9 @@ def test_bad_values_are_named_with_what_is_allowed():
     c.select.target = 2.5
     assert config_check.problems(c) == [
         "select.strategy='nearst': must be one of stride | ratio | nearest | random",
-        "select.target=2.5: must be a fraction in (0, 1] or a whole count > 1 (e.g. 0.5 or 100000)",
+        "select.target=2.5: must be a fraction in (0, 1], a whole count > 1 (e.g. 0.5 or "
+        "100000), or 0 with select.strategy='stride' (every stride-th member of each cluster: "
+        "the reference's size)",
         "score.keep_fraction=1.5: must be a finite number in (0, 1]",
         "retrieval_eval.budget='epoch': must be one of steps | epochs",
         "captioner.train.schedule='linear': must be one of cosine | constant | epoch_decay",
@@ -96,7 +98,7 @@ def test_bad_values_are_named_with_what_is_allowed():
         (1.0, True),
         (1000.0, True),
         (1000, True),
-        (0.0, False),
+        (0.0, True),  # the stride rule's own size (_select_problems checks the strategy)
         (-2.0, False),
         (2.5, False),
         (1, False),
