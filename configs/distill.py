@@ -90,6 +90,10 @@ def distill_config(small: bool) -> ml_collections.ConfigDict:
     # compile time 1.5x and growing with syn_steps. remat and tesla lose their memory bound
     # unrolled (warned). Off by default.
     d.scan_unroll = False
+    # Split each student step's batch (each micro-batch) over the devices, data parallel: the
+    # same gradient up to summation order. Over gcd(batch, devices) of them (batch 100 on 8
+    # GPUs: 4 slices, each on 2); False: every device runs the whole step.
+    d.shard_student_batch = True
     d.init = "real"  # real | noise | kmeans
     # The distill stage's own seed (initial pairs, each outer iteration's expert / start epoch
     # draw and student minibatches, LoRS init); -1 = the global `seed`. The buffer's experts
@@ -136,6 +140,9 @@ def eval_config(small: bool) -> ml_collections.ConfigDict:
     # steps x 64 = 19k samples seen, about the experts' 3 epochs x 4000 pairs.
     e.max_steps = 300 if small else 0
     e.coreset_pairs = 0  # 0 = distill.num_pairs
+    # The distilled set's models: image (SPEC B.4, the reference) = every parameter at the
+    # learned image step size | text = the text head at the learned text step size.
+    e.text_head_lr = "image"
     # Both modalities; = the default experts' lr. On `small` the experts' 0.3 gave random-1000
     # 12.5/9.7 TR@1/IR@1 vs 15.5/10.8 at 0.1, so 0.1 stays (the stronger baseline).
     e.coreset_lr = 0.1

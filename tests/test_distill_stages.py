@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -160,12 +161,19 @@ def test_distill_outputs_resume_and_eval(buffered):
     assert "| distilled |" in (workdir / "eval-distilled.md").read_text()
     assert (workdir / "eval-distilled.json").exists()
     assert result["protocol"]["coreset_pairs"] == 8
+    # SPEC B.4: every parameter at the learned image step size (eval.text_head_lr=image)
+    d = result["distilled"]
+    assert d["lr_text_head"] == d["lr_img"] != d["lr_txt"]
+    assert result["protocol"]["text_head_lr"] == "image"
+    assert result["protocol"]["max_steps"] == config.eval.max_steps
 
     # A coreset budget above the training set takes all of it (and says so).
     big = config.copy_and_resolve_references()
     big.eval.coreset_pairs = 10**6
+    big.eval.text_head_lr = "text"  # the text head at the learned text step size
     n = result["train_pairs"]
     result = run_stage("eval-distilled", big, str(workdir))
+    assert result["distilled"]["lr_text_head"] == result["distilled"]["lr_txt"]
     assert result["protocol"]["coreset_pairs"] == n
     assert result["protocol"]["coreset_pairs_asked"] == 10**6
     assert result["random"]["num_pairs"] == n and set(result["budgets"]) == {"8", str(n)}
@@ -562,3 +570,28 @@ def test_tesla_vs_exact_benchmark_on_a_buffer(buffered):
         assert np.isfinite(three[field]["rel_err"]["max"]), field
     assert three["images"]["cosine"]["min"] > 0.5 and three["images"]["rel_err"]["mean"] > 0
     assert "| init (real) | 3 | images |" in bench.table(result)
+
+
+def test_student_batch_split_over_devices_learns_the_same_set(buffered):
+    """distill.shard_student_batch (default): each student step's batch is split over the
+    devices (8 fake ones here, batch 8: one pair each); the same set as every device running
+    the whole step, up to summation order. A batch no device count divides beyond 1 (7 on
+    8) is not split."""
+    config, root, _ = buffered
+    sets, summaries = {}, {}
+    for name, split in (("split", True), ("whole", False)):
+        workdir = root / f"batch_{name}"
+        shutil.copytree(root / "w", workdir)
+        c = config.copy_and_resolve_references()
+        c.distill.shard_student_batch = split
+        summaries[name] = run_stage("distill", c, str(workdir))
+        with np.load(workdir / "distill" / "distilled.npz") as f:
+            sets[name] = (f["images"], f["texts"])
+    assert summaries["split"]["student_batch_devices"] == jax.device_count() == 8
+    assert summaries["whole"]["student_batch_devices"] == 1
+    for a, b in zip(sets["split"], sets["whole"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    from tldr_jax.utils.mesh import make_mesh, split_batch_sharding
+
+    assert split_batch_sharding(make_mesh(), 7) is None
+    assert split_batch_sharding(make_mesh(), 100).mesh.shape == {"batch": 4, "replica": 2}

@@ -204,6 +204,7 @@ def rules() -> dict[str, Rule]:
         "distill.micro_batches": COUNT,
         "distill.remat_budget_mib": NONNEG,
         "distill.scan_unroll": boolean,
+        "distill.shard_student_batch": boolean,
         "distill.init": choice(*distill_stage.INITS),
         "distill.seed": integer(0, also=(-1,)),
         "distill.kmeans_features": choice("text", "image"),
@@ -230,6 +231,7 @@ def rules() -> dict[str, Rule]:
         "eval.max_steps": NONNEG_INT,
         "eval.coreset_pairs": NONNEG_INT,
         "eval.coreset_lr": POSITIVE,
+        "eval.text_head_lr": choice("image", "text"),
         "eval.budgets": integers(1),
     }
     for prefix in TRAINING_BLOCKS:

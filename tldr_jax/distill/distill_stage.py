@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tldr_jax.config_check import ConfigError
@@ -44,7 +45,7 @@ from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.utils import dist, io, preemption
 from tldr_jax.utils.memory import release_host_memory
-from tldr_jax.utils.mesh import make_mesh, replicated
+from tldr_jax.utils.mesh import make_mesh, replicated, split_batch_sharding
 from tldr_jax.utils.metrics import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ RESUMABLE_KEYS = (
     "micro_batches",
     "remat_budget_mib",
     "scan_unroll",
+    "shard_student_batch",
 )
 
 
@@ -186,15 +188,22 @@ def start_epochs(config: ml_collections.ConfigDict) -> int:
     return max_start
 
 
-def inner_loop(config: ml_collections.ConfigDict) -> matching.InnerLoop:
-    """How the student trains on the synthetic set, from `distill.*`."""
+def inner_loop(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None, batch: int = 0
+) -> matching.InnerLoop:
+    """How the student trains on the synthetic set, from `distill.*`. Given the mesh and the
+    student batch, each step's batch (each micro-batch's) is split over the devices
+    (`distill.shard_student_batch`, `mesh_lib.split_batch_sharding`)."""
     d = config.distill
+    slices = int(d.get("micro_batches", 1))
+    split = mesh is not None and batch and bool(d.get("shard_student_batch", True))
     return matching.InnerLoop(
         logit_scale=matching.QUIRK_LOGIT_SCALE if d.quirk_logit_scale else matching.LOGIT_SCALE,
         train_dropout=bool(d.quirk_dropout),
-        micro_batches=int(d.get("micro_batches", 1)),
+        micro_batches=slices,
         remat_budget_mib=float(d.get("remat_budget_mib", matching.InnerLoop.remat_budget_mib)),
         unroll=bool(d.get("scan_unroll", False)),
+        batch_sharding=split_batch_sharding(mesh, batch // slices) if split else None,
     )
 
 
@@ -276,13 +285,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         syn = syn.with_lors(key, int(d.get("lors_rank", 10)), float(d.get("lors_alpha", 0.1)))
     opt_state = optimizer.init(syn)
     syn, opt_state = jax.device_put((syn, opt_state), rep)
-    inner = inner_loop(config)
     batch_syn = int(d.batch_syn) or m
     if batch_syn > m:
         log.warning(
             "distill: batch_syn=%d > num_pairs=%d: every step takes all %d", batch_syn, m, m
         )
         batch_syn = m
+    inner = inner_loop(config, mesh, batch_syn)
+    split_over = inner.batch_sharding.mesh.shape["batch"] if inner.batch_sharding else 1
+    if jax.device_count() > 1:
+        log.info(
+            "distill: each student step's batch of %d split over %d of the %d devices",
+            batch_syn // inner.micro_batches,
+            split_over,
+            jax.device_count(),
+        )
 
     @partial(jax.jit, in_shardings=rep, out_shardings=rep)
     def step(syn, opt_state, expert_start, expert_target, key):
@@ -476,6 +493,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             for i, g, su, rc in modes_history
         ],
         "scan_unroll": modes_history[-1][2] if modes_history else None,
+        # devices each student step's batch is split over (1: every device runs it whole)
+        "student_batch_devices": split_over,
         "init": d.init,
         "seed": seed,  # distill.seed, or the global seed where that is -1
         "syn_steps": syn_steps,

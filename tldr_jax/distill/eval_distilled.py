@@ -255,16 +255,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             lr_img,
             lr_txt,
         )
+    # SPEC B.4: one optimiser at the learned image step size (the reference's `lr_net`);
+    # eval.text_head_lr=text trains the text head at the learned text step size instead.
+    head_lr = lr_txt if str(e.get("text_head_lr", "image")) == "text" else lr_img
     # LoRS: the learned similarity is the distilled set's contrastive target (coresets: identity).
     similarity = syn.get("similarity")
     distilled = _summarise(
         evaluator.train_and_eval(
-            syn["images"], syn["texts"], lr_img, lr_txt, tag=0, targets=similarity
+            syn["images"], syn["texts"], lr_img, head_lr, tag=0, targets=similarity
         ),
         num_pairs=m,
         iterations=distilled_iterations,
         lr_img=lr_img,
         lr_txt=lr_txt,
+        lr_text_head=head_lr,
         soft_targets=similarity is not None,
     )
 
@@ -323,6 +327,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["protocol"] = {
         "num_models": int(e.num_models),
         "epochs": int(e.epochs),
+        "max_steps": int(e.get("max_steps", 0)),  # > 0: each model's steps capped there
+        "text_head_lr": str(e.get("text_head_lr", "image")),
         "batch_size": int(e.batch_size),
         "momentum": float(e.momentum),
         "weight_decay": float(e.weight_decay),

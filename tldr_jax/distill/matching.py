@@ -22,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tldr_jax.distill.student import Student
 
@@ -119,6 +121,19 @@ class InnerLoop:
     # step (+25% work). NF-ResNet-26 at 10 steps (71 MB vectors): peak RSS 3300 MiB unnested vs
     # 3338 nested, 84.6 vs 91.8 s per iteration: nesting there bought nothing.
     remat_budget_mib: float = 1024.0
+    # A NamedSharding of the student batch's leading axis (data parallel over the mesh's
+    # devices: each takes a slice of every student step's batch, the parameter gradients are
+    # summed across them); None: the batch is not split.
+    batch_sharding: Any = None
+
+
+def shard_student_batch(x: jax.Array, inner: InnerLoop, axis: int = 0) -> jax.Array:
+    """`x` with its batch axis `axis` laid out by `inner.batch_sharding` (when set)."""
+    sharding = inner.batch_sharding
+    if sharding is None:
+        return x
+    spec = P(*([None] * axis), *sharding.spec)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
 
 def contrastive_loss(
@@ -215,7 +230,9 @@ def inner_grad(
         raise ValueError(f"micro_batches={k} does not divide the student batch {images.shape[0]}")
     k_img, k_txt = jax.random.split(rng)
     train = inner.train_dropout
-    slices = images.reshape(k, images.shape[0] // k, *images.shape[1:])
+    slices = shard_student_batch(
+        images.reshape(k, images.shape[0] // k, *images.shape[1:]), inner, 1
+    )
     slice_keys = jax.random.split(k_img, k)
 
     def tower(th: jax.Array, x: jax.Array, key: jax.Array) -> jax.Array:
@@ -268,7 +285,9 @@ def _step_fn(
     def step(theta: Params, xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
         idx, rng = xs
         targets = similarity(syn, idx)
-        g = inner_grad(student, inner, theta, syn.images[idx], syn.texts[idx], rng, targets)
+        images = shard_student_batch(syn.images[idx], inner)
+        texts = shard_student_batch(syn.texts[idx], inner)
+        g = inner_grad(student, inner, theta, images, texts, rng, targets)
         return _sgd(theta, g, syn), None
 
     return step
@@ -405,7 +424,9 @@ def tesla_meta_loss_and_grad(
             return inner_grad(student, inner, theta, images, texts, key, targets)
 
         # Full-size factors, gathered inside `lors_similarity`: their VJP is already scattered.
-        g, vjp = jax.vjp(step_grad, syn.images[idx], syn.texts[idx], sim)
+        images = shard_student_batch(syn.images[idx], inner)
+        texts = shard_student_batch(syn.texts[idx], inner)
+        g, vjp = jax.vjp(step_grad, images, texts, sim)
         d_images, d_texts, d_sim = vjp(cot)
         carry = (
             _sgd(theta, g, syn),
