@@ -96,3 +96,22 @@ def test_herding_and_kcenter_do_not_change_under_a_shared_offset():
         shifted = x + np.float32(offset)
         np.testing.assert_array_equal(coresets.herding(shifted, 10), want_h)
         np.testing.assert_array_equal(coresets.kcenter(shifted, 10, seed=1), want_k)
+
+
+def test_eval_minibatches_are_whole_epochs_with_a_smaller_last_batch():
+    """eval-distilled's batches: each epoch a fresh permutation of every row, cut into
+    batches of 64 and a last one of the rest (100 pairs: 64 + 36), as the reference's
+    DataLoader without drop_last; truncated at the step count."""
+    import jax
+
+    from tldr_jax.distill.eval_distilled import epoch_minibatches
+
+    blocks = epoch_minibatches(jax.random.key(0), 100, 64, steps=5)
+    assert [b.shape for b in blocks] == [(1, 64), (1, 36), (1, 64), (1, 36), (1, 64)]
+    for a, b in ((0, 1), (2, 3)):
+        epoch = np.concatenate([blocks[a].ravel(), blocks[b].ravel()])
+        assert sorted(epoch.tolist()) == list(range(100))
+    assert not np.array_equal(blocks[0], blocks[2])  # a fresh permutation each epoch
+    even = epoch_minibatches(jax.random.key(0), 128, 64, steps=3)
+    assert [b.shape for b in even] == [(2, 64), (1, 64)]
+    assert sorted(even[0].ravel().tolist()) == list(range(128))

@@ -32,7 +32,7 @@ from tldr_jax.config_check import ConfigError
 from tldr_jax.distill import coresets
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill.distill_stage import distill_signature
-from tldr_jax.distill.matching import all_finite, sample_minibatches
+from tldr_jax.distill.matching import all_finite
 from tldr_jax.distill.student import Student
 from tldr_jax.eval.retrieval import nonfinite_rows, retrieval_metrics
 from tldr_jax.train import pretrain
@@ -87,7 +87,7 @@ class Evaluator:
         e = self.config.eval
         n = len(images)
         batch = min(int(e.batch_size), n)
-        steps = max(1, int(np.ceil(int(e.epochs) * n / batch)))
+        steps = int(e.epochs) * -(-n // batch)  # whole epochs, the last batch of each smaller
         if int(e.get("max_steps", 0)):
             steps = min(steps, int(e.max_steps))
         trainer, tx_img, tx_txt = self._trainer(batch, lr_img, lr_txt)
@@ -101,9 +101,20 @@ class Evaluator:
             opt_state = (tx_img.init(theta[0]), tx_txt.init(theta[1]))
             key = jax.random.fold_in(jax.random.key(model_seed), tag)
             k_batch, k_drop = jax.random.split(key)
-            idx = sample_minibatches(k_batch, n, steps, batch)
             keys = jax.random.split(k_drop, steps)
-            theta, _, loss, _ = trainer(theta, opt_state, x, t, idx, keys, targets)
+            losses = []
+            for idx in epoch_minibatches(k_batch, n, batch, steps):
+                run = (
+                    trainer
+                    if idx.shape[1] == batch
+                    else self._trainer(len(idx[0]), lr_img, lr_txt)[0]
+                )
+                theta, opt_state, loss, _ = run(
+                    theta, opt_state, x, t, idx, keys[: len(idx)], targets
+                )
+                keys = keys[len(idx) :]
+                losses.append((float(loss), len(idx)))
+            loss = sum(v * k for v, k in losses) / steps
             img, txt = self.embed(theta, self.data.test_images, self.data.test_txt)
             recall = retrieval_metrics(img, txt, self.data.txt2img)
             recall["final_loss"] = float(loss)
@@ -124,6 +135,26 @@ class Evaluator:
             recall["diverged"] = not finite
             out.append(recall)
         return out
+
+
+def epoch_minibatches(key: jax.Array, n: int, batch: int, steps: int) -> list[np.ndarray]:
+    """`steps` minibatches of whole epochs over n rows, as (k, size) index blocks in order:
+    each epoch a fresh permutation cut into batches of `batch`, the last one smaller where
+    `batch` does not divide n (a PyTorch DataLoader with shuffle and without drop_last, the
+    reference's evaluation), so every row is seen once per epoch."""
+    full, rest = divmod(n, batch)
+    blocks: list[np.ndarray] = []
+    left, epoch = steps, 0
+    while left > 0:
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n), np.int32)
+        head = perm[: full * batch].reshape(full, batch)[:left]
+        blocks.append(head)
+        left -= len(head)
+        if rest and left > 0:
+            blocks.append(perm[full * batch :][None])
+            left -= 1
+        epoch += 1
+    return blocks
 
 
 def coreset_indices(

@@ -163,7 +163,9 @@ def contrastive_loss(
 
 def sample_minibatches(key: jax.Array, num_syn: int, syn_steps: int, batch_syn: int) -> jax.Array:
     """(syn_steps, batch_syn) int32 indices: consecutive chunks of fresh permutations, so every
-    synthetic pair is used once before any repeats (as the reference does)."""
+    synthetic pair is used once before any repeats (as the reference does) where batch_syn
+    divides num_syn; otherwise each permutation's last num_syn % batch_syn pairs are left
+    out (the reference takes them as a smaller last chunk; one static batch shape here)."""
     batch_syn = min(batch_syn, num_syn)
     per_perm = num_syn // batch_syn
     num_perms = -(-syn_steps // per_perm)
@@ -177,8 +179,8 @@ def param_distance_loss(end: Params, start: Params, target: Params) -> jax.Array
 
     1 when the student does not move, 0 when it lands on the target. The reference sums the
     two terms (2 at rest); the mean keeps the loss on the scale "fraction of the expert's
-    segment left to cover" and halves every meta-gradient, which the outer learning rates
-    (`distill.lr_*`) absorb.
+    segment left to cover" and halves every meta-gradient: `distill.lr_images` 1000 here moves
+    the images as the reference's lr 500 would on its summed loss.
     """
     terms = [
         jnp.sum(jnp.square(e - t)) / jnp.sum(jnp.square(s - t))
