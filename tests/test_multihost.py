@@ -112,7 +112,7 @@ def test_two_processes_select_equals_one(tmp_path, streamed):
     run_multi(
         2, "select", *SELECT, *extra, "--workdir", str(tmp_path / "two"), logdir=tmp_path / "logs"
     )
-    for f in ("selected", "clusters", "random"):
+    for f in ("selected", "clusters"):
         a = np.load(tmp_path / "one" / "select" / f"{f}.npz")
         b = np.load(tmp_path / "two" / "select" / f"{f}.npz")
         assert set(a.files) == set(b.files)

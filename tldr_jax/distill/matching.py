@@ -136,6 +136,11 @@ def shard_student_batch(x: jax.Array, inner: InnerLoop, axis: int = 0) -> jax.Ar
     return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
 
+def _minibatch(syn: SyntheticSet, idx: jax.Array, inner: InnerLoop) -> tuple[jax.Array, jax.Array]:
+    """Rows `idx` of the synthetic images and texts, laid out for the student's batch."""
+    return shard_student_batch(syn.images[idx], inner), shard_student_batch(syn.texts[idx], inner)
+
+
 def contrastive_loss(
     img_emb: jax.Array,
     txt_emb: jax.Array,
@@ -287,9 +292,7 @@ def _step_fn(
     def step(theta: Params, xs: tuple[jax.Array, jax.Array]) -> tuple[Params, None]:
         idx, rng = xs
         targets = similarity(syn, idx)
-        images = shard_student_batch(syn.images[idx], inner)
-        texts = shard_student_batch(syn.texts[idx], inner)
-        g = inner_grad(student, inner, theta, images, texts, rng, targets)
+        g = inner_grad(student, inner, theta, *_minibatch(syn, idx, inner), rng, targets)
         return _sgd(theta, g, syn), None
 
     return step
@@ -426,9 +429,7 @@ def tesla_meta_loss_and_grad(
             return inner_grad(student, inner, theta, images, texts, key, targets)
 
         # Full-size factors, gathered inside `lors_similarity`: their VJP is already scattered.
-        images = shard_student_batch(syn.images[idx], inner)
-        texts = shard_student_batch(syn.texts[idx], inner)
-        g, vjp = jax.vjp(step_grad, images, texts, sim)
+        g, vjp = jax.vjp(step_grad, *_minibatch(syn, idx, inner), sim)
         d_images, d_texts, d_sim = vjp(cot)
         carry = (
             _sgd(theta, g, syn),
