@@ -595,3 +595,40 @@ def test_student_batch_split_over_devices_learns_the_same_set(buffered):
 
     assert split_batch_sharding(make_mesh(), 7) is None
     assert split_batch_sharding(make_mesh(), 100).mesh.shape == {"batch": 4, "replica": 2}
+
+
+def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monkeypatch):
+    """What eval-distilled's models are trained with, not what it records: the distilled set
+    at (learned image lr, learned image lr) (SPEC B.4), whole epochs of batches of
+    eval.batch_size plus the smaller rest (8 pairs at 3: 3 + 3 + 2), the optimiser state
+    carried from each call to the next."""
+    from tldr_jax.distill import eval_distilled
+
+    config, root, _ = buffered
+    workdir = root / "eval_spy"
+    shutil.copytree(root / "w", workdir)
+    c = config.copy_and_resolve_references()
+    c.eval.update(batch_size=3, epochs=2, budgets=(), max_steps=0)
+    run_stage("distill", c, str(workdir))
+    calls = []
+    make = eval_distilled.Evaluator._trainer
+
+    def spy(self, batch, lr_img, lr_txt):
+        trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
+
+        def run(theta, opt_state, x, t, idx, keys, targets=None):
+            calls.append((batch, lr_img, lr_txt, np.asarray(idx).shape, opt_state))
+            return trainer(theta, opt_state, x, t, idx, keys, targets)
+
+        return run, tx_img, tx_txt
+
+    monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
+    result = run_stage("eval-distilled", c, str(workdir))
+    lr = result["distilled"]["lr_img"]
+    distilled = [k for k in calls if k[1] == lr]  # coresets train at eval.coreset_lr
+    assert distilled and all(k[2] == lr for k in distilled)
+    # per model: 2 epochs of (2 x 3) + (1 x 2)
+    assert [k[3] for k in distilled] == [(2, 3), (1, 2)] * 2 * int(c.eval.num_models)
+    # the second call of a model continues from the first's optimiser state (momentum)
+    first_momentum = jax.tree.leaves(distilled[1][4])
+    assert any(float(np.abs(np.asarray(m)).max()) > 0 for m in first_momentum)

@@ -1595,6 +1595,7 @@ def test_a_non_utf8_caption_among_several_is_dropped_not_the_image(tmp_path):
     eval_rows = [
         {"image": names[0], "caption": ["A cat.", bad, " .."]},
         {"image": names[1], "caption": [bad]},  # nothing usable left: the row is non_utf8
+        {"image": names[1], "caption": []},  # no caption at all stays empty_caption
     ]
     (tmp_path / "test.json").write_text(json.dumps(eval_rows))
     karpathy = {
@@ -1604,24 +1605,30 @@ def test_a_non_utf8_caption_among_several_is_dropped_not_the_image(tmp_path):
         ]
     }
     (tmp_path / "dataset_x.json").write_text(json.dumps(karpathy))
-    for name, dropped in [("test.json", 2), ("dataset_x.json", 1)]:
+    for name, dropped, more in [("test.json", 2, {"empty_caption": 1}), ("dataset_x.json", 1, {})]:
         skips = Skips()
         recs = read_records(str(tmp_path / name), str(tmp_path), skips, role="test")
         assert [r.captions for r in recs] == [("a cat",)], name
-        assert skips.as_dict() == {"non_utf8": 1} and skips.captions_dropped == dropped, name
+        assert skips.as_dict() == {"non_utf8": 1, **more}, name
+        assert skips.captions_dropped == dropped, name
         with pytest.raises(BadRowError, match=rf"{name}, row 0: non_utf8 \(1 of its"):
             read_records(str(tmp_path / name), str(tmp_path), Skips(strict=True), role="test")
     ds = load_set(str(tmp_path / "test.json"), _cfg(), "test")
     assert ds.captions == [["a cat"]] and ds.captions_dropped == 2
     coco = {
-        "images": [{"id": 1, "file_name": "0.png"}],
+        "images": [{"id": 1, "file_name": "0.png"}, {"id": 2, "file_name": "1.png"}],
         "annotations": [
             {"image_id": 1, "id": 1, "caption": "A cat."},
             {"image_id": 1, "id": 2, "caption": bad},
+            {"image_id": 2, "id": 3, "caption": bad},  # image 2's only annotation
         ],
     }
     (tmp_path / "captions_x.json").write_text(json.dumps(coco))
     skips = Skips()
     recs = read_records(str(tmp_path / "captions_x.json"), str(tmp_path / "img"), skips)
     assert [r.captions for r in recs] == [("a cat",)]
-    assert skips.as_dict() == {"non_utf8": 1} and "annotations[1]" in skips.examples["non_utf8"]
+    # the two annotations (rows of their own) and image 2, whose only caption was one of them
+    assert (
+        skips.as_dict() == {"non_utf8": 3}
+        and "row 1: non_utf8 (its 1 annotation(s)" in (skips.examples["non_utf8"])
+    )

@@ -120,6 +120,7 @@ def test_compress_rerun_checks_settings_and_data(tmp_path):
         == len(kept) - summary["left_out_without_generated_caption"]
     )
     assert all(e["caption"] == m["generated"] for e, m in zip(out, rows, strict=True))
+    assert summary["kept_images"] == len({e["image"] for e in out})  # the images written
     r = compress("--config.write.mode=replace")  # compress/ now says generated
     assert "write.mode: 'generated' -> 'replace'" in r.stderr
     r = run_cli("write", *args, train_arg, "--config.write.mode=replace")
@@ -193,6 +194,15 @@ def test_signature_keys_and_messages():
     )
     # A key only one side knows (added by a newer version) is no change.
     assert signature.differences({**sig, "select.new_key": 1}, sig, known_only=True) == {}
+    # ... unless its new value changes the output: a score stage recorded before
+    # score.filter_over existed kept the top fraction of select's rows ("selected").
+    old = {k: v for k, v in sig.items() if k != "score.filter_over"}
+    assert sig["score.filter_over"] == "selected"
+    assert signature.differences(old, sig, known_only=True) == {}
+    all_rows = dict(sig, **{"score.filter_over": "all"})
+    assert signature.differences(old, all_rows, known_only=True) == {
+        "score.filter_over": ("selected", "all")
+    }
     err = signature.refusal([Path("W/select")], diff)
     assert isinstance(err, ConfigError) and "\n" not in str(err)
     assert str(err).endswith("delete W/select to redo that stage with these settings.")

@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     mode = str(config.write.mode)
     extracted = materialise_encoded_images(config, [train.ids[r] for r in rows], out)
-    entries, manifest = [], []
+    entries, manifest, written = [], [], []
     left_out = 0
     for r, score in zip(rows, kept["scores"], strict=True):
         sid = train.ids[r]
@@ -152,6 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         caption = combine(original, generated.get(sid), mode)
         image = extracted.get(sid, train.image_keys[r]) if extracted else train.image_keys[r]
         entries.append({"image": image, "caption": caption})
+        written.append(r)
         manifest.append(
             {
                 "id": sid,
@@ -183,7 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         **data_counts(train),
         # Distinct images among the pairs (one file however its path is spelled).
         "input_images": train.distinct_images(),
-        "kept_images": train.distinct_images(rows),
+        "kept_images": train.distinct_images(written),
         "kept_rows": len(entries),
         "fraction": len(entries) / max(len(train), 1),
         "mode": mode,

@@ -248,7 +248,7 @@ def _json_row(
         return skips.skip("malformed_row", file, where, "'caption' is not a str or list of str")
     raw = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
     good, bad = _utf8_only(raw)
-    if _has_bad_utf8(image) or not good:
+    if _has_bad_utf8(image) or (bad and not good):
         return skips.skip("non_utf8", file, where)
     captions = _clean_all(good) if bad else captions
     if not captions:
@@ -288,7 +288,7 @@ def _karpathy_image(
         raw.append(text)
     image = os.path.join(folder, name)
     good, bad = _utf8_only(raw)
-    if _has_bad_utf8(image) or not good:
+    if _has_bad_utf8(image) or (bad and not good):
         return skips.skip("non_utf8", file, where)
     captions = _clean_all(good)
     if not captions:
@@ -368,6 +368,7 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
     stem = Path(path).stem
     base_dir = _coco_image_folder(path, image_root, data["images"])
     captions: dict[str, list[str]] = {}
+    not_utf8: dict[str, int] = {}  # per image id, its annotations that are not UTF-8
     bad: list[tuple[int, str, str]] = []
     image_ids = {str(r.get("id")) for r in data["images"] if isinstance(r, dict)}
     for i, ann in enumerate(data["annotations"]):
@@ -377,6 +378,7 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
             bad.append((i, "missing_image", f"image_id {ann.get('image_id')!r} is not in 'images'"))
         elif _has_bad_utf8(ann["caption"]):
             bad.append((i, "non_utf8", f"image_id {ann.get('image_id')!r}: a caption not UTF-8"))
+            not_utf8[str(ann["image_id"])] = not_utf8.get(str(ann["image_id"]), 0) + 1
         else:
             captions.setdefault(str(ann["image_id"]), []).append(ann["caption"])
     for i, row in enumerate(data["images"]):
@@ -389,6 +391,10 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
             skips.skip("malformed_row", path, i, "no 'file_name' string")
             continue
         raw = captions.get(str(row.get("id")), [])
+        if not raw and not_utf8.get(str(row.get("id"))):
+            n_bad = not_utf8[str(row.get("id"))]
+            skips.skip("non_utf8", path, i, f"its {n_bad} annotation(s) are not UTF-8")
+            continue
         if not raw:
             skips.skip("no_caption", path, i, f"no annotation names image id {row.get('id')!r}")
             continue
@@ -1114,7 +1120,7 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
             v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in raw
         ]
         texts, bad = _utf8_only(texts)
-        if not texts:
+        if bad and not texts:
             skips.skip("non_utf8", spec, i)
             continue
         captions = _clean_all(texts)

@@ -49,6 +49,14 @@ RERUN_FREE = (
 )
 
 
+# Keys a later version added whose non-default values change a stage's output: a signature
+# recorded before a key existed compares as made with the behaviour of that time (the value
+# here), so a finished stage is not reused under a new value of the key.
+ADDED_KEYS: dict[str, Any] = {
+    "score.filter_over": "selected",  # 2026-12-05; before: the top fraction of select's rows
+}
+
+
 # Config keys that name inputs on disk: compared as the files they name, so the same command
 # run from another working folder, or a relative path written absolute, is the same run.
 PATH_KEYS = (
@@ -165,11 +173,13 @@ def differences(
 ) -> dict[str, tuple[Any, Any]]:
     """{key: (recorded, now)} for every key whose value differs. `known_only`: compare only
     the keys both name (a key a newer version added, or one the config leaves out, is not a
-    change); the training-data fingerprint is compared whenever either side has it."""
+    change; `ADDED_KEYS` compare as their behaviour before they existed); the training-data
+    fingerprint is compared whenever either side has it."""
     have, want = jsonable(dict(have)), jsonable(dict(want))
     # Paths recorded relative (older signatures) compare as the files they name from here.
     have = {k: normal_path(k, v) for k, v in have.items()}
     want = {k: normal_path(k, v) for k, v in want.items()}
+    have = {**{k: v for k, v in ADDED_KEYS.items() if k in want}, **have}
     keys = set(have) | set(want)
     if known_only:
         keys = (set(have) & set(want)) | (keys & set(DATA_KEYS))
