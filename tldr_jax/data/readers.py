@@ -378,7 +378,8 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
             bad.append((i, "missing_image", f"image_id {ann.get('image_id')!r} is not in 'images'"))
         elif _has_bad_utf8(ann["caption"]):
             bad.append((i, "non_utf8", f"image_id {ann.get('image_id')!r}: a caption not UTF-8"))
-            not_utf8[str(ann["image_id"])] = not_utf8.get(str(ann["image_id"]), 0) + 1
+            image_id = str(ann["image_id"])
+            not_utf8[image_id] = not_utf8.get(image_id, 0) + 1
         else:
             captions.setdefault(str(ann["image_id"]), []).append(ann["caption"])
     for i, row in enumerate(data["images"]):
@@ -391,8 +392,7 @@ def _read_coco(data: dict, path: str, image_root: str, sink: _RecordSink) -> Non
             skips.skip("malformed_row", path, i, "no 'file_name' string")
             continue
         raw = captions.get(str(row.get("id")), [])
-        if not raw and not_utf8.get(str(row.get("id"))):
-            n_bad = not_utf8[str(row.get("id"))]
+        if not raw and (n_bad := not_utf8.get(str(row.get("id")))):
             skips.skip("non_utf8", path, i, f"its {n_bad} annotation(s) are not UTF-8")
             continue
         if not raw:

@@ -90,7 +90,7 @@ class Evaluator:
         steps = int(e.epochs) * -(-n // batch)  # whole epochs, the last batch of each smaller
         if int(e.get("max_steps", 0)):
             steps = min(steps, int(e.max_steps))
-        trainer, tx_img, tx_txt = self._trainer(batch, lr_img, lr_txt)
+        _, tx_img, tx_txt = self._trainer(batch, lr_img, lr_txt)
         x, t = np.asarray(images, np.float32), np.asarray(texts, np.float32)
         seed = int(self.config.seed)
         out = []
@@ -104,11 +104,7 @@ class Evaluator:
             keys = jax.random.split(k_drop, steps)
             losses = []
             for idx in epoch_minibatches(k_batch, n, batch, steps):
-                run = (
-                    trainer
-                    if idx.shape[1] == batch
-                    else self._trainer(len(idx[0]), lr_img, lr_txt)[0]
-                )
+                run = self._trainer(idx.shape[1], lr_img, lr_txt)[0]  # one per batch size
                 theta, opt_state, loss, _ = run(
                     theta, opt_state, x, t, idx, keys[: len(idx)], targets
                 )
