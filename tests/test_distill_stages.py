@@ -132,7 +132,7 @@ def test_distill_outputs_resume_and_eval(buffered):
     # stopped before its end leaves the previous run's set on disk).
     config7 = config.copy_and_resolve_references()
     config7.distill.iterations = 7
-    with pytest.raises(ValueError, match=r"distilled for 5 iterations, not distill.iterations=7"):
+    with pytest.raises(ValueError, match=r"iterations=7: distill has not run that far"):
         run_stage("eval-distilled", config7, str(workdir))
     # Settings that define the synthetic set cannot change under a finished one.
     noise = config5.copy_and_resolve_references()
@@ -456,9 +456,11 @@ def test_stages_read_a_karpathy_set_from_disk(tmp_path):
     rows.append({**rows[0], "image": "images/not_there.png", "image_id": "gone"})
     train_json = tmp_path / "set" / "karpathy_train_with_a_bad_row.json"
     train_json.write_text(json.dumps(rows))
-    config.data.update(
-        train=str(train_json), test=str(paths["test"]), image_root=str(tmp_path / "set")
-    )
+    test_rows = json.loads(Path(paths["test"]).read_text())
+    test_rows.append({**test_rows[0], "image": "images/not_there_either.png"})
+    test_json = tmp_path / "set" / "karpathy_test_with_a_bad_row.json"
+    test_json.write_text(json.dumps(test_rows))
+    config.data.update(train=str(train_json), test=str(test_json), image_root=str(tmp_path / "set"))
     config.buffer.update(num_experts=1, epochs=2)
     config.distill.update(iterations=2, max_start_epoch=1, expert_epochs=1)
     workdir = str(tmp_path / "w")
@@ -469,6 +471,9 @@ def test_stages_read_a_karpathy_set_from_disk(tmp_path):
     buffer = run_stage("buffer", config, workdir)
     assert buffer["train_source"] == str(train_json)
     assert nonzero(buffer["skipped"]) == {"missing_image": 1} and buffer["rows_read"] == len(rows)
+    assert buffer["input_records"] == len(rows) - 1  # rows_read = records + skipped: train's
+    assert nonzero(buffer["skipped_test"]) == {"missing_image": 1}
+    assert buffer["test_rows_read"] == len(test_rows)
     assert buffer["train_pairs"] == len(w.train) and buffer["test_images"] == len(w.test)
     distill = run_stage("distill", config, workdir)
     assert distill["iterations"] == 2 and nonzero(distill["data"]["skipped"]) == {
@@ -476,7 +481,8 @@ def test_stages_read_a_karpathy_set_from_disk(tmp_path):
     }
     result = run_stage("eval-distilled", config, workdir)
     assert nonzero(result["skipped_train"]) == {"missing_image": 1}
-    assert not nonzero(result["skipped_test"])
+    assert nonzero(result["skipped"]) == {"missing_image": 1}
+    assert nonzero(result["skipped_test"]) == {"missing_image": 1}
     for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
         assert 0.0 <= result[method]["tr_r1"]["mean"] <= 100.0
 

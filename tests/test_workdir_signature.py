@@ -192,6 +192,21 @@ def test_signature_keys_and_messages():
         "training data changed (3 pairs, sha256 abababababab -> 3 pairs, sha256 cdcdcdcdcdcd); "
         "select.target: 0.5 -> 0.25"
     )
+    # The distillation stages' fingerprint (W/buffer's, and nested in W/distill's) is said
+    # the same way, pair count included when only the hash changed.
+    buf = {"buffer.train_pairs": 239, "buffer.train_sha256": "ab" * 32, "distill.num_pairs": 8}
+    diff = signature.differences(buf, dict(buf, **{"buffer.train_sha256": "cd" * 32}))
+    assert signature.describe(diff) == (
+        "training data changed (239 pairs, sha256 abababababab -> 239 pairs, sha256 cdcdcdcdcdcd)"
+    )
+    diff = signature.differences(
+        {"train_pairs": 2, "train_sha256": "ab" * 32, "image_size": 32},
+        {"train_pairs": 3, "train_sha256": "cd" * 32, "image_size": 16},
+    )
+    assert signature.describe(diff) == (
+        "training data changed (2 pairs, sha256 abababababab -> 3 pairs, sha256 cdcdcdcdcdcd); "
+        "image_size: 32 -> 16"
+    )
     # A key only one side knows (added by a newer version) is no change.
     assert signature.differences({**sig, "select.new_key": 1}, sig, known_only=True) == {}
     # ... unless its new value changes the output: a score stage recorded before

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from tldr_jax.config_check import ConfigError
-from tldr_jax.data.dataset import ImageTextSet, load_set
+from tldr_jax.data.dataset import ImageTextSet, data_counts, load_set  # noqa: F401 (re-export)
 from tldr_jax.utils import dist, signature
 
 log = logging.getLogger(__name__)
@@ -102,20 +102,6 @@ def train_fingerprint(config: ml_collections.ConfigDict, keep: bool = False) -> 
 
 
 DATA_COUNT_KEYS = ("rows_read", "input_records", "skipped", "captions_dropped")
-
-
-def data_counts(train: ImageTextSet) -> dict[str, Any]:
-    """What a stage's summary says about the training set it read: input rows read (good or
-    bad, `rows_read` = `input_records` + the `skipped` total), the usable ones
-    (`input_records`: a row with several captions is one record and several pairs), rows
-    skipped per reason, and empty captions dropped from rows that kept others."""
-    skipped = dict(train.skipped)
-    return {
-        "rows_read": train.rows_read,
-        "input_records": train.rows_read - sum(skipped.values()),
-        "skipped": skipped,
-        "captions_dropped": train.captions_dropped,
-    }
 
 
 def load_test(config: ml_collections.ConfigDict) -> ImageTextSet:

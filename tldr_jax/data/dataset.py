@@ -110,6 +110,20 @@ class ImageTextSet:
         return expanded, record
 
 
+def data_counts(train: ImageTextSet) -> dict[str, Any]:
+    """What every stage's summary says about the training set it read: input rows read (good or
+    bad, `rows_read` = `input_records` + the `skipped` total), the usable ones
+    (`input_records`: a row with several captions is one record and several pairs), rows
+    skipped per reason, and empty or non-UTF-8 captions dropped from rows that kept others."""
+    skipped = dict(train.skipped)
+    return {
+        "rows_read": train.rows_read,
+        "input_records": train.rows_read - sum(skipped.values()),
+        "skipped": skipped,
+        "captions_dropped": train.captions_dropped,
+    }
+
+
 def _world_key(cfg: Any) -> str:
     return json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), sort_keys=True)
 

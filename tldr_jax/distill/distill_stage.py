@@ -390,8 +390,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 release_host_memory(clear_caches=False)
             skipped += int(skip_b)
             if skip_b:
+                what = "meta-gradient" if np.isfinite(loss_f) else "loss"
                 log.warning(
-                    "distill: iteration %d non-finite (loss %s), update skipped", done, loss_f
+                    "distill: iteration %d: non-finite %s (loss %s), update skipped",
+                    done,
+                    what,
+                    loss_f,
                 )
             else:
                 losses.append(loss_f)

@@ -234,8 +234,9 @@ def check_distilled_iterations(
     if have < want:
         raise ConfigError(
             f"{npz} holds a set distilled for {have} iterations, not distill.iterations="
-            f"{want}: a distill run stopped before its end. Rerun `tldr-jax distill` with the "
-            f"same settings first (it resumes), or evaluate with "
+            f"{want}: distill has not run that far (a run stopped early, or "
+            f"distill.iterations was raised since). Run `tldr-jax distill` with these settings "
+            f"first (it resumes from iteration {have}), or evaluate with "
             f"--config.distill.iterations={have}"
         )
     if have > want:

@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from tldr_jax.config_check import check_batch_fits
-from tldr_jax.data.dataset import ImageTextSet, load_set
+from tldr_jax.data.dataset import ImageTextSet, data_counts, load_set
 from tldr_jax.data.pipeline import eval_batches, train_iterator
 from tldr_jax.eval.retrieval import retrieval_metrics
 from tldr_jax.models import make_image_encoder
@@ -248,18 +248,17 @@ def train_and_evaluate(
 
 
 def data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
-    """Rows read and rows skipped per reason (both sets, and each), and the sources."""
-    skipped: dict[str, int] = {}
-    for s in (train.skipped, test.skipped):
-        for k, v in s.items():
-            skipped[k] = skipped.get(k, 0) + v
+    """The training set's counts as every stage's summary gives them (`data_counts`: rows
+    read, usable records, rows skipped per reason, captions dropped; `skipped_train` is
+    `skipped` under its older name), the test set's beside them (`test_*`, `skipped_test`),
+    and the sources."""
+    counts = data_counts(train)
     return {
-        "rows_read": train.rows_read,
+        **counts,
+        "skipped_train": dict(counts["skipped"]),
         "test_rows_read": test.rows_read,
-        "skipped": skipped,
-        "skipped_train": dict(train.skipped),
         "skipped_test": dict(test.skipped),
-        "captions_dropped": train.captions_dropped + test.captions_dropped,
+        "test_captions_dropped": test.captions_dropped,
         "train_source": train.source,
         "test_source": test.source,
     }

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 FILE = "signature.json"
 DATA_KEYS = ("train_data.pairs", "train_data.sha256")
+# (pair count, SHA-256) key names of a training-data fingerprint: the compress stages' (DATA_KEYS)
+# and the distillation stages' buffer signature (top level in W/buffer, under `buffer.` in
+# W/distill's). Either changing is said as one "training data changed (...)".
+FINGERPRINTS = (DATA_KEYS, ("train_pairs", "train_sha256"))
 
 # Config keys (fnmatch patterns on the dotted name) that never make a signature differ.
 RERUN_FREE = (
@@ -184,18 +188,32 @@ def differences(
     if known_only:
         keys = (set(have) & set(want)) | (keys & set(DATA_KEYS))
     changed = {k for k in keys if have.get(k) != want.get(k)}
-    if changed & set(DATA_KEYS):  # the fingerprint is said whole
-        changed |= set(DATA_KEYS)
+    for pair in fingerprints(changed):  # the fingerprint is said whole
+        changed |= set(pair)
     return {k: (have.get(k), want.get(k)) for k in sorted(changed)}
+
+
+def fingerprints(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """The (pairs key, sha256 key) of every training-data fingerprint one of `keys` is part of
+    (`FINGERPRINTS`, at the top level or under a prefix), in key order."""
+    found = set()
+    for k in keys:
+        for names in FINGERPRINTS:
+            for name in names:
+                if k == name or k.endswith("." + name):
+                    prefix = k[: len(k) - len(name)]
+                    found.add(tuple(prefix + n for n in names))
+    return sorted(found)
 
 
 def describe(diff: Mapping[str, tuple[Any, Any]]) -> str:
     """`training data changed (N pairs, sha256 ab12.. -> M pairs, sha256 cd34..); a.b: 1 -> 2`."""
-    parts = []
-    if any(k in diff for k in DATA_KEYS):
-        (n0, n1), (h0, h1) = (diff.get(k, (None, None)) for k in DATA_KEYS)
+    parts, said = [], set()
+    for pair in fingerprints(diff):
+        (n0, n1), (h0, h1) = (diff.get(k, (None, None)) for k in pair)
         parts.append(f"training data changed ({_data(n0, h0)} -> {_data(n1, h1)})")
-    parts += [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in DATA_KEYS]
+        said |= set(pair)
+    parts += [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in said]
     return "; ".join(parts)
 
 
