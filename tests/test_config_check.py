@@ -215,6 +215,34 @@ def test_stage_help_lists_the_config(tmp_path):
     assert r.returncode == 2 and "unknown config argument 'smal'" in r.stderr
 
 
+def test_help_writes_each_value_as_the_literal_an_override_takes():
+    from tldr_jax.cli import config_lines, load_config
+
+    tree = {"eval": {"budgets": (100, 1000), "none": ()}, "data": {"train": "", "strict": False}}
+    assert config_lines(tree) == [
+        "  data:",
+        "    strict: False",
+        "    train: ''",
+        "  eval:",
+        "    budgets: (100, 1000)",
+        "    none: ()",
+    ]
+    # Each line read back as an override gives the same config.
+    config = load_config("configs/distill.py:small")
+    leaves = [line.strip() for line in config_lines(config.to_dict()) if not line.endswith(":")]
+    assert "budgets: (100, 1000)" in leaves
+    stack, overrides = [], []
+    for line in config_lines(config.to_dict()):
+        depth = (len(line) - len(line.lstrip())) // 2 - 1
+        key, _, value = line.strip().partition(": ")
+        del stack[depth:]
+        if line.endswith(":"):
+            stack.append(key[:-1])
+        else:
+            overrides.append(".".join([*stack, key]) + "=" + value)
+    assert load_config("configs/distill.py:small", overrides).to_dict() == config.to_dict()
+
+
 def test_load_config_for_scripts_applies_and_checks_overrides():
     """`cli.load_config(spec, overrides)`: what benchmarks use to take a config as the CLI
     does; overrides parse as literals, and what the CLI refuses is refused here too."""

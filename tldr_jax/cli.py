@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -400,10 +400,23 @@ def stage_help(stage: str, args: list[str]) -> str:
         else:
             config = load_config(spec)  # ConfigError: an unknown `:word`
             lines += ["", f"{spec} defaults (each key can be overridden: --config.KEY=VALUE):"]
-            lines += ["  " + line for line in str(config).rstrip().splitlines()]
+            lines += config_lines(config.to_dict())
     else:
         lines += ["", "Add --config FILE[:arg] to --help to list every key of that config."]
     return "\n".join(lines)
+
+
+def config_lines(tree: Mapping[str, Any], indent: int = 2) -> list[str]:
+    """A config as nested `key: value` lines in key order, each value written as the Python
+    literal `--config.KEY=VALUE` takes (`()`, `(100, 1000)`, `''`, `False`)."""
+    lines = []
+    for key in sorted(tree):
+        value = tree[key]
+        if isinstance(value, Mapping):
+            lines += [" " * indent + f"{key}:", *config_lines(value, indent + 2)]
+        else:
+            lines.append(" " * indent + f"{key}: {value!r}")
+    return lines
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
