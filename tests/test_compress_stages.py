@@ -11,6 +11,7 @@ from configs import tldr as tldr_config
 from tldr_jax.cli import run_stage
 from tldr_jax.compress import caption_stage, captioner_stage, extract, pipeline
 from tldr_jax.compress.common import load_train
+from tldr_jax.config_check import ConfigError
 from tldr_jax.data.images import normalize
 from tldr_jax.data.tokenizer import load_tokenizer
 from tldr_jax.utils import io, preemption
@@ -241,3 +242,11 @@ def test_the_comparison_trains_on_train_json_captions_as_a_reader_sees_them(tmp_
     caps = pipeline.written_captions(str(tmp_path))
     assert caps[0] == ["a red circle a picture of a red circle"]
     assert caps[1][0].split() == ["two", "squares", *[f"w{i}" for i in range(28)]]
+
+
+def test_a_diverged_captioner_stops_the_stage(tmp_path):
+    config = tiny_config()
+    config.captioner.train.update(lr=1e6, grad_clip=0.0, warmup_steps=0, schedule="constant")
+    with pytest.raises(ConfigError, match=r"diverged at step \d+ .* at captioner.train.lr=1e\+06"):
+        run_stage("train-captioner", config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "train-captioner.json").exists()

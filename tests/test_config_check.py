@@ -66,7 +66,7 @@ def test_bad_values_are_named_with_what_is_allowed():
         "distill.grad_mode='unrol': must be one of unroll | remat | tesla",
         "distill.seed=-2: must be an integer >= 0 or -1",
         "distill.momentum=1.0: must be a finite number in [0, 1)",
-        "eval.budgets=(100, 0): must be a tuple of integers >= 1, e.g. (100, 1000) or ()",
+        "eval.budgets=(100, 0): must be a tuple of integers >= 2, e.g. (100, 1000) or ()",
     ]
     with pytest.raises(ConfigError, match="bad config values: mesh.data=0"):
         config_check.check(c)
@@ -89,6 +89,46 @@ def test_bad_values_are_named_with_what_is_allowed():
     c.mesh.data = -1
     c.train.lr = float("nan")
     assert config_check.problems(c) == ["train.lr=nan: must be a finite number in (0, inf)"]
+
+
+def test_contrastive_sets_take_two_pairs_and_expert_epochs_fit_the_buffer():
+    """A contrastive batch of one pair has a zero loss (nothing trains): the dual encoders'
+    batches and sets take >= 2 (0 = the default where a key has one). The captioners'
+    batches may be 1. distill.expert_epochs > buffer.epochs is refused for buffer too."""
+    from tldr_jax.distill import expert_trajectories as et
+
+    c = distill_config.get_config("tiny")
+    for key in ("buffer.batch_size", "distill.num_pairs", "distill.batch_syn", "eval.batch_size"):
+        block, name = key.split(".")
+        c[block][name] = 1
+    c.eval.coreset_pairs = 1
+    c.distill.expert_epochs = c.buffer.epochs + 1
+    assert config_check.problems(c) == [
+        "buffer.batch_size=1: must be an integer >= 2",
+        "distill.num_pairs=1: must be an integer >= 2",
+        "distill.batch_syn=1: must be an integer >= 2 or 0",
+        "eval.batch_size=1: must be an integer >= 2",
+        "eval.coreset_pairs=1: must be an integer >= 2 or 0",
+        f"distill.expert_epochs={c.buffer.epochs + 1} > buffer.epochs={c.buffer.epochs}: "
+        "distill matches an expert's epoch s + expert_epochs, which must be one the buffer "
+        "trains; raise buffer.epochs or lower distill.expert_epochs",
+    ]
+    c = distill_config.get_config("tiny")
+    c.distill.batch_syn, c.eval.coreset_pairs = 0, 0
+    assert config_check.problems(c) == []
+    # What buffer checks on the set it read, before training experts distill could not use.
+    with pytest.raises(ConfigError, match="the training set has 1 pair: contrastive training"):
+        et.check_distill_fits(c, 1)
+    with pytest.raises(ConfigError, match=r"distill.num_pairs=8 > 5 training pairs"):
+        et.check_distill_fits(c, 5)
+    c.distill.init = "noise"
+    et.check_distill_fits(c, 5)
+    p = pretrain_config.get_config("tiny")
+    p.train.batch_size = 1
+    assert config_check.problems(p) == ["train.batch_size=1: must be an integer >= 2"]
+    t = tldr_config.get_config("tiny")
+    t.captioner.train.batch_size, t.caption.train.batch_size = 1, 1
+    assert config_check.problems(t) == []
 
 
 @pytest.mark.parametrize(

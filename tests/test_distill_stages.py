@@ -308,6 +308,8 @@ def test_distill_nan_guard_counts_skipped_updates(buffered):
     with np.load(workdir / "distill" / "distilled.npz") as f:
         from tldr_jax.data.dataset import load_set
 
+        assert int(f["skipped"]) == 2 == int(f["iterations"])  # eval-distilled says so
+
         train = load_set("", config.data, "train")
         # Untouched: still the initial real pairs.
         np.testing.assert_allclose(f["images"], normalize(train.images[f["init_index"]]))

@@ -207,3 +207,25 @@ def test_epoch_decay_schedule_has_no_drop_after_a_long_warmup():
     cfg.warmup_steps = 30
     lr = make_schedule(cfg, 1000, steps_per_epoch=46)
     assert np.isclose(at(29), 3e-4) and np.isclose(at(45), 3e-4) and np.isclose(at(46), 2.7e-4)
+
+
+def test_a_diverged_run_stops_with_one_line_before_it_is_saved_or_evaluated(tmp_path):
+    """A non-finite training loss (here lr 1e6) stops the run with a ConfigError naming the
+    step and the lr key: no checkpoint of the diverged state, no NaN summary."""
+    from tldr_jax.cli import run_stage
+    from tldr_jax.config_check import ConfigError
+
+    config = tiny_config()
+    config.train.update(lr=1e6, grad_clip=0.0, warmup_steps=0, schedule="constant")
+    workdir = tmp_path / "w"
+    with pytest.raises(ConfigError, match=r"pretrain: training diverged at step \d+ \(loss nan\)"):
+        run_stage("pretrain", config, str(workdir))
+    assert not (workdir / "pretrain.json").exists()
+    ckpts = workdir / "checkpoints"
+    assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def test_evaluate_without_a_checkpoint_says_so_and_makes_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `tldr-jax pretrain` on this workdir first"):
+        pretrain.run_evaluate(tiny_config(), str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists()

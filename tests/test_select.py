@@ -276,6 +276,15 @@ def test_alignment_filter_over_selected_or_all_rows():
     np.testing.assert_array_equal(filter_rows(scores, np.array([0, 1, 2]), 0.5, "all"), [])
     with pytest.raises(ValueError, match="selected | all"):
         filter_rows(scores, selected, 0.5, "both")
+    # A fraction that keeps no row is refused before the scorer trains.
+    from tldr_jax.compress.score import check_keeps_some
+    from tldr_jax.config_check import ConfigError
+
+    check_keeps_some(0.5, "selected", 2, 10)
+    with pytest.raises(ConfigError, match=r"keep_fraction=0.5 .* keeps none of the 1 rows select"):
+        check_keeps_some(0.5, "selected", 1, 10)
+    with pytest.raises(ConfigError, match=r"keeps none of the 10 rows read"):
+        check_keeps_some(0.01, "all", 5, 10)
     config = tldr_config.get_config("tiny")
     config.score.filter_over = "both"
     assert config_check.problems(config) == [

@@ -95,6 +95,9 @@ FRACTION = number(0.0, 1.0)
 PROB = number(0.0, 1.0, hi_open=True)
 COUNT = integer(1)
 NONNEG_INT = integer(0)
+# A contrastive batch of one pair has a zero loss (its one logit is its own target): nothing
+# trains. Batches and sets the dual encoders train on contrastively take at least two.
+PAIRS = integer(2)
 
 
 TRAINING_BLOCKS = ("train", "captioner.train", "caption.train")  # train/state.py make_optimizer
@@ -193,13 +196,13 @@ def rules() -> dict[str, Rule]:
         "buffer.num_experts": COUNT,
         "buffer.epochs": COUNT,
         "buffer.lr": POSITIVE,
-        "buffer.batch_size": COUNT,
-        "distill.num_pairs": COUNT,
+        "buffer.batch_size": PAIRS,
+        "distill.num_pairs": PAIRS,
         "distill.syn_steps": COUNT,
         "distill.expert_epochs": COUNT,
         "distill.max_start_epoch": COUNT,
         "distill.iterations": NONNEG_INT,
-        "distill.batch_syn": NONNEG_INT,
+        "distill.batch_syn": integer(2, also=(0,)),
         "distill.grad_mode": choice(*matching.GRAD_MODES),
         "distill.micro_batches": COUNT,
         "distill.remat_budget_mib": NONNEG,
@@ -225,17 +228,18 @@ def rules() -> dict[str, Rule]:
         "distill.lors_lr": NONNEG,
         "eval.num_models": COUNT,
         "eval.epochs": COUNT,
-        "eval.batch_size": COUNT,
+        "eval.batch_size": PAIRS,
         "eval.momentum": PROB,
         "eval.weight_decay": NONNEG,
         "eval.max_steps": NONNEG_INT,
-        "eval.coreset_pairs": NONNEG_INT,
+        "eval.coreset_pairs": integer(2, also=(0,)),
         "eval.coreset_lr": POSITIVE,
         "eval.text_head_lr": choice("image", "text"),
-        "eval.budgets": integers(1),
+        "eval.budgets": integers(2),
     }
     for prefix in TRAINING_BLOCKS:
         r.update(_training_rules(prefix))
+    r["train.batch_size"] = PAIRS  # the dual encoder's; the captioners' may be 1
     return r
 
 
@@ -284,6 +288,22 @@ def _select_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+def _distill_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """distill.expert_epochs must fit in buffer.epochs (a start epoch plus expert_epochs is
+    an epoch the experts snapshot): checked for `buffer` too, before it trains experts that
+    `distill` could not use."""
+    (has_e, expert_epochs), (has_b, epochs) = (
+        lookup(config, k) for k in ("distill.expert_epochs", "buffer.epochs")
+    )
+    if not (has_e and has_b) or COUNT(expert_epochs) or COUNT(epochs) or expert_epochs <= epochs:
+        return []
+    return [
+        f"distill.expert_epochs={expert_epochs} > buffer.epochs={epochs}: distill matches an "
+        "expert's epoch s + expert_epochs, which must be one the buffer trains; raise "
+        "buffer.epochs or lower distill.expert_epochs"
+    ]
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """`key=value: must be ...` for each checked key the config has with a bad value."""
     out = []
@@ -291,7 +311,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         present, value = lookup(config, path)
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
-    out += _world_problems(config) + _select_problems(config)
+    out += _world_problems(config) + _select_problems(config) + _distill_problems(config)
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
     # must suit the encoder it names (keys only another encoder takes are left out then).
     from tldr_jax import models
@@ -419,6 +439,16 @@ def check_batch_fits(pairs: int, batch_size: int, key: str, what: str = "trainin
     batch."""
     if pairs < batch_size:
         raise ConfigError(f"{pairs} {what} < {key}={batch_size}: lower it or use more data")
+
+
+def check_contrastive_set(pairs: int, what: str, fix: str) -> None:
+    """A ConfigError where a set trained on contrastively has fewer than two pairs (see
+    `PAIRS`): `what` names the set, `fix` what to do."""
+    if pairs < 2:
+        raise ConfigError(
+            f"{what} has {pairs} pair{'s' * (pairs != 1)}: contrastive training needs at "
+            f"least 2 per batch (one pair's loss is always 0, so nothing would train); {fix}"
+        )
 
 
 def check(config: ml_collections.ConfigDict, stage: str | None = None) -> None:

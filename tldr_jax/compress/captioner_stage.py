@@ -291,10 +291,13 @@ def train_model(
                 fetched = jax.device_get(window)
                 last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 window = []
+                train_state.check_finite_loss(last["loss"], name, done, key, tc, ckpt_dir)
                 logger.log(done, **last)
                 pbar.set_postfix(loss=f"{last['loss']:.3f}")
             stop = preemption.agreed() and done < total
             if done % ckpt_every == 0 or done == total or stop:
+                loss = float(metrics["loss"])  # this step's: the log window may be older
+                train_state.check_finite_loss(loss, name, done, key, tc, ckpt_dir)
                 ckpt.save(done, state, extra={"name": name, "metrics": last}, data_iter=data_iter)
             if stop:
                 logger.close()

@@ -62,6 +62,18 @@ def filter_rows(
     return np.sort(selected[top_fraction(scores[selected], fraction)])
 
 
+def check_keeps_some(fraction: float, over: str, selected: int, rows: int) -> None:
+    """A ConfigError where the filter's top `fraction` of the `selected` rows (`over`
+    "selected"; of all `rows`: "all") is no row: checked before the scorer trains, whose
+    checkpoints would bind the workdir to the setting."""
+    n, which = (selected, "rows select kept") if over == "selected" else (rows, "rows read")
+    if not round(fraction * n):
+        raise ConfigError(
+            f"score.keep_fraction={fraction} with score.filter_over={over!r} keeps none of the "
+            f"{n} {which}; raise it"
+        )
+
+
 def plot_score_histogram(
     path: Path, all_scores: np.ndarray, selected: np.ndarray, kept: np.ndarray
 ) -> None:
@@ -87,6 +99,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out = stage_dir(workdir, "score")
     cfg = shared_cache(config, workdir)
     train, test = load_train(cfg), load_test(cfg)
+    sel = np.load(Path(workdir) / "select" / "selected.npz")
+    sel_rows = rows_of(train.ids, sel["ids"])
+    keep_fraction = float(cfg.score.keep_fraction)
+    over = str(cfg.score.get("filter_over", "selected"))
+    check_keeps_some(keep_fraction, over, len(sel_rows), len(train))
     text_encoder = make_text_encoder(cfg)
 
     # The scorer: a dual encoder on the full set (resumes from its own checkpoints).
@@ -98,10 +115,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     img = embed_images(model, train)
     scores = np.sum(img * txt[offsets], axis=1).astype(np.float32)
 
-    sel = np.load(Path(workdir) / "select" / "selected.npz")
-    sel_rows = rows_of(train.ids, sel["ids"])
-    keep_fraction = float(cfg.score.keep_fraction)
-    over = str(cfg.score.get("filter_over", "selected"))
     kept_rows = filter_rows(scores, sel_rows, keep_fraction, over)
     if not len(kept_rows):
         raise ConfigError(

@@ -254,6 +254,8 @@ def run(config: Any, workdir: str) -> dict:
     # k-means.
     t0 = time.time()
     k = min(int(cfg.get("num_clusters", 1000)), n)
+    if k < int(cfg.get("num_clusters", 1000)):
+        log.warning("select: select.num_clusters=%d > %d rows: %d clusters", cfg.num_clusters, n, k)
     mesh_cfg = config.get("mesh", None)
     mesh = mesh_lib.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp)) if mesh_cfg else None
     result = _kmeans(feats, k, cfg, seed, mesh, stream)

@@ -163,6 +163,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "generated": generated.get(sid),
             }
         )
+    if not entries:  # an empty train.json is no compressed set (caption.json says why)
+        raise ConfigError(
+            f"write.mode={mode!r}: none of the {len(rows)} kept rows has a generated caption "
+            "(caption.json: empty_generations); nothing to write. Use write.mode='append' or "
+            "'replace', or redo the caption stage"
+        )
     # Absolute, so the manifest and summary say where train.json's paths resolve from any
     # working directory (the paths themselves stay as the input wrote them).
     image_root = os.path.abspath(out) if extracted else image_root_for(config, workdir)

@@ -370,6 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
 
     base_key = jax.random.key(seed)
+    skipped_at_start = skipped
     ckpt_every = int(d.ckpt_every) or iterations
     log_every = max(int(d.log_every), 1)
     t0 = time.time()
@@ -430,6 +431,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 logger.close()
                 raise preemption.stop("distill", done)
     train_s = time.time() - t0
+    ran = max(iterations - start, 0)
+    if ran and skipped - skipped_at_start == ran:
+        log.warning(
+            "distill: the NaN guard skipped all %d iterations of this run (non-finite meta-loss "
+            "or meta-gradient): the synthetic set did not change. Lower distill.step_size_init "
+            "or distill.lr_*, or check the experts (buffer.json: an expert that does not move "
+            "between epochs makes the normalised distance 0/0)",
+            ran,
+        )
     done_iterations = max(start, iterations)  # the set's iterations (restored at `start`)
     if start > iterations:
         log.warning(
@@ -477,6 +487,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             init_index=init_idx,
             nearest_caption_index=nearest,
             iterations=np.int64(done_iterations),
+            skipped=np.int64(skipped),  # of those, left out by the NaN guard
             **lors_arrays,
         )
         save_grid(out_dir / "distilled.png", images, [data.train_captions[i] for i in nearest])

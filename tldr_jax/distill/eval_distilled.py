@@ -185,6 +185,10 @@ def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) ->
             cells = " | ".join(f"{r[k]['mean']:.1f} ± {r[k]['std']:.1f}" for k in keys)
             if r.get("diverged_models"):
                 method = f"{method} ({r['diverged_models']} diverged)"
+            if r.get("skipped_iterations"):
+                method = (
+                    f"{method} ({r['skipped_iterations']} of {r['iterations']} iterations skipped)"
+                )
             lines.append(f"| {budget} | {method} | {cells} |")
     if experts:
         cells = " | ".join(f"{experts[k]['mean']:.1f} ± {experts[k]['std']:.1f}" for k in keys)
@@ -278,10 +282,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not (lr_img > 0 and lr_txt > 0):  # SPEC B.4 trains at the learned step sizes as they are
         log.warning(
             "eval-distilled: the learned step sizes are not positive (lr_img %g, lr_txt %g): "
-            "the distilled set's models train with them as they are and will likely diverge; "
-            "distill.step_size_param=log keeps them positive",
+            "the distilled set's models train with them as they are and will likely diverge%s",
             lr_img,
             lr_txt,
+            "; distill.step_size_param=log keeps them positive"
+            if str(config.distill.get("step_size_param", "log")) == "raw"
+            else " (underflowed: lower distill.lr_step_size)",
+        )
+    skipped = int(syn["skipped"]) if "skipped" in syn else None
+    if skipped and skipped == distilled_iterations:
+        log.warning(
+            "eval-distilled: the NaN guard skipped every one of the set's %d iterations: it is "
+            "its initialisation, not a distilled set (distill.json, distill.log)",
+            skipped,
         )
     # SPEC B.4: one optimiser at the learned image step size (the reference's `lr_net`);
     # eval.text_head_lr=text trains the text head at the learned text step size instead.
@@ -294,6 +307,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ),
         num_pairs=m,
         iterations=distilled_iterations,
+        skipped_iterations=skipped,  # of those, left out by distill's NaN guard
         lr_img=lr_img,
         lr_txt=lr_txt,
         lr_text_head=head_lr,

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from tldr_jax.config_check import ConfigError
+from tldr_jax.config_check import ConfigError, check_contrastive_set
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.distill.matching import LOGIT_SCALE, all_finite, contrastive_loss
@@ -371,15 +371,38 @@ def load_trajectories(
     return out
 
 
+def check_distill_fits(config: ml_collections.ConfigDict, pairs: int) -> None:
+    """ConfigError where the training set cannot be trained on contrastively (< 2 pairs), or
+    distill.num_pairs real pairs (init real or kmeans) cannot be drawn from it: `buffer`
+    checks this before training experts that `distill` could not use."""
+    check_contrastive_set(pairs, "the training set", "use more data (data.max_rows, data.train)")
+    d = config.get("distill")
+    if d is not None and str(d.init) in ("real", "kmeans") and int(d.num_pairs) > pairs:
+        raise ConfigError(
+            f"distill.num_pairs={int(d.num_pairs)} > {pairs} training pairs: distill.init="
+            f"{str(d.init)} starts from that many real pairs; lower distill.num_pairs, use "
+            "more data, or start from distill.init=noise"
+        )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax buffer`: train the experts, snapshot every epoch, write buffer.json."""
     workdir_p = Path(workdir)
     b = config.buffer
     seed, num_experts, epochs = int(config.seed), int(b.num_experts), int(b.epochs)
     data = load_pairs(config, workdir)
-    check_buffer(workdir, config, data, create=True)
     n = data.num_pairs
+    check_distill_fits(config, n)  # before experts are trained that distill could not use
+    check_buffer(workdir, config, data, create=True)
     batch = min(int(b.batch_size), n)
+    if batch < int(b.batch_size):
+        log.warning(
+            "buffer: buffer.batch_size=%d > %d training pairs: the experts train on batches "
+            "of %d (one per epoch)",
+            int(b.batch_size),
+            n,
+            batch,
+        )
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
     student = build_student(config, data.train_txt.shape[1])
     # Plain SGD: no momentum or weight decay, so the optimiser state is empty.

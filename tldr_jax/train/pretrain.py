@@ -215,11 +215,17 @@ def train_and_evaluate(
             done = step + 1
             if done % log_every == 0 or done == total:
                 scalars = {k: float(v) for k, v in metrics.items()}
+                train_state.check_finite_loss(
+                    scalars["loss"], name, done, "train", tc, workdir / "checkpoints"
+                )
                 logger.log(done, **scalars)
                 pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
             stop = preemption.agreed()
             if done % ckpt_every == 0 or done == total or stop:
                 last_loss = float(metrics["loss"])
+                train_state.check_finite_loss(
+                    last_loss, name, done, "train", tc, workdir / "checkpoints"
+                )
                 extra = {"name": name, "loss": last_loss}
                 ckpt.save(done, state, extra=extra, data_iter=data_iter)
             if stop:
@@ -328,8 +334,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax evaluate`: restore the latest checkpoint in workdir and evaluate it."""
     workdir_p = Path(workdir)
-    ckpt = Checkpointer(workdir_p / "checkpoints")
-    step = ckpt.latest_step()
+    # Orbax makes the folder it is given: only where there is a step to restore.
+    ckpt = Checkpointer(workdir_p / "checkpoints") if _checkpointed(workdir_p) else None
+    step = ckpt.latest_step() if ckpt else None
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint under {workdir_p / 'checkpoints'}: run `tldr-jax pretrain` on this "

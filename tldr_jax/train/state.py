@@ -11,6 +11,8 @@ resumed run draws the same dropout masks as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +59,28 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, Any, Any]:
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "epoch_decay")
+
+
+def check_finite_loss(
+    loss: float,
+    name: str,
+    step: int,
+    block: str,
+    tc: ml_collections.ConfigDict,
+    ckpt_dir: os.PathLike,
+) -> None:
+    """Stops a training run whose loss became non-finite (NaN or inf: it diverged) with one
+    line naming the run, the step and its `block.lr`, before anything of it is saved or
+    evaluated: a diverged model's outputs (NaN scores, empty captions, zero recall) are not
+    results."""
+    from tldr_jax.config_check import ConfigError
+
+    if not math.isfinite(loss):
+        raise ConfigError(
+            f"{name}: training diverged at step {step} (loss {loss}) at {block}.lr="
+            f"{float(tc.lr):g}. Lower {block}.lr (or set {block}.grad_clip) and use a new "
+            f"--workdir, or delete {ckpt_dir} (its checkpoints were made with this setting)"
+        )
 
 
 def make_schedule(
