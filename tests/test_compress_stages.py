@@ -215,8 +215,10 @@ def test_small_kept_subsets_train_with_a_smaller_batch():
     small, batch = pipeline.subset_batch_config(config, 25)
     assert batch == 25 // jax.device_count() * jax.device_count() and batch <= 25
     assert small.train.batch_size == batch and config.train.batch_size == 32
-    with pytest.raises(ValueError, match="fewer than the"):
+    with pytest.raises(ValueError, match="need a batch of at least 2 pairs"):
         pipeline.subset_batch_config(config, jax.device_count() - 1 or 0)
+    with pytest.raises(ValueError, match="has 1 pair:"):  # one pair: a zero contrastive loss
+        pipeline.subset_batch_config(config, 1)
 
 
 @pytest.mark.parametrize("stage", ["extract", "select", "score", "caption", "write"])

@@ -100,10 +100,12 @@ def subset_batch_config(
         return cfg, batch
     devices = jax.device_count()
     small = pairs // devices * devices
-    if small == 0:
+    if small < 2:  # one pair's contrastive loss is 0 (config_check.PAIRS)
         raise ConfigError(
-            f"the kept subset has {pairs} pairs, fewer than the {devices} devices; keep more "
-            "(select.target, score.keep_fraction) or use a larger input"
+            f"the kept subset has {pairs} pair{'s' * (pairs != 1)}: its comparison runs need a "
+            f"batch of at least 2 pairs (a multiple of the {devices} devices); keep more "
+            "(select.target, score.keep_fraction), use a larger input, or set "
+            "retrieval_eval.enabled=False"
         )
     log.warning(
         "compress: the kept subset (%d pairs) is smaller than train.batch_size %d; its "
