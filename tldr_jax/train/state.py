@@ -76,10 +76,11 @@ def check_finite_loss(
     from tldr_jax.config_check import ConfigError
 
     if not math.isfinite(loss):
+        clip = "" if float(tc.get("grad_clip", 0.0)) else f" (or set {block}.grad_clip)"
         raise ConfigError(
             f"{name}: training diverged at step {step} (loss {loss}) at {block}.lr="
-            f"{float(tc.lr):g}. Lower {block}.lr (or set {block}.grad_clip) and use a new "
-            f"--workdir, or delete {ckpt_dir} (its checkpoints were made with this setting)"
+            f"{float(tc.lr):g}. Lower {block}.lr{clip} and use a new --workdir, or delete "
+            f"{ckpt_dir} (its checkpoints were made with this setting)"
         )
 
 
