@@ -229,3 +229,26 @@ def test_evaluate_without_a_checkpoint_says_so_and_makes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `tldr-jax pretrain` on this workdir first"):
         pretrain.run_evaluate(tiny_config(), str(tmp_path / "w"))
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_check_finite_catches_blown_up_parameters_behind_a_finite_loss():
+    """An update can make the parameters non-finite while the loss it was computed with is
+    finite: the state is checked before it is saved or evaluated."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from tldr_jax.config_check import ConfigError
+
+    tc = ml_collections.ConfigDict({"lr": 0.1, "grad_clip": 1.0})
+    ok = {"w": jnp.ones(3), "b": {"c": jnp.zeros(2)}}
+    train_state.check_finite("run", 3, "train", tc, "do X", loss=1.0, params=ok)
+    bad = {"w": jnp.ones(3), "b": {"c": jnp.array([0.0, jnp.inf])}}
+    with pytest.raises(
+        ConfigError,
+        match=r"^run: training diverged at step 3 \(non-finite parameters\) at train.lr=0.1\. "
+        r"Lower train.lr and do X$",
+    ):
+        train_state.check_finite("run", 3, "train", tc, "do X", loss=1.0, params=bad)
+    tc.grad_clip = 0.0
+    with pytest.raises(ConfigError, match=r"\(loss nan\) .* \(or set train.grad_clip\)"):
+        train_state.check_finite("run", 3, "train", tc, "do X", loss=float("nan"))

@@ -207,6 +207,9 @@ def test_signature_keys_and_messages():
         "training data changed (2 pairs, sha256 abababababab -> 3 pairs, sha256 cdcdcdcdcdcd); "
         "image_size: 32 -> 16"
     )
+    # A key that only ends like one is no fingerprint without its partner.
+    diff = signature.differences({"x.train_pairs": 3}, {"x.train_pairs": 4})
+    assert signature.describe(diff) == "x.train_pairs: 3 -> 4"
     # A key only one side knows (added by a newer version) is no change.
     assert signature.differences({**sig, "select.new_key": 1}, sig, known_only=True) == {}
     # ... unless its new value changes the output: a score stage recorded before

@@ -247,6 +247,7 @@ def train_model(
     batch_size = int(tc.batch_size)
     key = {"caption": "caption.train", NAME: "captioner.train"}.get(name, name)
     check_batch_fits(len(ds), batch_size, f"{key}.batch_size")
+    remedy = train_state.checkpoints_remedy(ckpt_dir)
     steps_per_epoch = len(ds) // batch_size
     total = int(tc.epochs) * steps_per_epoch
 
@@ -291,13 +292,15 @@ def train_model(
                 fetched = jax.device_get(window)
                 last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 window = []
-                train_state.check_finite_loss(last["loss"], name, done, key, tc, ckpt_dir)
+                train_state.check_finite(name, done, key, tc, remedy, loss=last["loss"])
                 logger.log(done, **last)
                 pbar.set_postfix(loss=f"{last['loss']:.3f}")
             stop = preemption.agreed() and done < total
             if done % ckpt_every == 0 or done == total or stop:
                 loss = float(metrics["loss"])  # this step's: the log window may be older
-                train_state.check_finite_loss(loss, name, done, key, tc, ckpt_dir)
+                train_state.check_finite(
+                    name, done, key, tc, remedy, loss=loss, params=state["params"]
+                )
                 ckpt.save(done, state, extra={"name": name, "metrics": last}, data_iter=data_iter)
             if stop:
                 logger.close()
@@ -305,6 +308,8 @@ def train_model(
                 raise preemption.stop(name, done)
     logger.close()
     ckpt.close()
+    # The state handed on (also one restored finished: a rerun runs no step).
+    train_state.check_finite(name, max(start, total), key, tc, remedy, params=state["params"])
     return TrainResult(
         model_def, state, total, steps_per_epoch, last, time.time() - t0, resumed_from=start
     )

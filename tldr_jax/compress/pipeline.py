@@ -167,6 +167,11 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
                 text_encoder,
                 num_steps=num_steps,
                 name=f"eval-{name}",
+                # train.* is also the scorer's: a lower lr would redo score and what follows.
+                diverged_remedy=(
+                    f"use a new --workdir (train.* is also the scorer's, in {workdir}/score), "
+                    "or set retrieval_eval.enabled=False to leave the comparison out"
+                ),
             )
             if dist.is_main():
                 io.write_json(cached, summary)

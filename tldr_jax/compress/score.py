@@ -107,7 +107,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     text_encoder = make_text_encoder(cfg)
 
     # The scorer: a dual encoder on the full set (resumes from its own checkpoints).
-    full_summary, model = train_and_evaluate(cfg, out, train, test, text_encoder, name="score-full")
+    full_summary, model = train_and_evaluate(
+        cfg,
+        out,
+        train,
+        test,
+        text_encoder,
+        name="score-full",
+        diverged_remedy=f"use a new --workdir, or delete {out} (the scorer was trained with it)",
+    )
 
     # Score every row: cosine between its image and its (first) caption.
     caps, offsets = flat_captions(train)

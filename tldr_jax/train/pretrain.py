@@ -150,14 +150,18 @@ def train_and_evaluate(
     *,
     num_steps: int | None = None,
     name: str = "pretrain",
+    diverged_remedy: str | None = None,
 ) -> tuple[dict[str, Any], DualEncoder]:
     """Trains a dual encoder from scratch (or resumes) on `train`; evaluates on `test`.
 
     `num_steps` overrides config.train.epochs (used to give subsets the same step budget).
     Checkpoints go to workdir/checkpoints; metrics to workdir/metrics/<name>.csv|png.
-    Returns the summary and the trained model.
+    Returns the summary and the trained model. A run that diverges stops with a ConfigError
+    (`train_state.check_finite`); `diverged_remedy` says what to do besides lowering
+    `train.lr` (default: a new workdir, or delete workdir/checkpoints).
     """
     workdir = Path(workdir)
+    remedy = diverged_remedy or train_state.checkpoints_remedy(workdir / "checkpoints")
     cache_dir = Path(config.get("cache_dir", "") or workdir / "cache")
     seed = int(config.seed)
     tc = config.train
@@ -215,16 +219,14 @@ def train_and_evaluate(
             done = step + 1
             if done % log_every == 0 or done == total:
                 scalars = {k: float(v) for k, v in metrics.items()}
-                train_state.check_finite_loss(
-                    scalars["loss"], name, done, "train", tc, workdir / "checkpoints"
-                )
+                train_state.check_finite(name, done, "train", tc, remedy, loss=scalars["loss"])
                 logger.log(done, **scalars)
                 pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
             stop = preemption.agreed()
             if done % ckpt_every == 0 or done == total or stop:
                 last_loss = float(metrics["loss"])
-                train_state.check_finite_loss(
-                    last_loss, name, done, "train", tc, workdir / "checkpoints"
+                train_state.check_finite(
+                    name, done, "train", tc, remedy, loss=last_loss, params=state["params"]
                 )
                 extra = {"name": name, "loss": last_loss}
                 ckpt.save(done, state, extra=extra, data_iter=data_iter)
@@ -233,6 +235,8 @@ def train_and_evaluate(
                 raise preemption.stop(name, done)
     train_s = time.time() - t0
     logger.close()
+    # The state evaluated (also one restored finished: a rerun runs no step).
+    train_state.check_finite(name, max(start, total), "train", tc, remedy, params=state["params"])
 
     # --- Evaluation.
     t0 = time.time()

@@ -61,27 +61,51 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "epoch_decay")
 
 
-def check_finite_loss(
-    loss: float,
+def params_finite(params: Any) -> bool:
+    """Whether every parameter is finite (one jitted reduction; the same on every process)."""
+    leaves = jax.tree.leaves(params)
+    return bool(_all_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_finite(
     name: str,
     step: int,
     block: str,
     tc: ml_collections.ConfigDict,
-    ckpt_dir: os.PathLike,
+    remedy: str,
+    *,
+    loss: float | None = None,
+    params: Any = None,
 ) -> None:
-    """Stops a training run whose loss became non-finite (NaN or inf: it diverged) with one
-    line naming the run, the step and its `block.lr`, before anything of it is saved or
-    evaluated: a diverged model's outputs (NaN scores, empty captions, zero recall) are not
-    results."""
+    """Stops a training run that diverged (a NaN or infinite `loss`, or `params` that are not
+    all finite: an update can blow up the parameters while the loss it was computed with is
+    still finite) with one line naming the run, the step and its `block.lr`, before the
+    state is saved or evaluated: a diverged model's outputs (NaN scores, empty captions,
+    zero recall) are not results. `remedy`: what to do besides lowering the lr (which
+    workdir folders the setting binds)."""
     from tldr_jax.config_check import ConfigError
 
-    if not math.isfinite(loss):
-        clip = "" if float(tc.get("grad_clip", 0.0)) else f" (or set {block}.grad_clip)"
-        raise ConfigError(
-            f"{name}: training diverged at step {step} (loss {loss}) at {block}.lr="
-            f"{float(tc.lr):g}. Lower {block}.lr{clip} and use a new --workdir, or delete "
-            f"{ckpt_dir} (its checkpoints were made with this setting)"
-        )
+    if loss is not None and not math.isfinite(loss):
+        what = f"loss {loss}"
+    elif params is not None and not params_finite(params):
+        what = "non-finite parameters"
+    else:
+        return
+    clip = "" if float(tc.get("grad_clip", 0.0)) else f" (or set {block}.grad_clip)"
+    raise ConfigError(
+        f"{name}: training diverged at step {step} ({what}) at {block}.lr={float(tc.lr):g}. "
+        f"Lower {block}.lr{clip} and {remedy}"
+    )
+
+
+def checkpoints_remedy(ckpt_dir: os.PathLike) -> str:
+    """`check_finite`'s remedy where a run's setting binds only its checkpoint folder."""
+    return f"use a new --workdir, or delete {ckpt_dir} (its checkpoints were made with it)"
 
 
 def make_schedule(

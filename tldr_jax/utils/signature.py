@@ -188,21 +188,27 @@ def differences(
     if known_only:
         keys = (set(have) & set(want)) | (keys & set(DATA_KEYS))
     changed = {k for k in keys if have.get(k) != want.get(k)}
-    for pair in fingerprints(changed):  # the fingerprint is said whole
+    for pair in fingerprints(changed, set(have) | set(want)):  # the fingerprint is said whole
         changed |= set(pair)
     return {k: (have.get(k), want.get(k)) for k in sorted(changed)}
 
 
-def fingerprints(keys: Iterable[str]) -> list[tuple[str, str]]:
+def fingerprints(
+    keys: Iterable[str], present: Iterable[str] | None = None
+) -> list[tuple[str, str]]:
     """The (pairs key, sha256 key) of every training-data fingerprint one of `keys` is part of
-    (`FINGERPRINTS`, at the top level or under a prefix), in key order."""
+    (`FINGERPRINTS`, at the top level or under a prefix), in key order: only where both keys
+    are among `present` (default: `keys`), so a lone key that merely ends like one is not."""
+    keys = list(keys)
+    present = set(keys if present is None else present)
     found = set()
     for k in keys:
         for names in FINGERPRINTS:
             for name in names:
                 if k == name or k.endswith("." + name):
-                    prefix = k[: len(k) - len(name)]
-                    found.add(tuple(prefix + n for n in names))
+                    pair = tuple(k[: len(k) - len(name)] + n for n in names)
+                    if all(n in present for n in pair):
+                        found.add(pair)
     return sorted(found)
 
 
