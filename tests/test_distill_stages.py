@@ -49,6 +49,8 @@ def test_buffer_snapshots_every_epoch_and_resumes(buffered):
     workdir = root / "w"
     assert summary["trained_epochs_this_run"] == EXPERTS * EPOCHS
     assert (workdir / "buffer.json").exists()
+    assert summary["experts_at_chance"] == []  # the embedded world's pairs are told apart
+    assert et.loss_at_chance(float(np.log(64)), 64) and not et.loss_at_chance(3.5, 64)
     n = summary["train_pairs"]
     num_params = (summary["num_params"]["img"], summary["num_params"]["txt"])
     trajs = _trajectories(config, workdir, num_params, n)
@@ -294,6 +296,32 @@ def test_too_few_pairs_for_the_synthetic_set_is_a_clear_error():
             initial_pairs(init, 8, 0, images, texts, texts)
     imgs, _, idx = initial_pairs("noise", 8, 0, images, texts)
     assert imgs.shape == (8, 4, 4, 3) and (idx == -1).all()
+
+
+def test_a_distill_stopped_at_its_start_leaves_no_record_that_refuses_the_fix(buffered):
+    config, root, summary = buffered
+    workdir = root / "start"
+    shutil.copytree(root / "w", workdir)
+    too_many = config.copy_and_resolve_references()
+    too_many.distill.num_pairs = summary["train_pairs"] + 1
+    with pytest.raises(ValueError, match=r"distill.num_pairs=\d+ > \d+ training pairs"):
+        run_stage("distill", too_many, str(workdir))
+    assert not (workdir / "distill" / "signature.json").exists()
+    fixed = config.copy_and_resolve_references()
+    fixed.distill.iterations = 1
+    assert run_stage("distill", fixed, str(workdir))["iterations"] == 1
+
+
+def test_runaway_synthetic_sets_are_warned_about(caplog):
+    from tldr_jax.distill.distill_stage import warn_if_diverged
+
+    assert warn_if_diverged([1.0] * 10, [1.0] * 5 + [0.6] * 10, (0.01, 0.01), 0.01) == []
+    found = warn_if_diverged([1.0] * 10, [1.0] * 10 + [200.0] * 10, (0.0, 1e-11), 0.01)
+    assert found == [
+        "the meta-loss grew from 1 (first 10 iterations) to 200 (last 10)",
+        "the learned lr_img and lr_txt collapsed (< 1e-6 of step_size_init)",
+    ]
+    assert "buffer.json's experts_at_chance" in caplog.text
 
 
 def test_distill_nan_guard_counts_skipped_updates(buffered):

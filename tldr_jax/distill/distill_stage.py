@@ -134,6 +134,33 @@ def save_grid(path: Path, images: np.ndarray, titles: list[str], max_images: int
     io.save_figure(fig, path)
 
 
+def warn_if_diverged(
+    first: list[float], losses: list[float], step_sizes: tuple[float, float], init: float
+) -> list[str]:
+    """Warnings (logged, and returned) where the synthetic set ran away: the meta-loss's last
+    10 iterations averaging over 10x its first 10 (it starts near 1: the student lands as far
+    from the target as the expert's start), or a learned step size collapsed below 1e-6 of
+    its initial value. Both are what experts that barely move (buffer.json
+    `experts_at_chance`) or outer learning rates far too high do."""
+    found = []
+    if first and losses and np.mean(losses[-10:]) > 10 * max(np.mean(first), 1e-12):
+        found.append(
+            f"the meta-loss grew from {np.mean(first):.3g} (first 10 iterations) to "
+            f"{np.mean(losses[-10:]):.3g} (last 10)"
+        )
+    small = [n for n, v in zip(("lr_img", "lr_txt"), step_sizes, strict=True) if v < 1e-6 * init]
+    if small:
+        found.append(f"the learned {' and '.join(small)} collapsed (< 1e-6 of step_size_init)")
+    for what in found:
+        log.warning(
+            "distill: %s: the synthetic set diverged. Lower distill.lr_images / lr_texts / "
+            "lr_step_size, and check buffer.json's experts_at_chance (experts that barely move "
+            "make the normalised matching loss ill-posed)",
+            what,
+        )
+    return found
+
+
 # distill.* keys a run of one workdir may change between reruns: how many iterations, how
 # often it logs / checkpoints, and how the gradient is computed (the same exact gradient, or
 # TESLA's). The rest define the synthetic set.
@@ -244,9 +271,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
-    # Recorded once there is something to distil from (a run stopped at "no finished expert"
-    # leaves no record that would refuse the next run's settings).
-    check(out_dir / "signature.json", sig, create=True)
     if len(trajs) < int(b.num_experts):
         log.warning(
             "distill: %d of buffer.num_experts=%d experts are finished; matching those "
@@ -323,6 +347,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         sim = matching.similarity(syn)
         return jnp.sum(jnp.abs(sim - jnp.diag(jnp.diag(sim)))) / max(m * (m - 1), 1)
 
+    # Recorded once the run is past every check at its start (a run stopped at "no finished
+    # expert" or "num_pairs > training pairs" leaves no record that would refuse the rerun
+    # with the fix), before its first checkpoint.
+    check(out_dir / "signature.json", sig, create=True)
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
     start = ckpt.latest_step() or 0
     skipped = 0
@@ -457,6 +485,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     images = np.asarray(syn.images)
     texts = np.asarray(syn.texts)
     lr_img, lr_txt = float(syn.lr_img), float(syn.lr_txt)
+    diverged = warn_if_diverged(first_losses, losses, (lr_img, lr_txt), float(d.step_size_init))
     nearest = nearest_captions(texts, data.train_txt)
     lors_arrays: dict[str, np.ndarray] = {}
     lors_summary = None
@@ -491,7 +520,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             **lors_arrays,
         )
         save_grid(out_dir / "distilled.png", images, [data.train_captions[i] for i in nearest])
-    kept_caption = float(np.mean(nearest == init_idx)) if d.init != "noise" else None
+    # Compared as text: identical captions at other rows are the same caption.
+    captions = np.asarray(data.train_captions, dtype=object)
+    kept_caption = (
+        float(np.mean(captions[nearest] == captions[init_idx])) if d.init != "noise" else None
+    )
     return {
         "num_pairs": m,
         "iterations": done_iterations,
@@ -527,6 +560,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "lr_txt": lr_txt,
         "meta_loss_first10": float(np.mean(first_losses)) if first_losses else None,
         "meta_loss_last10": float(np.mean(losses[-10:])) if losses else None,
+        "diverged": diverged,  # what warn_if_diverged found (empty: nothing)
         "nearest_caption_is_init_caption": kept_caption,
         "lors": lors,
         **({"lors_similarity": lors_summary} if lors else {}),

@@ -287,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             lr_txt,
             "; distill.step_size_param=log keeps them positive"
             if str(config.distill.get("step_size_param", "log")) == "raw"
-            else " (underflowed: lower distill.lr_step_size)",
+            else " (they collapsed to 0 in distill: see its warnings in distill.log)",
         )
     skipped = int(syn["skipped"]) if "skipped" in syn else None
     if skipped and skipped == distilled_iterations:

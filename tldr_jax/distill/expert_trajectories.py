@@ -371,6 +371,12 @@ def load_trajectories(
     return out
 
 
+def loss_at_chance(loss: float, batch: int) -> bool:
+    """Whether a symmetric contrastive loss over `batch` pairs is within 1% of chance, log
+    batch (every logit alike: the model tells no pair from another)."""
+    return loss >= 0.99 * float(np.log(batch))
+
+
 def check_distill_fits(config: ml_collections.ConfigDict, pairs: int) -> None:
     """ConfigError where the training set cannot be trained on contrastively (< 2 pairs), or
     distill.num_pairs real pairs (init real or kmeans) cannot be drawn from it: `buffer`
@@ -414,6 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     t0 = time.time()
     finals: list[dict[str, float]] = []
+    at_chance: list[int] = []
     trained_epochs = 0
     for e in range(num_experts):
         traj, extra, done = load_expert(workdir_p, e, epochs, student.num_params, n)
@@ -465,6 +472,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt.close()
         logger.close()
         finals.append(recall[-1])
+        # A contrastive loss still at chance (log batch: every logit alike) after the last
+        # epoch: the model cannot tell the pairs apart (identical images or captions), the
+        # expert barely moves, and distill's normalised distance divides by that movement.
+        if loss_at_chance(float(loss), batch):
+            at_chance.append(e)
+            log.warning(
+                "buffer: expert %d's training loss %.4f is still at chance (log %d = %.4f) "
+                "after epoch %d: it cannot tell the training pairs apart (identical images or "
+                "captions?) and hardly moves; distilling from it is ill-posed (the matching "
+                "loss is normalised by that movement)",
+                e,
+                float(loss),
+                batch,
+                np.log(batch),
+                epochs,
+            )
 
     summary: dict[str, Any] = {
         "num_experts": num_experts,
@@ -478,6 +501,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "num_params": {"img": student.num_params[0], "txt": student.num_params[1]},
         "trained_epochs_this_run": trained_epochs,
         "expert_final_recall": mean_std(finals),
+        # experts trained this run whose last epoch's loss stayed at chance (a warning)
+        "experts_at_chance": at_chance,
         "time_s": time.time() - t0,
         **pretrain.data_summary(data.train, data.test),  # rows read and skipped, per reason
     }
