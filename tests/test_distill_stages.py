@@ -51,6 +51,14 @@ def test_buffer_snapshots_every_epoch_and_resumes(buffered):
     assert (workdir / "buffer.json").exists()
     assert summary["experts_at_chance"] == []  # the embedded world's pairs are told apart
     assert et.loss_at_chance(float(np.log(64)), 64) and not et.loss_at_chance(3.5, 64)
+    # A rerun of the finished buffer checks the experts' recorded losses too.
+    rerun_dir = root / "chance"
+    shutil.copytree(workdir, rerun_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(et, "loss_at_chance", lambda loss, batch: True)
+        rerun = run_stage("buffer", config, str(rerun_dir))
+    assert rerun["trained_epochs_this_run"] == 0
+    assert rerun["experts_at_chance"] == list(range(EXPERTS))
     n = summary["train_pairs"]
     num_params = (summary["num_params"]["img"], summary["num_params"]["txt"])
     trajs = _trajectories(config, workdir, num_params, n)
@@ -66,6 +74,7 @@ def test_buffer_snapshots_every_epoch_and_resumes(buffered):
         assert np.all(np.linalg.norm(np.diff(traj["txt"], axis=0), axis=1) > 0)
         assert not traj["correct"][0].any() and traj["correct"][1:].any()
         assert len(extra["recall"]) == EPOCHS + 1
+        assert 0 < extra["loss"] < np.log(config.buffer.batch_size)  # the last epoch's
     assert not np.array_equal(trajs[0][0]["img"][0], trajs[1][0]["img"][0])
 
     # Lose the last expert (as if preempted before it finished): the rerun trains only it

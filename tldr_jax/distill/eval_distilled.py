@@ -287,13 +287,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             lr_txt,
             "; distill.step_size_param=log keeps them positive"
             if str(config.distill.get("step_size_param", "log")) == "raw"
-            else " (they collapsed to 0 in distill: see its warnings in distill.log)",
+            else " (they collapsed in distill: distill.json's diverged, metrics/distill.csv)",
         )
     skipped = int(syn["skipped"]) if "skipped" in syn else None
     if skipped and skipped == distilled_iterations:
         log.warning(
             "eval-distilled: the NaN guard skipped every one of the set's %d iterations: it is "
-            "its initialisation, not a distilled set (distill.json, distill.log)",
+            "its initialisation, not a distilled set (distill.json's skipped)",
             skipped,
         )
     # SPEC B.4: one optimiser at the learned image step size (the reference's `lr_net`);

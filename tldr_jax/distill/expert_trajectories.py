@@ -431,6 +431,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             recall = [evaluate(embed, theta, data)]
         if done == epochs:
             finals.append(recall[-1])
+            if "loss" in extra and loss_at_chance(float(extra["loss"]), batch):
+                at_chance.append(e)  # (warned about when it was trained)
             continue
         log.info("buffer: expert %d resumes at epoch %d", e, done)
         ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1)
@@ -463,7 +465,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 recall.append(evaluate(embed, theta, data))
                 logger.log(epoch + 1, loss=float(loss), **recall[-1])
                 pbar.set_postfix(loss=f"{float(loss):.3f}", tr_r1=f"{recall[-1]['tr_r1']:.1f}")
-                ckpt.save(epoch + 1, traj, extra={"recall": recall})
+                ckpt.save(epoch + 1, traj, extra={"recall": recall, "loss": float(loss)})
                 trained_epochs += 1
                 if preemption.agreed():
                     ckpt.close()
@@ -501,7 +503,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "num_params": {"img": student.num_params[0], "txt": student.num_params[1]},
         "trained_epochs_this_run": trained_epochs,
         "expert_final_recall": mean_std(finals),
-        # experts trained this run whose last epoch's loss stayed at chance (a warning)
+        # experts whose last epoch's loss stayed at chance (a warning when trained; experts
+        # checkpointed before the loss was recorded, 2026-12-05, are not checked)
         "experts_at_chance": at_chance,
         "time_s": time.time() - t0,
         **pretrain.data_summary(data.train, data.test),  # rows read and skipped, per reason
