@@ -331,6 +331,11 @@ def test_runaway_synthetic_sets_are_warned_about(caplog):
         "the learned lr_img and lr_txt collapsed (< 1e-6 of step_size_init)",
     ]
     assert "buffer.json's experts_at_chance" in caplog.text
+    # A short run compares windows that do not overlap.
+    short = [1.0, 1.0, 1.0, 50.0, 60.0, 70.0]
+    assert warn_if_diverged(short, short, (0.01, 0.01), 0.01) == [
+        "the meta-loss grew from 1 (first 3 iterations) to 60 (last 3)"
+    ]
 
 
 def test_distill_nan_guard_counts_skipped_updates(buffered):

@@ -143,10 +143,11 @@ def warn_if_diverged(
     its initial value. Both are what experts that barely move (buffer.json
     `experts_at_chance`) or outer learning rates far too high do."""
     found = []
-    if first and losses and np.mean(losses[-10:]) > 10 * max(np.mean(first), 1e-12):
+    k = min(10, len(first), len(losses) // 2)  # windows that do not overlap in short runs
+    if k and np.mean(losses[-k:]) > 10 * max(np.mean(first[:k]), 1e-12):
         found.append(
-            f"the meta-loss grew from {np.mean(first):.3g} (first 10 iterations) to "
-            f"{np.mean(losses[-10:]):.3g} (last 10)"
+            f"the meta-loss grew from {np.mean(first[:k]):.3g} (first {k} iterations) to "
+            f"{np.mean(losses[-k:]):.3g} (last {k})"
         )
     small = [n for n, v in zip(("lr_img", "lr_txt"), step_sizes, strict=True) if v < 1e-6 * init]
     if small:
@@ -154,8 +155,9 @@ def warn_if_diverged(
     for what in found:
         log.warning(
             "distill: %s: the synthetic set diverged. Lower distill.lr_images / lr_texts / "
-            "lr_step_size, and check buffer.json's experts_at_chance (experts that barely move "
-            "make the normalised matching loss ill-posed)",
+            "lr_step_size (they define the set: in a new --workdir, or after deleting this "
+            "one's distill folder), and check buffer.json's experts_at_chance (experts that "
+            "barely move make the normalised matching loss ill-posed)",
             what,
         )
     return found

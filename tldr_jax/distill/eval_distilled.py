@@ -281,13 +281,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     lr_img, lr_txt = float(syn["lr_img"]), float(syn["lr_txt"])
     if not (lr_img > 0 and lr_txt > 0):  # SPEC B.4 trains at the learned step sizes as they are
         log.warning(
-            "eval-distilled: the learned step sizes are not positive (lr_img %g, lr_txt %g): "
-            "the distilled set's models train with them as they are and will likely diverge%s",
+            "eval-distilled: a learned step size is not positive (lr_img %g, lr_txt %g): the "
+            "distilled set's models train with them as they are (at 0 a model does not train, "
+            "below 0 it trains away from the data)%s",
             lr_img,
             lr_txt,
             "; distill.step_size_param=log keeps them positive"
             if str(config.distill.get("step_size_param", "log")) == "raw"
-            else " (they collapsed in distill: distill.json's diverged, metrics/distill.csv)",
+            else "; they collapsed in distill (distill.json's diverged, metrics/distill.csv)",
         )
     skipped = int(syn["skipped"]) if "skipped" in syn else None
     if skipped and skipped == distilled_iterations:
