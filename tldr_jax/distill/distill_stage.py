@@ -82,11 +82,7 @@ def initial_pairs(
     """
     n = len(images)
     rng = np.random.default_rng(seed)
-    if init in ("real", "kmeans") and num_pairs > n:
-        raise ConfigError(
-            f"distill.num_pairs={num_pairs} > {n} training pairs: lower distill.num_pairs, "
-            "or start from distill.init=noise"
-        )
+    et.check_init_pairs(init, num_pairs, n)
     if init == "real":
         idx = np.sort(rng.choice(n, num_pairs, replace=False))
     elif init == "kmeans":

@@ -383,11 +383,18 @@ def check_distill_fits(config: ml_collections.ConfigDict, pairs: int) -> None:
     checks this before training experts that `distill` could not use."""
     check_contrastive_set(pairs, "the training set", "use more data (data.max_rows, data.train)")
     d = config.get("distill")
-    if d is not None and str(d.init) in ("real", "kmeans") and int(d.num_pairs) > pairs:
+    if d is not None:
+        check_init_pairs(str(d.init), int(d.num_pairs), pairs)
+
+
+def check_init_pairs(init: str, num_pairs: int, pairs: int) -> None:
+    """ConfigError where distill.init (real, kmeans) cannot draw num_pairs real pairs from a
+    training set of `pairs` (`distill` and, before it trains, `buffer` check this)."""
+    if init in ("real", "kmeans") and num_pairs > pairs:
         raise ConfigError(
-            f"distill.num_pairs={int(d.num_pairs)} > {pairs} training pairs: distill.init="
-            f"{str(d.init)} starts from that many real pairs; lower distill.num_pairs, use "
-            "more data, or start from distill.init=noise"
+            f"distill.num_pairs={num_pairs} > {pairs} training pairs: distill.init={init} "
+            "starts from that many real pairs; lower distill.num_pairs, use more data, or "
+            "start from distill.init=noise"
         )
 
 

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tldr_jax.distill.student import Student
+from tldr_jax.train.state import all_finite  # noqa: F401 (also imported from here)
 
 GradMode = Literal["unroll", "remat", "tesla"]
 GRAD_MODES: tuple[str, ...] = ("unroll", "remat", "tesla")
@@ -550,10 +551,6 @@ def make_outer_optimizer(
         )
 
     return optax.multi_transform(transforms, labels)
-
-
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def outer_step(

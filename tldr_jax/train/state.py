@@ -61,15 +61,17 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "epoch_decay")
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every leaf of `tree` is finite, as a boolean scalar (traceable)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite_jit = jax.jit(all_finite)
+
+
 def params_finite(params: Any) -> bool:
     """Whether every parameter is finite (one jitted reduction; the same on every process)."""
-    leaves = jax.tree.leaves(params)
-    return bool(_all_finite(leaves)) if leaves else True
-
-
-@jax.jit
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return bool(_all_finite_jit(params)) if jax.tree.leaves(params) else True
 
 
 def check_finite(
