@@ -376,7 +376,7 @@ def test_multi_line_rows_in_strict_mode_and_bad_rows(tmp_path):
     with pytest.raises(BadRowError, match=r"m\.csv, row 9: missing_image"):
         load_set(str(tmp_path / "m.csv"), _cfg(image_root=str(tmp_path), strict=True), "train")
     # Non-UTF-8 bytes in a row over several lines: one non_utf8 row, at its first line.
-    raw = f'{names[0]},"caf\xe9\nau lait"\n{names[0]},ok\n'.encode("latin-1")
+    raw = f'"caf\xe9\nau lait",{names[0]}\nok,{names[0]}\n'.encode("latin-1")
     (tmp_path / "u.csv").write_bytes(raw)
     skips = Skips()
     assert [r.sample_id for r in read_records(str(tmp_path / "u.csv"), str(tmp_path), skips)] == [
@@ -425,7 +425,7 @@ def test_quotes_in_unquoted_fields_read_as_before(tmp_path):
     old = [(i, i, next(csv.reader([line]))) for i, line in enumerate(csv_lines, start=1) if line]
     assert _rows(tmp_path / "q.csv", ",") == old
     # a carriage return inside an unquoted CSV field: a bad row, not a crash
-    (tmp_path / "cr.csv").write_bytes(f"{names[0]},a\rb\n{names[1]},ok\n".encode())
+    (tmp_path / "cr.csv").write_bytes(f"a\rb,{names[0]}\nok,{names[1]}\n".encode())
     skips = Skips()
     assert len(read_records(str(tmp_path / "cr.csv"), str(tmp_path), skips)) == 1
     assert (
@@ -1632,3 +1632,112 @@ def test_a_non_utf8_caption_among_several_is_dropped_not_the_image(tmp_path):
         skips.as_dict() == {"non_utf8": 3}
         and "row 1: non_utf8 (its 1 annotation(s)" in (skips.examples["non_utf8"])
     )
+
+
+def test_each_of_several_inputs_can_have_its_own_image_root(tmp_path):
+    """One data.image_root re-bases every input's relative paths: an input whose images live
+    elsewhere then gives no usable row, which stops the run (not a silent loss) and says how
+    to give each input its own root; the summaries count rows per input."""
+    from tldr_jax import config_check
+    from tldr_jax.config_lib import data_config
+    from tldr_jax.data.dataset import data_counts
+    from tldr_jax.utils.signature import normal_path
+
+    coco = tmp_path / "coco"
+    rows = [{"image": n, "caption": f"a {i}"} for i, n in enumerate(_write_images(coco, 2))]
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "coco.json").write_text(json.dumps(rows))
+    cc = tmp_path / "cc"
+    (cc / "cc.tsv").parent.mkdir()
+    names = [f"pics/{n}" for n in _write_images(cc / "pics", 3)]
+    (cc / "cc.tsv").write_text("".join(f"b {i}\t{n}\n" for i, n in enumerate(names)))
+    spec = f"{tmp_path}/ann/coco.json,{cc}/cc.tsv"
+    lost = r"cc\.tsv: no usable rows for train \(3 read\), while the other inputs joined with"
+    with pytest.raises(InputError, match=lost + r" it have 2.*data\.image_root=ROOT1,ROOT2"):
+        load_set(spec, _cfg(image_root=str(coco)), "train")
+    ds = load_set(spec, _cfg(image_root=f"{coco},"), "train")  # empty: the TSV's own folder
+    assert [c[0] for c in ds.captions] == ["a 0", "a 1", "b 0", "b 1", "b 2"]
+    np.testing.assert_array_equal(ds.images[4], _resized(2))
+    per_input = [
+        {"input": f"{tmp_path}/ann/coco.json", "rows_read": 2, "input_records": 2},
+        {"input": f"{cc}/cc.tsv", "rows_read": 3, "input_records": 3},
+    ]
+    assert data_counts(ds)["inputs"] == per_input
+    cfg = _cfg(image_root=f"{coco}, {cc}", cache_dir=str(tmp_path / "cache"))
+    load_set(spec, cfg, "train")
+    assert data_counts(load_set(spec, cfg, "train"))["inputs"] == per_input  # from the cache
+    with pytest.raises(InputError, match="names 3 roots for 2 input"):
+        load_set(spec, _cfg(image_root=f"{coco},,"), "train")
+    assert "inputs" not in data_counts(load_set(f"{cc}/cc.tsv", _cfg(), "train"))
+    # checked before any stage runs, each root on its own; compared as absolute folders
+    config = data_config(train=spec, image_root=f"{coco},nowhere")
+    missing = config_check.missing_inputs(ml_collections_config(config), "pretrain")
+    assert missing == ["data.image_root='nowhere': no such folder"]
+    config = data_config(train=spec, image_root=f"{coco},")
+    assert config_check.missing_inputs(ml_collections_config(config), "pretrain") == []
+    assert normal_path("data.image_root", "a,") == f"{os.getcwd()}/a,"
+
+
+def ml_collections_config(data):
+    import ml_collections
+
+    return ml_collections.ConfigDict({"data": data})
+
+
+def test_columns_of_real_caption_files(tmp_path):
+    """A header's local path column wins over a URL column beside it; the URL-only files
+    researchers download first (BLIP's CapFilt JSON, CC12M's url<TAB>caption) are URLs to
+    fetch, and a caption file with the columns the other way round (Flickr8k's token file)
+    is said to be so."""
+    names = _write_images(tmp_path, 2)
+    (tmp_path / "both.tsv").write_text(
+        "caption\turl\tfilepath\n"
+        + "".join(f"c {i}\thttp://x/{i}.jpg\t{n}\n" for i, n in enumerate(names))
+    )
+    recs = read_records(str(tmp_path / "both.tsv"), "", Skips())
+    assert [r.image_key for r in recs] == names
+    (tmp_path / "capfilt.json").write_text(json.dumps([{"url": "https://x/a.jpg", "caption": "a"}]))
+    skips = Skips()
+    assert read_records(str(tmp_path / "capfilt.json"), "", skips) == []
+    assert skips.as_dict() == {"missing_image": 1} and "the image is a URL" in skips.first
+    (tmp_path / "cc12m.tsv").write_text("https://x/a.jpg\ta <PERSON> on a bike\n")
+    skips = Skips()
+    assert read_records(str(tmp_path / "cc12m.tsv"), "", skips) == []
+    assert skips.as_dict() == {"missing_image": 1}
+    assert "the URL is the first column: url<TAB>caption" in skips.first
+    (tmp_path / "Flickr8k.token.txt").write_text("1000268201.jpg#0\tA child in a pink dress .\n")
+    skips = Skips()
+    assert read_records(str(tmp_path / "Flickr8k.token.txt"), "", skips) == []
+    assert skips.as_dict() == {"malformed_row": 1}
+    assert "the first column looks like an image file" in skips.first
+
+
+def test_webdataset_samples_without_an_image_say_why(tmp_path):
+    """img2dataset writes a failed download's .json and .txt without an image: the skip gives
+    its status; only a key whose files come back later in the shard is told about order. A
+    shard written with `tar -C dir .` (members ./KEY.jpg) keeps plain keys."""
+    failed = json.dumps({"status": "failed_to_download", "error_message": "HTTP 404"})
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        _add(tar, "./000000000.jpg", _encode(_image(0)))
+        _add(tar, "./000000000.txt", b"ok")
+        _add(tar, "./000000001.json", failed.encode())
+        _add(tar, "./000000001.txt", b"gone")
+        _add(tar, "./000000002.txt", b"split")
+        _add(tar, "./000000003.png", _encode(_image(1)))
+        _add(tar, "./000000003.txt", b"three")
+        _add(tar, "./000000002.png", _encode(_image(2)))
+    skips = Skips()
+    recs = read_records(str(tmp_path / "00000.tar"), "", skips)
+    assert [r.sample_id for r in recs] == ["00000/000000000", "00000/000000003"]
+    assert recs[0].image_key == "00000.tar/000000000.jpg"
+    assert skips.as_dict() == {"missing_image": 2, "no_caption": 1}
+    assert skips.first.endswith(
+        "row 000000001: missing_image (no image file for this key in the shard "
+        "(img2dataset status failed_to_download: HTTP 404))"
+    )
+    with tarfile.open(tmp_path / "00001.tar", "w") as tar:
+        _add(tar, "000000002.txt", b"split")
+        _add(tar, "000000003.png", _encode(_image(1)))
+        _add(tar, "000000002.png", _encode(_image(2)))
+    with pytest.raises(BadRowError, match=r"row 000000002: missing_image .*not consecutive"):
+        read_records(str(tmp_path / "00001.tar"), "", Skips(strict=True))

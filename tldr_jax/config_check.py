@@ -390,9 +390,11 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
         present, value = lookup(config, key)
         if not present or stage not in stages or not isinstance(value, str) or not value:
             continue
-        for part in [value] if folder else readers.split_inputs(value):
+        for part in readers.split_roots(value) if folder else readers.split_inputs(value):
             path = part if folder else readers.split_suffix_of(part)[0]
-            if path.startswith("tfds:") or (not folder and readers.is_shard_pattern(path)):
+            if not path or path.startswith("tfds:"):
+                continue  # an empty root of several: that input's own folder
+            if not folder and readers.is_shard_pattern(path):
                 continue
             if folder and not os.path.isdir(path):
                 what = "not a folder" if os.path.exists(path) else "no such folder"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -53,6 +54,8 @@ class ImageTextSet:
     source: str
     # Empty or non-UTF-8 captions dropped from kept rows (the row's other captions are used).
     captions_dropped: int = 0
+    # Per input of several joined by commas (`input_counts`); [] for one input.
+    inputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,14 +117,53 @@ def data_counts(train: ImageTextSet) -> dict[str, Any]:
     """What every stage's summary says about the training set it read: input rows read (good or
     bad, `rows_read` = `input_records` + the `skipped` total), the usable ones
     (`input_records`: a row with several captions is one record and several pairs), rows
-    skipped per reason, and empty or non-UTF-8 captions dropped from rows that kept others."""
+    skipped per reason, and empty or non-UTF-8 captions dropped from rows that kept others;
+    for a set read from several inputs joined by commas, `inputs`: what each gave."""
     skipped = dict(train.skipped)
-    return {
+    counts = {
         "rows_read": train.rows_read,
         "input_records": train.rows_read - sum(skipped.values()),
         "skipped": skipped,
         "captions_dropped": train.captions_dropped,
     }
+    if train.inputs:  # several inputs joined by commas: what each gave
+        counts["inputs"] = [dict(c) for c in train.inputs]
+    return counts
+
+
+def input_counts(inputs: list[tuple[str, int]], records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Per input of a set read from several joined by commas: {"input", "rows_read",
+    "input_records"} (records kept after decoding); [] for a single input."""
+    if len(inputs) < 2:
+        return []
+    kept = collections.Counter(r.part for r in records)
+    return [
+        {"input": path, "rows_read": n, "input_records": kept.get(i, 0)}
+        for i, (path, n) in enumerate(inputs)
+    ]
+
+
+def check_every_input_used(
+    per_input: list[dict[str, Any]], image_root: str, role: str, skips: Skips
+) -> None:
+    """An InputError where one of several inputs gave no usable row while the others did: a
+    whole input lost to one image root, a wrong split or a broken export is a mistake to fix,
+    not rows to skip in silence."""
+    empty = [c for c in per_input if not c["input_records"]]
+    if not empty or len(empty) == len(per_input):
+        return
+    first = empty[0]
+    paths = [c["input"] for c in per_input]
+    root = readers.input_roots(paths, image_root)[paths.index(first["input"])]
+    joined = f"joined with the image root {root!r}" if root else "read beside the file"
+    others = sum(c["input_records"] for c in per_input)
+    raise InputError(
+        f"{first['input']}: no usable rows for {role} ({first['rows_read']} read), while the "
+        f"other inputs joined with it have {others}; its relative image paths were {joined}. "
+        "Each input can have its own root: data.image_root=ROOT1,ROOT2,... in the inputs' "
+        f"order (an empty entry: that file's own folder). Skipped in all: {skips.as_dict()}, "
+        f"e.g. {skips.examples}"
+    )
 
 
 def _world_key(cfg: Any) -> str:
@@ -242,14 +284,21 @@ def _failed_elsewhere(failed: np.ndarray, source: str) -> str:
 
 
 def _read_strict(
-    path: str, data_cfg: Any, skips: Skips, max_rows: int, role: str, source: str
+    path: str,
+    data_cfg: Any,
+    skips: Skips,
+    max_rows: int,
+    role: str,
+    source: str,
+    inputs: list[tuple[str, int]],
 ) -> list[Record]:
     """Strict mode's reading: stops at the first unusable row in input order, whether its
     annotation or its image is what is wrong. The annotations are read leniently first; if
     one is bad, the images of the rows before it are decoded (strictly: the first bad one
     raises), then the bad annotation raises."""
     probe = Skips(strict=False)
-    records = readers.read_records(path, image_root_of(data_cfg, role), probe, max_rows, role)
+    root = image_root_of(data_cfg, role)
+    records = readers.read_records(path, root, probe, max_rows, role, inputs)
     if probe.total or probe.captions_dropped:
         before = records[: probe.first_records or 0]
         # Checked at 1 px (the same errors are raised; nothing large is kept).
@@ -294,23 +343,28 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             data_cfg.train,
         )
     cache_dir = str(data_cfg.get("cache_dir", "") or "") if path else ""
+    inputs: list[tuple[str, int]] = []  # (input, rows read) of each of several inputs
     try:
         if cache_dir:
             key = imagestore.cache_key(path, data_cfg, role, skips.strict)
             cached = imagestore.load_cached(cache_dir, key, skips)
         if cache_dir and cached:
             meta, images = cached
+            parts = meta.get("parts") or [0] * len(meta["ids"])
             records = [
-                Record(i, "", tuple(c), k)
-                for i, c, k in zip(meta["ids"], meta["captions"], meta["image_keys"], strict=True)
+                Record(i, "", tuple(c), k, part=p)
+                for i, c, k, p in zip(
+                    meta["ids"], meta["captions"], meta["image_keys"], parts, strict=True
+                )
             ]
             rows_read = int(meta["rows_read"])
+            inputs = [(str(p), int(n)) for p, n in meta.get("inputs", [])]
         else:
             if path and skips.strict:
-                records = _read_strict(path, data_cfg, skips, max_rows, role, source)
+                records = _read_strict(path, data_cfg, skips, max_rows, role, source, inputs)
             elif path:
                 root = image_root_of(data_cfg, role)
-                records = readers.read_records(path, root, skips, max_rows, role)
+                records = readers.read_records(path, root, skips, max_rows, role, inputs)
             else:
                 records = getattr(_cached_world(_world_key(data_cfg.world)), role)
                 records = records[:max_rows] if max_rows else records
@@ -327,6 +381,8 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
                         "captions": [list(r.captions) for r in records],
                         "image_keys": [r.image_key for r in records],
                         "rows_read": rows_read,
+                        "parts": [r.part for r in records],
+                        "inputs": inputs,
                     }
                     images = imagestore.save_cached(store, images, meta, skips)
             finally:
@@ -380,6 +436,8 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     if not ids:
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
         raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
+    per_input = input_counts(inputs, records)
+    check_every_input_used(per_input, image_root_of(data_cfg, role), role, skips)
     loaded = ImageTextSet(
         ids=ids,
         images=images,
@@ -389,6 +447,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         skipped={reason: skips.counts.get(reason, 0) for reason in SKIP_REASONS},
         source=source,
         captions_dropped=skips.captions_dropped,
+        inputs=per_input,
     )
     if role != "test":
         return loaded

@@ -230,7 +230,7 @@ def cache_key(path: str, data_cfg: Any, role: str, strict: bool) -> str:
         "version": CACHE_VERSION,
         "path": readers.input_identity(path),
         "inputs": _fingerprint(path),
-        "image_root": os.path.abspath(root) if (root := image_root_of(data_cfg, role)) else "",
+        "image_root": readers.normal_roots(image_root_of(data_cfg, role)),
         "image_size": int(data_cfg.image_size),
         "max_rows": max_rows_of(data_cfg, role),
         "strict": bool(strict),

@@ -19,7 +19,8 @@ Formats (picked by `read_records` from the path):
     breaks). A UTF-8 byte-order mark is ignored (JSON and TSV).
   * CC3M-style TSV: `caption<TAB>image_path` per line (no other column), optional header
     line; a header that names a caption column (`caption`, `text`, ...) and an image column
-    (`image_path`, `url`, `filepath`, ...) picks those columns, in any order among others.
+    (`image_path`, `url`, `filepath`, ...) picks those columns, in any order among others
+    (a local path column over a URL column beside it).
     A `.csv` file is read the same way with comma-separated fields. A field may be quoted
     as csv.writer and pandas write it (RFC 4180: holding the separator, `""` for a quote,
     line breaks: such a row runs over several lines); in a TSV, a field that is not quoted
@@ -46,13 +47,15 @@ repeated id gets `#k` appended for its k-th repeat (Karpathy train rows share th
 `image_id`).
 
 Relative image paths are joined with `image_root`, or with the annotation file's folder when
-`image_root` is empty. Images are not opened here: decoding (and the missing / truncated /
+`image_root` is empty; several inputs may each have their own root (`input_roots`). Images
+are not opened here: decoding (and the missing / truncated /
 not-an-image accounting) happens once, in `dataset.load_set`.
 """
 
 from __future__ import annotations
 
 import bz2
+import collections
 import csv
 import glob
 import gzip
@@ -83,8 +86,11 @@ from tldr_jax.data.records import (
 
 _ID_FIELDS = ("sample_id", "id", "image_id")
 _TSV_HEADER_CAPTION = {"caption", "captions", "text", "title"}
-_TSV_HEADER_IMAGE = {"url", "image", "image_path", "image_url", "path", "file", "filepath"}
+_TSV_HEADER_PATH = {"image_path", "filepath", "path", "file", "image", "file_name", "filename"}
+_TSV_HEADER_IMAGE = {*_TSV_HEADER_PATH, "url", "image_url"}
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+# An image file name at the end of a field (Flickr8k's `1000268201.jpg#0` too).
+_IMAGE_NAME = re.compile(r"\.(?:jpe?g|png|webp|bmp|gif|tiff?)(?:#\d+)?$", re.I)
 _TFDS_CAPTION_FIELDS = ("captions/text", "caption", "captions", "text", "caption/text")
 _TFDS_ID_FIELDS = ("image/id", "id", "image_id")
 _KARPATHY_ID_FIELDS = ("cocoid", "imgid")
@@ -192,8 +198,10 @@ class _RecordSink:
         self._ids: set[str] = set()
         self._next_suffix: dict[str, int] = {}
         # The input being read (one of several joined by commas): a record's file where its
-        # reader names no other, so an image that does not decode is reported at it.
+        # reader names no other, so an image that does not decode is reported at it; `part`
+        # its position among the inputs.
         self.input = ""
+        self.part = 0
 
     def row(self) -> None:
         """Counts one input row; call before handling it."""
@@ -228,7 +236,7 @@ class _RecordSink:
             unique = f"{sample_id}#{k}"
         self._next_suffix[sample_id] = k + 1
         self._ids.add(unique)
-        self.records.append(Record(unique, image, captions, key, row, where))
+        self.records.append(Record(unique, image, captions, key, row, where, self.part))
         return True
 
 
@@ -240,6 +248,9 @@ def _json_row(
         return skips.skip("malformed_row", file, where, f"not an object: {type(row).__name__}")
     image = row.get("image")
     if not isinstance(image, str) or not image:
+        url = next((row[k] for k in ("url", "image_url") if isinstance(row.get(k), str)), "")
+        if _is_remote(url):  # BLIP's CapFilt files: [{"url", "caption"}]
+            return skips.skip("missing_image", file, where, URL_DETAIL)
         return skips.skip("malformed_row", file, where, "no 'image' string")
     if row.get("caption") is None:
         return skips.skip("no_caption", file, where)
@@ -489,7 +500,10 @@ def _tsv_header(fields: list[str]) -> tuple[int, int] | None:
     order, other columns around them), else None."""
     names = [f.strip().lower() for f in fields]
     caption = next((i for i, n in enumerate(names) if n in _TSV_HEADER_CAPTION), None)
-    image = next((i for i, n in enumerate(names) if n in _TSV_HEADER_IMAGE), None)
+    # A local path column wins over a URL column kept beside it (`caption url filepath`).
+    image = next((i for i, n in enumerate(names) if n in _TSV_HEADER_PATH), None)
+    if image is None:
+        image = next((i for i, n in enumerate(names) if n in _TSV_HEADER_IMAGE), None)
     return None if caption is None or image is None else (caption, image)
 
 
@@ -679,12 +693,26 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink, sep: str = "\t") ->
         if len(fields) <= max(caption_col, image_col) or not fields[image_col].strip():
             skips.skip("malformed_row", path, lineno, f"expected {expected}{lines}")
             continue
+        image_field = fields[image_col].strip()
         if header is None and any(f.strip() for f in fields[2:]):
             # Without a header a row is two columns: a third is not a caption or an image.
             detail = f"expected {expected}, not {len(fields)} columns (without a header line"
             skips.skip("malformed_row", path, lineno, f"{detail} naming the columns){lines}")
             continue
-        caption, image = clean_caption(fields[caption_col]), fields[image_col].strip()
+        if header is None and _is_remote(fields[0].strip()) and not _is_remote(image_field):
+            # CC12M's own cc12m.tsv: url<TAB>caption, no header.
+            detail = f"{URL_DETAIL} (the URL is the first column: url<TAB>caption){lines}"
+            skips.skip("missing_image", path, lineno, detail)
+            continue
+        swapped = _IMAGE_NAME.search(fields[0].strip()) and not _IMAGE_NAME.search(image_field)
+        if header is None and swapped:
+            detail = (
+                "the first column looks like an image file and the second like a caption: "
+                f"expected {expected}, or a header line naming the columns{lines}"
+            )
+            skips.skip("malformed_row", path, lineno, detail)
+            continue
+        caption, image = clean_caption(fields[caption_col]), image_field
         if not caption:
             skips.skip("empty_caption", path, lineno, lines.removeprefix("; "))
             continue
@@ -771,7 +799,10 @@ def _shard_samples(
             for member in tar:
                 if not member.isfile():
                     continue
-                folder, base = os.path.split(member.name)
+                name = member.name
+                while name.startswith("./"):  # `tar -C dir .` writes ./KEY.jpg
+                    name = name[2:]
+                folder, base = os.path.split(name)
                 if base.startswith("."):
                     continue
                 stem, _, ext = base.partition(".")
@@ -1015,6 +1046,27 @@ def _read_image_folder(path: str, sink: _RecordSink) -> None:
         sink.add(key, str(image), (caption,), relative, row=key, file=str(image))
 
 
+def _no_image_detail(files: dict[str, Any], repeated: bool) -> str:
+    """Why a webdataset sample has no image: its files are split up in the shard (its key
+    comes back later), or img2dataset's json says the download failed."""
+    if repeated:
+        return (
+            "no image file among this key's files here: its files are not consecutive in the "
+            "shard (webdataset reads a sample's files together; write it with tar --sort=name)"
+        )
+    detail = "no image file for this key in the shard"
+    try:
+        meta = json.loads(files["json"]) if isinstance(files.get("json"), bytes) else {}
+    except ValueError:
+        meta = {}
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if isinstance(status, str) and status != "success":
+        error = meta.get("error_message")
+        why = f": {error}" if isinstance(error, str) and error else ""
+        detail += f" (img2dataset status {status}{why})"
+    return detail
+
+
 def _read_webdataset(path: str, sink: _RecordSink) -> None:
     root, entries = shard_entries(path)
     if not entries and os.path.isdir(path):
@@ -1034,6 +1086,7 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             sink.row()
             kept = f"; the {len(samples)} samples before it are read" if samples else ""
             skips.skip("unreadable_shard", str(shard), "-", f"{error}{kept}")
+        repeated = {k for k, n in collections.Counter(k for k, _ in samples).items() if n > 1}
         for key, files in samples:
             sink.row()
             if _DUPLICATE_EXT in files:
@@ -1047,11 +1100,7 @@ def _read_webdataset(path: str, sink: _RecordSink) -> None:
             ext = next((e for e in _WDS_IMAGE_EXTS if e in files), None)
             if ext is None:
                 skips.skip(
-                    "missing_image",
-                    str(shard),
-                    key,
-                    "no image file for this key here: a sample's files must be consecutive "
-                    "in the shard (tar --sort=name)",
+                    "missing_image", str(shard), key, _no_image_detail(files, key in repeated)
                 )
                 continue
             caption, reason = _sample_caption(files, files.get)
@@ -1169,6 +1218,36 @@ def split_inputs(path: str) -> list[str]:
     return parts if len(parts) > 1 else [path]
 
 
+def split_roots(image_root: str) -> list[str]:
+    """An image root, or several joined by commas (one per input of a comma-joined set, an
+    empty entry: that input's own folder) -> the roots; a root that exists is one root."""
+    if "," not in image_root or os.path.exists(image_root):
+        return [image_root]
+    return [r.strip() for r in image_root.split(",")]
+
+
+def normal_roots(image_root: str) -> str:
+    """`image_root` as it names the same folders from any working folder: each root absolute
+    ("" stays "")."""
+    return ",".join(os.path.abspath(r) if r else "" for r in split_roots(image_root))
+
+
+def input_roots(inputs: list[str], image_root: str) -> list[str]:
+    """The image root of each of `inputs` (`split_inputs`): `image_root` for all, or the k-th of
+    several roots joined by commas for the k-th input."""
+    roots = split_roots(image_root)
+    if len(roots) == 1:
+        return roots * len(inputs)
+    if len(roots) != len(inputs):
+        raise InputError(
+            f"the image root {image_root!r} names {len(roots)} roots for {len(inputs)} "
+            f"input(s) ({','.join(inputs)}): give one root for all, or one per input in the "
+            "same order (an empty entry: that input's own folder; the test set takes "
+            "data.test_image_root when it is set)"
+        )
+    return roots
+
+
 def _read_one(path: str, image_root: str, sink: _RecordSink, role: str) -> None:
     path, suffix_splits = split_suffix_of(path)
     sink.input = path
@@ -1197,21 +1276,34 @@ def _read_one(path: str, image_root: str, sink: _RecordSink, role: str) -> None:
 
 
 def read_records(
-    path: str, image_root: str, skips: Skips, max_rows: int = 0, role: str = ""
+    path: str,
+    image_root: str,
+    skips: Skips,
+    max_rows: int = 0,
+    role: str = "",
+    inputs: list[tuple[str, int]] | None = None,
 ) -> list[Record]:
     """Reads one input (file, shard directory or pattern, image folder or `tfds:` spec), or
     several joined by commas (`split_inputs`, read in turn as one set), into records, in
     input order.
 
     Bad rows are counted in `skips` (or raise `BadRowError` when `skips.strict`); at most
-    `max_rows` input rows (good or bad) are read when it is positive. For `tfds:` inputs a
-    non-empty `image_root` is used as the TFDS data_dir. `role` ("train", "test", "clean")
-    picks the split of a Karpathy split file read without a `:split` suffix.
+    `max_rows` input rows (good or bad) are read when it is positive. `image_root` is one
+    root, or one per input joined by commas (`input_roots`). For `tfds:` inputs a non-empty
+    root is used as the TFDS data_dir. `role` ("train", "test", "clean") picks the split of a
+    Karpathy split file read without a `:split` suffix. `inputs`, when given, gets (input,
+    rows read) for each input read; a record's `part` is its input's position.
     """
     sink = _RecordSink(skips, max_rows)
+    parts = split_inputs(path)
     try:
-        for part in split_inputs(path):
-            _read_one(part, image_root, sink, role)
+        for i, (part, root) in enumerate(zip(parts, input_roots(parts, image_root), strict=True)):
+            sink.part, before = i, sink.rows_read
+            try:
+                _read_one(part, root, sink, role)
+            finally:
+                if inputs is not None:
+                    inputs.append((part, sink.rows_read - before))
     except _Limit:
         pass
     return sink.records

@@ -103,6 +103,8 @@ class Record:
     image_key: str = ""
     row: int | str = ""
     file: str = ""
+    # Which of several inputs joined by commas the row came from (0 for a single input).
+    part: int = 0
 
     @property
     def where(self) -> str:

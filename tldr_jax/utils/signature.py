@@ -78,8 +78,12 @@ def normal_path(key: str, value: Any) -> Any:
     `tfds:` names as they are); any other key's value unchanged."""
     if key not in PATH_KEYS or not isinstance(value, str) or not value:
         return value
-    if key.endswith(("image_root", "model_dir")):
+    if key.endswith("model_dir"):
         return os.path.abspath(value)
+    if key.endswith("image_root"):
+        from tldr_jax.data.readers import normal_roots
+
+        return normal_roots(value)
     from tldr_jax.data.readers import input_identity
 
     return input_identity(value)
