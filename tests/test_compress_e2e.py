@@ -65,6 +65,9 @@ def test_compress_outputs(clean_run):
         0,
     )
     assert 0 < summary["kept_images"] <= 48 and summary["input_images"] <= 192
+    score = json.loads((w / "score.json").read_text())
+    assert summary["test_images"] == score["test_images"] > 0
+    assert summary["test_captions"] == score["test_captions"] >= summary["test_images"]
     for name in ("full", "tldr", "random"):
         for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
             assert 0.0 <= summary["retrieval"][name][k] <= 100.0

@@ -528,6 +528,9 @@ def test_stages_read_a_karpathy_set_from_disk(tmp_path):
     assert nonzero(result["skipped_train"]) == {"missing_image": 1}
     assert nonzero(result["skipped"]) == {"missing_image": 1}
     assert nonzero(result["skipped_test"]) == {"missing_image": 1}
+    # the test set scored: the same images and captions in every stage's summary
+    for key in ("test_images", "test_captions"):
+        assert result[key] == buffer[key] == distill["data"][key], key
     for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
         assert 0.0 <= result[method]["tr_r1"]["mean"] <= 100.0
 

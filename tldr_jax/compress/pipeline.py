@@ -305,12 +305,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "input_records": counts.get("input_records"),
         "skipped": counts.get("skipped", {}),
         "captions_dropped": int(counts.get("captions_dropped", 0)),
+        "test_images": train_summary.get("test_images"),
+        "test_captions": train_summary.get("test_captions"),
         "test_rows_read": train_summary.get("test_rows_read"),
         "skipped_test": train_summary.get("skipped_test", {}),
         "train_json": write_summary["train_json"],
         "image_root": write_summary["image_root"],
         "stage_wall_s": walls,
     }
+    if counts.get("inputs"):  # several inputs joined by commas: what each gave
+        summary["inputs"] = counts["inputs"]
     if config.retrieval_eval.enabled:
         t1 = time.time()
         summary["retrieval"] = retrieval_comparison(config, workdir)

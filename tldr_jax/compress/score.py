@@ -33,6 +33,7 @@ from tldr_jax.train.pretrain import (
     embed_captions,
     embed_images,
     embed_texts,
+    eval_set_counts,
     flat_captions,
     make_text_encoder,
     train_and_evaluate,
@@ -152,6 +153,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         },
         "scorer_steps": full_summary["steps"],
         **data_counts(train),
-        "test_rows_read": test.rows_read,
-        "skipped_test": dict(test.skipped),
+        **eval_set_counts(test),
     }

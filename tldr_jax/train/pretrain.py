@@ -260,17 +260,27 @@ def train_and_evaluate(
 def data_summary(train: ImageTextSet, test: ImageTextSet) -> dict[str, Any]:
     """The training set's counts as every stage's summary gives them (`data_counts`: rows
     read, usable records, rows skipped per reason, captions dropped; `skipped_train` is
-    `skipped` under its older name), the test set's beside them (`test_*`, `skipped_test`),
-    and the sources."""
+    `skipped` under its older name), the test set's beside them (`test_*`, `skipped_test`;
+    `test_images` / `test_captions`: the images and captions it scores), and the sources."""
     counts = data_counts(train)
     return {
         **counts,
         "skipped_train": dict(counts["skipped"]),
+        **eval_set_counts(test),
+        "train_source": train.source,
+        "test_source": test.source,
+    }
+
+
+def eval_set_counts(test: ImageTextSet) -> dict[str, Any]:
+    """The test set's counts in a summary: rows read and skipped, captions dropped, and the
+    images and captions retrieval is scored on (rows showing one image are one image)."""
+    return {
+        "test_images": len(test),
+        "test_captions": sum(len(c) for c in test.captions),
         "test_rows_read": test.rows_read,
         "skipped_test": dict(test.skipped),
         "test_captions_dropped": test.captions_dropped,
-        "train_source": train.source,
-        "test_source": test.source,
     }
 
 
