@@ -95,6 +95,9 @@ def test_compress_rerun_checks_settings_and_data(tmp_path):
     r = run_cli("write", *args, train_arg, "--config.write.mode=replace")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((w / "compress" / "manifest.json").read_text())["mode"] == "replace"
+    # ... saying that compress.json was made from the file it replaced
+    assert "write.mode: 'append' -> 'replace'" in r.stderr and "no longer match" in r.stderr
+    assert str(w / "compress.json") in r.stderr, r.stderr[-3000:]
     r = compress("--config.write.mode=replace")
     assert r.returncode == 0 and r.stderr.count("already finished, skipping") == 6, r.stderr
     # `generated` writes generated captions only: a kept row without one is left out (it was
@@ -136,6 +139,14 @@ def test_compress_rerun_checks_settings_and_data(tmp_path):
     assert r.stderr.count("before signatures were recorded") == 1, r.stderr[-3000:]
     assert all((w / common.FOLDERS[s] / "signature.json").exists() for s in STAGE_FILES)
     assert _error_line(compress("--config.select.target=0.25"), "compress")
+    # `select` alone redoes itself too, naming every output made from its earlier selection
+    r = run_cli("select", *args, train_arg, "--config.select.target=0.25")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warning = next(line for line in r.stderr.splitlines() if "no longer match" in line)
+    assert "select.target: 0.5 -> 0.25" in warning
+    for stale in ("score", "caption", "compress", "compress.json"):
+        assert str(w / stale) in warning, stale
+    assert common.downstream("score") == ["caption", "write", "eval"]
 
 
 def test_pretrain_rerun_checks_model_and_data(tmp_path):

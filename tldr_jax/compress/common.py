@@ -317,12 +317,46 @@ def check_stage(config: ml_collections.ConfigDict, workdir: str | Path, stage: s
             path.parent,
             signature.FILE,
         )
+    if have is not None and stage in REDO and _has_output(w, stage):
+        warn_stale_downstream(w, stage, signature.differences(have, want, known_only=True))
     if have != signature.jsonable(want):
         if have is not None and not _has_output(w, stage) and dist.is_main():
             for name in START_FILES.get(stage, ()):  # made with the earlier settings
                 (path.parent / name).unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         signature.write(path, want)
+
+
+def downstream(stage: str) -> list[str]:
+    """The stages made from `stage`'s output, directly or not, in pipeline order."""
+    after: list[str] = []
+    for s in FOLDERS:
+        up = UPSTREAM[s]
+        if up == stage or up in after:
+            after.append(s)
+    return after
+
+
+def warn_stale_downstream(workdir: Path, stage: str, diff: dict[str, tuple[Any, Any]]) -> None:
+    """A stage run alone that redoes its work (`REDO`) with other settings leaves the outputs
+    made from its earlier output describing that one: says which, so they are not read as
+    this run's (`compress` refuses them until they are deleted)."""
+    if not diff:
+        return
+    stale = [str(workdir / FOLDERS[s]) for s in downstream(stage) if _has_output(workdir, s)]
+    stale += [str(workdir / n) for n in ("compress.json", "report.md") if (workdir / n).exists()]
+    if stage == "write":  # its own folder holds train.json; the comparison is made from it
+        stale = [p for p in stale if p != str(workdir / FOLDERS["write"])]
+    if not stale:
+        return
+    changed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+    log.warning(
+        "%s: redoing it with other settings (%s): %s were made from its earlier output and no "
+        "longer match it (a `compress` rerun names what to delete)",
+        stage,
+        changed,
+        ", ".join(stale),
+    )
 
 
 def check_pipeline(
