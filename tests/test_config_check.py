@@ -4,7 +4,9 @@ or an unknown config word stops the CLI in one line (exit 2) before any data is 
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 from cli_run import run_cli
@@ -201,8 +203,8 @@ def test_unknown_override_message_names_the_flag():
         ),
         (
             ["--config.distill.syn_steps=abc"],
-            "tldr-jax distill: error: flag --config.distill.syn_steps=abc: invalid literal "
-            "for int() with base 10: 'abc'",
+            "tldr-jax distill: error: --config.distill.syn_steps=abc: not an integer (the key "
+            "takes a whole number)",
         ),
         (
             ["--config.data.strict", "maybe"],  # a boolean flag, then a word: was ignored
@@ -231,8 +233,51 @@ def test_flag_errors_in_plain_words():
     )
     text = "flag --config=None: Flag --config must have a value other than None."
     assert flag_error_message(text).startswith("--config FILE[:arg] is required")
-    other = "flag --config.train.lr=x: could not convert string to float: 'x'"
+    text = "flag --config.train.lr=x: could not convert string to float: 'x'"
+    assert flag_error_message(text) == "--config.train.lr=x: not a number"
+    text = "flag --config.train.epochs=3.0: invalid literal for int() with base 10: '3.0'"
+    assert flag_error_message(text) == (
+        "--config.train.epochs=3.0: not an integer (the key takes a whole number)"
+    )
+    other = "flag --config.x=1: something else"
     assert flag_error_message(other) == other
+
+
+def test_config_files_that_cannot_give_a_config_are_one_line(tmp_path):
+    """A broken config file (not Python, an import that fails, no get_config, get_config
+    failing or taking no argument) is one line naming the file and why, exit 2; `--config`
+    takes `~` and file:// URLs as paths."""
+    from tldr_jax.cli import config_file_of, config_file_problem
+
+    cases = {
+        "syntax.py": ("def get_config(arg=None)\n    return 1\n", "syntax error at line 1"),
+        "imports.py": ("import no_such_module_here\n", "ModuleNotFoundError while loading it"),
+        "none.py": ("x = 1\n", "it defines no get_config(arg) function"),
+        "raises.py": (
+            "def get_config(arg=None):\n    raise ValueError('boom')\n",
+            "get_config() raised ValueError: boom",
+        ),
+        "noarg.py": ("def get_config():\n    return {}\n", "get_config('tiny') raised TypeError"),
+        "notdict.py": ("def get_config(arg=None):\n    return 3\n", "returned a int"),
+    }
+    for name, (source, why) in cases.items():
+        (tmp_path / name).write_text(source)
+        arg = "tiny" if name == "noarg.py" else ""
+        assert why in config_file_problem(str(tmp_path / name), arg), name
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert config_file_problem(str(configs / "tldr.py"), "small") == ""
+    assert config_file_of("file:///a/b/c.py:tiny") == ("/a/b/c.py", "tiny")
+    assert config_file_of("~/c.py") == (os.path.expanduser("~/c.py"), "")
+    r = run_cli("pretrain", "--config", str(tmp_path / "syntax.py"), "--workdir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"tldr-jax pretrain: error: config file {tmp_path / 'syntax.py'}: a Python syntax "
+        "error at line 1: expected ':'"
+    ]
+    r = run_cli("pretrain", "--config", "configs", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "config file configs is a folder" in r.stderr
+    url = f"file://{configs / 'pretrain.py'}:nope"
+    r = run_cli("pretrain", "--config", url, "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "unknown config argument 'nope'" in r.stderr
 
 
 def test_cli_unknown_config_word_is_one_line(tmp_path):

@@ -274,10 +274,21 @@ def _main_impl(argv: list[str] | None) -> None:
 
     spec = config_spec(argv[2:])
     if spec:
-        config_file = os.path.expanduser(spec.split(":", 1)[0])
+        config_file, arg = config_file_of(spec)
+        if os.path.isdir(config_file):
+            _usage_error(stage, f"config file {config_file} is a folder (e.g. configs/tldr.py)")
         if not os.path.isfile(config_file):
             _usage_error(stage, f"config file {config_file} does not exist")
-        _allow_sibling_imports(spec)
+        _allow_sibling_imports(config_file)
+        try:
+            problem = config_file_problem(config_file, arg)
+        except ConfigError as e:  # an unknown `file.py:word`
+            _usage_error(stage, str(e))
+        if problem:
+            _usage_error(stage, f"config file {config_file}: {problem}")
+        local = f"{config_file}:{arg}" if arg else config_file
+        if local != spec:  # a file:// URL or ~: what ml_collections reads is the path
+            argv = [local if a == spec else a.replace(f"={spec}", f"={local}") for a in argv]
 
     config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory for checkpoints and summaries.")
@@ -366,6 +377,12 @@ def flag_error_message(text: str) -> str:
     m = re.match(r"flag (--\S+?)=(.*?): \('Non-boolean argument to boolean flag', .*\)$", text)
     if m:
         return f"{m[1]}={m[2]}: not a boolean (True or False)"
+    m = re.match(r"flag (--\S+?)=(.*?): invalid literal for int\(\) with base 10: ", text)
+    if m:
+        return f"{m[1]}={m[2]}: not an integer (the key takes a whole number)"
+    m = re.match(r"flag (--\S+?)=(.*?): could not convert string to float: ", text)
+    if m:
+        return f"{m[1]}={m[2]}: not a number"
     return text
 
 
@@ -394,11 +411,13 @@ def stage_help(stage: str, args: list[str]) -> str:
     ]
     spec = config_spec(args)
     if spec:
-        path = spec.partition(":")[0]
-        if not Path(path).is_file():
-            lines += ["", f"(cannot read config file {path})"]
+        path, arg = config_file_of(spec)
+        problem = config_file_problem(path, arg) if Path(path).is_file() else "no such file"
+        if problem:  # ConfigError above: an unknown `:word`
+            lines += ["", f"(cannot read config file {path}: {problem})"]
         else:
-            config = load_config(spec)  # ConfigError: an unknown `:word`
+            _allow_sibling_imports(path)
+            config = load_config(f"{path}:{arg}" if arg else path)
             lines += ["", f"{spec} defaults (each key can be overridden: --config.KEY=VALUE):"]
             lines += config_lines(config.to_dict())
     else:
@@ -463,6 +482,57 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
     return config
 
 
+def config_file_of(spec: str) -> tuple[str, str]:
+    """`FILE[:arg]` (the `--config` value) -> (the file's local path, arg): `~` is home and a
+    `file://` URL is the path it names (`file:///x/tldr.py:small`)."""
+    if spec[:5].lower() == "file:":
+        from tldr_jax.data.readers import file_url_path
+
+        rest = spec[5:]
+        head, sep, arg = rest.partition(":")
+        local = file_url_path("file:" + head)
+        if local is not None:
+            return local, arg
+    path, _, arg = spec.partition(":")
+    return os.path.expanduser(path), arg
+
+
+def config_file_problem(path: str, arg: str) -> str:
+    """Why the config file at `path` cannot give a config for `arg` ("" = it can): not Python
+    (the line of the syntax error), an import or other error while loading it, no
+    `get_config`, or `get_config(arg)` failing. A ConfigError it raises (an unknown `:word`)
+    is raised as it is. Loaded here so each is one line, not a traceback from absl."""
+    import types
+
+    from tldr_jax.config_check import ConfigError
+
+    try:
+        code = compile(Path(path).read_bytes(), path, "exec")
+    except SyntaxError as e:
+        return f"a Python syntax error at line {e.lineno}: {e.msg}"
+    except (OSError, ValueError) as e:
+        return f"cannot be read as Python: {e}"
+    module = types.ModuleType("_tldr_config_check")
+    module.__file__ = path
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        return f"{type(e).__name__} while loading it: {e}"
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        return "it defines no get_config(arg) function"
+    try:
+        config = get_config(arg) if arg else get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        return f"{call} raised {type(e).__name__}: {e}"
+    if not hasattr(config, "to_dict"):
+        return f"get_config returned a {type(config).__name__}, not an ml_collections ConfigDict"
+    return ""
+
+
 def config_spec(args: list[str]) -> str | None:
     """The `--config FILE[:arg]` / `--config=FILE[:arg]` value among the arguments, if any
     (the last one, as absl takes the last of a repeated flag)."""
@@ -477,7 +547,7 @@ def config_spec(args: list[str]) -> str | None:
 
 def _allow_sibling_imports(spec: str) -> None:
     """Config files may import their siblings (`from configs import pretrain`)."""
-    sys.path.insert(0, str(Path(spec.split(":")[0]).resolve().parent.parent))
+    sys.path.insert(0, str(Path(config_file_of(spec)[0]).resolve().parent.parent))
 
 
 def _usage_error(stage: str, message: str) -> NoReturn:

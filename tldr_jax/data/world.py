@@ -373,7 +373,7 @@ def write_world(world: World, out_dir: str | Path, workers: int = 8) -> dict[str
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`tldr-jax make-world`: writes config.data.world to workdir/world/."""
     world = make_world(config.data.world)
-    out = Path(workdir) / "world"
+    out = Path(workdir).absolute() / "world"  # the summary's paths work from any folder
     if dist.is_main():
         write_world(world, out)
     dist.barrier("make-world")
