@@ -235,7 +235,14 @@ def test_student_matmuls_forms_compute_the_products_they_time():
 
     sm = _load_benchmark("student_matmuls")
     forms = sm.forms(8, 24, 40)
-    assert list(forms) == ["f32", "bf16 cvt", "bf16 ready", "wgrad f32"]
+    assert list(forms) == [
+        "f32",
+        "bf16 cvt",
+        "bf16 ready",
+        "wgrad f32",
+        "wgrad bf16",
+        "wgrad bf16 T",
+    ]
     a, b = (np.asarray(x, np.float64) for x in forms["f32"][1])
     exact = a @ b
     scale = np.abs(exact).max()
@@ -252,6 +259,12 @@ def test_student_matmuls_forms_compute_the_products_they_time():
     np.testing.assert_allclose(
         np.asarray(forms["wgrad f32"][0](*forms["wgrad f32"][1])), g @ b2.T, rtol=1e-4, atol=1e-4
     )
+    wgrad = g @ b2.T
+    for name in ("wgrad bf16", "wgrad bf16 T"):
+        f, args = forms[name]
+        out = np.asarray(f(*args))
+        assert out.shape == (8, 24) and out.dtype == np.float32
+        np.testing.assert_allclose(out, wgrad, atol=3e-2 * np.abs(wgrad).max(), err_msg=name)
     rates = sm.rates(8, 24, 40, repeats=1)
     assert set(rates) == set(forms) and all(np.isfinite(r) and r > 0 for r in rates.values())
 
@@ -273,6 +286,19 @@ def test_profile_student_step_counts_the_matmul_flops_of_compiled_hlo():
     flops = ps.dot_flops(hlo)
     expected = 2 * 8 * 24 * 40 + 2 * 3 * 5 * 6 * 7 + 2 * 24 * 24 * 8
     assert sum(flops.values()) == expected, (flops, hlo)
+    assert ps.dot_flops_by_operands(hlo) == {"f32 x f32": expected}
+
+    def g(a, b):
+        # a bfloat16 product (which XLA:CPU may keep or upcast) beside a float32 one
+        low = jnp.matmul(
+            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+        )
+        return low.sum() + (a @ b).sum()
+
+    hlo = jax.jit(g).lower(*args[:2]).compile().as_text()
+    split = ps.dot_flops_by_operands(hlo)
+    assert set(split) <= {"bf16 x bf16", "f32 x f32"} and split.get("f32 x f32")
+    assert sum(split.values()) == 2 * (2 * 8 * 24 * 40), (split, hlo)
 
 
 def test_profile_student_step_cli_reports_the_pass_and_its_matmuls(tmp_path):
@@ -290,6 +316,7 @@ def test_profile_student_step_cli_reports_the_pass_and_its_matmuls(tmp_path):
     assert 0.6 * r["cost_analysis_gflop"] <= r["dot_gflop"] <= r["cost_analysis_gflop"]
     assert 0 < r["dot_op_time_s"] < r["op_time_s"]
     assert r["op_time_by_kind_s"] and "matmuls:" in proc.stdout
+    assert r["dot_gflop_by_operands"] == {"f32 x f32": pytest.approx(r["dot_gflop"], rel=1e-3)}
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,7 @@ def test_changed_data_or_recipe_is_refused(buffered):
         run_stage("buffer", more, str(workdir))
     bigger = config.copy_and_resolve_references()
     bigger.data.image_size = 20
-    with pytest.raises(ValueError, match=r"\(image_size: 16 -> 20\)"):
+    with pytest.raises(ValueError, match=r"\(data.image_size: 16 -> 20\)"):
         run_stage("distill", bigger, str(workdir))
     other = config.copy_and_resolve_references()
     other.data.world.num_pairs = 150

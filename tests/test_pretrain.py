@@ -166,6 +166,14 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
     for k in ("tr_r1", "ir_r1", "ir_r10"):
         assert ev[k] == pytest.approx(summary[k], abs=1e-6)
     assert ev["test_source"] == str(world_dir / "test.json") and ev["captions_dropped"] == 0
+    assert ev["training_finished"] is True and "has not finished" not in r.stderr
+    # a checkpoint of a run stopped on the way (no pretrain.json yet) is evaluated, and said so
+    (work / "pretrain.json").unlink()
+    r = run_cli(
+        "evaluate", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
+    )
+    assert r.returncode == 0 and "of a training run that has not finished" in r.stderr
+    assert json.loads((work / "evaluate.json").read_text())["training_finished"] is False
 
 
 def test_cli_rejects_unknown_stage():

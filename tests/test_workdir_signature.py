@@ -352,3 +352,22 @@ def test_a_refusal_names_each_folders_recorded_value():
     )
     assert "write.mode: 'append' in eval / 'generated' in compress -> 'replace'" in str(err)
     assert "seed: 0 -> 1" in str(err)
+
+
+def test_distill_refusals_name_config_keys(tmp_path):
+    """W/distill's signature holds the buffer's under "buffer.": a refusal names the config
+    keys (`buffer.lr`, `model.*`, `data.image_size`), not the nesting (`buffer.buffer.lr`)."""
+    from tldr_jax.distill import expert_trajectories as et
+
+    assert et.distill_key("buffer.buffer.lr") == "buffer.lr"
+    assert et.distill_key("buffer.model.image") == "model.image"
+    assert et.distill_key("buffer.image_size") == "data.image_size"
+    assert et.distill_key("distill.syn_steps") == "distill.syn_steps"
+    assert et.buffer_key("image_root") == "data.image_root"
+    path = tmp_path / "distill" / "signature.json"
+    sig = {"buffer": {"buffer": {"lr": 0.3}, "image_size": 16}, "distill": {"syn_steps": 2}}
+    et.check_signature(path, sig, create=True, redo="distill again", names=et.distill_key)
+    other = {"buffer": {"buffer": {"lr": 0.2}, "image_size": 20}, "distill": {"syn_steps": 2}}
+    with pytest.raises(ConfigError) as err:
+        et.check_signature(path, other, create=False, redo="distill again", names=et.distill_key)
+    assert "(buffer.lr: 0.3 -> 0.2; data.image_size: 16 -> 20)" in str(err.value)

@@ -264,7 +264,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data = et.load_pairs(config, workdir)
     sig = distill_signature(config, et.check_buffer(workdir, config, data))
     retired = et.RETIRED_DISTILL_KEYS
-    check = functools.partial(et.check_signature, redo="distill again", retired=retired)
+    check = functools.partial(
+        et.check_signature, redo="distill again", retired=retired, names=et.distill_key
+    )
     check(out_dir / "signature.json", sig, create=False)  # refused before anything is loaded
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])

@@ -270,6 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         create=False,
         redo="distill again",
         retired=et.RETIRED_DISTILL_KEYS,
+        names=et.distill_key,
     )
     distilled_iterations = check_distilled_iterations(syn, config, npz)
     n = data.num_pairs

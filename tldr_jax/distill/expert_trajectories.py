@@ -313,6 +313,20 @@ RETIRED_BUFFER_KEYS = ("train",)
 RETIRED_DISTILL_KEYS = tuple(f"buffer.{k}" for k in RETIRED_BUFFER_KEYS)
 
 
+_DATA_KEYS = {"image_size": "data.image_size", "image_root": "data.image_root"}
+
+
+def buffer_key(key: str) -> str:
+    """The config key a `buffer_signature` key stands for (in refusals)."""
+    return _DATA_KEYS.get(key, key)
+
+
+def distill_key(key: str) -> str:
+    """The config key a distill signature key stands for: the buffer's signature sits in it
+    under "buffer." (`buffer.buffer.lr` is `buffer.lr`, `buffer.model.x` is `model.x`)."""
+    return buffer_key(key.removeprefix("buffer.")) if key.startswith("buffer.") else key
+
+
 def check_buffer(
     workdir: str | Path, config: ml_collections.ConfigDict, data: PairData, create: bool = False
 ) -> dict[str, Any]:
@@ -320,7 +334,12 @@ def check_buffer(
     sig = buffer_signature(config, data)
     path = Path(workdir) / "buffer" / "signature.json"
     check_signature(
-        path, sig, create=create, redo="train the experts again", retired=RETIRED_BUFFER_KEYS
+        path,
+        sig,
+        create=create,
+        redo="train the experts again",
+        retired=RETIRED_BUFFER_KEYS,
+        names=buffer_key,
     )
     return sig
 

@@ -30,7 +30,7 @@ from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import state as train_state
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import info_nce, l2_normalize
-from tldr_jax.utils import dist, preemption, signature
+from tldr_jax.utils import dist, io, preemption, signature
 from tldr_jax.utils.mesh import data_sharding, make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -381,9 +381,22 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     ckpt.close()
     model = model_def.merge(state["params"], state["rest"])
     recall = evaluate_retrieval(model, test, test_txt)
+    # pretrain.json is written when training ends: without it the checkpoint is of a run
+    # stopped on the way (Ctrl-C, preemption), which a rerun of pretrain finishes.
+    finished = workdir_p / "pretrain.json"
+    planned = int(io.read_json(finished).get("steps", step)) if finished.is_file() else None
+    if planned is None or step < planned:
+        log.warning(
+            "evaluate: the checkpoint at step %d is of a training run that has not finished "
+            "(%s); rerun pretrain on %s to finish it",
+            step,
+            f"{planned} steps planned" if planned else f"no {finished.name}",
+            workdir_p,
+        )
     return {
         **recall,
         "checkpoint_step": int(step),
+        "training_finished": planned is not None and step >= planned,
         "rows_read": test.rows_read,
         "skipped": dict(test.skipped),
         "captions_dropped": test.captions_dropped,

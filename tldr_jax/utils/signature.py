@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,17 +234,26 @@ def _data(pairs: Any, sha: Any) -> str:
 
 
 def check_signature(
-    path: Path, want: dict[str, Any], *, create: bool, redo: str, retired: Iterable[str] = ()
+    path: Path,
+    want: dict[str, Any],
+    *,
+    create: bool,
+    redo: str,
+    retired: Iterable[str] = (),
+    names: Callable[[str], str] | None = None,
 ) -> None:
     """Refuses a workdir whose stage output was made with other settings (`path` holds what
     they were); writes `want` there when absent and `create`. `redo`: what deleting the
-    folder would do, for the message. (The distillation stages' check: every key counts but
-    the `retired` ones.)"""
+    folder would do, for the message; `names`: the config key a signature key stands for,
+    for the message. (The distillation stages' check: every key counts but the `retired`
+    ones.)"""
     want = flatten(jsonable(want))
     have = read(path)
     if have is not None:
         # `retired`: keys an older version recorded that no longer bind a workdir.
         diff = differences({k: v for k, v in have.items() if k not in set(retired)}, want)
+        if names is not None:
+            diff = {names(k): v for k, v in diff.items()}
         if diff:
             folder = Path(path).parent
             raise refusal([folder], diff, f"Use a new workdir, or delete {folder} to {redo}.")
