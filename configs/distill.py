@@ -165,5 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.image_kwargs.update(depth=2, width=8)
         config.buffer.update(num_experts=2, epochs=2, batch_size=64)
         config.distill.update(num_pairs=8, syn_steps=2, iterations=6, ckpt_every=2, log_every=1)
+        # every pair each step, from the buffer's first epoch (2 epochs hold one window of 2):
+        # what `small`'s 50-pair minibatch and start epochs below 5 are capped to here
+        config.distill.update(batch_syn=0, max_start_epoch=1)
         config.eval.update(num_models=1, epochs=2, budgets=())
     return config

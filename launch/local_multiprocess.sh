@@ -6,6 +6,11 @@
 #
 # Each process sees the devices JAX gives it; on CPU, fake several per process with
 #   XLA_FLAGS=--xla_force_host_platform_device_count=2 launch/local_multiprocess.sh 2 ...
+# Environment: TLDR_BIN the tldr-jax executable (default: tldr-jax on PATH, e.g. from
+# . .venv/bin/activate); TLDR_PORT the coordinator's port (default: a free one); TLDR_LOGDIR
+# a folder for one log per process (default: all processes write to this terminal).
+# Ctrl-C or SIGTERM reaches every process as SIGTERM: they checkpoint at the same step and
+# stop (the same command again resumes).
 # Exit status: 0 if every process succeeded, else the first non-zero status.
 set -uo pipefail
 if [ $# -lt 2 ]; then
@@ -14,8 +19,12 @@ if [ $# -lt 2 ]; then
 fi
 n=$1; shift
 stage=$1; shift
-port=${TLDR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 bin=${TLDR_BIN:-tldr-jax}
+if ! command -v "$bin" >/dev/null 2>&1; then
+  echo "$0: $bin not found: activate the environment it is installed in (. .venv/bin/activate) or set TLDR_BIN=/path/to/tldr-jax" >&2
+  exit 127
+fi
+port=${TLDR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 logdir=${TLDR_LOGDIR:-}
 pids=()
 for ((i = 0; i < n; i++)); do
