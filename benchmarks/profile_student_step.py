@@ -10,6 +10,11 @@ step and `remat` after recomputing the gradient), then runs the pass once more u
 compiled program (a dot, or a fusion whose computation holds one) is matched to its HLO to
 count its FLOPs, so the matmuls' rate is measured on the program itself, not on a probe.
 
+`dot_gflop_by_operands` splits the pass's matmul FLOPs by the operand dtypes of the compiled
+dots: with `--matmul-dtype bfloat16` XLA:CPU keeps only the products in the plain (M, K) x
+(K, N) form in bfloat16 and upcasts those with a transposed operand (most weight and input
+gradients) to float32.
+
 On a CPU the runtime runs independent ops concurrently on its threads, so the summed op time
 exceeds the wall time; `dot_wall_s_est` is the wall time at the matmuls' share of op time.
 """
@@ -34,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _SHAPE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
+_DTYPE = re.compile(r"%([\w.\-]+) = (\w+)\[")
 _COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*?\) -> .*?\{\n(.*?)\n\}", re.S | re.M)
 _FUSION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = .*? fusion\(.*?calls=%([\w.\-]+)", re.M)
 _DOT = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* dot\(([^)]*)\)(.*)$", re.M)
@@ -67,6 +73,24 @@ def dot_flops(hlo: str) -> dict[str, float]:
         if per_comp.get(called):
             out[name] = per_comp[called]
     return out
+
+
+def dot_flops_by_operands(hlo: str) -> dict[str, float]:
+    """FLOPs of the dots of an optimised HLO module by operand dtypes, e.g. "bf16 x bf16".
+
+    What the compiled program multiplies, not what the model asked for: XLA:CPU upcasts a
+    bfloat16 product to float32 where its runtime has no bfloat16 kernel for the operands'
+    layout (a `matmul_dtype="bfloat16"` student's transposed-operand products)."""
+    shapes = {m.group(1): m.group(2) for m in _SHAPE.finditer(hlo)}
+    dtypes = {m.group(1): m.group(2) for m in _DTYPE.finditer(hlo)}
+    out: dict[str, float] = collections.defaultdict(float)
+    for d in _DOT.finditer(hlo):
+        ops = re.findall(r"%([\w.\-]+)", d.group(3))[:2]
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", d.group(4))
+        lhs_dims = _dims(shapes[ops[0]])
+        k = math.prod(lhs_dims[i] for i in _dims(contracting.group(1)))
+        out[" x ".join(dtypes[o] for o in ops)] += 2.0 * math.prod(_dims(d.group(2))) * k
+    return dict(out)
 
 
 def op_times(trace_dir: str, module: str) -> dict[str, float]:
@@ -119,6 +143,7 @@ def profile(preset: str, matmul_dtype: str, repeats: int, trace_dir: str) -> dic
     for op, t in times.items():
         kinds[re.sub(r"\.\d+$", "", op)] += t
     dot_wall = traced_s * dot_s / total if total else 0.0
+    by_operands = dot_flops_by_operands(hlo)
     return {
         "preset": preset,
         "matmul_dtype": matmul_dtype,
@@ -132,6 +157,9 @@ def profile(preset: str, matmul_dtype: str, repeats: int, trace_dir: str) -> dic
         "dot_wall_s_est": round(dot_wall, 4),
         "dot_gflops_wall_est": round(dot_gflop / dot_wall, 1) if dot_wall else None,
         "other_wall_s_est": round(traced_s - dot_wall, 4),
+        "dot_gflop_by_operands": {
+            k: round(v / 1e9, 4) for k, v in sorted(by_operands.items(), key=lambda kv: -kv[1])
+        },
         "op_time_by_kind_s": {
             k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
         },
@@ -162,6 +190,8 @@ def main() -> None:
         f"~{r['dot_wall_s_est']:.3f} s of wall time at their share "
         f"(~{r['dot_gflops_wall_est']} GFLOP/s); the rest ~{r['other_wall_s_est']:.3f} s"
     )
+    split = ", ".join(f"{k} {v:.1f}" for k, v in r["dot_gflop_by_operands"].items())
+    print(f"matmul GFLOP by operand dtypes, as compiled: {split}")
     for kind, t in list(r["op_time_by_kind_s"].items())[: args.top]:
         print(f"  {t * 1e3:9.1f} ms  {kind}")
     if args.json:

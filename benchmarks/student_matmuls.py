@@ -10,6 +10,12 @@ prints what XLA:CPU reaches on those shapes, one jitted product at a time:
                `matmul_dtype="bfloat16"` student does: activations stay float32)
   bf16 ready   operands already bfloat16 (the product alone, no conversion)
   wgrad f32    the weight-gradient form, (M, N) x (K, N)^T, both long operands along N
+  wgrad bf16   the same on bfloat16 operands (float32 sums)
+  wgrad bf16 T the same with the (K, N) operand first transposed to (N, K) (materialised, not
+               timed), so the product is in the plain (M, N) x (N, K) form
+
+A weight gradient contracts the long B*H*W axis; XLA:CPU upcasts a bfloat16 product with a
+transposed operand to float32 (profile_student_step.py `dot_gflop_by_operands`).
 
     python benchmarks/student_matmuls.py [--repeats 20]
 """
@@ -47,7 +53,7 @@ def _seconds(f, *args, repeats: int) -> float:
 
 def forms(m: int, k: int, n: int) -> dict[str, tuple]:
     """Each form's jitted function and its arguments (see the module docstring)."""
-    bf16 = jnp.bfloat16
+    bf16, f32 = jnp.bfloat16, jnp.float32
     a = jax.random.normal(jax.random.key(0), (m, k))
     b = jax.random.normal(jax.random.key(1), (k, n))
     g = jax.random.normal(jax.random.key(2), (m, n))
@@ -66,6 +72,14 @@ def forms(m: int, k: int, n: int) -> dict[str, tuple]:
             (a.astype(bf16), b.astype(bf16)),
         ),
         "wgrad f32": (jax.jit(lambda g, b: jnp.einsum("mn,kn->mk", g, b)), (g, b)),
+        "wgrad bf16": (
+            jax.jit(lambda g, b: jnp.einsum("mn,kn->mk", g, b, preferred_element_type=f32)),
+            (g.astype(bf16), b.astype(bf16)),
+        ),
+        "wgrad bf16 T": (
+            jax.jit(lambda g, bt: jnp.matmul(g, bt, preferred_element_type=f32)),
+            (g.astype(bf16), jax.block_until_ready(b.T.astype(bf16))),
+        ),
     }
 
 
@@ -83,11 +97,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=20)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; GFLOP/s per product")
-    header = ("M x K x N", "f32", "bf16 cvt", "bf16 ready", "wgrad f32")
-    print(f"{header[0]:>18s}" + "".join(f"{h:>12s}" for h in header[1:]))
+    header = ("M x K x N", "f32", "bf16 cvt", "bf16 ready", "wgrad f32", "wgrad bf16")
+    header += ("wgrad bf16 T",)
+    print(f"{header[0]:>18s}" + "".join(f"{h:>13s}" for h in header[1:]))
     for m, k, n in SHAPES:
         r = rates(m, k, n, args.repeats)
-        print(f"{f'{m}x{k}x{n}':>18s}" + "".join(f"{r[h]:12.0f}" for h in header[1:]))
+        print(f"{f'{m}x{k}x{n}':>18s}" + "".join(f"{r[h]:13.0f}" for h in header[1:]))
 
 
 if __name__ == "__main__":
