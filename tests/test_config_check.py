@@ -298,6 +298,10 @@ def test_stage_help_lists_the_config(tmp_path):
     assert "configs/tldr.py:small defaults" in r.stdout and "    num_clusters: 64" in r.stdout
     r = run_cli("select", "--config=configs/tldr.py:smal", "--help")
     assert r.returncode == 2 and "unknown config argument 'smal'" in r.stderr
+    # from another folder: the config's own `from configs import ...` still resolves
+    tldr_py = Path(__file__).resolve().parents[1] / "configs" / "tldr.py"
+    r = run_cli("select", "--config", f"{tldr_py}:small", "-h", cwd=tmp_path)
+    assert r.returncode == 0 and "    num_clusters: 64" in r.stdout, r.stdout[-2000:]
 
 
 def test_help_writes_each_value_as_the_literal_an_override_takes():

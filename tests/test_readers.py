@@ -1666,6 +1666,15 @@ def test_each_of_several_inputs_can_have_its_own_image_root(tmp_path):
     cfg = _cfg(image_root=f"{coco}, {cc}", cache_dir=str(tmp_path / "cache"))
     load_set(spec, cfg, "train")
     assert data_counts(load_set(spec, cfg, "train"))["inputs"] == per_input  # from the cache
+    # an entry from before per-input counts is read again, so each input is still checked
+    for meta in (tmp_path / "cache").glob("*.json"):
+        old = json.loads(meta.read_text())
+        meta.write_text(json.dumps({k: v for k, v in old.items() if k not in ("inputs", "parts")}))
+    assert data_counts(load_set(spec, cfg, "train"))["inputs"] == per_input
+    # max_rows ending at an input's end, or inside the next one, cuts the set: no input lost
+    for n in (2, 3):
+        cut = load_set(spec, _cfg(image_root=str(coco), max_rows=n), "train")
+        assert data_counts(cut)["rows_read"] == n and len(cut) == 2
     with pytest.raises(InputError, match="names 3 roots for 2 input"):
         load_set(spec, _cfg(image_root=f"{coco},,"), "train")
     assert "inputs" not in data_counts(load_set(f"{cc}/cc.tsv", _cfg(), "train"))
@@ -1675,6 +1684,21 @@ def test_each_of_several_inputs_can_have_its_own_image_root(tmp_path):
     assert missing == ["data.image_root='nowhere': no such folder"]
     config = data_config(train=spec, image_root=f"{coco},")
     assert config_check.missing_inputs(ml_collections_config(config), "pretrain") == []
+    # the test set takes data.image_root's roots where data.test_image_root is empty
+    config = data_config(train=spec, test=f"{cc}/cc.tsv", image_root=f"{coco},")
+    assert config_check.missing_inputs(ml_collections_config(config), "pretrain") == [
+        f"data.image_root='{coco},': 2 roots for the 1 input(s) of data.test: give one root, "
+        "or one per input in the same order (set data.test_image_root for data.test's images)"
+    ]
+    config = data_config(
+        train=spec, test=f"{cc}/cc.tsv", image_root=f"{coco},", test_image_root=str(cc)
+    )
+    assert config_check.missing_inputs(ml_collections_config(config), "pretrain") == []
+    config = data_config(train=f"{cc}/cc.tsv", image_root=f"{coco},{cc}")
+    assert (
+        "2 roots for the 1 input(s) of data.train"
+        in config_check.missing_inputs(ml_collections_config(config), "buffer")[0]
+    )
     assert normal_path("data.image_root", "a,") == f"{os.getcwd()}/a,"
 
 
@@ -1710,22 +1734,32 @@ def test_columns_of_real_caption_files(tmp_path):
     assert read_records(str(tmp_path / "Flickr8k.token.txt"), "", skips) == []
     assert skips.as_dict() == {"malformed_row": 1}
     assert "the first column looks like an image file" in skips.first
+    # captions that only look like these stay captions: a URL with words after it, a file
+    # name beside an image path without an extension, a file name with words in it
+    rows = [
+        f"https://t.co/abc check this out\t{names[0]}",
+        "IMG_2301.JPG\tpics/00a3f9e1",
+        f"sunset photo.png\t{names[1]}",
+    ]
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    skips = Skips()
+    recs = read_records(str(tmp_path / "captions.tsv"), str(tmp_path), skips)
+    assert skips.total == 0 and [r.image_key for r in recs] == [names[0], "pics/00a3f9e1", names[1]]
 
 
 def test_webdataset_samples_without_an_image_say_why(tmp_path):
     """img2dataset writes a failed download's .json and .txt without an image: the skip gives
-    its status; only a key whose files come back later in the shard is told about order. A
-    shard written with `tar -C dir .` (members ./KEY.jpg) keeps plain keys."""
+    its status; only a key whose files come back later in the shard is told about order."""
     failed = json.dumps({"status": "failed_to_download", "error_message": "HTTP 404"})
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-        _add(tar, "./000000000.jpg", _encode(_image(0)))
-        _add(tar, "./000000000.txt", b"ok")
-        _add(tar, "./000000001.json", failed.encode())
-        _add(tar, "./000000001.txt", b"gone")
-        _add(tar, "./000000002.txt", b"split")
-        _add(tar, "./000000003.png", _encode(_image(1)))
-        _add(tar, "./000000003.txt", b"three")
-        _add(tar, "./000000002.png", _encode(_image(2)))
+        _add(tar, "000000000.jpg", _encode(_image(0)))
+        _add(tar, "000000000.txt", b"ok")
+        _add(tar, "000000001.json", failed.encode())
+        _add(tar, "000000001.txt", b"gone")
+        _add(tar, "000000002.txt", b"split")
+        _add(tar, "000000003.png", _encode(_image(1)))
+        _add(tar, "000000003.txt", b"three")
+        _add(tar, "000000002.png", _encode(_image(2)))
     skips = Skips()
     recs = read_records(str(tmp_path / "00000.tar"), "", skips)
     assert [r.sample_id for r in recs] == ["00000/000000000", "00000/000000003"]

@@ -288,7 +288,10 @@ def _main_impl(argv: list[str] | None) -> None:
             _usage_error(stage, f"config file {config_file}: {problem}")
         local = f"{config_file}:{arg}" if arg else config_file
         if local != spec:  # a file:// URL or ~: what ml_collections reads is the path
-            argv = [local if a == spec else a.replace(f"={spec}", f"={local}") for a in argv]
+            argv = [
+                local if a == spec else f"--config={local}" if a == f"--config={spec}" else a
+                for a in argv
+            ]
 
     config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory for checkpoints and summaries.")
@@ -412,11 +415,14 @@ def stage_help(stage: str, args: list[str]) -> str:
     spec = config_spec(args)
     if spec:
         path, arg = config_file_of(spec)
-        problem = config_file_problem(path, arg) if Path(path).is_file() else "no such file"
-        if problem:  # ConfigError above: an unknown `:word`
+        if Path(path).is_file():
+            _allow_sibling_imports(path)  # before loading it: configs import their siblings
+            problem = config_file_problem(path, arg)  # ConfigError: an unknown `:word`
+        else:
+            problem = "a folder" if Path(path).is_dir() else "no such file"
+        if problem:
             lines += ["", f"(cannot read config file {path}: {problem})"]
         else:
-            _allow_sibling_imports(path)
             config = load_config(f"{path}:{arg}" if arg else path)
             lines += ["", f"{spec} defaults (each key can be overridden: --config.KEY=VALUE):"]
             lines += config_lines(config.to_dict())
@@ -501,7 +507,9 @@ def config_file_problem(path: str, arg: str) -> str:
     """Why the config file at `path` cannot give a config for `arg` ("" = it can): not Python
     (the line of the syntax error), an import or other error while loading it, no
     `get_config`, or `get_config(arg)` failing. A ConfigError it raises (an unknown `:word`)
-    is raised as it is. Loaded here so each is one line, not a traceback from absl."""
+    is raised as it is. Loaded here so each is one line, not a traceback from absl (the file
+    and its get_config then run once more when ml_collections reads it: a config file has no
+    side effects)."""
     import types
 
     from tldr_jax.config_check import ConfigError

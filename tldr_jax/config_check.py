@@ -390,7 +390,11 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
         present, value = lookup(config, key)
         if not present or stage not in stages or not isinstance(value, str) or not value:
             continue
-        for part in readers.split_roots(value) if folder else readers.split_inputs(value):
+        if key.endswith("image_root"):  # one root, or one per input
+            parts = readers.split_roots(value)
+        else:
+            parts = [value] if folder else readers.split_inputs(value)
+        for part in parts:
             path = part if folder else readers.split_suffix_of(part)[0]
             if not path or path.startswith("tfds:"):
                 continue  # an empty root of several: that input's own folder
@@ -401,6 +405,41 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
                 out.append(f"{key}={path!r}: {what}")
             elif not folder and not os.path.exists(path):
                 out.append(f"{key}={path!r}: no such file or folder")
+    return out + root_count_problems(config, stage)
+
+
+# (inputs key, its image root key, the root key used where that one is empty, stages)
+_ROOTS_OF = (
+    ("data.train", "data.image_root", "", _READS_TRAIN),
+    ("data.test", "data.test_image_root", "data.image_root", _READS_TEST),
+    ("caption.data", "caption.image_root", "", ("caption", "compress")),
+)
+
+
+def root_count_problems(config: ml_collections.ConfigDict, stage: str) -> list[str]:
+    """An image root key holding several roots (one per input, joined by commas) must hold
+    one per input of the set it serves: the test set takes data.image_root's roots where
+    data.test_image_root is empty, which fit it only when it has as many inputs."""
+    from tldr_jax.data import readers
+
+    out = []
+    for inputs_key, root_key, fallback, stages in _ROOTS_OF:
+        present, inputs = lookup(config, inputs_key)
+        if not present or stage not in stages or not isinstance(inputs, str) or not inputs:
+            continue
+        key = root_key
+        _, root = lookup(config, root_key)
+        if not root and fallback:
+            key, root = fallback, lookup(config, fallback)[1]
+        if not isinstance(root, str) or not root:
+            continue
+        roots, parts = readers.split_roots(root), readers.split_inputs(inputs)
+        if len(roots) > 1 and len(roots) != len(parts):
+            hint = f" (set {root_key} for {inputs_key}'s images)" if key != root_key else ""
+            out.append(
+                f"{key}={root!r}: {len(roots)} roots for the {len(parts)} input(s) of "
+                f"{inputs_key}: give one root, or one per input in the same order{hint}"
+            )
     return out
 
 

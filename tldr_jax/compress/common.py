@@ -101,7 +101,7 @@ def train_fingerprint(config: ml_collections.ConfigDict, keep: bool = False) -> 
     return _FINGERPRINTS[key]
 
 
-DATA_COUNT_KEYS = ("rows_read", "input_records", "skipped", "captions_dropped")
+DATA_COUNT_KEYS = ("rows_read", "input_records", "skipped", "captions_dropped", "inputs")
 
 
 def load_test(config: ml_collections.ConfigDict) -> ImageTextSet:
@@ -350,6 +350,8 @@ def warn_stale_downstream(workdir: Path, stage: str, diff: dict[str, tuple[Any, 
     if not stale:
         return
     changed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+    if not dist.is_main():
+        return
     log.warning(
         "%s: redoing it with other settings (%s): %s were made from its earlier output and no "
         "longer match it (a `compress` rerun names what to delete)",

@@ -144,7 +144,7 @@ def input_counts(inputs: list[tuple[str, int]], records: Sequence[Record]) -> li
 
 
 def check_every_input_used(
-    per_input: list[dict[str, Any]], image_root: str, role: str, skips: Skips
+    per_input: list[dict[str, Any]], roots: list[str], role: str, skips: Skips
 ) -> None:
     """An InputError where one of several inputs gave no usable row while the others did: a
     whole input lost to one image root, a wrong split or a broken export is a mistake to fix,
@@ -153,8 +153,7 @@ def check_every_input_used(
     if not empty or len(empty) == len(per_input):
         return
     first = empty[0]
-    paths = [c["input"] for c in per_input]
-    root = readers.input_roots(paths, image_root)[paths.index(first["input"])]
+    root = roots[per_input.index(first)]  # `roots`: each input's, in the inputs' order
     joined = f"joined with the image root {root!r}" if root else "read beside the file"
     others = sum(c["input_records"] for c in per_input)
     raise InputError(
@@ -348,6 +347,9 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         if cache_dir:
             key = imagestore.cache_key(path, data_cfg, role, skips.strict)
             cached = imagestore.load_cached(cache_dir, key, skips)
+            if cached and "inputs" not in cached[0] and len(readers.split_inputs(path)) > 1:
+                # an entry from before per-input counts: read again, so each input is checked
+                cached, skips = None, Skips(strict=skips.strict)
         if cache_dir and cached:
             meta, images = cached
             parts = meta.get("parts") or [0] * len(meta["ids"])
@@ -437,7 +439,9 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
         raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
     per_input = input_counts(inputs, records)
-    check_every_input_used(per_input, image_root_of(data_cfg, role), role, skips)
+    if not (max_rows and rows_read >= max_rows):  # a set cut short may end before an input
+        roots = readers.input_roots(readers.split_inputs(path), image_root_of(data_cfg, role))
+        check_every_input_used(per_input, roots, role, skips)
     loaded = ImageTextSet(
         ids=ids,
         images=images,

@@ -90,7 +90,7 @@ _TSV_HEADER_PATH = {"image_path", "filepath", "path", "file", "image", "file_nam
 _TSV_HEADER_IMAGE = {*_TSV_HEADER_PATH, "url", "image_url"}
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 # An image file name at the end of a field (Flickr8k's `1000268201.jpg#0` too).
-_IMAGE_NAME = re.compile(r"\.(?:jpe?g|png|webp|bmp|gif|tiff?)(?:#\d+)?$", re.I)
+_IMAGE_NAME = re.compile(rf"\.(?:{'|'.join(_WDS_IMAGE_EXTS)})(?:#\d+)?$", re.I)
 _TFDS_CAPTION_FIELDS = ("captions/text", "caption", "captions", "text", "caption/text")
 _TFDS_ID_FIELDS = ("image/id", "id", "image_id")
 _KARPATHY_ID_FIELDS = ("cocoid", "imgid")
@@ -202,10 +202,12 @@ class _RecordSink:
         # its position among the inputs.
         self.input = ""
         self.part = 0
+        self.limited = False  # max_rows stopped the reading
 
     def row(self) -> None:
         """Counts one input row; call before handling it."""
         if self.max_rows and self.rows_read >= self.max_rows:
+            self.limited = True
             raise _Limit
         self.rows_read += 1
         self.skips.records_before = len(self.records)
@@ -699,13 +701,18 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink, sep: str = "\t") ->
             detail = f"expected {expected}, not {len(fields)} columns (without a header line"
             skips.skip("malformed_row", path, lineno, f"{detail} naming the columns){lines}")
             continue
-        if header is None and _is_remote(fields[0].strip()) and not _is_remote(image_field):
-            # CC12M's own cc12m.tsv: url<TAB>caption, no header.
-            detail = f"{URL_DETAIL} (the URL is the first column: url<TAB>caption){lines}"
-            skips.skip("missing_image", path, lineno, detail)
-            continue
-        swapped = _IMAGE_NAME.search(fields[0].strip()) and not _IMAGE_NAME.search(image_field)
-        if header is None and swapped:
+        first = fields[0].strip()
+        # Read the other way round only where it is plain: a first column that is one word (a
+        # URL, a file name) and a second that is words, not a path.
+        if header is None and _one_word(first) and not _one_word(image_field):
+            if _is_remote(first):  # CC12M's own cc12m.tsv: url<TAB>caption, no header
+                detail = f"{URL_DETAIL} (the URL is the first column: url<TAB>caption){lines}"
+                skips.skip("missing_image", path, lineno, detail)
+                continue
+            swapped = _IMAGE_NAME.search(first) and not _IMAGE_NAME.search(image_field)
+        else:
+            swapped = False
+        if swapped:
             detail = (
                 "the first column looks like an image file and the second like a caption: "
                 f"expected {expected}, or a header line naming the columns{lines}"
@@ -724,6 +731,10 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink, sep: str = "\t") ->
 
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _one_word(text: str) -> bool:
+    return bool(text) and not any(c.isspace() for c in text)
 
 
 def _shard_stem(shard: Path) -> str:
@@ -799,10 +810,7 @@ def _shard_samples(
             for member in tar:
                 if not member.isfile():
                     continue
-                name = member.name
-                while name.startswith("./"):  # `tar -C dir .` writes ./KEY.jpg
-                    name = name[2:]
-                folder, base = os.path.split(name)
+                folder, base = os.path.split(member.name)
                 if base.startswith("."):
                     continue
                 stem, _, ext = base.partition(".")
@@ -1302,7 +1310,8 @@ def read_records(
             try:
                 _read_one(part, root, sink, role)
             finally:
-                if inputs is not None:
+                # an input max_rows stopped before its first row is not one that was read
+                if inputs is not None and (sink.rows_read > before or not sink.limited):
                     inputs.append((part, sink.rows_read - before))
     except _Limit:
         pass

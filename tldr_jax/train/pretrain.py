@@ -340,6 +340,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax pretrain`: train a dual encoder, evaluate retrieval, write pretrain.json."""
     train = load_set(config.data.train, config.data, "train")
     check_resume(config, workdir, train)  # before the test set is read or anything is built
+    if dist.is_main():  # written again when this run ends: until then the run is unfinished
+        (Path(workdir) / "pretrain.json").unlink(missing_ok=True)
     test = load_set(config.data.test, config.data, "test")
     result, _ = train_and_evaluate(config, workdir, train, test, make_text_encoder(config))
     return {**result, **data_summary(train, test)}
