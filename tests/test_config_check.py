@@ -259,6 +259,7 @@ def test_config_files_that_cannot_give_a_config_are_one_line(tmp_path):
         ),
         "noarg.py": ("def get_config():\n    return {}\n", "get_config('tiny') raised TypeError"),
         "notdict.py": ("def get_config(arg=None):\n    return 3\n", "returned a int"),
+        "exits.py": ("import sys\nsys.exit(3)\n", "SystemExit while loading it: 3"),
     }
     for name, (source, why) in cases.items():
         (tmp_path / name).write_text(source)
@@ -275,6 +276,8 @@ def test_config_files_that_cannot_give_a_config_are_one_line(tmp_path):
     ]
     r = run_cli("pretrain", "--config", "configs", "--workdir", str(tmp_path))
     assert r.returncode == 2 and "config file configs is a folder" in r.stderr
+    r = run_cli("pretrain", "--config", "https://x/y.py", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "a config file on this machine (or a file:// URL)" in r.stderr
     url = f"file://{configs / 'pretrain.py'}:nope"
     r = run_cli("pretrain", "--config", url, "--workdir", str(tmp_path))
     assert r.returncode == 2 and "unknown config argument 'nope'" in r.stderr

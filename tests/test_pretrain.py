@@ -167,6 +167,23 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
         assert ev[k] == pytest.approx(summary[k], abs=1e-6)
     assert ev["test_source"] == str(world_dir / "test.json") and ev["captions_dropped"] == 0
     assert ev["training_finished"] is True and "has not finished" not in r.stderr
+    # a rerun of the finished run that stops before training (here on a test set with no
+    # usable row) leaves its summary: the run is still the finished one
+    bad_test = work / "bad_test.json"
+    bad_test.write_text("[]")
+    r = run_cli(
+        "pretrain",
+        "--config",
+        "configs/pretrain.py:small",
+        "--workdir",
+        str(work),
+        *overrides[:-2],
+        f"--config.data.test={bad_test}",
+        overrides[-1],
+        *sgd,
+    )
+    assert r.returncode == 2 and "no usable rows" in r.stderr, r.stderr[-2000:]
+    assert (work / "pretrain.json").exists()
     # a checkpoint of a run stopped on the way (no pretrain.json yet) is evaluated, and said so
     (work / "pretrain.json").unlink()
     r = run_cli(

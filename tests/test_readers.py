@@ -1652,7 +1652,8 @@ def test_each_of_several_inputs_can_have_its_own_image_root(tmp_path):
     names = [f"pics/{n}" for n in _write_images(cc / "pics", 3)]
     (cc / "cc.tsv").write_text("".join(f"b {i}\t{n}\n" for i, n in enumerate(names)))
     spec = f"{tmp_path}/ann/coco.json,{cc}/cc.tsv"
-    lost = r"cc\.tsv: no usable rows for train \(3 read\), while the other inputs joined with"
+    lost = r"cc\.tsv: no usable rows for the training set \(3 read\), while the other inputs"
+    lost += " joined with"
     with pytest.raises(InputError, match=lost + r" it have 2.*data\.image_root=ROOT1,ROOT2"):
         load_set(spec, _cfg(image_root=str(coco)), "train")
     ds = load_set(spec, _cfg(image_root=f"{coco},"), "train")  # empty: the TSV's own folder
@@ -1671,10 +1672,18 @@ def test_each_of_several_inputs_can_have_its_own_image_root(tmp_path):
         old = json.loads(meta.read_text())
         meta.write_text(json.dumps({k: v for k, v in old.items() if k not in ("inputs", "parts")}))
     assert data_counts(load_set(spec, cfg, "train"))["inputs"] == per_input
-    # max_rows ending at an input's end, or inside the next one, cuts the set: no input lost
+    # max_rows ending at an input's end, or inside the next one, cuts that input short: it is
+    # not checked (nor listed as read), the inputs before it are
     for n in (2, 3):
         cut = load_set(spec, _cfg(image_root=str(coco), max_rows=n), "train")
         assert data_counts(cut)["rows_read"] == n and len(cut) == 2
+        assert [c["rows_read"] for c in cut.inputs] == [2, n - 2]
+    backwards = f"{cc}/cc.tsv,{tmp_path}/ann/coco.json"
+    with pytest.raises(InputError, match=r"cc\.tsv: no usable rows for the training set \(3"):
+        load_set(backwards, _cfg(image_root=f"{coco},{coco}", max_rows=4), "train")
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(InputError, match=r"empty\.tsv: no usable rows .*: it has no rows"):
+        load_set(f"{tmp_path}/empty.tsv,{cc}/cc.tsv", _cfg(), "train")
     with pytest.raises(InputError, match="names 3 roots for 2 input"):
         load_set(spec, _cfg(image_root=f"{coco},,"), "train")
     assert "inputs" not in data_counts(load_set(f"{cc}/cc.tsv", _cfg(), "train"))
@@ -1736,15 +1745,30 @@ def test_columns_of_real_caption_files(tmp_path):
     assert "the first column looks like an image file" in skips.first
     # captions that only look like these stay captions: a URL with words after it, a file
     # name beside an image path without an extension, a file name with words in it
+    (tmp_path / "my photos").mkdir()
+    (tmp_path / "my photos" / "dog 1").write_bytes(_encode(_image(3)))  # no extension
     rows = [
         f"https://t.co/abc check this out\t{names[0]}",
         "IMG_2301.JPG\tpics/00a3f9e1",
         f"sunset photo.png\t{names[1]}",
+        "https://example.com/page\tmy photos/dog 1",  # an existing file: a path
+        "IMG_0001.JPG\tmy photos/dog 1",
     ]
     (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
     skips = Skips()
     recs = read_records(str(tmp_path / "captions.tsv"), str(tmp_path), skips)
-    assert skips.total == 0 and [r.image_key for r in recs] == [names[0], "pics/00a3f9e1", names[1]]
+    assert skips.total == 0
+    assert [r.image_key for r in recs] == [
+        names[0],
+        "pics/00a3f9e1",
+        names[1],
+        *["my photos/dog 1"] * 2,
+    ]
+    # a one-word caption beside a URL is still the URL-first layout
+    (tmp_path / "logo.tsv").write_text("https://x.com/a.jpg\tLogo\n")
+    skips = Skips()
+    assert read_records(str(tmp_path / "logo.tsv"), str(tmp_path), skips) == []
+    assert "the URL is the first column" in skips.first
 
 
 def test_webdataset_samples_without_an_image_say_why(tmp_path):

@@ -273,6 +273,8 @@ def _main_impl(argv: list[str] | None) -> None:
     from ml_collections import config_flags
 
     spec = config_spec(argv[2:])
+    if spec and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", spec) and spec[:5].lower() != "file:":
+        _usage_error(stage, f"--config {spec}: a config file on this machine (or a file:// URL)")
     if spec:
         config_file, arg = config_file_of(spec)
         if os.path.isdir(config_file):
@@ -524,7 +526,7 @@ def config_file_problem(path: str, arg: str) -> str:
     module.__file__ = path
     try:
         exec(code, module.__dict__)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         return f"{type(e).__name__} while loading it: {e}"
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
@@ -533,7 +535,7 @@ def config_file_problem(path: str, arg: str) -> str:
         config = get_config(arg) if arg else get_config()
     except ConfigError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         call = f"get_config({arg!r})" if arg else "get_config()"
         return f"{call} raised {type(e).__name__}: {e}"
     if not hasattr(config, "to_dict"):
@@ -554,8 +556,13 @@ def config_spec(args: list[str]) -> str | None:
 
 
 def _allow_sibling_imports(spec: str) -> None:
-    """Config files may import their siblings (`from configs import pretrain`)."""
-    sys.path.insert(0, str(Path(config_file_of(spec)[0]).resolve().parent.parent))
+    """Config files may import their siblings: `from configs import pretrain` (the folder
+    above theirs first on the path) or `import helper` (their own folder, last, so a config
+    file's name never hides a module)."""
+    folder = Path(config_file_of(spec)[0]).resolve().parent
+    sys.path.insert(0, str(folder.parent))
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
 
 def _usage_error(stage: str, message: str) -> NoReturn:

@@ -131,37 +131,54 @@ def data_counts(train: ImageTextSet) -> dict[str, Any]:
     return counts
 
 
-def input_counts(inputs: list[tuple[str, int]], records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Per input of a set read from several joined by commas: {"input", "rows_read",
-    "input_records"} (records kept after decoding); [] for a single input."""
-    if len(inputs) < 2:
+def input_counts(
+    parts: list[str], inputs: list[tuple[str, int]], records: Sequence[Record]
+) -> list[dict[str, Any]]:
+    """Per input of a set read from several joined by commas (`parts`, in order): {"input",
+    "rows_read", "input_records"} (records kept after decoding; 0 rows for an input that
+    max_rows stopped the reading before); [] for a single input. `inputs`: (input, rows
+    read) of those read, from `readers.read_records`."""
+    if len(parts) < 2:
         return []
     kept = collections.Counter(r.part for r in records)
+    read = [n for _, n in inputs] + [0] * (len(parts) - len(inputs))
     return [
         {"input": path, "rows_read": n, "input_records": kept.get(i, 0)}
-        for i, (path, n) in enumerate(inputs)
+        for i, (path, n) in enumerate(zip(parts, read, strict=True))
     ]
 
 
+_ROOT_KEYS = {
+    "train": "data.image_root",
+    "test": "data.test_image_root",
+    "clean": "caption.image_root",
+}
+_SET_NAMES = {"train": "the training set", "test": "the test set", "clean": "the caption set"}
+
+
 def check_every_input_used(
-    per_input: list[dict[str, Any]], roots: list[str], role: str, skips: Skips
+    per_input: list[dict[str, Any]], roots: list[str], role: str, skips: Skips, whole: int
 ) -> None:
     """An InputError where one of several inputs gave no usable row while the others did: a
     whole input lost to one image root, a wrong split or a broken export is a mistake to fix,
-    not rows to skip in silence."""
-    empty = [c for c in per_input if not c["input_records"]]
-    if not empty or len(empty) == len(per_input):
+    not rows to skip in silence. Only the first `whole` inputs are checked (max_rows may
+    have cut the set inside the next one, or before it)."""
+    others = sum(c["input_records"] for c in per_input)
+    empty = [c for c in per_input[:whole] if not c["input_records"]]
+    if not empty or not others:
         return
     first = empty[0]
+    where = f"{first['input']}: no usable rows for {_SET_NAMES.get(role, role)}"
+    if not first["rows_read"]:
+        raise InputError(f"{where}: it has no rows, while the inputs joined with it have {others}")
     root = roots[per_input.index(first)]  # `roots`: each input's, in the inputs' order
     joined = f"joined with the image root {root!r}" if root else "read beside the file"
-    others = sum(c["input_records"] for c in per_input)
+    key = _ROOT_KEYS.get(role, "data.image_root")
     raise InputError(
-        f"{first['input']}: no usable rows for {role} ({first['rows_read']} read), while the "
-        f"other inputs joined with it have {others}; its relative image paths were {joined}. "
-        "Each input can have its own root: data.image_root=ROOT1,ROOT2,... in the inputs' "
-        f"order (an empty entry: that file's own folder). Skipped in all: {skips.as_dict()}, "
-        f"e.g. {skips.examples}"
+        f"{where} ({first['rows_read']} read), while the other inputs joined with it have "
+        f"{others}; its relative image paths were {joined}. Each input can have its own root: "
+        f"{key}=ROOT1,ROOT2,... in the inputs' order (an empty entry: that file's own folder). "
+        f"Skipped in all: {skips.as_dict()}, e.g. {skips.examples}"
     )
 
 
@@ -438,10 +455,13 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     if not ids:
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
         raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
-    per_input = input_counts(inputs, records)
-    if not (max_rows and rows_read >= max_rows):  # a set cut short may end before an input
-        roots = readers.input_roots(readers.split_inputs(path), image_root_of(data_cfg, role))
-        check_every_input_used(per_input, roots, role, skips)
+    parts = readers.split_inputs(path) if path else []
+    per_input = input_counts(parts, inputs, records)
+    if per_input:
+        # Inputs read whole: where max_rows cut the set, not the one it cut, nor any after.
+        whole = len(inputs) - int(bool(max_rows and rows_read >= max_rows))
+        roots = readers.input_roots(parts, image_root_of(data_cfg, role))
+        check_every_input_used(per_input, roots, role, skips, whole)
     loaded = ImageTextSet(
         ids=ids,
         images=images,

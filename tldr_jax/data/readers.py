@@ -703,15 +703,22 @@ def _read_tsv(path: str, image_root: str, sink: _RecordSink, sep: str = "\t") ->
             continue
         first = fields[0].strip()
         # Read the other way round only where it is plain: a first column that is one word (a
-        # URL, a file name) and a second that is words, not a path.
-        if header is None and _one_word(first) and not _one_word(image_field):
+        # URL, a file name), a second that names no image file (a caption; a path that exists
+        # is read as one, whatever the caption looks like).
+        swapped = False
+        if (
+            header is None
+            and _one_word(first)
+            and not _IMAGE_NAME.search(image_field)
+            and not os.path.exists(_resolve(image_field, image_root, base_dir))
+        ):
             if _is_remote(first):  # CC12M's own cc12m.tsv: url<TAB>caption, no header
                 detail = f"{URL_DETAIL} (the URL is the first column: url<TAB>caption){lines}"
                 skips.skip("missing_image", path, lineno, detail)
                 continue
-            swapped = _IMAGE_NAME.search(first) and not _IMAGE_NAME.search(image_field)
-        else:
-            swapped = False
+            # Flickr8k's token file: `1000268201.jpg#0<TAB>A child in a pink dress .`
+            words = not _one_word(image_field) and "/" not in image_field
+            swapped = bool(_IMAGE_NAME.search(first)) and words
         if swapped:
             detail = (
                 "the first column looks like an image file and the second like a caption: "

@@ -151,6 +151,7 @@ def train_and_evaluate(
     num_steps: int | None = None,
     name: str = "pretrain",
     diverged_remedy: str | None = None,
+    summary_file: str = "",
 ) -> tuple[dict[str, Any], DualEncoder]:
     """Trains a dual encoder from scratch (or resumes) on `train`; evaluates on `test`.
 
@@ -158,7 +159,9 @@ def train_and_evaluate(
     Checkpoints go to workdir/checkpoints; metrics to workdir/metrics/<name>.csv|png.
     Returns the summary and the trained model. A run that diverges stops with a ConfigError
     (`train_state.check_finite`); `diverged_remedy` says what to do besides lowering
-    `train.lr` (default: a new workdir, or delete workdir/checkpoints).
+    `train.lr` (default: a new workdir, or delete workdir/checkpoints). `summary_file`: the
+    summary the end of this run writes in workdir, removed when there are steps left to
+    train (until it is written again, the workdir's run is unfinished: `run_evaluate`).
     """
     workdir = Path(workdir)
     remedy = diverged_remedy or train_state.checkpoints_remedy(workdir / "checkpoints")
@@ -203,6 +206,8 @@ def train_and_evaluate(
         last_loss = (extra or {}).get("loss")
         log.info("%s: resumed from step %d", name, start)
     logger = MetricLogger(workdir, name, resume_step=start)
+    if summary_file and start < total and dist.is_main():
+        (workdir / summary_file).unlink(missing_ok=True)
 
     # --- Train loop.
     t0 = time.time()
@@ -340,10 +345,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`tldr-jax pretrain`: train a dual encoder, evaluate retrieval, write pretrain.json."""
     train = load_set(config.data.train, config.data, "train")
     check_resume(config, workdir, train)  # before the test set is read or anything is built
-    if dist.is_main():  # written again when this run ends: until then the run is unfinished
-        (Path(workdir) / "pretrain.json").unlink(missing_ok=True)
     test = load_set(config.data.test, config.data, "test")
-    result, _ = train_and_evaluate(config, workdir, train, test, make_text_encoder(config))
+    result, _ = train_and_evaluate(
+        config, workdir, train, test, make_text_encoder(config), summary_file="pretrain.json"
+    )
     return {**result, **data_summary(train, test)}
 
 
