@@ -143,24 +143,20 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
     # Trained with another optimizer than the config's default: `evaluate` restores only the
     # model (it failed on the optimizer state's tree before).
     sgd = ["--config.train.optimizer=sgd", "--config.train.grad_clip=0"]
-    r = run_cli(
-        "pretrain",
-        "--config",
-        "configs/pretrain.py:small",
-        "--workdir",
-        str(work),
-        *overrides,
-        *sgd,
-    )
+
+    def stage(name: str, *extra: str):
+        return run_cli(
+            name, "--config", "configs/pretrain.py:small", "--workdir", str(work), *extra
+        )
+
+    r = stage("pretrain", *overrides, *sgd)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((work / "pretrain.json").read_text())
     for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "skipped", "rows_read"):
         assert k in summary
     assert summary["rows_read"] == 256 and summary["test_images"] == 48
     assert (work / "metrics" / "pretrain.png").exists()
-    r = run_cli(
-        "evaluate", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
-    )
+    r = stage("evaluate", *overrides)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((work / "evaluate.json").read_text())
     for k in ("tr_r1", "ir_r1", "ir_r10"):
@@ -171,24 +167,12 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
     # usable row) leaves its summary: the run is still the finished one
     bad_test = work / "bad_test.json"
     bad_test.write_text("[]")
-    r = run_cli(
-        "pretrain",
-        "--config",
-        "configs/pretrain.py:small",
-        "--workdir",
-        str(work),
-        *overrides[:-2],
-        f"--config.data.test={bad_test}",
-        overrides[-1],
-        *sgd,
-    )
+    r = stage("pretrain", *overrides[:-2], f"--config.data.test={bad_test}", overrides[-1], *sgd)
     assert r.returncode == 2 and "no usable rows" in r.stderr, r.stderr[-2000:]
     assert (work / "pretrain.json").exists()
     # a checkpoint of a run stopped on the way (no pretrain.json yet) is evaluated, and said so
     (work / "pretrain.json").unlink()
-    r = run_cli(
-        "evaluate", "--config", "configs/pretrain.py:small", "--workdir", str(work), *overrides
-    )
+    r = stage("evaluate", *overrides)
     assert r.returncode == 0 and "of a training run that has not finished" in r.stderr
     assert json.loads((work / "evaluate.json").read_text())["training_finished"] is False
 
