@@ -493,16 +493,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
 def config_file_of(spec: str) -> tuple[str, str]:
     """`FILE[:arg]` (the `--config` value) -> (the file's local path, arg): `~` is home and a
     `file://` URL is the path it names (`file:///x/tldr.py:small`)."""
-    if spec[:5].lower() == "file:":
-        from tldr_jax.data.readers import file_url_path
+    from tldr_jax.config_check import local_path
 
-        rest = spec[5:]
-        head, sep, arg = rest.partition(":")
-        local = file_url_path("file:" + head)
-        if local is not None:
-            return local, arg
+    if spec[:5].lower() == "file:":  # the arg follows the URL's own `file:`
+        head, _, arg = spec[5:].partition(":")
+        return local_path("file:" + head), arg
     path, _, arg = spec.partition(":")
-    return os.path.expanduser(path), arg
+    return local_path(path), arg
 
 
 def config_file_problem(path: str, arg: str) -> str:

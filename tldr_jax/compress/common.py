@@ -341,24 +341,20 @@ def warn_stale_downstream(workdir: Path, stage: str, diff: dict[str, tuple[Any, 
     """A stage run alone that redoes its work (`REDO`) with other settings leaves the outputs
     made from its earlier output describing that one: says which, so they are not read as
     this run's (`compress` refuses them until they are deleted)."""
-    if not diff:
+    if not diff or not dist.is_main():
         return
     stale = [str(workdir / FOLDERS[s]) for s in downstream(stage) if _has_output(workdir, s)]
     stale += [str(workdir / n) for n in ("compress.json", "report.md") if (workdir / n).exists()]
     if stage == "write":  # its own folder holds train.json; the comparison is made from it
         stale = [p for p in stale if p != str(workdir / FOLDERS["write"])]
-    if not stale:
-        return
-    changed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
-    if not dist.is_main():
-        return
-    log.warning(
-        "%s: redoing it with other settings (%s): %s were made from its earlier output and no "
-        "longer match it (a `compress` rerun names what to delete)",
-        stage,
-        changed,
-        ", ".join(stale),
-    )
+    if stale:
+        log.warning(
+            "%s: redoing it with other settings (%s): %s were made from its earlier output and "
+            "no longer match it (a `compress` rerun names what to delete)",
+            stage,
+            signature.describe(diff),
+            ", ".join(stale),
+        )
 
 
 def check_pipeline(

@@ -359,21 +359,22 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
             data_cfg.train,
         )
     cache_dir = str(data_cfg.get("cache_dir", "") or "") if path else ""
-    inputs: list[tuple[str, int]] = []  # (input, rows read) of each of several inputs
+    parts = readers.split_inputs(path) if path else []
+    inputs: list[tuple[str, int]] = []  # (input, rows read) of each input read
     try:
         if cache_dir:
             key = imagestore.cache_key(path, data_cfg, role, skips.strict)
             cached = imagestore.load_cached(cache_dir, key, skips)
-            if cached and "inputs" not in cached[0] and len(readers.split_inputs(path)) > 1:
+            if cached and "inputs" not in cached[0] and len(parts) > 1:
                 # an entry from before per-input counts: read again, so each input is checked
                 cached, skips = None, Skips(strict=skips.strict)
         if cache_dir and cached:
             meta, images = cached
-            parts = meta.get("parts") or [0] * len(meta["ids"])
+            record_parts = meta.get("parts") or [0] * len(meta["ids"])
             records = [
                 Record(i, "", tuple(c), k, part=p)
                 for i, c, k, p in zip(
-                    meta["ids"], meta["captions"], meta["image_keys"], parts, strict=True
+                    meta["ids"], meta["captions"], meta["image_keys"], record_parts, strict=True
                 )
             ]
             rows_read = int(meta["rows_read"])
@@ -455,7 +456,6 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     if not ids:
         why = f"skipped {skips.as_dict()}, e.g. {skips.first}" if skips.total else "it is empty"
         raise InputError(f"{source}: no usable rows for {role} ({rows_read} read; {why})")
-    parts = readers.split_inputs(path) if path else []
     per_input = input_counts(parts, inputs, records)
     if per_input:
         # Inputs read whole: where max_rows cut the set, not the one it cut, nor any after.

@@ -21,7 +21,6 @@ targets; its factors live in the checkpoints and, with the dense S, in distilled
 
 from __future__ import annotations
 
-import functools
 import logging
 import textwrap
 import time
@@ -263,11 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     data = et.load_pairs(config, workdir)
     sig = distill_signature(config, et.check_buffer(workdir, config, data))
-    retired = et.RETIRED_DISTILL_KEYS
-    check = functools.partial(
-        et.check_signature, redo="distill again", retired=retired, names=et.distill_key
-    )
-    check(out_dir / "signature.json", sig, create=False)  # refused before anything is loaded
+    et.check_distill_signature(out_dir / "signature.json", sig)  # before anything is loaded
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])
     trajs = et.load_trajectories(workdir_p, int(b.num_experts), epochs, student.num_params, n)
@@ -350,7 +345,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Recorded once the run is past every check at its start (a run stopped at "no finished
     # expert" or "num_pairs > training pairs" leaves no record that would refuse the rerun
     # with the fix), before its first checkpoint.
-    check(out_dir / "signature.json", sig, create=True)
+    et.check_distill_signature(out_dir / "signature.json", sig, create=True)
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
     start = ckpt.latest_step() or 0
     skipped = 0

@@ -264,14 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     b, e = config.buffer, config.eval
     data = et.load_pairs(config, workdir)
     sig = distill_signature(config, et.check_buffer(workdir, config, data))
-    et.check_signature(
-        workdir_p / "distill" / "signature.json",
-        sig,
-        create=False,
-        redo="distill again",
-        retired=et.RETIRED_DISTILL_KEYS,
-        names=et.distill_key,
-    )
+    et.check_distill_signature(workdir_p / "distill" / "signature.json", sig)
     distilled_iterations = check_distilled_iterations(syn, config, npz)
     n = data.num_pairs
     student = et.build_student(config, data.train_txt.shape[1])

@@ -327,6 +327,19 @@ def distill_key(key: str) -> str:
     return buffer_key(key.removeprefix("buffer.")) if key.startswith("buffer.") else key
 
 
+def check_distill_signature(path: Path, sig: dict[str, Any], create: bool = False) -> None:
+    """`check_signature` for W/distill (created by `distill`, checked by `eval-distilled`):
+    `sig` from `distill_stage.distill_signature`."""
+    check_signature(
+        path,
+        sig,
+        create=create,
+        redo="distill again",
+        retired=RETIRED_DISTILL_KEYS,
+        names=distill_key,
+    )
+
+
 def check_buffer(
     workdir: str | Path, config: ml_collections.ConfigDict, data: PairData, create: bool = False
 ) -> dict[str, Any]:
