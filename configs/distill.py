@@ -13,9 +13,11 @@ Command lines (the same workdir for all three stages):
 `small` runs all three stages in about 40 minutes on 2 CPU cores (32 px embedded world, a
 3-layer ConvNet with instancenorm, 12 experts x 8 epochs at lr 0.3, 100 pairs, 400 outer
 iterations of 20 student steps on minibatches of 50 matching 2 expert epochs from a start
-epoch < 5 (max_start_epoch), 2 evaluation models per set).
-The default is the README setting: 100 pairs, syn_steps 8, expert_epochs 1,
-max_start_epoch 2, 20 experts x 10 epochs.
+epoch < 5 (max_start_epoch), 2 evaluation models per set). `tiny` is a smoke test of the
+three stages in a few minutes (tests, CI), not for results.
+The full-size default is SPEC B's setting: 100 pairs, syn_steps 8, expert_epochs 1,
+max_start_epoch 2, 20 experts x 10 epochs at lr 0.1, 2000 outer iterations with the exact
+bounded-memory gradient (grad_mode remat), 5 evaluation models of 50 epochs.
 """
 
 import ml_collections
@@ -57,7 +59,7 @@ def buffer_config(small: bool) -> ml_collections.ConfigDict:
     # buffer.num_experts=60, distill.iterations=1200): 15.6/12.0, above the best 1000-pair
     # coreset (random, 15.5/10.8), at ~3x the run time (kept out of `small`; README).
     b.num_experts = 12 if small else 20
-    b.epochs = 8 if small else 10  # >= max_start_epoch + expert_epochs
+    b.epochs = 8 if small else 10  # >= max_start_epoch - 1 + expert_epochs (starts < max_start)
     # Plain SGD, no momentum, no weight decay (SPEC B.2). small: at the reference's 0.1 the
     # from-scratch 32 px experts sat at TR@1 9-10 after 3 epochs, below 1000 random real
     # pairs (15), which capped what matching them could distil; 0.3 x 8 epochs reaches 34.
@@ -74,7 +76,7 @@ def distill_config(small: bool) -> ml_collections.ConfigDict:
     d.max_start_epoch = 5 if small else 2
     d.iterations = 400 if small else 2000
     d.batch_syn = 50 if small else 0  # student minibatch; 0 = all M pairs every step
-    # unroll | remat | tesla. small: unroll (the reference's behaviour) keeps 10 steps of a
+    # unroll | remat | tesla. small: unroll (the reference's behaviour) keeps 20 steps of a
     # 20k + 0.5M parameter student, a few hundred MB; remat costs about the same time there
     # (README: benchmarks/distill_memory.py) and is the default for real students.
     d.grad_mode = "unroll" if small else "remat"
@@ -137,7 +139,7 @@ def eval_config(small: bool) -> ml_collections.ConfigDict:
     e.momentum = 0.9
     e.weight_decay = 5e-4
     # > 0: cap each model's SGD steps; 0 = epochs only. small: the 1000-pair coresets get 300
-    # steps x 64 = 19k samples seen, about the experts' 3 epochs x 4000 pairs.
+    # steps x 64 = 19k samples seen, about 5 epochs of the 4000 training pairs.
     e.max_steps = 300 if small else 0
     e.coreset_pairs = 0  # 0 = distill.num_pairs
     # The distilled set's models: image (SPEC B.4, the reference) = every parameter at the

@@ -21,6 +21,7 @@ Command lines:
 `small` runs end to end in under 10 minutes on 2 CPU cores, the retrieval comparison
 (full set vs TL;DR subset vs random subset) included. The full-size default leaves that
 comparison off (three pre-training runs on the set): add --config.retrieval_eval.enabled=True.
+`tiny` is a smoke test of every stage in about a minute (tests, CI), not for results.
 """
 
 import ml_collections
@@ -168,7 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     """`:tiny`: a smoke test of every stage in about a minute (tests, CI); not for results."""
     vit = dict(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)
-    dec = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
+    dec = dict(width=16, depth=1, heads=2, mlp_dim=32)
     config.data.image_size = 16
     config.data.world.update(image_size=16, num_pairs=192, num_test=24, num_clean=24)
     config.model.image_kwargs.update(depth=2, width=8)

@@ -38,6 +38,26 @@ def test_shipped_configs_pass(module, arg):
     assert config_check.problems(module.get_config(arg)) == []
 
 
+@pytest.mark.parametrize("arg", [None, "small", "tiny", "reference"])
+def test_every_tldr_variant_has_the_same_keys(arg):
+    """An override that works on one variant works on all (`:tiny` once spelt the decoder's
+    `heads` as `num_heads`, so `--config.captioner.decoder.heads=N` failed there alone)."""
+
+    def keys(config, prefix=""):
+        out = set()
+        for k, v in config.items():
+            if hasattr(v, "items") and k not in ("image_kwargs", "world"):
+                out |= keys(v, f"{prefix}{k}.")
+            else:
+                out.add(prefix + k)
+        return out
+
+    base = keys(tldr_config.get_config(None))
+    assert keys(tldr_config.get_config(arg)) == base
+    decoder = tldr_config.get_config(arg).captioner.decoder
+    assert set(decoder) == {"width", "depth", "heads", "mlp_dim"}
+
+
 def test_every_checked_key_exists_in_some_config():
     """A rule for a key no config has would never run (a renamed key slips through)."""
     configs = [

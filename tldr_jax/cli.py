@@ -405,7 +405,7 @@ def stage_help(stage: str, args: list[str]) -> str:
         f"usage: tldr-jax {stage} --config configs/X.py[:arg] --workdir DIR [--config.a.b=v ...]",
         "",
         f"{stage}: {' '.join(what.split())}",
-        *textwrap.wrap(f"config: {source} (reads its blocks {', '.join(blocks)})", 92),
+        *textwrap.wrap(f"config: {source} (needs the config blocks {', '.join(blocks)})", 92),
         "",
         "flags:",
         "  --config FILE[:arg]    config file; :small / :tiny etc. as its docstring lists",
