@@ -85,6 +85,26 @@ def test_train_captioner_resumes_at_saved_step(trained, tmp_path, monkeypatch):
     assert steps == [1, 2, 3]
 
 
+def test_a_resumed_run_summarises_its_log_window_as_an_uninterrupted_one(
+    trained, tmp_path, monkeypatch
+):
+    """The summary's `final_*` metrics are means over the last log window: a run stopped
+    inside the window and resumed gives the same means (the checkpoint keeps the window)."""
+    config, full_dir, _ = trained
+    config = config.copy_and_resolve_references()
+    config.captioner.train.log_every = 3  # one window: all three steps
+    monkeypatch.setattr(preemption, "agreed", lambda: True)
+    with pytest.raises(preemption.Preempted, match="step 1"):
+        captioner_stage.run(config, str(tmp_path))
+    monkeypatch.setattr(preemption, "agreed", lambda: False)
+    summary = captioner_stage.run(config, str(tmp_path))
+    assert summary["resumed_from"] == 1
+    # The uninterrupted run logged every step: the mean of its three losses.
+    rows = (full_dir / "metrics" / "train-captioner.csv").read_text().splitlines()[1:]
+    per_step = {int(r.split(",")[0]): float(r.split(",")[2]) for r in rows if ",loss," in r}
+    assert summary["final_loss"] == pytest.approx(np.mean([per_step[s] for s in (1, 2, 3)]))
+
+
 def test_chunk_plan_partitions_rows():
     for n, size, procs in [(96, 40, 1), (96, 40, 2), (100, 7, 3), (5, 10, 4)]:
         rows = []

@@ -161,6 +161,7 @@ def test_select_stage_end_to_end(tmp_path, feature, budget, gemm_dtype):
     config = select_config(feature=feature, max_in_memory_mb=budget, gemm_dtype=gemm_dtype)
     summary = select_stage.run(config, str(tmp_path))
     assert summary["gemm_dtype"] == gemm_dtype
+    assert summary["seed"] == 1  # select.seed's own (the global seed is 0)
     assert summary["input_rows"] == 240 and summary["kept_rows"] == 60
     assert summary["pca_dim"] == (12 if feature == "sequence" else 16)  # clamped from 256
     sel = np.load(tmp_path / "select" / "selected.npz")

@@ -282,7 +282,7 @@ def test_image_root_binds_and_retired_keys_do_not(tmp_path, monkeypatch):
     path = tmp_path / "buffer" / "signature.json"
     want = {"train_pairs": 4, "image_root": ""}
     signature.write(path, {**want, "train": "/old/path/train.json"})
-    with pytest.raises(ConfigError, match="train: '/old/path/train.json' -> None"):
+    with pytest.raises(ConfigError, match="train: '/old/path/train.json' -> unset"):
         signature.check_signature(path, want, create=True, redo="x")
     signature.check_signature(path, want, create=True, redo="x", retired=("train",))
 
@@ -371,3 +371,26 @@ def test_distill_refusals_name_config_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         et.check_signature(path, other, create=False, redo="distill again", names=et.distill_key)
     assert "(buffer.lr: 0.3 -> 0.2; data.image_size: 16 -> 20)" in str(err.value)
+
+
+def test_select_seed_minus_one_is_the_global_seed():
+    """select.seed -1 (the default) follows the global seed; the signature records the seed
+    it resolves to, so a workdir made when the default was 0 (global seed 0) is the same run."""
+    from tldr_jax import config_lib
+
+    config = tldr_config.get_config("tiny")
+    fp = {"pairs": 1, "sha256": "x"}
+    sig = common.stage_signature(config, "select", fp)
+    assert config.select.seed == -1 and config.seed == 0 and sig["select.seed"] == 0
+    spelled = config.copy_and_resolve_references()
+    spelled.select.seed = 0
+    assert signature.differences(sig, common.stage_signature(spelled, "select", fp)) == {}
+    other = config.copy_and_resolve_references()
+    other.seed = 3
+    assert config_lib.stage_seed(other, "select") == 3
+    diff = signature.differences(sig, common.stage_signature(other, "select", fp))
+    assert diff["select.seed"] == (0, 3)
+
+
+def test_a_value_not_recorded_is_said_unset():
+    assert signature.describe({"distill.seed": (None, 1)}) == "distill.seed: unset -> 1"

@@ -188,6 +188,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
         summary = resolve_stage(name)(config, workdir)
     summary = dict(summary or {})
     summary.setdefault("stage", name)
+    if "seed" in config:  # the global seed (a stage's own, where it has one, is its summary's)
+        summary.setdefault("seed", int(config.seed))
     summary["wall_s"] = round(time.time() - t0, 3)
     summary.setdefault("num_processes", jax.process_count())
     summary.setdefault("num_devices", jax.device_count())

@@ -180,6 +180,7 @@ def rules() -> dict[str, Rule]:
         "select.whiten": boolean,
         "select.max_in_memory_mb": POSITIVE,
         "select.stream_chunk_rows": COUNT,
+        "select.seed": integer(0, also=(-1,)),
         "score.keep_fraction": number(0.0, 1.0, lo_open=True),
         "score.filter_over": choice("selected", "all"),
         "score.scorer": choice("dual_encoder"),

@@ -37,6 +37,12 @@ def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
     return cfg
 
 
+def stage_seed(config: ml_collections.ConfigDict | Any, block: str) -> int:
+    """A stage's own seed: `<block>.seed`, or the global `seed` where that is -1 (or absent)."""
+    own = int(config[block].get("seed", -1)) if block in config else -1
+    return int(config.get("seed", 0)) if own < 0 else own
+
+
 def world_config(**overrides: object) -> ml_collections.ConfigDict:
     """The embedded procedural world (used when data.train / data.test are empty)."""
     w = ml_collections.ConfigDict()

@@ -270,16 +270,20 @@ def train_model(
     ckpt = Checkpointer(ckpt_dir, max_to_keep=int(tc.get("keep", 2)))
     start = ckpt.latest_step() or 0
     last: dict[str, float] = {}
+    # Metrics of the steps since the last log (device arrays until fetched). A checkpoint
+    # keeps those fetched as floats, so a resumed run logs the same window means as one
+    # that ran straight through.
+    window: list[dict] = []
     if start:
         state, extra = ckpt.restore(start, state, data_iter=data_iter)
         last = dict(extra.get("metrics", {}))
+        window = list(extra.get("window", []))
         log.info("%s: resumed from step %d", name, start)
     logger = MetricLogger(workdir, name, resume_step=start)
 
     t0 = time.time()
     ckpt_every = int(tc.get("ckpt_every", 0)) or total
     log_every = max(int(tc.get("log_every", 50)), 1)
-    window: list[dict] = []  # device metrics since the last log (fetched once per log)
     pbar = tqdm(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
     with preemption.polling():
         for step in pbar:
@@ -290,7 +294,9 @@ def train_model(
             done = step + 1
             if done % log_every == 0 or done == total:
                 fetched = jax.device_get(window)
-                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                # float64 means of the float32 values: the same whether fetched now or read
+                # back from a checkpoint.
+                last = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
                 window = []
                 train_state.check_finite(name, done, key, tc, remedy, loss=last["loss"])
                 logger.log(done, **last)
@@ -301,7 +307,9 @@ def train_model(
                 train_state.check_finite(
                     name, done, key, tc, remedy, loss=loss, params=state["params"]
                 )
-                ckpt.save(done, state, extra={"name": name, "metrics": last}, data_iter=data_iter)
+                window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(window)]
+                extra = {"name": name, "metrics": last, "window": window}
+                ckpt.save(done, state, extra=extra, data_iter=data_iter)
             if stop:
                 logger.close()
                 ckpt.close()

@@ -11,6 +11,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tldr_jax import config_lib
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, data_counts, load_set  # noqa: F401 (re-export)
 from tldr_jax.utils import dist, signature
@@ -175,7 +176,10 @@ def _own_keys(config: ml_collections.ConfigDict, stage: str) -> tuple[dict, dict
         return values(config, ("extract",), ("extract.batch_size",)), {}
     if stage == "select":
         skip = ("select.max_in_memory_mb", "select.stream_chunk_rows")
-        return values(config, ("select",), skip), {}
+        own = values(config, ("select",), skip)
+        # The resolved seed: -1 (the global seed) and that seed written out are the same run.
+        own["select.seed"] = config_lib.stage_seed(config, "select")
+        return own, {}
     if stage == "score":
         keys = ("score", "model", "train", *_TEXT_ENCODER, "seed")
         # data.test: only the full set's retrieval (the comparison's baseline) reads it.

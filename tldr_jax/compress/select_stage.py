@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tldr_jax import config_lib
 from tldr_jax.compress.common import DATA_COUNT_KEYS, check_stage, require_inputs
 from tldr_jax.select import features as features_lib
 from tldr_jax.select import kmeans as kmeans_lib
@@ -202,7 +203,7 @@ def run(config: Any, workdir: str) -> dict:
     check_stage(config, workdir, "select")  # the outputs it reads: same settings and data
     cfg = config.select
     out = Path(workdir) / "select"
-    seed = int(cfg.get("seed", config.get("seed", 0)))
+    seed = config_lib.stage_seed(config, "select")
     timings: dict[str, float] = {}
 
     # Features: every process reads every row (same order, same features); k-means shards the rows.
@@ -308,5 +309,6 @@ def run(config: Any, workdir: str) -> dict:
         "empty_reseeded": result.empty_reseeded,
         "streamed": stream,
         "gemm_dtype": cfg.get("gemm_dtype", "float32"),
+        "seed": seed,  # select.seed, or the global seed where that is -1
         **{key: round(v, 3) for key, v in timings.items()},
     }

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from tldr_jax import config_lib
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.images import denormalize
 from tldr_jax.distill import expert_trajectories as et
@@ -188,8 +189,7 @@ def distill_signature(config: ml_collections.ConfigDict, buffer_sig: dict) -> di
 
 def distill_seed(config: ml_collections.ConfigDict) -> int:
     """The distill stage's seed: `distill.seed`, or the global `seed` where that is -1."""
-    s = int(config.distill.get("seed", -1))
-    return int(config.seed) if s < 0 else s
+    return config_lib.stage_seed(config, "distill")
 
 
 def start_epochs(config: ml_collections.ConfigDict) -> int:

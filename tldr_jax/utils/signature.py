@@ -223,8 +223,16 @@ def describe(diff: Mapping[str, tuple[Any, Any]]) -> str:
         (n0, n1), (h0, h1) = (diff.get(k, (None, None)) for k in pair)
         parts.append(f"training data changed ({_data(n0, h0)} -> {_data(n1, h1)})")
         said |= set(pair)
-    parts += [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in said]
+    parts += [
+        f"{k}: {_value(old)} -> {_value(new)}" for k, (old, new) in diff.items() if k not in said
+    ]
     return "; ".join(parts)
+
+
+def _value(v: Any) -> str:
+    """A recorded value as the refusal says it: `unset` where none was recorded (a key a
+    signature leaves out at its default, e.g. `distill.seed` following the global seed)."""
+    return "unset" if v is None else repr(v)
 
 
 def _data(pairs: Any, sha: Any) -> str:
