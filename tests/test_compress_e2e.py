@@ -106,7 +106,12 @@ def test_kill9_mid_stage_then_rerun_gives_identical_train_json(tmp_path, clean_r
     proc.wait(timeout=60)
     assert not (tmp_path / "caption.json").exists()
     assert (tmp_path / "train-captioner.json").exists()  # finished stages are kept
-    _finish(tmp_path)
+    first = _finish(tmp_path)
     assert (tmp_path / "compress" / "train.json").read_bytes() == (
         clean_dir / "compress" / "train.json"
     ).read_bytes()
+    # A rerun that finds every stage done keeps what making them took.
+    again = _finish(tmp_path)
+    assert again["stage_wall_s"] == first["stage_wall_s"]
+    assert set(first["stage_wall_s"]) >= {"train-captioner", "write", "retrieval_eval"}
+    assert again["total_s"] == first["total_s"] == round(sum(first["stage_wall_s"].values()), 3)

@@ -27,7 +27,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from tldr_jax.caption.generate import generate_captions
 from tldr_jax.compress.captioner_stage import (
@@ -57,7 +56,7 @@ from tldr_jax.data.records import Skips, clean_caption
 from tldr_jax.data.tokenizer import Tokenizer, load_tokenizer
 from tldr_jax.models import make_image_encoder
 from tldr_jax.models.captioner import Captioner, TextDecoder
-from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils import dist, io, preemption, progress
 from tldr_jax.utils.mesh import data_sharding, make_mesh
 
 log = logging.getLogger(__name__)
@@ -164,7 +163,9 @@ def generate_texts(
     )
     texts: list[str] = []
     batches = padded_batches(len(images), batch_size)
-    for b, idx in enumerate(tqdm(batches, desc=f"{NAME} generate", disable=not dist.is_main())):
+    for b, idx in enumerate(
+        progress.bar(batches, desc=f"{NAME} generate", disable=not dist.is_main())
+    ):
         x = jax.device_put(normalize(images[idx]), data_sharding(mesh))
         rng = jax.random.fold_in(jax.random.key(seed), row_offset + b * batch_size)
         tokens = np.asarray(generate_captions(model, x, prompt_ids, rng=rng, **kwargs))

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh
-from tqdm import tqdm
 
 from tldr_jax.compress.common import check_stage, data_counts, load_train, stage_dir
 from tldr_jax.config_check import ConfigError, check_batch_fits
@@ -36,7 +35,7 @@ from tldr_jax.models.captioner import CodebookCaptioner, TextDecoder
 from tldr_jax.models.vq import VectorQuantizer
 from tldr_jax.train import state as train_state
 from tldr_jax.train.checkpoint import Checkpointer
-from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils import dist, io, preemption, progress
 from tldr_jax.utils.mesh import DATA_AXES, data_sharding, make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -284,7 +283,7 @@ def train_model(
     t0 = time.time()
     ckpt_every = int(tc.get("ckpt_every", 0)) or total
     log_every = max(int(tc.get("log_every", 50)), 1)
-    pbar = tqdm(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
+    pbar = progress.bar(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
     with preemption.polling():
         for step in pbar:
             batch = next(data_iter)
@@ -300,7 +299,7 @@ def train_model(
                 window = []
                 train_state.check_finite(name, done, key, tc, remedy, loss=last["loss"])
                 logger.log(done, **last)
-                pbar.set_postfix(loss=f"{last['loss']:.3f}")
+                pbar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
             stop = preemption.agreed() and done < total
             if done % ckpt_every == 0 or done == total or stop:
                 loss = float(metrics["loss"])  # this step's: the log window may be older

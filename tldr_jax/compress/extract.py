@@ -22,7 +22,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from tldr_jax.compress.captioner_stage import (
     local_mesh,
@@ -41,7 +40,7 @@ from tldr_jax.compress.common import (
 from tldr_jax.data.dataset import ImageTextSet
 from tldr_jax.data.images import normalize
 from tldr_jax.models.captioner import CodebookCaptioner
-from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils import dist, io, preemption, progress
 from tldr_jax.utils.mesh import data_sharding, make_mesh, replicated
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,9 @@ def extract_chunks(
     todo = [(c, a, b) for c, a, b in plan if not chunk_path(out_dir, c).exists()]
     done = len(plan) - len(todo)  # this process's chunks written by earlier runs
     with preemption.polling():
-        for c, start, stop in tqdm(todo, desc=NAME, disable=not dist.is_main(), leave=False):
+        for c, start, stop in progress.bar(
+            todo, desc=NAME, disable=not dist.is_main(), leave=False
+        ):
             rows = np.arange(start, stop)
             parts = []
             for idx in padded_batches(len(rows), batch_size):

@@ -24,13 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import tqdm
 
 from tldr_jax.config_lib import image_root_of, max_rows_of
 from tldr_jax.data import images as images_lib
 from tldr_jax.data import readers
 from tldr_jax.data.records import LazyImage, Record, Skips
 from tldr_jax.utils import io as io_lib
+from tldr_jax.utils import progress
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def decode_records(
         except images_lib.ImageError as e:
             errors[j] = e
 
-    bar = tqdm.tqdm(total=n, desc=f"decode {source}", unit="img", disable=n < 20 * _CHUNK)
+    bar = progress.bar(total=n, desc=f"decode {source}", unit="img", disable=n < 20 * _CHUNK)
     with ThreadPoolExecutor(max(1, workers)) as pool, bar:
         for start in range(0, n, _CHUNK):
             chunk = range(start, min(n, start + _CHUNK))

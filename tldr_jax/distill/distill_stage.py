@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from tldr_jax import config_lib
 from tldr_jax.config_check import ConfigError
@@ -43,7 +42,7 @@ from tldr_jax.distill import matching
 from tldr_jax.select.kmeans import kmeans
 from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
-from tldr_jax.utils import dist, io, preemption
+from tldr_jax.utils import dist, io, preemption, progress
 from tldr_jax.utils.memory import release_host_memory
 from tldr_jax.utils.mesh import make_mesh, replicated, split_batch_sharding
 from tldr_jax.utils.metrics import MetricLogger
@@ -397,7 +396,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt_every = int(d.ckpt_every) or iterations
     log_every = max(int(d.log_every), 1)
     t0 = time.time()
-    pbar = tqdm(range(start, iterations), desc="distill", disable=not dist.is_main(), leave=False)
+    pbar = progress.bar(
+        range(start, iterations), desc="distill", disable=not dist.is_main(), leave=False
+    )
     with preemption.polling():
         for it in pbar:
             draw = np.random.default_rng([seed, it])
@@ -439,7 +440,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     skipped=skipped,
                     **extra,
                 )
-                pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped)
+                pbar.set_postfix(loss=f"{np.mean(window):.4f}", skipped=skipped, refresh=False)
             stop = preemption.agreed()
             if done % ckpt_every == 0 or done == iterations or stop:
                 extra = {

@@ -34,7 +34,6 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from tldr_jax.config_check import ConfigError, check_contrastive_set
 from tldr_jax.data.dataset import ImageTextSet, load_set
@@ -47,7 +46,7 @@ from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import l2_normalize
-from tldr_jax.utils import dist, preemption, signature
+from tldr_jax.utils import dist, preemption, progress, signature
 from tldr_jax.utils.mesh import make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -473,12 +472,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if "loss" in extra and loss_at_chance(float(extra["loss"]), batch):
                 at_chance.append(e)  # (warned about when it was trained)
             continue
-        log.info("buffer: expert %d resumes at epoch %d", e, done)
+        if done:
+            log.info("buffer: expert %d resumes at epoch %d of %d", e, done, epochs)
+        else:
+            log.info("buffer: expert %d of %d: training %d epochs", e, num_experts, epochs)
         ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1)
         logger = MetricLogger(workdir_p, f"buffer_expert_{e:03d}", resume_step=done)
         theta = (jnp.asarray(traj["img"][done]), jnp.asarray(traj["txt"][done]))
         opt_state = (tx.init(theta[0]), tx.init(theta[1]))  # the trainer places both
-        pbar = tqdm(
+        pbar = progress.bar(
             range(done, epochs), desc=f"expert {e}", disable=not dist.is_main(), leave=False
         )
         with preemption.polling():
@@ -503,7 +505,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 traj["txt"][epoch + 1] = np.asarray(theta[1])
                 recall.append(evaluate(embed, theta, data))
                 logger.log(epoch + 1, loss=float(loss), **recall[-1])
-                pbar.set_postfix(loss=f"{float(loss):.3f}", tr_r1=f"{recall[-1]['tr_r1']:.1f}")
+                pbar.set_postfix(
+                    loss=f"{float(loss):.3f}", tr_r1=f"{recall[-1]['tr_r1']:.1f}", refresh=False
+                )
                 ckpt.save(epoch + 1, traj, extra={"recall": recall, "loss": float(loss)})
                 trained_epochs += 1
                 if preemption.agreed():

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
-from tqdm.auto import tqdm
 
 from tldr_jax.data.tokenizer import hf_tokenizer
 from tldr_jax.models.pretrained import text_model_dir
+from tldr_jax.utils import progress
 from tldr_jax.utils.io import write_npy
 
 POOLINGS = ("cls", "mean")
@@ -276,7 +276,7 @@ class TextEncoder:
         # Small calls do not pay for a full batch of padding rows.
         rows = min(batch_size, 1 << (n - 1).bit_length())
         out = np.zeros((n, self.dim), np.float32)
-        progress = tqdm(total=n, desc="embed texts", unit="text", disable=n < 20 * rows)
+        pbar = progress.bar(total=n, desc="embed texts", unit="text", disable=n < 20 * rows)
         for b, length in enumerate(self._buckets):
             members = np.flatnonzero(bucket_of == b)
             for start in range(0, len(members), rows):
@@ -288,8 +288,8 @@ class TextEncoder:
                     batch_mask[r, : lengths[i]] = 1
                 emb = self._encode(self._params, batch_ids, batch_mask, normalize)
                 out[chunk] = np.asarray(emb)[: len(chunk)]
-                progress.update(len(chunk))
-        progress.close()
+                pbar.update(len(chunk))
+        pbar.close()
         return out
 
     def cache_key(self, texts: Sequence[str], normalize: bool = False) -> str:

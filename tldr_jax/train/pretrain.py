@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from tldr_jax.config_check import check_batch_fits
 from tldr_jax.data.dataset import ImageTextSet, data_counts, load_set
@@ -30,7 +29,7 @@ from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import state as train_state
 from tldr_jax.train.checkpoint import Checkpointer
 from tldr_jax.train.losses import info_nce, l2_normalize
-from tldr_jax.utils import dist, io, preemption, signature
+from tldr_jax.utils import dist, io, preemption, progress, signature
 from tldr_jax.utils.mesh import data_sharding, make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
 
@@ -214,7 +213,7 @@ def train_and_evaluate(
     ckpt_every = int(tc.get("ckpt_every", 0)) or total
     log_every = max(int(tc.get("log_every", 50)), 1)
     metrics: dict[str, Any] = {}
-    pbar = tqdm(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
+    pbar = progress.bar(range(start, total), desc=name, disable=not dist.is_main(), leave=False)
     with preemption.polling():
         for step in pbar:
             batch = next(data_iter)
@@ -226,7 +225,7 @@ def train_and_evaluate(
                 scalars = {k: float(v) for k, v in metrics.items()}
                 train_state.check_finite(name, done, "train", tc, remedy, loss=scalars["loss"])
                 logger.log(done, **scalars)
-                pbar.set_postfix(loss=f"{scalars['loss']:.3f}")
+                pbar.set_postfix(loss=f"{scalars['loss']:.3f}", refresh=False)
             stop = preemption.agreed()
             if done % ckpt_every == 0 or done == total or stop:
                 last_loss = float(metrics["loss"])
