@@ -76,7 +76,7 @@ def test_compress_outputs(clean_run):
         stage_summary = json.loads((w / f"{stage}.json").read_text())
         assert stage_summary["rows_read"] == 192 and "skipped" in stage_summary, stage
         assert stage_summary["captions_dropped"] == 0, stage
-        assert stage_summary["seed"] == 0, stage  # select's: -1 follows the global seed
+        assert stage_summary["seed"] == 0, stage
     for png in ("score_histogram.png", "recall.png", "select/cluster_sizes.png"):
         assert (w / png).stat().st_size > 1000, png
     report = (w / "report.md").read_text()

@@ -2,6 +2,8 @@
 
 import io
 import logging
+import re
+import time
 
 from tldr_jax.utils import progress
 
@@ -50,4 +52,23 @@ def test_line_stream_drops_clears_and_splits_redraws():
     stream.write("\rwork: 10%|#")
     stream.write("\r" + " " * 20 + "\r")  # tqdm clearing a bar
     stream.write("\rwork: 20%|##\n")
+    stream.write("\n\x1b[A")  # tqdm moving the cursor back over a second bar
     assert out.getvalue() == "work: 10%|#\nwork: 20%|##\n"
+
+
+def test_file_lines_come_at_the_interval_without_repeats(monkeypatch):
+    """The real defaults at a short interval: no line for a bar that ends sooner, then at
+    most one line per interval, each with new counts (no monitor-thread repeats)."""
+    monkeypatch.setattr(progress, "FILE_INTERVAL_S", 0.2)
+    quick = _File()
+    for _ in progress.bar(range(3), desc="quick", file=quick):
+        pass
+    assert quick.getvalue() == ""
+    out = _File()
+    t0 = time.monotonic()
+    for _ in progress.bar(range(15), desc="slow", file=out):
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    counts = re.findall(r"(\d+)/15", out.getvalue())
+    assert 1 <= len(counts) <= elapsed / 0.2 + 1
+    assert len(set(counts)) == len(counts)

@@ -374,22 +374,24 @@ def test_distill_refusals_name_config_keys(tmp_path):
 
 
 def test_select_seed_minus_one_is_the_global_seed():
-    """select.seed -1 (the default) follows the global seed; the signature records the seed
-    it resolves to, so a workdir made when the default was 0 (global seed 0) is the same run."""
+    """select.seed -1 follows the global seed; the signature records the seed it resolves
+    to, so -1 and that seed written out are the same run. The default stays 0 whatever the
+    global seed (workdirs made with --config.seed=1 keep their selection)."""
     from tldr_jax import config_lib
 
     config = tldr_config.get_config("tiny")
+    config.seed = 3
     fp = {"pairs": 1, "sha256": "x"}
     sig = common.stage_signature(config, "select", fp)
-    assert config.select.seed == -1 and config.seed == 0 and sig["select.seed"] == 0
+    assert config.select.seed == 0 and sig["select.seed"] == 0
+    follow = config.copy_and_resolve_references()
+    follow.select.seed = -1
+    assert config_lib.stage_seed(follow, "select") == 3
+    following = common.stage_signature(follow, "select", fp)
+    assert signature.differences(sig, following) == {"select.seed": (0, 3)}
     spelled = config.copy_and_resolve_references()
-    spelled.select.seed = 0
-    assert signature.differences(sig, common.stage_signature(spelled, "select", fp)) == {}
-    other = config.copy_and_resolve_references()
-    other.seed = 3
-    assert config_lib.stage_seed(other, "select") == 3
-    diff = signature.differences(sig, common.stage_signature(other, "select", fp))
-    assert diff["select.seed"] == (0, 3)
+    spelled.select.seed = 3
+    assert signature.differences(following, common.stage_signature(spelled, "select", fp)) == {}
 
 
 def test_a_value_not_recorded_is_said_unset():

@@ -473,15 +473,16 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
         captions_dropped=skips.captions_dropped,
         inputs=per_input,
     )
-    log.info(
-        "%s (%s): %d rows read, %d usable (%d image-caption pairs), %d skipped",
-        source,
-        role,
-        rows_read,
-        len(ids),
-        sum(len(r.captions) for r in records),
-        skips.total,
-    )
+    if jax.process_index() == 0:
+        log.info(
+            "%s (%s): %d rows read, %d usable (%d image-caption pairs), %d skipped",
+            source,
+            role,
+            rows_read,
+            len(ids),
+            sum(len(r.captions) for r in records),
+            skips.total,
+        )
     if role != "test":
         return loaded
     grouped = group_by_image(loaded)

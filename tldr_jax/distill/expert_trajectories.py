@@ -475,7 +475,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if done:
             log.info("buffer: expert %d resumes at epoch %d of %d", e, done, epochs)
         else:
-            log.info("buffer: expert %d of %d: training %d epochs", e, num_experts, epochs)
+            log.info("buffer: training expert %d (of %d), %d epochs", e, num_experts, epochs)
         ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1)
         logger = MetricLogger(workdir_p, f"buffer_expert_{e:03d}", resume_step=done)
         theta = (jnp.asarray(traj["img"][done]), jnp.asarray(traj["txt"][done]))

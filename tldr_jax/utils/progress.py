@@ -9,6 +9,7 @@ starts a line. A Jupyter kernel keeps tqdm's notebook widget.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -16,17 +17,19 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 FILE_INTERVAL_S = 30.0  # seconds between progress lines where stderr is not a terminal
+_CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's moves between stacked bars
 
 
 class LineStream:
     """A stream for tqdm that turns each in-place redraw into a whole line: tqdm starts a
-    redraw with a carriage return and ends none; clearing (spaces) writes nothing."""
+    redraw with a carriage return and ends none; clearing (spaces) and cursor moves write
+    nothing."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
 
     def write(self, text: str) -> None:
-        for part in text.replace("\n", "\r").split("\r"):
+        for part in _CURSOR_MOVES.sub("", text).replace("\n", "\r").split("\r"):
             if part.strip():
                 self.stream.write(part.rstrip() + "\n")
 
@@ -42,8 +45,10 @@ def _is_terminal(stream: Any) -> bool:
 
 
 def bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
-    """`tqdm(iterable, **kwargs)`; where stderr is not a terminal (and not a notebook), one
-    line per update every `FILE_INTERVAL_S` seconds instead of redraws in place."""
+    """`tqdm(iterable, **kwargs)`; where stderr is not a terminal (and not a notebook), a line
+    at most every `FILE_INTERVAL_S` seconds instead of redraws in place: none for a bar that
+    ends sooner, and no repeats from tqdm's monitor thread (`miniters=1` keeps tqdm from
+    tuning its own update rate, which is what lets that thread print)."""
     if "ipykernel" in sys.modules:
         from tqdm.auto import tqdm as auto
 
@@ -52,4 +57,6 @@ def bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     if not _is_terminal(stream):
         kwargs["file"] = LineStream(stream)
         kwargs.setdefault("mininterval", FILE_INTERVAL_S)
+        kwargs.setdefault("miniters", 1)
+        kwargs.setdefault("delay", kwargs["mininterval"])
     return tqdm(iterable, **kwargs)
