@@ -58,6 +58,11 @@ def test_text_encoder_matches_pytorch(encoder, reference):
     assert encoder.embed([]).shape == (0, 384)
 
 
+def test_embed_refuses_a_bare_string(encoder):
+    with pytest.raises(TypeError, match=r"embed\(\[text\]\)"):
+        encoder.embed("hello")
+
+
 def test_truncation_keeps_sep(encoder):
     (ids,) = encoder.tokenize(["word " * 200])
     assert len(ids) == encoder.max_len and ids[0] == 101 and ids[-1] == 102

@@ -115,3 +115,19 @@ def test_eval_minibatches_are_whole_epochs_with_a_smaller_last_batch():
     even = epoch_minibatches(jax.random.key(0), 128, 64, steps=3)
     assert [b.shape for b in even] == [(2, 64), (1, 64)]
     assert sorted(even[0].ravel().tolist()) == list(range(128))
+
+
+def test_bad_inputs_are_named():
+    x = np.random.default_rng(0).normal(size=(10, 3))
+    x[2, 0] = np.nan
+    for select in (lambda f: coresets.herding(f, 3), lambda f: coresets.kcenter(f, 3, 0)):
+        with pytest.raises(ValueError, match="1 rows are not finite .first: row 2"):
+            select(x)
+        with pytest.raises(ValueError, match="2-D"):
+            select(np.zeros(10))
+    ok = np.random.default_rng(0).normal(size=(10, 3))
+    assert len(coresets.herding(ok.tolist(), 3)) == 3  # any array-like
+    with pytest.raises(TypeError, match="budget must be an integer"):
+        coresets.herding(ok, 3.0)
+    with pytest.raises(ValueError, match="epochs, N"):
+        coresets.forgetting(np.ones(10, bool), 3, 0)

@@ -78,3 +78,20 @@ def test_a_diverged_model_scores_zero_not_one_hundred(caplog):
     one = retrieval_metrics(img, txt, txt2img)
     assert one["ir_r1"] == pytest.approx(100 * (100 - 5 - 1) / 100)  # image 3's captions, 7
     assert one["tr_r1"] == pytest.approx(100 * 19 / 20)  # image 3; image 1 keeps 4 captions
+
+
+def test_txt2img_is_checked(caplog):
+    sim = np.random.default_rng(0).normal(size=(3, 5))
+    with pytest.raises(ValueError, match="one image index per caption .5."):
+        recall_at_k(sim, np.array([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(ValueError, match="there are 3 images"):
+        recall_at_k(sim, np.array([0, 0, 1, 1, 3]))
+    with pytest.raises(ValueError, match="integer"):
+        recall_at_k(sim, np.array([0.0, 0, 1, 1, 1]))
+    emb = np.eye(3, 4, dtype=np.float32)
+    with pytest.raises(ValueError, match="one image index per caption"):
+        retrieval_metrics(emb, emb, np.array([0, 1]))
+    # An image without a caption is a miss for image->text, said in a warning.
+    r = recall_at_k(np.eye(3, 2), np.array([0, 1]), ks=(1,))
+    assert r["tr_r1"] == pytest.approx(200 / 3) and r["ir_r1"] == 100.0
+    assert "1 of 3 images have no caption" in caplog.text

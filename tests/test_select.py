@@ -145,6 +145,20 @@ def select_config(**select):
     return config
 
 
+def test_select_checks_count_and_stride():
+    a = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    d = np.arange(10.0)
+    for strategy in strategies.STRATEGIES:
+        for count in (-1, 11, 2.5):
+            with pytest.raises(ValueError, match=r"count must be an integer in \[0, 10\]"):
+                strategies.select(strategy, a, d, count)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        strategies.select("stride", a, d, 3, stride=0)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        strategies.stride_count(a, 0)
+    assert len(strategies.select("ratio", a, d, 10)) == 10
+
+
 @pytest.mark.parametrize(
     "feature,budget,gemm_dtype",
     [

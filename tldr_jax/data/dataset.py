@@ -331,6 +331,7 @@ def load_set(path: str, data_cfg: ml_collections.ConfigDict | Any, role: str) ->
     test set data.test_image_root when given),
     data.strict, data.max_rows, data.decode_workers, data.cache_dir (a folder: decode once
     into a memory-mapped file there, reused by later loads; see `imagestore`) and data.world.
+    From Python, build `data_cfg` with `config_lib.data_config(image_size=..., image_root=...)`.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")

@@ -16,8 +16,21 @@ import numpy as np
 
 
 def _check_budget(n: int, budget: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise TypeError(f"budget must be an integer, got {budget!r}")
     if not 0 < budget <= n:
         raise ValueError(f"budget must be in [1, {n}], got {budget}")
+
+
+def _features(features: np.ndarray) -> np.ndarray:
+    """`features` as a finite (N, D) float64 array, or a ValueError naming what is wrong."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D (N, D) array, got shape {x.shape}")
+    bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
+    if bad.size:
+        raise ValueError(f"features: {bad.size} rows are not finite (first: row {bad[0]})")
+    return x
 
 
 def random_coreset(n: int, budget: int, seed: int) -> np.ndarray:
@@ -48,8 +61,9 @@ def herding(features: np.ndarray, budget: int) -> np.ndarray:
     """Greedy mean matching: step t adds the unselected sample that brings the mean of the
     selection closest to the mean of all features. Returned in selection order; ties go to
     the lowest index."""
-    _check_budget(features.shape[0], budget)
-    return np.asarray(_herding(_centered(features), budget)).astype(np.int64)
+    x = _features(features)
+    _check_budget(x.shape[0], budget)
+    return np.asarray(_herding(_centered(x), budget)).astype(np.int64)
 
 
 def _centered(features: np.ndarray) -> jax.Array:
@@ -83,10 +97,11 @@ def kcenter(features: np.ndarray, budget: int, seed: int) -> np.ndarray:
     """Greedy k-center: a seeded random first center, then repeatedly the point farthest
     (squared L2) from its nearest chosen center. Returned in selection order; ties go to the
     lowest index."""
-    n = features.shape[0]
+    x = _features(features)
+    n = x.shape[0]
     _check_budget(n, budget)
     first = int(np.random.default_rng(seed).integers(n))
-    out = _kcenter(_centered(features), budget, jnp.int32(first))
+    out = _kcenter(_centered(x), budget, jnp.int32(first))
     return np.asarray(out).astype(np.int64)
 
 
@@ -96,6 +111,8 @@ def forgetting_counts(correct: np.ndarray) -> np.ndarray:
     transition between consecutive epochs. Samples never correct get `epochs` (more than any
     sample can reach: at most ceil((epochs-1)/2) events), so they rank as most forgettable."""
     correct = np.asarray(correct, bool)
+    if correct.ndim != 2:
+        raise ValueError(f"correct must be an (epochs, N) matrix, got shape {correct.shape}")
     epochs = correct.shape[0]
     counts = np.sum(correct[:-1] & ~correct[1:], axis=0).astype(np.int64)
     return np.where(correct.any(axis=0), counts, epochs)

@@ -471,7 +471,12 @@ def meta_loss_and_grad(
     *,
     grad_mode: GradMode = "remat",
 ) -> tuple[jax.Array, SyntheticSet]:
-    """(meta loss, its gradient w.r.t. every field of `syn`) under the chosen `grad_mode`."""
+    """(meta loss, its gradient w.r.t. every field of `syn`) under the chosen `grad_mode`.
+
+    `batch_idx`: (syn_steps, batch) rows of `syn` each student step trains on, each in
+    [0, M) (under jit JAX clamps an index out of range instead of failing). The loss is
+    normalised by the expert's own movement, so `expert_start` must differ from
+    `expert_target` (equal ones give inf; the NaN guard of `outer_step` then skips)."""
     args = (student, expert_start, expert_target, batch_idx, rng, inner)
     if grad_mode == "tesla":
         return tesla_meta_loss_and_grad(syn, *args)

@@ -62,6 +62,32 @@ def _block_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.dot(q, keys.T, precision=jax.lax.Precision.HIGHEST)
 
 
+def check_txt2img(txt2img: np.ndarray, num_images: int, num_texts: int) -> np.ndarray:
+    """`txt2img` as int64 (one image index per caption), or a ValueError naming what is
+    wrong. Images without a caption are warned about: image->text recall counts them as
+    misses."""
+    t2i = np.asarray(txt2img)
+    if t2i.ndim != 1 or len(t2i) != num_texts:
+        raise ValueError(
+            f"txt2img must hold one image index per caption ({num_texts}), got shape {t2i.shape}"
+        )
+    if t2i.size and not np.issubdtype(t2i.dtype, np.integer):
+        raise ValueError(f"txt2img must hold integer image indices, got dtype {t2i.dtype}")
+    if t2i.size and (t2i.min() < 0 or t2i.max() >= num_images):
+        raise ValueError(
+            f"txt2img holds image indices in [{t2i.min()}, {t2i.max()}]; there are "
+            f"{num_images} images"
+        )
+    without = num_images - len(np.unique(t2i))
+    if without:
+        log.warning(
+            "retrieval: %d of %d images have no caption; image->text recall counts them as misses",
+            without,
+            num_images,
+        )
+    return t2i.astype(np.int64)
+
+
 def image_to_caption_lists(txt2img: np.ndarray, num_images: int) -> np.ndarray:
     """(num_images, max_captions) caption ids per image, padded with -1."""
     txt2img = np.asarray(txt2img)
@@ -84,6 +110,7 @@ def ranks_from_scores(
     """Ranks from a given (images x captions) score matrix (used on precomputed scores)."""
     sim = jnp.asarray(sim)
     n_img, n_txt = sim.shape
+    txt2img = check_txt2img(txt2img, n_img, n_txt)
     gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
     gt_img = jnp.asarray(np.asarray(txt2img, np.int32))
     i2t = [_i2t_ranks(sim[s : s + chunk], gt_caps[s : s + chunk]) for s in range(0, n_img, chunk)]
@@ -133,6 +160,7 @@ def retrieval_metrics(
         img = jnp.where(jnp.all(jnp.isfinite(img), axis=1, keepdims=True), img, jnp.nan)
         txt = jnp.where(jnp.all(jnp.isfinite(txt), axis=1, keepdims=True), txt, jnp.nan)
     n_img, n_txt = img.shape[0], txt.shape[0]
+    txt2img = check_txt2img(txt2img, n_img, n_txt)
     gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
     gt_img = jnp.asarray(np.asarray(txt2img, np.int32))
     i2t = np.concatenate(

@@ -220,6 +220,9 @@ def _bucket_lengths(max_len: int) -> list[int]:
 class TextEncoder:
     """Tokenizer + frozen BERT + pooling: texts -> float32 embeddings (N, dim).
 
+    `max_len` tokens per text (32, enough for captions; MiniLM takes up to 512 positions,
+    sentence-transformers cuts at 256): longer texts are truncated, keeping [SEP].
+
     Batches are padded to a fixed row count and to one of a few bucket lengths, so the
     jitted encoder compiles at most len(buckets) times per batch size.
     """
@@ -266,7 +269,10 @@ class TextEncoder:
     def embed(
         self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False
     ) -> np.ndarray:
-        """Embeds texts -> np.float32 (N, dim), in input order; L2-normalised if asked."""
+        """Embeds texts -> np.float32 (N, dim), in input order; L2-normalised if asked.
+        Each text is cut to `max_len` tokens (the encoder's, 32 by default)."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("embed takes a sequence of texts: embed([text]) for one")
         n = len(texts)
         if n == 0:
             return np.zeros((0, self.dim), np.float32)

@@ -27,6 +27,8 @@ def histogram_features(codes: np.ndarray, codebook_size: int) -> np.ndarray:
 
 
 def make_features(codes: np.ndarray, feature: Feature, codebook_size: int) -> np.ndarray:
+    """Per-row k-means features from (N, L) codebook codes: `sequence` (the codes
+    themselves, `sequence_features`) or `histogram` (code counts, `histogram_features`)."""
     if feature == "sequence":
         return sequence_features(codes)
     if feature == "histogram":

@@ -55,6 +55,8 @@ def cluster_quotas(sizes: np.ndarray, count: int) -> np.ndarray:
 def stride_count(assignments: np.ndarray, stride: int) -> int:
     """How many rows the reference's stride rule keeps: sum over clusters of
     ceil(size / stride) (`select.target=0` with `select.strategy=stride`)."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride!r}")
     sizes = np.bincount(np.asarray(assignments, np.int64))
     return int(np.sum(-(-sizes // int(stride))))
 
@@ -105,7 +107,16 @@ def select(
     stride: int = 2,
     seed: int = 0,
 ) -> np.ndarray:
+    """Row indices (into `assignments`) of the `count` rows `strategy` keeps: `stride`
+    every `stride`-th member of each cluster (the reference), `ratio` a seeded random part
+    of each cluster, `nearest` each cluster's members closest to its centroid (`distances`),
+    both in proportion to cluster size, `random` a seeded uniform sample."""
     assignments = np.asarray(assignments, np.int64)
+    n = len(assignments)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= n:
+        raise ValueError(f"count must be an integer in [0, {n}] (the rows), got {count!r}")
+    if strategy == "stride" and stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride!r}")
     if strategy == "stride":
         return select_stride(assignments, count, stride)
     if strategy == "ratio":
