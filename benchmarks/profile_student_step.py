@@ -49,6 +49,15 @@ def _dims(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def _flops(dot: re.Match, shapes: dict[str, str]) -> float:
+    """2 * M * N * K of one `_DOT` match (output elements times the contracted size)."""
+    lhs = re.search(r"%([\w.\-]+)", dot.group(3)).group(1)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.group(4))
+    lhs_dims = _dims(shapes[lhs])
+    k = math.prod(lhs_dims[i] for i in _dims(contracting.group(1)))
+    return 2.0 * math.prod(_dims(dot.group(2))) * k
+
+
 def dot_flops(hlo: str) -> dict[str, float]:
     """FLOPs of every op of an optimised HLO module that multiplies matrices: a `dot`
     instruction (keyed by its name) or a fusion whose called computation holds dots (keyed by
@@ -60,11 +69,7 @@ def dot_flops(hlo: str) -> dict[str, float]:
     per_dot: dict[str, float] = {}  # dots that run as ops of their own, not inside a fusion
     for comp in _COMP.finditer(hlo):
         for d in _DOT.finditer(comp.group(2)):
-            lhs = re.search(r"%([\w.\-]+)", d.group(3)).group(1)
-            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", d.group(4))
-            lhs_dims = _dims(shapes[lhs])
-            k = math.prod(lhs_dims[i] for i in _dims(contracting.group(1)))
-            flops = 2.0 * math.prod(_dims(d.group(2))) * k
+            flops = _flops(d, shapes)
             per_comp[comp.group(1)] += flops
             if comp.group(1) not in fused:
                 per_dot[d.group(1)] = flops
@@ -86,10 +91,7 @@ def dot_flops_by_operands(hlo: str) -> dict[str, float]:
     out: dict[str, float] = collections.defaultdict(float)
     for d in _DOT.finditer(hlo):
         ops = re.findall(r"%([\w.\-]+)", d.group(3))[:2]
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", d.group(4))
-        lhs_dims = _dims(shapes[ops[0]])
-        k = math.prod(lhs_dims[i] for i in _dims(contracting.group(1)))
-        out[" x ".join(dtypes[o] for o in ops)] += 2.0 * math.prod(_dims(d.group(2))) * k
+        out[" x ".join(dtypes[o] for o in ops)] += _flops(d, shapes)
     return dict(out)
 
 

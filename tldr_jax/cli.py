@@ -462,7 +462,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
     module_spec = importlib.util.spec_from_file_location("_tldr_config", path)
     if module_spec is None or module_spec.loader is None or not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such config file")
-    _allow_sibling_imports(spec)
+    _allow_sibling_imports(path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
@@ -554,11 +554,11 @@ def config_spec(args: list[str]) -> str | None:
     return spec
 
 
-def _allow_sibling_imports(spec: str) -> None:
+def _allow_sibling_imports(config_file: str) -> None:
     """Config files may import their siblings: `from configs import pretrain` (the folder
     above theirs first on the path) or `import helper` (their own folder, last, so a config
-    file's name never hides a module)."""
-    folder = Path(config_file_of(spec)[0]).resolve().parent
+    file's name never hides a module). `config_file`: the file's local path, without `:arg`."""
+    folder = Path(config_file).resolve().parent
     sys.path.insert(0, str(folder.parent))
     if str(folder) not in sys.path:
         sys.path.append(str(folder))

@@ -88,6 +88,15 @@ def check_txt2img(txt2img: np.ndarray, num_images: int, num_texts: int) -> np.nd
     return t2i.astype(np.int64)
 
 
+def _ground_truth(
+    txt2img: np.ndarray, num_images: int, num_texts: int
+) -> tuple[jax.Array, jax.Array]:
+    """(each image's caption ids padded with -1, each caption's image), checked."""
+    txt2img = check_txt2img(txt2img, num_images, num_texts)
+    gt_caps = jnp.asarray(image_to_caption_lists(txt2img, num_images))
+    return gt_caps, jnp.asarray(txt2img.astype(np.int32))
+
+
 def image_to_caption_lists(txt2img: np.ndarray, num_images: int) -> np.ndarray:
     """(num_images, max_captions) caption ids per image, padded with -1."""
     txt2img = np.asarray(txt2img)
@@ -110,9 +119,7 @@ def ranks_from_scores(
     """Ranks from a given (images x captions) score matrix (used on precomputed scores)."""
     sim = jnp.asarray(sim)
     n_img, n_txt = sim.shape
-    txt2img = check_txt2img(txt2img, n_img, n_txt)
-    gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
-    gt_img = jnp.asarray(np.asarray(txt2img, np.int32))
+    gt_caps, gt_img = _ground_truth(txt2img, n_img, n_txt)
     i2t = [_i2t_ranks(sim[s : s + chunk], gt_caps[s : s + chunk]) for s in range(0, n_img, chunk)]
     t2i = [
         _t2i_ranks(sim[:, s : s + chunk].T, gt_img[s : s + chunk]) for s in range(0, n_txt, chunk)
@@ -160,9 +167,7 @@ def retrieval_metrics(
         img = jnp.where(jnp.all(jnp.isfinite(img), axis=1, keepdims=True), img, jnp.nan)
         txt = jnp.where(jnp.all(jnp.isfinite(txt), axis=1, keepdims=True), txt, jnp.nan)
     n_img, n_txt = img.shape[0], txt.shape[0]
-    txt2img = check_txt2img(txt2img, n_img, n_txt)
-    gt_caps = jnp.asarray(image_to_caption_lists(txt2img, n_img))
-    gt_img = jnp.asarray(np.asarray(txt2img, np.int32))
+    gt_caps, gt_img = _ground_truth(txt2img, n_img, n_txt)
     i2t = np.concatenate(
         [
             np.asarray(_i2t_ranks(_block_scores(img[s : s + chunk], txt), gt_caps[s : s + chunk]))

@@ -52,11 +52,15 @@ def cluster_quotas(sizes: np.ndarray, count: int) -> np.ndarray:
     return quota
 
 
+def _check_stride(stride: int) -> None:
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride!r}")
+
+
 def stride_count(assignments: np.ndarray, stride: int) -> int:
     """How many rows the reference's stride rule keeps: sum over clusters of
     ceil(size / stride) (`select.target=0` with `select.strategy=stride`)."""
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride!r}")
+    _check_stride(stride)
     sizes = np.bincount(np.asarray(assignments, np.int64))
     return int(np.sum(-(-sizes // int(stride))))
 
@@ -69,6 +73,7 @@ def select_stride(assignments: np.ndarray, count: int, stride: int) -> np.ndarra
     smaller count drops the deepest members across clusters evenly, a larger one continues
     with the next offset.
     """
+    _check_stride(stride)
     n = len(assignments)
     rank = _ranks_in_cluster(assignments, np.arange(n))
     order = np.lexsort((assignments, rank // stride, rank % stride))
@@ -115,8 +120,6 @@ def select(
     n = len(assignments)
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= n:
         raise ValueError(f"count must be an integer in [0, {n}] (the rows), got {count!r}")
-    if strategy == "stride" and stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride!r}")
     if strategy == "stride":
         return select_stride(assignments, count, stride)
     if strategy == "ratio":
