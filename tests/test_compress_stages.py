@@ -186,6 +186,7 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     summary = run_stage("caption", config, str(workdir))
     generated = json.loads((workdir / "caption" / "generated.json").read_text())
     assert set(generated) == set(kept.tolist())
+    assert not (workdir / "caption" / "parts").exists()  # merged: no second copy kept
     assert all(isinstance(v, str) for v in generated.values())
     assert summary["rows_captioned"] == 11 and summary["steps"] == 3  # 24 clean images // 8
     assert summary["empty_generations"] == sum(1 for v in generated.values() if not v)

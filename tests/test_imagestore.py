@@ -12,6 +12,7 @@ from PIL import Image
 
 from tldr_jax.config_lib import data_config
 from tldr_jax.data import images as images_lib
+from tldr_jax.data import imagestore
 from tldr_jax.data.dataset import load_set
 from tldr_jax.data.imagestore import ImageRows
 from tldr_jax.data.records import SKIP_REASONS, BadRowError
@@ -225,3 +226,24 @@ def test_compress_writes_each_distinct_webdataset_image_once(tmp_path):
     for i, sid in enumerate(pairs.ids):
         image = images_lib.decode_image(tmp_path / "out" / paths[sid], 8)
         np.testing.assert_array_equal(image, pairs.images[i])
+
+
+def test_a_killed_decodes_cache_temporary_is_removed_by_the_next(tmp_path):
+    """kill -9 while images decode into the cache leaves a temporary as large as the entry;
+    the next decode of the entry on this host removes it where its writer is gone, and leaves
+    a live writer's and another host's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    store = imagestore.MemmapStore(str(tmp_path), "train-abc", 8)
+    images_path = store.tmp.split(".tmp")[0]
+    host = imagestore._host_tag()
+    stale = f"{images_path}.tmp{dead}-0123abcd-{host}"
+    live = f"{images_path}.tmp{os.getpid()}-89abcdef-{host}"
+    remote = f"{images_path}.tmp{dead}-01234567-otherhost"
+    for p in (stale, live, remote):
+        Path(p).write_bytes(b"x")
+    imagestore.MemmapStore(str(tmp_path), "train-abc", 8)
+    assert not os.path.exists(stale) and os.path.exists(live) and os.path.exists(remote)

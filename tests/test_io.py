@@ -37,3 +37,50 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
         p.write_bytes(b"x")
     assert io.remove_stale_temps(tmp_path) == 1
     assert not os.path.exists(stale) and all(p.exists() for p in keep)
+
+
+def test_a_stage_sweeps_what_a_killed_run_of_it_left(tmp_path):
+    """kill -9 inside `atomic_path`: the next run of the stage (under its lock) removes the
+    temporaries in its folder and beside its outputs, and nothing of other stages."""
+    import tempfile
+
+    def stale(folder, name, suffix=""):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+        os.close(fd)
+        return path
+
+    ours = [
+        stale(tmp_path / "score", "kept.npz"),
+        stale(tmp_path / "score" / "metrics", "score-full.png", ".png"),
+        stale(tmp_path, "score.json"),
+        stale(tmp_path, "score_histogram.png", ".png"),
+    ]
+    theirs = [stale(tmp_path / "select", "selected.npz"), stale(tmp_path, "select.json")]
+    (tmp_path / "score" / "kept.npz").write_bytes(b"x")
+    assert io.remove_stage_temps(tmp_path, "score") == len(ours)
+    assert not any(os.path.exists(p) for p in ours)
+    assert all(os.path.exists(p) for p in theirs) and (tmp_path / "score" / "kept.npz").exists()
+    # One output's own temporaries (a metrics logger's CSV and plot), not its neighbours'.
+    mine = stale(tmp_path / "metrics", "pretrain.png", ".png")
+    other = stale(tmp_path / "metrics", "pretrain.png.old")
+    assert io.remove_stale_temps_of(tmp_path / "metrics" / "pretrain.png") == 1
+    assert not os.path.exists(mine) and os.path.exists(other)
+
+
+def test_a_killed_checkpoint_save_is_swept_when_the_manager_opens(tmp_path):
+    """A save killed midway leaves `<step>.orbax-checkpoint-tmp`; a rerun that saves other
+    steps (another ckpt_every) would never replace it: the Checkpointer removes it."""
+    import jax.numpy as jnp
+
+    from tldr_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(2, {"w": jnp.ones(3)})
+    ckpt.close()
+    (tmp_path / "ckpt" / "13.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    assert ckpt.latest_step() == 2
+    ckpt.save(4, {"w": jnp.zeros(3)})  # (orbax finishes the sweep before a save)
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4"]

@@ -185,6 +185,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with stage_lock(workdir, name, dist.is_main()):
+        if dist.is_main():  # what a killed run of this stage left half-written
+            io.remove_stage_temps(workdir, name)
         summary = resolve_stage(name)(config, workdir)
     summary = dict(summary or {})
     summary.setdefault("stage", name)
@@ -239,8 +241,9 @@ def _main_impl(argv: list[str] | None) -> None:
     as_process = argv is None
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-        print(USAGE)
-        sys.exit(0 if len(argv) >= 2 else 2)
+        asked = len(argv) >= 2  # the usage asked for goes to stdout; as an error, to stderr
+        print(USAGE, file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     stage = argv[1]
     if stage not in STAGES:
         import difflib
@@ -275,6 +278,8 @@ def _main_impl(argv: list[str] | None) -> None:
     from ml_collections import config_flags
 
     spec = config_spec(argv[2:])
+    if spec is not None and not spec.strip():
+        _usage_error(stage, "--config is empty: give a config file, e.g. configs/tldr.py:small")
     if spec and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", spec) and spec[:5].lower() != "file:":
         _usage_error(stage, f"--config {spec}: a config file on this machine (or a file:// URL)")
     if spec:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -278,6 +279,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         generated = {i: generated[i] for i in kept_ids}
         if dist.is_main():
             io.write_json(final, generated, indent=None)
+        dist.barrier("caption-parts-merged")  # every process has read every part
+        if dist.is_main():  # merged: the per-process parts would only double the space
+            shutil.rmtree(out / "parts", ignore_errors=True)
     generate_s = time.time() - t1
 
     texts = [generated[i] for i in kept_ids]

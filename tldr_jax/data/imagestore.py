@@ -14,10 +14,13 @@ folder after changing images in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -280,12 +283,49 @@ class MemmapStore:
     def __init__(self, cache_dir: str, key: str, size: int):
         self.cache_dir, self.key, self.size = cache_dir, key, size
         # unique per writer: processes on several hosts may share the folder
-        self.tmp = f"{_paths(cache_dir, key)[0]}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        images_path = _paths(cache_dir, key)[0]
+        host = _host_tag()
+        self.tmp = f"{images_path}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}-{host}"
+        remove_dead_writers(images_path, host)
 
     def __call__(self, n: int) -> np.ndarray:
         os.makedirs(self.cache_dir, exist_ok=True)
         shape = (n, self.size, self.size, 3)
         return np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
+
+
+def _host_tag() -> str:
+    """This host's name as a temp-name part (letters, digits, '-' and '.' only)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def remove_dead_writers(images_path: str, host: str) -> int:
+    """Removes this host's temporaries of the cache entry `images_path` whose writer process
+    is gone (kill -9 skips the clean-up, and each is as large as the entry); returns how
+    many. Another host's, or a live process's, are left alone."""
+    pattern = re.compile(re.escape(os.path.basename(images_path)) + r"\.tmp(\d+)-[0-9a-f]{8}-(.+)$")
+    folder = os.path.dirname(images_path) or "."
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder):
+            match = pattern.match(name)
+            if not match or match.group(2) != host or _alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+                log.info("removed a killed decode's temporary cache file %s", name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def save_cached(

@@ -29,7 +29,11 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self._mngr = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            # A save killed midway leaves a `<step>.orbax-checkpoint-tmp` folder that a rerun
+            # saving other steps (another ckpt_every) would never replace: swept on open.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     def latest_step(self) -> int | None:

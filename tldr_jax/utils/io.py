@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -56,6 +57,36 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
             if _TEMP_NAME.match(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
+
+
+def remove_stale_temps_of(path: str | os.PathLike) -> int:
+    """Removes the `atomic_path` temporaries of the one output `path` that a killed run left
+    behind; returns how many. Only for outputs this process alone writes (a stage's, under
+    its stage lock)."""
+    path = Path(path)
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+            if _TEMP_NAME.match(tmp.name) and tmp.name[1:].rsplit(".tmp", 1)[0][:-9] == path.name:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    removed += 1
+    return removed
+
+
+def remove_stage_temps(workdir: str | os.PathLike, stage: str) -> int:
+    """A stage's sweep as it starts, under its stage lock: the `atomic_path` temporaries a
+    killed run of it left in its folder `workdir/<stage>` (subfolders too) and beside its
+    outputs `workdir/<stage>*` (its summary, tables and plots); returns how many."""
+    workdir = Path(workdir)
+    removed = remove_stale_temps(workdir / stage) if (workdir / stage).is_dir() else 0
+    with contextlib.suppress(FileNotFoundError):
+        for tmp in workdir.glob(f".{glob.escape(stage)}*.tmp*"):
+            if tmp.is_file() and _TEMP_NAME.match(tmp.name):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
                     removed += 1
     return removed
 

@@ -33,6 +33,8 @@ class MetricLogger:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.csv_path, self.png_path):  # a killed run's, half-written
+            io.remove_stale_temps_of(path)
         rows = self._read()
         if resume_step is not None:
             rows = [r for r in rows if int(r[0]) <= resume_step]
