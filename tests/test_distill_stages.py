@@ -91,7 +91,7 @@ def test_buffer_snapshots_every_epoch_and_resumes(buffered):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_distill_outputs_resume_and_eval(buffered):
+def test_distill_outputs_resume_and_eval(buffered, monkeypatch):
     config, root, _ = buffered
     workdir = root / "d"
     shutil.copytree(root / "w", workdir)
@@ -202,8 +202,22 @@ def test_distill_outputs_resume_and_eval(buffered):
     for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
         assert result[method]["diverged_models"] == 1
         assert {result[method][k]["mean"] for k in et.RECALL_KEYS} == {0.0}
-    assert "| 8 | distilled (1 diverged) |" in (workdir / "eval-distilled.md").read_text()
+    table = (workdir / "eval-distilled.md").read_text()
+    assert (
+        "| 8 | distilled (1 diverged) (learned step sizes 1e+30 / -1e+30) |" in table
+        and "| 8 | k-center (1 diverged) |" in table
+    )
+    assert table.startswith("| pairs | method | TR@1 | TR@5 | TR@10 | IR@1 |")
     assert not (workdir / "eval-distilled.png").exists()  # one budget now: no stale curve
+    # A model with some non-finite parameters whose test embeddings still come out finite
+    # (the coresets at a sane lr here) also scores 0, not what those embeddings give.
+    from tldr_jax.distill import eval_distilled
+
+    monkeypatch.setattr(eval_distilled, "all_finite", lambda tree: False)
+    result = run_stage("eval-distilled", config, str(workdir))
+    for method in ("random", "herding", "kcenter", "forgetting"):
+        assert result[method]["diverged_models"] == 1
+        assert {result[method][k]["mean"] for k in et.RECALL_KEYS} == {0.0}
 
 
 def test_distill_beside_an_unfinished_buffer_records_the_experts_it_matched(buffered, caplog):
@@ -298,6 +312,17 @@ def test_a_diverging_expert_stops_the_buffer_with_a_clear_error(tmp_path):
         run_stage("buffer", config, str(tmp_path / "w"))
 
 
+def test_an_expert_blown_up_but_finite_is_named_with_buffer_lr(tmp_path, caplog):
+    """buffer.lr far too high but not NaN: the scale-invariant encoders' weights blow up and
+    freeze at chance; the warning names buffer.lr, not the data."""
+    config = tiny_config(tmp_path / "cache")
+    config.buffer.update(lr=1e6, num_experts=1, epochs=1)
+    config.distill.expert_epochs = 1
+    summary = run_stage("buffer", config, str(tmp_path / "w"))
+    assert summary["experts_at_chance"] == [0] and summary["resumed_from"] == 0
+    assert "from their start and froze there: buffer.lr=1e+06 is far too high" in caplog.text
+
+
 def test_too_few_pairs_for_the_synthetic_set_is_a_clear_error():
     images, texts = np.zeros((5, 4, 4, 3), np.float32), np.zeros((5, 3), np.float32)
     for init in ("real", "kmeans"):
@@ -335,6 +360,22 @@ def test_runaway_synthetic_sets_are_warned_about(caplog):
     short = [1.0, 1.0, 1.0, 50.0, 60.0, 70.0]
     assert warn_if_diverged(short, short, (0.01, 0.01), 0.01) == [
         "the meta-loss grew from 1 (first 3 iterations) to 60 (last 3)"
+    ]
+    # Synthetic data far outside the real data's range (finite: scale-invariant encoders).
+    flat = [1.0] * 20
+    assert warn_if_diverged(flat, flat, (0.01, 0.01), 0.01, growth={"images": 9.6}) == []
+    assert warn_if_diverged(
+        flat, flat, (0.01, 0.01), 0.01, growth={"images": 2.0, "texts": 3e4}
+    ) == ["the synthetic texts blew up (largest entry 3e+04x the real texts')"]
+    # LoRS: a similarity that blew up or is not finite; the warning names lors_lr.
+    assert warn_if_diverged(flat, flat, (0.01, 0.01), 0.01, similarity=np.eye(4) * 2.5) == []
+    caplog.clear()
+    assert warn_if_diverged(flat, flat, (0.01, 0.01), 0.01, similarity=np.eye(4) * 3e5) == [
+        "the learned LoRS similarity blew up (max |entry| 3e+05; it starts at the identity)"
+    ]
+    assert "lr_step_size / lors_lr" in caplog.text
+    assert warn_if_diverged(flat, flat, (0.01, 0.01), 0.01, similarity=np.full((2, 2), np.nan)) == [
+        "the learned LoRS similarity is not finite"
     ]
 
 
@@ -651,7 +692,26 @@ def test_student_batch_split_over_devices_learns_the_same_set(buffered):
     assert split_batch_sharding(make_mesh(), 100).mesh.shape == {"batch": 4, "replica": 2}
 
 
-def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monkeypatch):
+def test_eval_table_marks_a_set_that_is_its_initialisation_or_cannot_train():
+    from tldr_jax.distill.eval_distilled import markdown_table
+
+    stats = {k: {"mean": 1.0, "std": 0.0} for k in et.RECALL_KEYS}
+    table = markdown_table(
+        {
+            8: {
+                "distilled": {**stats, "iterations": 0, "lr_img": 0.0, "lr_txt": 0.1},
+                "kcenter": {**stats, "diverged_models": 0},
+            }
+        },
+        None,
+    )
+    assert "| 8 | distilled (its initialisation: 0 iterations) (learned step sizes 0 / 0.1) |" in (
+        table
+    )
+    assert "| 8 | k-center | 1.0 ± 0.0 |" in table
+
+
+def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monkeypatch, caplog):
     """What eval-distilled's models are trained with, not what it records: the distilled set
     at (learned image lr, learned image lr) (SPEC B.4), whole epochs of batches of
     eval.batch_size plus the smaller rest (8 pairs at 3: 3 + 3 + 2), the optimiser state
@@ -677,7 +737,10 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
         return run, tx_img, tx_txt
 
     monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
+    # (and a model whose last epoch stayed at chance is warned about)
+    monkeypatch.setattr(eval_distilled, "loss_at_chance", lambda loss, batch: True)
     result = run_stage("eval-distilled", c, str(workdir))
+    assert "model 0's last-epoch training loss is at chance" in caplog.text
     lr = result["distilled"]["lr_img"]
     distilled = [k for k in calls if k[1] == lr]  # coresets train at eval.coreset_lr
     assert distilled and all(k[2] == lr for k in distilled)

@@ -261,3 +261,45 @@ def test_check_finite_catches_blown_up_parameters_behind_a_finite_loss():
     tc.grad_clip = 0.0
     with pytest.raises(ConfigError, match=r"\(loss nan\) .* \(or set train.grad_clip\)"):
         train_state.check_finite("run", 3, "train", tc, "do X", loss=float("nan"))
+
+
+def test_cosine_without_warmup_starts_at_lr_and_a_whole_run_warmup_is_warned(caplog):
+    """Cosine with warmup_steps=0 runs its first step at lr (it ran at 0) and a one-step run
+    builds (it raised on a zero-length decay); a warm-up covering the whole run is said."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from tldr_jax.train.state import make_optimizer, make_schedule
+
+    cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, schedule="cosine", min_lr=0.01))
+    lr = make_schedule(cfg, 10, block="train")
+    assert np.isclose(float(lr(jnp.asarray(0))), 0.1)
+    assert np.isclose(float(lr(jnp.asarray(10))), 0.01)
+    assert np.isclose(float(make_schedule(cfg, 1)(jnp.asarray(0))), 0.1)
+    make_optimizer(cfg, 1)  # the restore target of `extract` is built so
+    assert "warm-up" not in caplog.text and "warmup" not in caplog.text
+    cfg.warmup_steps = 5
+    assert np.isclose(float(make_schedule(cfg, 10)(jnp.asarray(5))), 0.1)
+    make_schedule(cfg, 4, block="caption.train")
+    assert (
+        "caption.train.warmup_steps=5 covers all 4 steps of this run: the learning rate never "
+        "reaches caption.train.lr=0.1 (its first step runs at lr 0)" in caplog.text
+    )
+
+
+def test_a_run_that_ends_at_chance_is_warned_about_and_recorded(tmp_path, caplog):
+    """Finite but dead (an lr far too high blows the scale-invariant encoders up and freezes
+    them at chance): the summary says `loss_at_chance`, with a warning naming train.lr."""
+    from tldr_jax.cli import run_stage
+    from tldr_jax.train import losses
+
+    assert losses.loss_at_chance(float(np.log(32)), 32) and not losses.loss_at_chance(3.0, 32)
+    config = tiny_config()
+    summary = run_stage("pretrain", config, str(tmp_path / "ok"))
+    assert summary["loss_at_chance"] is False and summary["resumed_from"] == 0
+    config.train.lr = 10.0  # adamw at lr 10: blown up, frozen at log(batch)
+    summary = run_stage("pretrain", config, str(tmp_path / "dead"))
+    assert summary["loss_at_chance"] is True
+    assert "is at chance (log 32 = 3.4657)" in caplog.text and "Lower train.lr" in caplog.text
+    # An untrained model starts above chance (not "at" it): not flagged.
+    assert not losses.loss_at_chance(3.7, 32, above=False) and losses.loss_at_chance(3.7, 32)

@@ -155,7 +155,9 @@ def rules() -> dict[str, Rule]:
         "model.image": choice(*models.ENCODERS),
         "model.embed_dim": NONNEG_INT,  # 0: no image projection (configs/pretrain.py)
         "model.head_dropout": PROB,
-        "model.temperature": POSITIVE,
+        # 1/temperature scales the logits: below 1e-3 it overflows float32's softmax, and
+        # above 1e3 every logit is alike (nothing trains).
+        "model.temperature": number(1e-3, 1e3),
         "model.learn_temperature": boolean,
         "model.image_kwargs.matmul_dtype": choice(*conv.MATMUL_DTYPES),
         # compress (TL;DR)
@@ -305,6 +307,23 @@ def _distill_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+def _min_lr_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """A decaying schedule's floor (min_lr) above its lr would become the learning rate."""
+    out = []
+    for block in TRAINING_BLOCKS:
+        (has_lr, lr), (has_min, min_lr), (_, kind) = (
+            lookup(config, f"{block}.{k}") for k in ("lr", "min_lr", "schedule")
+        )
+        if not (has_lr and has_min) or POSITIVE(lr) or NONNEG(min_lr):
+            continue
+        if kind in ("cosine", "epoch_decay", None) and min_lr > lr:
+            out.append(
+                f"{block}.min_lr={min_lr!r} > {block}.lr={lr!r}: the {kind or 'cosine'} "
+                f"schedule decays from lr to min_lr; lower {block}.min_lr"
+            )
+    return out
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """`key=value: must be ...` for each checked key the config has with a bad value."""
     out = []
@@ -313,6 +332,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
     out += _world_problems(config) + _select_problems(config) + _distill_problems(config)
+    out += _min_lr_problems(config)
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
     # must suit the encoder it names (keys only another encoder takes are left out then).
     from tldr_jax import models
@@ -389,6 +409,14 @@ def missing_inputs(config: ml_collections.ConfigDict, stage: str) -> list[str]:
     out = []
     for key, (stages, folder) in _INPUT_KEYS.items():
         present, value = lookup(config, key)
+        if key == "text.model_dir" and present and value == "" and stage in stages:
+            from tldr_jax.models.pretrained import default_text_model_dir
+
+            try:  # the default encoder's wheel, found before any set is read
+                default_text_model_dir()
+            except FileNotFoundError as e:
+                out.append(f"text.model_dir='' (the default text encoder): {e}")
+            continue
         if not present or stage not in stages or not isinstance(value, str) or not value:
             continue
         if key.endswith("image_root"):  # one root, or one per input

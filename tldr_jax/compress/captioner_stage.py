@@ -251,7 +251,7 @@ def train_model(
     total = int(tc.epochs) * steps_per_epoch
 
     model_def, params, rest = train_state.split_model(model)
-    tx = train_state.make_optimizer(tc, total, steps_per_epoch)
+    tx = train_state.make_optimizer(tc, total, steps_per_epoch, block=key)
     state = train_state.init_state(params, rest, tx)
     # Leaves may alias one buffer (the EMA quantizer starts its codebook and ema_sum from the
     # same array), which buffer donation rejects: give every leaf its own copy.

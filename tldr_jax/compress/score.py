@@ -118,6 +118,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         diverged_remedy=f"use a new --workdir, or delete {out} (the scorer was trained with it)",
     )
 
+    if full_summary["loss_at_chance"]:
+        log.warning(
+            "score: the scorer did not learn (its loss is at chance, see above): the "
+            "rows score keeps are chosen by scores that mean nothing (score.json's "
+            "scorer_loss_at_chance)"
+        )
     # Score every row: cosine between its image and its (first) caption.
     caps, offsets = flat_captions(train)
     txt = embed_texts(model, embed_captions(text_encoder, caps, Path(cfg.cache_dir), 256))
@@ -152,6 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             k: full_summary[k] for k in full_summary if k.startswith(("tr_", "ir_"))
         },
         "scorer_steps": full_summary["steps"],
+        "scorer_loss_at_chance": full_summary["loss_at_chance"],
+        "scorer_resumed_from": full_summary["resumed_from"],
         **data_counts(train),
         **eval_set_counts(test),
     }

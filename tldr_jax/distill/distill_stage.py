@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 
 from tldr_jax import config_lib
 from tldr_jax.config_check import ConfigError
-from tldr_jax.data.images import denormalize
+from tldr_jax.data.images import denormalize, normalize
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill import matching
 from tldr_jax.select.kmeans import kmeans
@@ -130,13 +130,22 @@ def save_grid(path: Path, images: np.ndarray, titles: list[str], max_images: int
 
 
 def warn_if_diverged(
-    first: list[float], losses: list[float], step_sizes: tuple[float, float], init: float
+    first: list[float],
+    losses: list[float],
+    step_sizes: tuple[float, float],
+    init: float,
+    similarity: np.ndarray | None = None,
+    growth: dict[str, float] | None = None,
 ) -> list[str]:
     """Warnings (logged, and returned) where the synthetic set ran away: the meta-loss's last
     10 iterations averaging over 10x its first 10 (it starts near 1: the student lands as far
-    from the target as the expert's start), or a learned step size collapsed below 1e-6 of
-    its initial value. Both are what experts that barely move (buffer.json
-    `experts_at_chance`) or outer learning rates far too high do."""
+    from the target as the expert's start), a learned step size collapsed below 1e-6 of its
+    initial value, synthetic data whose largest entry is over SYN_BLOWUP times the real
+    data's (`growth`: that ratio per modality; the encoders are scale-invariant, so such a
+    set can stay finite with a meta-loss that hardly moves), or (LoRS) a learned similarity
+    that is not finite or has an entry over LORS_BLOWUP in magnitude (it starts at the
+    identity). All are what experts that barely move (buffer.json `experts_at_chance`) or
+    outer learning rates far too high do."""
     found = []
     k = min(10, len(first), len(losses) // 2)  # windows that do not overlap in short runs
     if k and np.mean(losses[-k:]) > 10 * max(np.mean(first[:k]), 1e-12):
@@ -147,15 +156,36 @@ def warn_if_diverged(
     small = [n for n, v in zip(("lr_img", "lr_txt"), step_sizes, strict=True) if v < 1e-6 * init]
     if small:
         found.append(f"the learned {' and '.join(small)} collapsed (< 1e-6 of step_size_init)")
+    for name, ratio in (growth or {}).items():
+        if not ratio <= SYN_BLOWUP:  # NaN too
+            found.append(
+                f"the synthetic {name} blew up (largest entry {ratio:.3g}x the real {name}')"
+            )
+    if similarity is not None:
+        if not np.all(np.isfinite(similarity)):
+            found.append("the learned LoRS similarity is not finite")
+        elif similarity.size and np.max(np.abs(similarity)) > LORS_BLOWUP:
+            found.append(
+                f"the learned LoRS similarity blew up (max |entry| "
+                f"{np.max(np.abs(similarity)):.3g}; it starts at the identity)"
+            )
+    lrs = "distill.lr_images / lr_texts / lr_step_size" + (
+        " / lors_lr" if similarity is not None else ""
+    )
     for what in found:
         log.warning(
-            "distill: %s: the synthetic set diverged. Lower distill.lr_images / lr_texts / "
-            "lr_step_size (they define the set: in a new --workdir, or after deleting this "
-            "one's distill folder), and check buffer.json's experts_at_chance (experts that "
-            "barely move make the normalised matching loss ill-posed)",
+            "distill: %s: the synthetic set diverged. Lower %s (they define the set: in a new "
+            "--workdir, or after deleting this one's distill folder), and check buffer.json's "
+            "experts_at_chance (experts that barely move make the normalised matching loss "
+            "ill-posed)",
             what,
+            lrs,
         )
     return found
+
+
+LORS_BLOWUP = 1e4  # |entry| of a learned LoRS similarity taken as blown up
+SYN_BLOWUP = 100.0  # synthetic data's largest |entry| over the real data's: blown up
 
 
 # distill.* keys a run of one workdir may change between reruns: how many iterations, how
@@ -460,9 +490,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         log.warning(
             "distill: the NaN guard skipped all %d iterations of this run (non-finite meta-loss "
             "or meta-gradient): the synthetic set did not change. Lower distill.step_size_init "
-            "or distill.lr_*, or check the experts (buffer.json: an expert that does not move "
-            "between epochs makes the normalised distance 0/0)",
+            "or distill.lr_*%s, or check the experts (buffer.json: an expert that does not "
+            "move between epochs makes the normalised distance 0/0)",
             ran,
+            " / distill.lors_lr" if lors else "",
         )
     done_iterations = max(start, iterations)  # the set's iterations (restored at `start`)
     if start > iterations:
@@ -481,12 +512,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     images = np.asarray(syn.images)
     texts = np.asarray(syn.texts)
     lr_img, lr_txt = float(syn.lr_img), float(syn.lr_txt)
-    diverged = warn_if_diverged(first_losses, losses, (lr_img, lr_txt), float(d.step_size_init))
+    sim = np.asarray(matching.similarity(syn)) if lors else None
+    pixels = np.abs(normalize(np.array([0, 255], np.uint8)[:, None]))  # the pixel range's ends
+    growth = {
+        "images": float(np.max(np.abs(images))) / float(np.max(pixels)),
+        "texts": float(np.max(np.abs(texts)))
+        / max(float(np.max(np.abs(np.asarray(data.train_txt)))), 1e-12),
+    }
+    diverged = warn_if_diverged(
+        first_losses,
+        losses,
+        (lr_img, lr_txt),
+        float(d.step_size_init),
+        similarity=sim,
+        growth=growth,
+    )
     nearest = nearest_captions(texts, data.train_txt)
     lors_arrays: dict[str, np.ndarray] = {}
     lors_summary = None
-    if lors:
-        sim = np.asarray(matching.similarity(syn))
+    if sim is not None:
         lors_arrays = {
             "sim_diag": np.asarray(syn.sim_diag),
             "sim_left": np.asarray(syn.sim_left),

@@ -36,12 +36,14 @@ from tldr_jax.distill.matching import all_finite
 from tldr_jax.distill.student import Student
 from tldr_jax.eval.retrieval import nonfinite_rows, retrieval_metrics
 from tldr_jax.train import pretrain
+from tldr_jax.train.losses import loss_at_chance
 from tldr_jax.utils import dist, io
 from tldr_jax.utils.mesh import make_mesh
 
 log = logging.getLogger(__name__)
 
 METHODS = ("distilled", "random", "herding", "kcenter", "forgetting")
+METHOD_LABELS = {"kcenter": "k-center"}  # as the table and the plot print them
 
 
 class Evaluator:
@@ -109,8 +111,8 @@ class Evaluator:
                     theta, opt_state, x, t, idx, keys[: len(idx)], targets
                 )
                 keys = keys[len(idx) :]
-                losses.append((float(loss), len(idx)))
-            loss = sum(v * k for v, k in losses) / steps
+                losses.append((float(loss), len(idx), idx.shape[1]))  # mean of k steps
+            loss = sum(v * k for v, k, _ in losses) / steps
             img, txt = self.embed(theta, self.data.test_images, self.data.test_txt)
             recall = retrieval_metrics(img, txt, self.data.txt2img)
             recall["final_loss"] = float(loss)
@@ -120,10 +122,33 @@ class Evaluator:
                 and nonfinite_rows(img) == 0
                 and nonfinite_rows(txt) == 0
             )
-            if not finite:  # its embeddings rank last (retrieval): recall ~0, not 100
+            if not finite:
+                # It scores 0 on every key: finite test embeddings of a model with some
+                # non-finite parameters would otherwise keep a recall that means nothing.
+                for k in et.RECALL_KEYS:
+                    recall[k] = 0.0
                 log.warning(
                     "eval-distilled: model %d diverged (non-finite loss, parameters or test "
-                    "embeddings) at lr_img %g, lr_txt %g",
+                    "embeddings) at lr_img %g, lr_txt %g; it scores 0 on every key",
+                    i,
+                    lr_img,
+                    lr_txt,
+                )
+            # Finite but dead (scale-invariant encoders blown up by an lr far too high, then
+            # frozen): the last epoch's loss at chance. Its recall is chance's; said, not hidden.
+            last, left = [], -(-n // batch)  # the blocks of the last epoch's steps
+            for v, k, size in reversed(losses):
+                if left <= 0:
+                    break
+                left -= k
+                if size > 1:
+                    last.append((v, size))
+            if finite and last and all(loss_at_chance(v, size) for v, size in last):
+                log.warning(
+                    "eval-distilled: model %d's last-epoch training loss is at chance (it tells "
+                    "no training pair from another) at lr_img %g, lr_txt %g: an lr far too "
+                    "high blows the encoders up and freezes them (eval.coreset_lr for the "
+                    "coresets)",
                     i,
                     lr_img,
                     lr_txt,
@@ -178,10 +203,11 @@ def _summarise(runs: list[dict[str, float]], **meta: Any) -> dict[str, Any]:
 
 def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) -> str:
     keys = et.RECALL_KEYS
-    head = "| pairs | method | " + " | ".join(k.upper().replace("_R", " R@") for k in keys) + " |"
+    head = "| pairs | method | " + " | ".join(k.upper().replace("_R", "@") for k in keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for budget in sorted(results):
-        for method, r in results[budget].items():
+        for name, r in results[budget].items():
+            method = METHOD_LABELS.get(name, name)
             cells = " | ".join(f"{r[k]['mean']:.1f} ± {r[k]['std']:.1f}" for k in keys)
             if r.get("diverged_models"):
                 method = f"{method} ({r['diverged_models']} diverged)"
@@ -189,6 +215,10 @@ def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) ->
                 method = (
                     f"{method} ({r['skipped_iterations']} of {r['iterations']} iterations skipped)"
                 )
+            elif r.get("iterations") == 0:
+                method = f"{method} (its initialisation: 0 iterations)"
+            if "lr_img" in r and not (r["lr_img"] > 0 and r["lr_txt"] > 0):
+                method = f"{method} (learned step sizes {r['lr_img']:g} / {r['lr_txt']:g})"
             lines.append(f"| {budget} | {method} | {cells} |")
     if experts:
         cells = " | ".join(f"{experts[k]['mean']:.1f} ± {experts[k]['std']:.1f}" for k in keys)
@@ -213,13 +243,15 @@ def recall_plot(path: Path, results: dict[int, dict[str, dict]]) -> None:
             ys = [p[1]["mean"] for p in pts]
             err = [p[1]["std"] for p in pts]
             style = dict(marker="*", markersize=12) if method == "distilled" else dict(marker="o")
-            ax.errorbar(xs, ys, yerr=err, label=method, capsize=3, **style)
+            ax.errorbar(
+                xs, ys, yerr=err, label=METHOD_LABELS.get(method, method), capsize=3, **style
+            )
         ax.set_xscale("log")
         # The budgets themselves as plain ticks (a log axis labels 4 and 8 as 4x10^0 ...).
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("training pairs")
-        ax.set_ylabel(key.upper().replace("_R", " R@") + " (%)")
+        ax.set_ylabel(key.upper().replace("_R", "@") + " (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -285,7 +317,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             else "; they collapsed in distill (distill.json's diverged, metrics/distill.csv)",
         )
     skipped = int(syn["skipped"]) if "skipped" in syn else None
-    if skipped and skipped == distilled_iterations:
+    if distilled_iterations == 0:
+        log.warning(
+            "eval-distilled: the set was distilled for 0 iterations (distill.iterations=0): "
+            "it is its initialisation, not a distilled set"
+        )
+    elif skipped and skipped == distilled_iterations:
         log.warning(
             "eval-distilled: the NaN guard skipped every one of the set's %d iterations: it is "
             "its initialisation, not a distilled set (distill.json's skipped)",
@@ -307,6 +344,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         lr_txt=lr_txt,
         lr_text_head=head_lr,
         soft_targets=similarity is not None,
+    )
+    log.info(
+        "eval-distilled: distilled %d pairs: TR@1 %.1f IR@1 %.1f",
+        m,
+        distilled["tr_r1"]["mean"],
+        distilled["ir_r1"]["mean"],
     )
 
     # Coreset features and forgetting events from the first finished expert.

@@ -45,7 +45,7 @@ from tldr_jax.models import encoder_kwargs, make_image_encoder
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import pretrain
 from tldr_jax.train.checkpoint import Checkpointer
-from tldr_jax.train.losses import l2_normalize
+from tldr_jax.train.losses import l2_normalize, loss_at_chance
 from tldr_jax.utils import dist, preemption, progress, signature
 from tldr_jax.utils.mesh import make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 Params = tuple[jax.Array, jax.Array]
 RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
+# An expert whose parameter norm grew more than this from its start blew up (buffer.lr).
+PARAMS_BLOWUP = 100.0
 
 
 # --------------------------------------------------------------------------- data
@@ -402,12 +404,6 @@ def load_trajectories(
     return out
 
 
-def loss_at_chance(loss: float, batch: int) -> bool:
-    """Whether a symmetric contrastive loss over `batch` pairs is within 1% of chance, log
-    batch (every logit alike: the model tells no pair from another)."""
-    return loss >= 0.99 * float(np.log(batch))
-
-
 def check_distill_fits(config: ml_collections.ConfigDict, pairs: int) -> None:
     """ConfigError where the training set cannot be trained on contrastively (< 2 pairs), or
     distill.num_pairs real pairs (init real or kmeans) cannot be drawn from it: `buffer`
@@ -460,8 +456,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finals: list[dict[str, float]] = []
     at_chance: list[int] = []
     trained_epochs = 0
+    done_at_start = 0  # expert epochs trained before this run (summed over the experts)
     for e in range(num_experts):
         traj, extra, done = load_expert(workdir_p, e, epochs, student.num_params, n)
+        done_at_start += done
         recall: list[dict[str, float]] = list(extra.get("recall", []))
         if done == 0:
             theta = init_params(config, data.train_txt.shape[1], seed * 1000 + e)
@@ -522,16 +520,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # expert barely moves, and distill's normalised distance divides by that movement.
         if loss_at_chance(float(loss), batch):
             at_chance.append(e)
+            # The encoders are scale-invariant (normalised embeddings): an lr far too high
+            # blows the parameters up and freezes them there, finite, at chance.
+            growth = max(
+                float(np.linalg.norm(traj[k][-1]) / max(np.linalg.norm(traj[k][0]), 1e-12))
+                for k in ("img", "txt")
+            )
+            why = (
+                f"its parameters grew {growth:.3g}x from their start and froze there: "
+                f"buffer.lr={float(b.lr):g} is far too high (lower it, in a new --workdir)"
+                if growth > PARAMS_BLOWUP
+                else "it cannot tell the training pairs apart (identical images or "
+                "captions?) and hardly moves"
+            )
             log.warning(
                 "buffer: expert %d's training loss %.4f is still at chance (log %d = %.4f) "
-                "after epoch %d: it cannot tell the training pairs apart (identical images or "
-                "captions?) and hardly moves; distilling from it is ill-posed (the matching "
-                "loss is normalised by that movement)",
+                "after epoch %d: %s; distilling from it is ill-posed (the matching loss is "
+                "normalised by the expert's movement)",
                 e,
                 float(loss),
                 batch,
                 np.log(batch),
                 epochs,
+                why,
             )
 
     summary: dict[str, Any] = {
@@ -545,6 +556,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "test_captions": len(data.txt2img),
         "num_params": {"img": student.num_params[0], "txt": student.num_params[1]},
         "trained_epochs_this_run": trained_epochs,
+        "resumed_from": done_at_start,  # expert epochs done before (of num_experts x epochs)
         "expert_final_recall": mean_std(finals),
         # experts whose last epoch's loss stayed at chance (a warning when trained; experts
         # checkpointed before the loss was recorded, 2026-12-05, are not checked)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,3 +36,11 @@ def info_nce(
         i2t = optax.softmax_cross_entropy(logits, targets)
         t2i = optax.softmax_cross_entropy(logits.T, targets.T)
     return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
+
+
+def loss_at_chance(loss: float, batch: int, above: bool = True) -> bool:
+    """Whether a symmetric contrastive loss (`info_nce`) over `batch` pairs is within 1% of
+    chance, log batch (every logit alike: the model tells no pair from another), or over it
+    (`above=False`: within 1% either side; an untrained model starts above chance)."""
+    chance = math.log(batch)
+    return loss >= 0.99 * chance and (above or loss <= 1.01 * chance)

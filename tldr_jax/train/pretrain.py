@@ -9,6 +9,7 @@ them into the joint space (SPEC B.1), so a CPU run spends its time on the image 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from tldr_jax.models.bert import TextEncoder
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import state as train_state
 from tldr_jax.train.checkpoint import Checkpointer
-from tldr_jax.train.losses import info_nce, l2_normalize
+from tldr_jax.train.losses import info_nce, l2_normalize, loss_at_chance
 from tldr_jax.utils import dist, io, preemption, progress, signature
 from tldr_jax.utils.mesh import data_sharding, make_mesh, replicated, shard_batch
 from tldr_jax.utils.metrics import MetricLogger
@@ -185,7 +186,7 @@ def train_and_evaluate(
     total = int(num_steps) if num_steps else int(tc.epochs) * steps_per_epoch
     model = build_model(config, train_txt.shape[1], seed)
     model_def, params, rest = train_state.split_model(model)
-    tx = train_state.make_optimizer(tc, total, steps_per_epoch)
+    tx = train_state.make_optimizer(tc, total, steps_per_epoch, block="train")
     state = train_state.init_state(params, rest, tx)
     shardings = train_state.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
@@ -247,6 +248,22 @@ def train_and_evaluate(
     model = model_def.merge(state["params"], state["rest"])
     recall = evaluate_retrieval(model, test, test_txt)
     ckpt.close()
+    final_loss = float(metrics["loss"]) if metrics else last_loss
+    # Finite but dead: every logit alike at the end (an lr far too high blows the scale-
+    # invariant encoders up and freezes them; data that tells no pair from another). Its
+    # recall is chance's, and a scorer's scores mean nothing.
+    at_chance = final_loss is not None and loss_at_chance(final_loss, batch_size, above=False)
+    if at_chance:
+        log.warning(
+            "%s: the final training loss %.4f is at chance (log %d = %.4f): the model "
+            "tells no training pair from another. Lower train.lr (an lr far too high blows "
+            "the encoders up and freezes them), train longer, or check the data (identical "
+            "images or captions?)",
+            name,
+            final_loss,
+            batch_size,
+            math.log(batch_size),
+        )
     summary = {
         **recall,
         "steps": total,
@@ -255,7 +272,9 @@ def train_and_evaluate(
         "train_pairs": len(train),
         "test_images": len(test),
         "test_captions": len(test_caps),
-        "final_loss": float(metrics["loss"]) if metrics else last_loss,
+        "final_loss": final_loss,  # the last step's
+        "loss_at_chance": at_chance,
+        "resumed_from": start,  # the step this run started at (0: from scratch)
         "time_s": {"text_embed": text_s, "train": train_s, "eval": time.time() - t0},
     }
     return summary, model

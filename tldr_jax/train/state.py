@@ -11,6 +11,7 @@ resumed run draws the same dropout masks as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -23,6 +24,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nnx.Module, dict, bool], tuple[jax.Array, dict]]
 
@@ -111,20 +114,42 @@ def checkpoints_remedy(ckpt_dir: os.PathLike) -> str:
 
 
 def make_schedule(
-    cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1
+    cfg: ml_collections.ConfigDict,
+    total_steps: int,
+    steps_per_epoch: int = 1,
+    block: str | None = None,
 ) -> optax.Schedule:
     """The learning-rate schedule of a `train` config block (`make_optimizer`).
 
+    `cosine`: a linear warm-up from 0 over warmup_steps (none at 0: the first step runs at
+    lr), then a cosine decay to min_lr at total_steps. `constant`: the same warm-up, then lr.
     `epoch_decay` is SPEC A.1's: linear warm-up, then lr x decay_per_epoch at each epoch
     boundary after the one the warm-up ends in (a warm-up longer than an epoch reaches lr and
-    decays from there, no drop), floored at min_lr.
+    decays from there, no drop), floored at min_lr. `block` (the config block's name, for a
+    run about to train for total_steps) warns where the warm-up takes the whole run.
     """
     lr = float(cfg.lr)
     warmup = int(cfg.get("warmup_steps", 0))
     kind = cfg.get("schedule", "cosine")
+    if block is not None and warmup and total_steps <= warmup:
+        log.warning(
+            "%s.warmup_steps=%d covers all %d steps of this run: the learning rate never "
+            "reaches %s.lr=%g%s",
+            block,
+            warmup,
+            total_steps,
+            block,
+            lr,
+            " (its first step runs at lr 0)" if kind != "epoch_decay" else "",
+        )
     if kind == "cosine":
-        sched = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(warmup, 1), max(total_steps, warmup + 1), end_value=cfg.get("min_lr", 0.0)
+        end = float(cfg.get("min_lr", 0.0))
+        sched = (
+            optax.warmup_cosine_decay_schedule(
+                0.0, lr, warmup, max(total_steps, warmup + 1), end_value=end
+            )
+            if warmup
+            else optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=end / lr if lr else 0.0)
         )
     elif kind == "constant":
         sched = (
@@ -150,14 +175,18 @@ def make_schedule(
 
 
 def make_optimizer(
-    cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1
+    cfg: ml_collections.ConfigDict,
+    total_steps: int,
+    steps_per_epoch: int = 1,
+    block: str | None = None,
 ) -> optax.GradientTransformation:
-    """Optimiser + schedule (`make_schedule`) from a `train` config block.
+    """Optimiser + schedule (`make_schedule`; `block`: warn where the warm-up takes the
+    whole run) from a `train` config block.
 
     Keys: optimizer (adamw | sgd), lr, weight_decay, momentum, warmup_steps,
     schedule (cosine | constant | epoch_decay), decay_per_epoch, min_lr, grad_clip.
     """
-    sched = make_schedule(cfg, total_steps, steps_per_epoch)
+    sched = make_schedule(cfg, total_steps, steps_per_epoch, block)
 
     name = cfg.get("optimizer", "adamw")
     if name == "adamw":
