@@ -188,4 +188,5 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     cap.update(max_len=8, batch_size=16, beam_size=2)
     cap.image_kwargs = vit
     cap.decoder = dec
-    cap.train.update(batch_size=16, epochs=1, warmup_steps=1, ckpt_every=2)
+    # one step, at lr (a warm-up's first step runs at lr 0)
+    cap.train.update(batch_size=16, epochs=1, warmup_steps=0, ckpt_every=2)

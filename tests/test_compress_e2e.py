@@ -71,6 +71,9 @@ def test_compress_outputs(clean_run):
     for name in ("full", "tldr", "random"):
         for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
             assert 0.0 <= summary["retrieval"][name][k] <= 100.0
+    for name in ("tldr", "random"):  # a dead arm would say so here, as in its own summary
+        arm = json.loads((w / "eval" / f"{name}.json").read_text())
+        assert summary["retrieval"][name]["loss_at_chance"] is arm["loss_at_chance"]
     # Every stage's summary says how many data rows were read and which were skipped.
     for stage in ("train-captioner", "extract", "select", "score", "caption", "write"):
         stage_summary = json.loads((w / f"{stage}.json").read_text())

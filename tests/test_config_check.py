@@ -249,7 +249,7 @@ def test_an_empty_config_and_no_arguments_are_one_line(tmp_path):
         r = run_cli("pretrain", *args, "--workdir", str(tmp_path / "w"))
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [
             "tldr-jax pretrain: error: --config is empty: give a config file, e.g. "
-            "configs/tldr.py:small"
+            "configs/pretrain.py:small"
         ]
     r = run_cli()
     assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("usage: tldr-jax")

@@ -366,7 +366,7 @@ def test_runaway_synthetic_sets_are_warned_about(caplog):
     assert warn_if_diverged(flat, flat, (0.01, 0.01), 0.01, growth={"images": 9.6}) == []
     assert warn_if_diverged(
         flat, flat, (0.01, 0.01), 0.01, growth={"images": 2.0, "texts": 3e4}
-    ) == ["the synthetic texts blew up (largest entry 3e+04x the real texts')"]
+    ) == ["the synthetic texts blew up (largest entry 3e+04x that of the real ones)"]
     # LoRS: a similarity that blew up or is not finite; the warning names lors_lr.
     assert warn_if_diverged(flat, flat, (0.01, 0.01), 0.01, similarity=np.eye(4) * 2.5) == []
     caplog.clear()
@@ -690,6 +690,18 @@ def test_student_batch_split_over_devices_learns_the_same_set(buffered):
 
     assert split_batch_sharding(make_mesh(), 7) is None
     assert split_batch_sharding(make_mesh(), 100).mesh.shape == {"batch": 4, "replica": 2}
+
+
+def test_the_at_chance_check_reads_the_last_epochs_batches():
+    from tldr_jax.distill.eval_distilled import last_epoch_losses
+
+    # 8 pairs at batch 3: each epoch a block of 2 full batches and one of the rest (2)
+    losses = [(2.0, 2, 3), (1.5, 1, 2), (1.1, 2, 3), (0.7, 1, 2)]
+    assert last_epoch_losses(losses, 3) == [(0.7, 2), (1.1, 3)]
+    # 7 pairs at batch 3: the rest is one pair (its loss is always 0), left out
+    assert last_epoch_losses([(2.0, 2, 3), (0.0, 1, 1)], 3) == [(2.0, 3)]
+    assert last_epoch_losses([(1.0, 4, 8)], 1) == [(1.0, 8)]  # a max_steps cut inside
+    assert last_epoch_losses([], 3) == []
 
 
 def test_eval_table_marks_a_set_that_is_its_initialisation_or_cannot_train():

@@ -231,7 +231,7 @@ def test_compress_writes_each_distinct_webdataset_image_once(tmp_path):
 def test_a_killed_decodes_cache_temporary_is_removed_by_the_next(tmp_path):
     """kill -9 while images decode into the cache leaves a temporary as large as the entry;
     the next decode of the entry on this host removes it where its writer is gone, and leaves
-    a live writer's and another host's alone."""
+    a live writer's and another host's or PID namespace's alone."""
     import subprocess
     import sys
 
@@ -239,11 +239,14 @@ def test_a_killed_decodes_cache_temporary_is_removed_by_the_next(tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     store = imagestore.MemmapStore(str(tmp_path), "train-abc", 8)
     images_path = store.tmp.split(".tmp")[0]
-    host = imagestore._host_tag()
-    stale = f"{images_path}.tmp{dead}-0123abcd-{host}"
-    live = f"{images_path}.tmp{os.getpid()}-89abcdef-{host}"
-    remote = f"{images_path}.tmp{dead}-01234567-otherhost"
-    for p in (stale, live, remote):
+    tag = imagestore._writer_tag()
+    assert tag and store.tmp.endswith(f"-{tag}")
+    stale = f"{images_path}.tmp{dead}-0123abcd-{tag}"
+    live = f"{images_path}.tmp{os.getpid()}-89abcdef-{tag}"
+    remote = f"{images_path}.tmp{dead}-01234567-otherhost.{tag.rsplit('.', 1)[1]}"
+    other_ns = f"{images_path}.tmp{dead}-01234567-{tag}9"  # a container with the host's name
+    for p in (stale, live, remote, other_ns):
         Path(p).write_bytes(b"x")
     imagestore.MemmapStore(str(tmp_path), "train-abc", 8)
-    assert not os.path.exists(stale) and os.path.exists(live) and os.path.exists(remote)
+    assert not os.path.exists(stale) and os.path.exists(live)
+    assert os.path.exists(remote) and os.path.exists(other_ns)

@@ -57,6 +57,7 @@ def test_a_stage_sweeps_what_a_killed_run_of_it_left(tmp_path):
         stale(tmp_path, "score_histogram.png", ".png"),
     ]
     theirs = [stale(tmp_path / "select", "selected.npz"), stale(tmp_path, "select.json")]
+    theirs.append(stale(tmp_path, "scorer-notes.json"))  # another name that starts alike
     (tmp_path / "score" / "kept.npz").write_bytes(b"x")
     assert io.remove_stage_temps(tmp_path, "score") == len(ours)
     assert not any(os.path.exists(p) for p in ours)
@@ -66,21 +67,31 @@ def test_a_stage_sweeps_what_a_killed_run_of_it_left(tmp_path):
     other = stale(tmp_path / "metrics", "pretrain.png.old")
     assert io.remove_stale_temps_of(tmp_path / "metrics" / "pretrain.png") == 1
     assert not os.path.exists(mine) and os.path.exists(other)
+    # compress's comparison folder `eval` is not `eval-distilled`
+    kept = stale(tmp_path, "eval-distilled.md")
+    assert io.remove_stage_temps(tmp_path, "eval") == 0 and os.path.exists(kept)
 
 
 def test_a_killed_checkpoint_save_is_swept_when_the_manager_opens(tmp_path):
     """A save killed midway leaves `<step>.orbax-checkpoint-tmp`; a rerun that saves other
-    steps (another ckpt_every) would never replace it: the Checkpointer removes it."""
+    steps (another ckpt_every) would never replace it: the folder's writer removes it. One
+    that only reads the folder never does: another stage may be saving into it (`distill`
+    beside a `buffer` still training), and that would delete its save in progress."""
     import jax.numpy as jnp
 
     from tldr_jax.train.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt = Checkpointer(tmp_path / "ckpt", sweep_tmp=True)
     ckpt.save(2, {"w": jnp.ones(3)})
     ckpt.close()
-    (tmp_path / "ckpt" / "13.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
-    ckpt = Checkpointer(tmp_path / "ckpt")
-    assert ckpt.latest_step() == 2
+    in_progress = tmp_path / "ckpt" / "13.orbax-checkpoint-tmp" / "state"
+    in_progress.mkdir(parents=True)
+    reader = Checkpointer(tmp_path / "ckpt")
+    assert reader.latest_step() == 2
+    reader.restore(2, {"w": jnp.zeros(3)})
+    reader.close()
+    assert in_progress.exists()
+    ckpt = Checkpointer(tmp_path / "ckpt", sweep_tmp=True)
     ckpt.save(4, {"w": jnp.zeros(3)})  # (orbax finishes the sweep before a save)
     ckpt.close()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4"]

@@ -285,6 +285,13 @@ def test_cosine_without_warmup_starts_at_lr_and_a_whole_run_warmup_is_warned(cap
         "caption.train.warmup_steps=5 covers all 4 steps of this run: the learning rate never "
         "reaches caption.train.lr=0.1 (its first step runs at lr 0)" in caplog.text
     )
+    # epoch_decay's warm-up reaches lr at its last step (step warmup - 1): 5 of 5 is fine
+    caplog.clear()
+    cfg.schedule = "epoch_decay"
+    assert np.isclose(float(make_schedule(cfg, 5, block="train")(jnp.asarray(4))), 0.1)
+    assert "warmup_steps" not in caplog.text
+    make_schedule(cfg, 4, block="train")
+    assert "train.warmup_steps=5 covers all 4 steps" in caplog.text
 
 
 def test_a_run_that_ends_at_chance_is_warned_about_and_recorded(tmp_path, caplog):

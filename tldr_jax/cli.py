@@ -156,6 +156,15 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         f.close()  # releases the flock
 
 
+# The folders and outputs a stage writes under its lock, where not only its own name's:
+# `compress` runs the six stages and the retrieval comparison (`W/eval`), `write` writes
+# `W/compress` (`io.remove_stage_temps` sweeps them as the stage starts).
+SWEEPS = {
+    "compress": (
+        "compress", "train-captioner", "extract", "select", "score", "caption", "write", "eval",
+    ),
+    "write": ("write", "compress"),
+}  # fmt: skip
 WORKDIR_REQUIRED = "--workdir DIR is required: the folder the stage reads and writes"
 
 
@@ -186,7 +195,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     t0 = time.time()
     with stage_lock(workdir, name, dist.is_main()):
         if dist.is_main():  # what a killed run of this stage left half-written
-            io.remove_stage_temps(workdir, name)
+            for stage in SWEEPS.get(name, (name,)):
+                io.remove_stage_temps(workdir, stage)
         summary = resolve_stage(name)(config, workdir)
     summary = dict(summary or {})
     summary.setdefault("stage", name)
@@ -279,7 +289,11 @@ def _main_impl(argv: list[str] | None) -> None:
 
     spec = config_spec(argv[2:])
     if spec is not None and not spec.strip():
-        _usage_error(stage, "--config is empty: give a config file, e.g. configs/tldr.py:small")
+        from tldr_jax.config_check import STAGE_BLOCKS
+
+        example = STAGE_BLOCKS.get(stage, ((), ""))[1]
+        example = example if example.startswith("configs/") else "configs/tldr.py"
+        _usage_error(stage, f"--config is empty: give a config file, e.g. {example}:small")
     if spec and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", spec) and spec[:5].lower() != "file:":
         _usage_error(stage, f"--config {spec}: a config file on this machine (or a file:// URL)")
     if spec:

@@ -394,7 +394,7 @@ _INPUT_KEYS: dict[str, tuple[tuple[str, ...], bool]] = {
     "data.test_image_root": (_READS_TEST, True),
     "caption.data": (("caption", "compress"), False),
     "caption.image_root": (("caption", "compress"), True),
-    "text.model_dir": ((*_READS_TRAIN, "evaluate"), True),
+    "text.model_dir": ((*(s for s in _READS_TRAIN if s != "write"), "evaluate"), True),
 }
 
 

@@ -266,7 +266,7 @@ def train_model(
     )
 
     data_iter = train_iterator(ds, batch_size, seed, tokenizer=tokenizer, max_len=max_len)
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=int(tc.get("keep", 2)))
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=int(tc.get("keep", 2)), sweep_tmp=True)
     start = ckpt.latest_step() or 0
     last: dict[str, float] = {}
     # Metrics of the steps since the last log (device arrays until fetched). A checkpoint

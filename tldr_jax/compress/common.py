@@ -14,18 +14,14 @@ import numpy as np
 from tldr_jax import config_lib
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.dataset import ImageTextSet, data_counts, load_set  # noqa: F401 (re-export)
-from tldr_jax.utils import dist, io, signature
+from tldr_jax.utils import dist, signature
 
 log = logging.getLogger(__name__)
 
 
 def stage_dir(workdir: str | Path, stage: str) -> Path:
-    """`workdir/<stage>`, made, and swept of what a killed run of the stage left
-    half-written (`io.remove_stage_temps`; `compress` runs its stages under its own lock)."""
     d = Path(workdir) / stage
     d.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        io.remove_stage_temps(workdir, stage)
     return d
 
 

@@ -179,6 +179,7 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
             "pairs": len(subset),
             "steps": int(summary["steps"]),
             "batch_size": arm_batch,
+            "loss_at_chance": bool(summary.get("loss_at_chance", False)),  # (W/eval/<arm>.json)
             # text embedding + training + evaluation, in the run that made it
             "time_s": round(sum(summary.get("time_s", {}).values()), 3),
         }

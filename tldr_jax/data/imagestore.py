@@ -284,9 +284,10 @@ class MemmapStore:
         self.cache_dir, self.key, self.size = cache_dir, key, size
         # unique per writer: processes on several hosts may share the folder
         images_path = _paths(cache_dir, key)[0]
-        host = _host_tag()
-        self.tmp = f"{images_path}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}-{host}"
-        remove_dead_writers(images_path, host)
+        tag = _writer_tag()
+        self.tmp = f"{images_path}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag or 'unknown'}"
+        if tag:  # where this process's pids can be told apart from other writers'
+            remove_dead_writers(images_path, tag)
 
     def __call__(self, n: int) -> np.ndarray:
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -294,22 +295,30 @@ class MemmapStore:
         return np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
 
 
-def _host_tag() -> str:
-    """This host's name as a temp-name part (letters, digits, '-' and '.' only)."""
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+def _writer_tag() -> str | None:
+    """Where this process's pid means something: the host's name and the PID namespace
+    (containers sharing a host name need not share pids), as a temp-name part; None where
+    the namespace cannot be read."""
+    try:
+        ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return None
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    return f"{host}.{ns}" if ns else None
 
 
-def remove_dead_writers(images_path: str, host: str) -> int:
-    """Removes this host's temporaries of the cache entry `images_path` whose writer process
-    is gone (kill -9 skips the clean-up, and each is as large as the entry); returns how
-    many. Another host's, or a live process's, are left alone."""
+def remove_dead_writers(images_path: str, tag: str) -> int:
+    """Removes the temporaries of the cache entry `images_path` that a writer with this
+    `_writer_tag` left and whose process is gone (kill -9 skips the clean-up, and each is as
+    large as the entry); returns how many. Other hosts' or namespaces', and live processes',
+    are left alone."""
     pattern = re.compile(re.escape(os.path.basename(images_path)) + r"\.tmp(\d+)-[0-9a-f]{8}-(.+)$")
     folder = os.path.dirname(images_path) or "."
     removed = 0
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(folder):
             match = pattern.match(name)
-            if not match or match.group(2) != host or _alive(int(match.group(1))):
+            if not match or match.group(2) != tag or _alive(int(match.group(1))):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, name))

@@ -159,7 +159,7 @@ def warn_if_diverged(
     for name, ratio in (growth or {}).items():
         if not ratio <= SYN_BLOWUP:  # NaN too
             found.append(
-                f"the synthetic {name} blew up (largest entry {ratio:.3g}x the real {name}')"
+                f"the synthetic {name} blew up (largest entry {ratio:.3g}x that of the real ones)"
             )
     if similarity is not None:
         if not np.all(np.isfinite(similarity)):
@@ -375,7 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # expert" or "num_pairs > training pairs" leaves no record that would refuse the rerun
     # with the fix), before its first checkpoint.
     et.check_distill_signature(out_dir / "signature.json", sig, create=True)
-    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2)
+    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=2, sweep_tmp=True)
     start = ckpt.latest_step() or 0
     skipped = 0
     # Every finite iteration's meta-loss, kept in the checkpoints so a resumed or rerun

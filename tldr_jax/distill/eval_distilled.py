@@ -136,13 +136,7 @@ class Evaluator:
                 )
             # Finite but dead (scale-invariant encoders blown up by an lr far too high, then
             # frozen): the last epoch's loss at chance. Its recall is chance's; said, not hidden.
-            last, left = [], -(-n // batch)  # the blocks of the last epoch's steps
-            for v, k, size in reversed(losses):
-                if left <= 0:
-                    break
-                left -= k
-                if size > 1:
-                    last.append((v, size))
+            last = last_epoch_losses(losses, -(-n // batch))
             if finite and last and all(loss_at_chance(v, size) for v, size in last):
                 log.warning(
                     "eval-distilled: model %d's last-epoch training loss is at chance (it tells "
@@ -156,6 +150,22 @@ class Evaluator:
             recall["diverged"] = not finite
             out.append(recall)
         return out
+
+
+def last_epoch_losses(
+    losses: list[tuple[float, int, int]], steps_per_epoch: int
+) -> list[tuple[float, int]]:
+    """(mean loss, batch size) of the blocks of the last `steps_per_epoch` steps, from
+    `losses` of (mean loss of k steps, k, batch size) blocks in order; batches of one pair
+    (loss 0 always) left out."""
+    last, left = [], steps_per_epoch
+    for v, k, size in reversed(losses):
+        if left <= 0:
+            break
+        left -= k
+        if size > 1:
+            last.append((v, size))
+    return last
 
 
 def epoch_minibatches(key: jax.Array, n: int, batch: int, steps: int) -> list[np.ndarray]:

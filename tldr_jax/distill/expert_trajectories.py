@@ -474,7 +474,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             log.info("buffer: expert %d resumes at epoch %d of %d", e, done, epochs)
         else:
             log.info("buffer: training expert %d (of %d), %d epochs", e, num_experts, epochs)
-        ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1)
+        ckpt = Checkpointer(expert_dir(workdir_p, e), max_to_keep=1, sweep_tmp=True)
         logger = MetricLogger(workdir_p, f"buffer_expert_{e:03d}", resume_step=done)
         theta = (jnp.asarray(traj["img"][done]), jnp.asarray(traj["txt"][done]))
         opt_state = (tx.init(theta[0]), tx.init(theta[1]))  # the trainer places both

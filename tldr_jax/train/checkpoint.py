@@ -25,14 +25,17 @@ DATA_STATE_KEY = "_data_state"
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, sweep_tmp: bool = False):
+        """`sweep_tmp`: the folder's own writer (a stage saving into it under its stage lock)
+        removes the `<step>.orbax-checkpoint-tmp` folders a save killed midway left, which a
+        rerun saving other steps (another ckpt_every) would never replace. Never where the
+        folder is only read: another stage may be saving into it (`distill` beside a
+        `buffer` still training), and the sweep would delete its save in progress."""
         self.directory = Path(directory).absolute()
         self._mngr = ocp.CheckpointManager(
             self.directory,
-            # A save killed midway leaves a `<step>.orbax-checkpoint-tmp` folder that a rerun
-            # saving other steps (another ckpt_every) would never replace: swept on open.
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=sweep_tmp
             ),
         )
 

@@ -198,7 +198,7 @@ def train_and_evaluate(
     )
 
     data_iter = train_iterator(train, batch_size, seed)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.get("keep", 2)))
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.get("keep", 2)), sweep_tmp=True)
     start = ckpt.latest_step() or 0
     last_loss = None  # the loss of the latest step (kept in the checkpoint for reruns)
     if start:

@@ -131,7 +131,9 @@ def make_schedule(
     lr = float(cfg.lr)
     warmup = int(cfg.get("warmup_steps", 0))
     kind = cfg.get("schedule", "cosine")
-    if block is not None and warmup and total_steps <= warmup:
+    # cosine / constant reach lr at step `warmup`; epoch_decay's warm-up at step warmup - 1
+    short = total_steps < warmup if kind == "epoch_decay" else total_steps <= warmup
+    if block is not None and warmup and short:
         log.warning(
             "%s.warmup_steps=%d covers all %d steps of this run: the learning rate never "
             "reaches %s.lr=%g%s",

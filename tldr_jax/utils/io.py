@@ -79,11 +79,13 @@ def remove_stale_temps_of(path: str | os.PathLike) -> int:
 def remove_stage_temps(workdir: str | os.PathLike, stage: str) -> int:
     """A stage's sweep as it starts, under its stage lock: the `atomic_path` temporaries a
     killed run of it left in its folder `workdir/<stage>` (subfolders too) and beside its
-    outputs `workdir/<stage>*` (its summary, tables and plots); returns how many."""
+    outputs `workdir/<stage>.*` / `workdir/<stage>_*` (its summary, signature, tables and
+    plots; not another stage's whose name only starts alike: `eval` / `eval-distilled`);
+    returns how many."""
     workdir = Path(workdir)
     removed = remove_stale_temps(workdir / stage) if (workdir / stage).is_dir() else 0
     with contextlib.suppress(FileNotFoundError):
-        for tmp in workdir.glob(f".{glob.escape(stage)}*.tmp*"):
+        for tmp in workdir.glob(f".{glob.escape(stage)}[._]*.tmp*"):
             if tmp.is_file() and _TEMP_NAME.match(tmp.name):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
