@@ -61,7 +61,13 @@ def test_buffer_snapshots_every_epoch_and_resumes(buffered):
     assert rerun["experts_at_chance"] == list(range(EXPERTS))
     n = summary["train_pairs"]
     num_params = (summary["num_params"]["img"], summary["num_params"]["txt"])
+    # Reading experts never sweeps their folders: a buffer may be saving into one (its
+    # `<step>.orbax-checkpoint-tmp`), with distill / eval-distilled reading beside it.
+    in_progress = workdir / "buffer" / "expert_000" / "9.orbax-checkpoint-tmp"
+    in_progress.mkdir()
     trajs = _trajectories(config, workdir, num_params, n)
+    assert in_progress.exists()
+    in_progress.rmdir()
     for e, (traj, extra, done) in enumerate(trajs):
         assert done == EPOCHS
         assert traj["img"].shape == (EPOCHS + 1, num_params[0])

@@ -39,17 +39,19 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     assert not os.path.exists(stale) and all(p.exists() for p in keep)
 
 
+def stale(folder, name, suffix=""):
+    """An `atomic_path` temporary of `folder/name`, as a killed run leaves it."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    return path
+
+
 def test_a_stage_sweeps_what_a_killed_run_of_it_left(tmp_path):
     """kill -9 inside `atomic_path`: the next run of the stage (under its lock) removes the
     temporaries in its folder and beside its outputs, and nothing of other stages."""
-    import tempfile
-
-    def stale(folder, name, suffix=""):
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
-        os.close(fd)
-        return path
-
     ours = [
         stale(tmp_path / "score", "kept.npz"),
         stale(tmp_path / "score" / "metrics", "score-full.png", ".png"),
@@ -95,3 +97,34 @@ def test_a_killed_checkpoint_save_is_swept_when_the_manager_opens(tmp_path):
     ckpt.save(4, {"w": jnp.zeros(3)})  # (orbax finishes the sweep before a save)
     ckpt.close()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4"]
+
+
+def test_compress_sweeps_only_what_it_writes_not_stages_running_beside_it(tmp_path, monkeypatch):
+    """Stages hold locks of their own and may run side by side on one workdir: compress's
+    sweep (under its lock) leaves the live temporaries of an `extract`, `write`, `score` or
+    `eval-distilled` running beside it, and removes its own: W/eval, compress.json,
+    report.md, recall.png."""
+    from configs import tldr as tldr_config
+    from tldr_jax import cli
+
+    w = tmp_path / "w"
+    beside = [
+        stale(w / "extract", "codes-00000.npz"),
+        stale(w / "compress", "train.json"),  # write's
+        stale(w, "score_histogram.png", ".png"),
+        stale(w, "eval-distilled.md"),
+    ]
+    ours = [
+        stale(w / "eval" / "tldr", "metrics.json"),
+        stale(w, "compress.json"),
+        stale(w, "report.md"),
+        stale(w, "recall.png", ".png"),
+    ]
+    monkeypatch.setattr(cli, "resolve_stage", lambda name: lambda config, workdir: {})
+    cli.run_stage("compress", tldr_config.get_config("tiny"), str(w))
+    assert all(os.path.exists(p) for p in beside)
+    assert not any(os.path.exists(p) for p in ours)
+    # write's sweep: its folder W/compress, not compress's summary
+    live = stale(w, "compress.json")
+    cli.run_stage("write", tldr_config.get_config("tiny"), str(w))
+    assert not os.path.exists(beside[1]) and os.path.exists(live)

@@ -280,6 +280,8 @@ def test_cosine_without_warmup_starts_at_lr_and_a_whole_run_warmup_is_warned(cap
     assert "warm-up" not in caplog.text and "warmup" not in caplog.text
     cfg.warmup_steps = 5
     assert np.isclose(float(make_schedule(cfg, 10)(jnp.asarray(5))), 0.1)
+    make_schedule(cfg, 5, block="train")  # lr only at step 5: a 5-step run never gets there
+    assert "train.warmup_steps=5 covers all 5 steps" in caplog.text
     make_schedule(cfg, 4, block="caption.train")
     assert (
         "caption.train.warmup_steps=5 covers all 4 steps of this run: the learning rate never "

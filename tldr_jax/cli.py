@@ -156,15 +156,14 @@ def stage_lock(workdir: str, name: str, main_process: bool = True) -> Iterator[N
         f.close()  # releases the flock
 
 
-# The folders and outputs a stage writes under its lock, where not only its own name's:
-# `compress` runs the six stages and the retrieval comparison (`W/eval`), `write` writes
-# `W/compress` (`io.remove_stage_temps` sweeps them as the stage starts).
-SWEEPS = {
-    "compress": (
-        "compress", "train-captioner", "extract", "select", "score", "caption", "write", "eval",
-    ),
-    "write": ("write", "compress"),
-}  # fmt: skip
+# What a stage's sweep covers where it is not its own folder and `<stage>.*` outputs:
+# (folders, other outputs in the workdir). `compress` runs each of its stages through
+# run_stage (each sweeps its own) and writes `W/eval`, `report.md` and `recall.png` itself;
+# `W/compress` is `write`'s.
+SWEEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "compress": (("eval",), ("report.md", "recall.png")),
+    "write": (("write", "compress"), ()),
+}
 WORKDIR_REQUIRED = "--workdir DIR is required: the folder the stage reads and writes"
 
 
@@ -195,8 +194,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     t0 = time.time()
     with stage_lock(workdir, name, dist.is_main()):
         if dist.is_main():  # what a killed run of this stage left half-written
-            for stage in SWEEPS.get(name, (name,)):
-                io.remove_stage_temps(workdir, stage)
+            folders, files = SWEEPS.get(name, ((name,), ()))
+            io.remove_stage_temps(workdir, name, folders, files)
         summary = resolve_stage(name)(config, workdir)
     summary = dict(summary or {})
     summary.setdefault("stage", name)

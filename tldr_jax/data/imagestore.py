@@ -296,15 +296,17 @@ class MemmapStore:
 
 
 def _writer_tag() -> str | None:
-    """Where this process's pid means something: the host's name and the PID namespace
-    (containers sharing a host name need not share pids), as a temp-name part; None where
-    the namespace cannot be read."""
+    """Where this process's pid means something, as a temp-name part: the host's name, its
+    kernel's boot id (hosts may share a name) and the PID namespace (containers on one
+    host need not share pids); None where either cannot be read."""
     try:
         ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = re.sub(r"[^0-9a-f]", "", f.read().lower())
     except OSError:
         return None
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-    return f"{host}.{ns}" if ns else None
+    return f"{host}.{boot}.{ns}" if ns and boot else None
 
 
 def remove_dead_writers(images_path: str, tag: str) -> int:

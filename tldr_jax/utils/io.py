@@ -76,21 +76,29 @@ def remove_stale_temps_of(path: str | os.PathLike) -> int:
     return removed
 
 
-def remove_stage_temps(workdir: str | os.PathLike, stage: str) -> int:
+def remove_stage_temps(
+    workdir: str | os.PathLike,
+    stage: str,
+    folders: tuple[str, ...] | None = None,
+    files: tuple[str, ...] = (),
+) -> int:
     """A stage's sweep as it starts, under its stage lock: the `atomic_path` temporaries a
-    killed run of it left in its folder `workdir/<stage>` (subfolders too) and beside its
-    outputs `workdir/<stage>.*` / `workdir/<stage>_*` (its summary, signature, tables and
-    plots; not another stage's whose name only starts alike: `eval` / `eval-distilled`);
-    returns how many."""
+    killed run of it left in its `folders` under `workdir` (default: `<stage>`; subfolders
+    too), beside its outputs `workdir/<stage>.*` / `workdir/<stage>_*` (its summary,
+    signature, tables and plots; not another stage's whose name only starts alike: `eval` /
+    `eval-distilled`) and beside its other outputs `files` in `workdir`; returns how many."""
     workdir = Path(workdir)
-    removed = remove_stale_temps(workdir / stage) if (workdir / stage).is_dir() else 0
+    removed = 0
+    for folder in (stage,) if folders is None else folders:
+        if (workdir / folder).is_dir():
+            removed += remove_stale_temps(workdir / folder)
     with contextlib.suppress(FileNotFoundError):
         for tmp in workdir.glob(f".{glob.escape(stage)}[._]*.tmp*"):
             if tmp.is_file() and _TEMP_NAME.match(tmp.name):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
                     removed += 1
-    return removed
+    return removed + sum(remove_stale_temps_of(workdir / name) for name in files)
 
 
 def _to_jsonable(obj: Any) -> Any:
