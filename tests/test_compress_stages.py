@@ -273,3 +273,15 @@ def test_a_diverged_captioner_stops_the_stage(tmp_path):
     with pytest.raises(ConfigError, match=r"diverged at step \d+ .* at captioner.train.lr=1e\+06"):
         run_stage("train-captioner", config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "train-captioner.json").exists()
+
+
+def test_an_arm_trained_before_loss_at_chance_was_recorded_is_judged_from_its_loss():
+    """compress.json's arms: a cached W/eval/<arm>.json from before the key existed is worked
+    out from its final loss and batch (it said false for dead arms), None where unknown."""
+    from tldr_jax.compress.pipeline import _at_chance
+
+    assert _at_chance({"loss_at_chance": True}) is True
+    assert _at_chance({"final_loss": float(np.log(32)), "batch_size": 32}) is True
+    assert _at_chance({"final_loss": 3.7, "batch_size": 32}) is False  # above: untrained
+    assert _at_chance({"final_loss": 1.2, "batch_size": 32}) is False
+    assert _at_chance({}) is None

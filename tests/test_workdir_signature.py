@@ -232,6 +232,17 @@ def test_signature_keys_and_messages():
     assert signature.differences(old, all_rows, known_only=True) == {
         "score.filter_over": ("selected", "all")
     }
+    # A cosine schedule without warm-up starts at lr since 2026-12-05 (at 0 before): a run
+    # recorded before is not resumed on the other schedule.
+    config.train.update(schedule="cosine", warmup_steps=0)
+    now = common.stage_signature(config, "score", fp)
+    assert now["train.cosine_no_warmup_starts_at_lr"] is True
+    before = {k: v for k, v in now.items() if k != "train.cosine_no_warmup_starts_at_lr"}
+    assert signature.describe(signature.differences(before, now, known_only=True)) == (
+        "train.cosine_no_warmup_starts_at_lr: False -> True"
+    )
+    config.train.warmup_steps = 3
+    assert "train.cosine_no_warmup_starts_at_lr" not in common.stage_signature(config, "score", fp)
     err = signature.refusal([Path("W/select")], diff)
     assert isinstance(err, ConfigError) and "\n" not in str(err)
     assert str(err).endswith("delete W/select to redo that stage with these settings.")

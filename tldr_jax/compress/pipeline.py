@@ -35,6 +35,7 @@ from tldr_jax.compress.common import (
 from tldr_jax.config_check import ConfigError, check_batch_fits, lookup
 from tldr_jax.data.records import clean_caption
 from tldr_jax.eval.retrieval import RECALL_KEYS
+from tldr_jax.train.losses import loss_at_chance
 from tldr_jax.train.pretrain import make_text_encoder, train_and_evaluate
 from tldr_jax.utils import dist, io
 
@@ -179,13 +180,24 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
             "pairs": len(subset),
             "steps": int(summary["steps"]),
             "batch_size": arm_batch,
-            "loss_at_chance": bool(summary.get("loss_at_chance", False)),  # (W/eval/<arm>.json)
+            "loss_at_chance": _at_chance(summary),  # (W/eval/<arm>.json)
             # text embedding + training + evaluation, in the run that made it
             "time_s": round(sum(summary.get("time_s", {}).values()), 3),
         }
     for r in results.values():
         r["mean_r1"] = 0.5 * (r["tr_r1"] + r["ir_r1"])
     return {"budget": budget, **results}
+
+
+def _at_chance(summary: dict[str, Any]) -> bool | None:
+    """An arm's `loss_at_chance`; for an arm trained before the key was recorded, worked
+    out from its final loss and batch size (None where those are missing too)."""
+    if "loss_at_chance" in summary:
+        return bool(summary["loss_at_chance"])
+    loss, batch = summary.get("final_loss"), summary.get("batch_size")
+    if loss is None or not batch:
+        return None
+    return loss_at_chance(float(loss), int(batch), above=False)
 
 
 def _world_composition(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tldr_jax.config_check import ConfigError
+from tldr_jax.config_check import TRAINING_BLOCKS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ RERUN_FREE = (
 # here), so a finished stage is not reused under a new value of the key.
 ADDED_KEYS: dict[str, Any] = {
     "score.filter_over": "selected",  # 2026-12-05; before: the top fraction of select's rows
+    # 2026-12-05 (config_values adds them where they hold); before, the first step at lr 0
+    **{f"{b}.cosine_no_warmup_starts_at_lr": False for b in TRAINING_BLOCKS},
 }
 
 
@@ -138,11 +140,17 @@ def config_values(
     flat = flatten(tree)
     prefixes = tuple(include)
     skip = (*RERUN_FREE, *exclude)
-    return {
+    out = {
         k: normal_path(k, v)
         for k, v in sorted(flat.items())
         if any(k == p or k.startswith(p + ".") for p in prefixes) and not matches(k, skip)
     }
+    # A cosine schedule without warm-up started its first step at lr 0 before 2026-12-05 and
+    # at lr since: a run checkpointed before is not resumed on the other schedule.
+    for block in TRAINING_BLOCKS:
+        if out.get(f"{block}.warmup_steps") == 0 and out.get(f"{block}.schedule") == "cosine":
+            out[f"{block}.cosine_no_warmup_starts_at_lr"] = True
+    return out
 
 
 def _normalise_encoders(tree: dict[str, Any]) -> None:
