@@ -211,9 +211,14 @@ def _summarise(runs: list[dict[str, float]], **meta: Any) -> dict[str, Any]:
     return {**et.mean_std(runs), "diverged_models": diverged, **meta}
 
 
+def _key_label(key: str) -> str:
+    """A recall key as the table and the plot print it: tr_r1 -> TR@1."""
+    return key.upper().replace("_R", "@")
+
+
 def markdown_table(results: dict[int, dict[str, dict]], experts: dict | None) -> str:
     keys = et.RECALL_KEYS
-    head = "| pairs | method | " + " | ".join(k.upper().replace("_R", "@") for k in keys) + " |"
+    head = "| pairs | method | " + " | ".join(_key_label(k) for k in keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for budget in sorted(results):
         for name, r in results[budget].items():
@@ -261,7 +266,7 @@ def recall_plot(path: Path, results: dict[int, dict[str, dict]]) -> None:
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("training pairs")
-        ax.set_ylabel(key.upper().replace("_R", "@") + " (%)")
+        ax.set_ylabel(_key_label(key) + " (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

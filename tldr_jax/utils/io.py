@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,37 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
-# `atomic_path`'s temporary names: ".<name>.<8 random chars>.tmp<suffix>".
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
+# `atomic_path`'s temporary names: ".<name>.<8 random chars>.tmp<suffix>" (<name>: the output).
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
+
+
+def _remove_temps(folder: Path, names: Iterable[str], of: Callable[[str], bool]) -> int:
+    """Removes the `atomic_path` temporaries among `names` in `folder` whose output's name
+    passes `of`; returns how many."""
+    removed = 0
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match and of(match["target"]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+                removed += 1
+    return removed
+
+
+def _file_names(folder: Path) -> list[str]:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        return [e.name for e in os.scandir(folder) if e.is_file()]
+    return []
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:
     """Removes `atomic_path` temporaries under `folder` (subfolders too) that a killed run
     left behind (kill -9 skips the clean-up); returns how many. Only for folders this
     process alone writes."""
-    removed = 0
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            if _TEMP_NAME.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dirpath, name))
-                    removed += 1
-    return removed
+    return sum(
+        _remove_temps(Path(dirpath), filenames, lambda _: True)
+        for dirpath, _, filenames in os.walk(folder)
+    )
 
 
 def remove_stale_temps_of(path: str | os.PathLike) -> int:
@@ -66,14 +80,7 @@ def remove_stale_temps_of(path: str | os.PathLike) -> int:
     behind; returns how many. Only for outputs this process alone writes (a stage's, under
     its stage lock)."""
     path = Path(path)
-    removed = 0
-    with contextlib.suppress(FileNotFoundError):
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
-            if _TEMP_NAME.match(tmp.name) and tmp.name[1:].rsplit(".tmp", 1)[0][:-9] == path.name:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                    removed += 1
-    return removed
+    return _remove_temps(path.parent, _file_names(path.parent), lambda t: t == path.name)
 
 
 def remove_stage_temps(
@@ -88,17 +95,14 @@ def remove_stage_temps(
     signature, tables and plots; not another stage's whose name only starts alike: `eval` /
     `eval-distilled`) and beside its other outputs `files` in `workdir`; returns how many."""
     workdir = Path(workdir)
-    removed = 0
-    for folder in (stage,) if folders is None else folders:
-        if (workdir / folder).is_dir():
-            removed += remove_stale_temps(workdir / folder)
-    with contextlib.suppress(FileNotFoundError):
-        for tmp in workdir.glob(f".{glob.escape(stage)}[._]*.tmp*"):
-            if tmp.is_file() and _TEMP_NAME.match(tmp.name):
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                    removed += 1
-    return removed + sum(remove_stale_temps_of(workdir / name) for name in files)
+    removed = sum(
+        remove_stale_temps(workdir / f) for f in ((stage,) if folders is None else folders)
+    )
+
+    def ours(target: str) -> bool:
+        return target in files or target.startswith((f"{stage}.", f"{stage}_"))
+
+    return removed + _remove_temps(workdir, _file_names(workdir), ours)
 
 
 def _to_jsonable(obj: Any) -> Any:
