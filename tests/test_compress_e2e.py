@@ -9,10 +9,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from configs import tldr as tldr_config
+from tldr_jax.compress.common import load_test, load_train, shared_cache
 from tldr_jax.data.readers import read_records
 from tldr_jax.data.records import Skips
+from tldr_jax.train.pretrain import (
+    embed_captions,
+    embed_images,
+    embed_texts,
+    make_text_encoder,
+    train_and_evaluate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/tldr.py:tiny"]
@@ -94,6 +104,40 @@ def test_compress_outputs(clean_run):
     for row, m in zip(rows, manifest, strict=True):
         if m["generated"]:
             assert row["caption"] == f"{m['original']}; {m['generated']}"
+    # write wrote exactly the rows score kept, with their scores; score kept the best-scored
+    # keep_fraction (0.5) of the rows select kept, and select kept the fraction asked for.
+    kept = np.load(w / "score" / "kept.npz")
+    selected = np.load(w / "select" / "selected.npz")["ids"].tolist()
+    all_scores = np.load(w / "score" / "scores.npz")
+    score_of = dict(zip(all_scores["ids"].tolist(), all_scores["scores"].tolist(), strict=True))
+    assert [m["id"] for m in manifest] == kept["ids"].tolist()
+    np.testing.assert_allclose([m["score"] for m in manifest], kept["scores"], rtol=1e-6)
+    assert len(selected) == 96 and set(kept["ids"].tolist()) <= set(selected)
+    dropped = [score_of[i] for i in selected if i not in set(kept["ids"].tolist())]
+    assert min(kept["scores"]) >= max(dropped)
+    assert [score_of[i] for i in kept["ids"].tolist()] == pytest.approx(kept["scores"].tolist())
+    # The comparison's arms: the TL;DR subset and a random subset of the same size.
+    ret = summary["retrieval"]
+    assert (ret["full"]["pairs"], ret["tldr"]["pairs"], ret["random"]["pairs"]) == (192, 48, 48)
+
+
+def test_scores_are_the_scorers_image_caption_cosines(clean_run):
+    """score.npz holds, per row, the cosine of the scorer's image and caption embeddings (a
+    sign or pairing slip would keep the worst-aligned rows): recomputed here from the
+    scorer's finished checkpoint, which a rerun restores without training."""
+    w, _ = clean_run
+    cfg = shared_cache(tldr_config.get_config("tiny"), w)
+    train, test = load_train(cfg), load_test(cfg)
+    text_encoder = make_text_encoder(cfg)
+    summary, model = train_and_evaluate(cfg, w / "score", train, test, text_encoder)
+    assert summary["steps"] == json.loads((w / "score.json").read_text())["scorer_steps"]
+    assert summary["resumed_from"] == summary["steps"]  # restored, not trained again
+    caps = [c[0] for c in train.captions]
+    txt = embed_texts(model, embed_captions(text_encoder, caps, Path(cfg.cache_dir), 64))
+    img = embed_images(model, train)
+    saved = np.load(w / "score" / "scores.npz")
+    assert saved["ids"].tolist() == list(train.ids)
+    np.testing.assert_allclose(saved["scores"], np.sum(img * txt, axis=1), atol=1e-5)
 
 
 def test_kill9_mid_stage_then_rerun_gives_identical_train_json(tmp_path, clean_run):

@@ -131,3 +131,22 @@ def test_bad_inputs_are_named():
         coresets.herding(ok, 3.0)
     with pytest.raises(ValueError, match="epochs, N"):
         coresets.forgetting(np.ones(10, bool), 3, 0)
+
+
+def test_eval_distilled_takes_each_method_from_its_own_selector():
+    from tldr_jax.distill.eval_distilled import coreset_indices
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 6)).astype(np.float32)
+    correct = rng.random((5, 40)) > 0.5
+    want = {
+        "random": coresets.random_coreset(40, 7, 3),
+        "herding": coresets.herding(feats, 7),
+        "kcenter": coresets.kcenter(feats, 7, 3),
+        "forgetting": coresets.forgetting(correct, 7, 3),
+    }
+    for method, idx in want.items():
+        np.testing.assert_array_equal(coreset_indices(method, 7, 3, feats, correct), idx)
+    assert len({tuple(sorted(i.tolist())) for i in want.values()}) == 4  # four different sets
+    with pytest.raises(ValueError, match="unknown coreset 'greedy'"):
+        coreset_indices("greedy", 7, 3, feats, correct)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -183,6 +184,13 @@ def test_distill_outputs_resume_and_eval(buffered, monkeypatch):
     assert d["lr_text_head"] == d["lr_img"] != d["lr_txt"]
     assert result["protocol"]["text_head_lr"] == "image"
     assert result["protocol"]["max_steps"] == config.eval.max_steps
+    # Each baseline's own picks: budget-many distinct training pairs, not one shared subset.
+    picks = json.loads(Path(result["coreset_ids"]).read_text())
+    train_ids = set(et.load_pairs(config, str(workdir)).train_pair_ids)
+    assert set(picks) == {"8"} and set(picks["8"]) == {"random", "herding", "kcenter", "forgetting"}
+    for method, ids in picks["8"].items():
+        assert len(ids) == len(set(ids)) == 8 and set(ids) <= train_ids, method
+    assert len({tuple(sorted(ids)) for ids in picks["8"].values()}) == 4, picks
 
     # A coreset budget above the training set takes all of it (and says so).
     big = config.copy_and_resolve_references()

@@ -188,6 +188,12 @@ def epoch_minibatches(key: jax.Array, n: int, batch: int, steps: int) -> list[np
     return blocks
 
 
+# The training pairs each coreset took: {"<budget>": {"<method>": [pair id, ...]}}, in the
+# order the method chose them (herding / k-center: greedy order; forgetting: most forgetting
+# events first; random: sorted).
+CORESET_IDS = "eval-distilled_coresets.json"
+
+
 def coreset_indices(
     method: str,
     budget: int,
@@ -398,9 +404,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     coreset_lr = float(e.coreset_lr)
     results: dict[int, dict[str, dict]] = {bud: {} for bud in budgets}
     results.setdefault(m, {})["distilled"] = distilled
+    picks: dict[str, dict[str, list[str]]] = {str(bud): {} for bud in budgets}
     for bud in budgets:
         for j, method in enumerate(METHODS[1:]):
             idx = coreset_indices(method, bud, seed, features, correct)
+            picks[str(bud)][method] = [data.train_pair_ids[i] for i in idx]
             runs = evaluator.train_and_eval(
                 data.train_images[idx], data.train_txt[idx], coreset_lr, coreset_lr, tag=bud + j
             )
@@ -435,7 +443,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     summary["time_s"] = time.time() - t0
     summary.update(pretrain.data_summary(data.train, data.test))  # rows read, skipped per reason
+    summary["coreset_ids"] = str(workdir_p / CORESET_IDS)
     if dist.is_main():
+        io.write_json(workdir_p / CORESET_IDS, picks, indent=None)
         io.write_text(workdir_p / "eval-distilled.md", markdown_table(results, expert_recall))
         plot = workdir_p / "eval-distilled.png"
         if len(results) > 1:
