@@ -154,6 +154,8 @@ def test_kill9_mid_stage_then_rerun_gives_identical_train_json(tmp_path, clean_r
     assert not (tmp_path / "caption.json").exists()
     assert (tmp_path / "train-captioner.json").exists()  # finished stages are kept
     first = _finish(tmp_path)
+    caption = json.loads((tmp_path / "caption.json").read_text())
+    assert caption["resumed_from"] > 0  # the killed run's captioner, not a fresh one
     assert (tmp_path / "compress" / "train.json").read_bytes() == (
         clean_dir / "compress" / "train.json"
     ).read_bytes()

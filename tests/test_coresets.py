@@ -150,3 +150,13 @@ def test_eval_distilled_takes_each_method_from_its_own_selector():
     assert len({tuple(sorted(i.tolist())) for i in want.values()}) == 4  # four different sets
     with pytest.raises(ValueError, match="unknown coreset 'greedy'"):
         coreset_indices("greedy", 7, 3, feats, correct)
+
+
+def test_mean_std_over_models_is_the_population_std_per_key():
+    from tldr_jax.distill.expert_trajectories import RECALL_KEYS, mean_std
+
+    runs = [{k: v + i for i, k in enumerate(RECALL_KEYS)} for v in (10.0, 20.0, 30.0)]
+    stats = mean_std(runs)
+    for i, k in enumerate(RECALL_KEYS):
+        assert stats[k]["mean"] == pytest.approx(20.0 + i)
+        assert stats[k]["std"] == pytest.approx(np.sqrt(200.0 / 3.0))

@@ -454,6 +454,9 @@ def test_kill9_mid_distill_then_rerun_matches_uninterrupted(tmp_path):
     proc.wait(timeout=60)
     assert not (tmp_path / "b" / "distill.json").exists()
     cli("distill", tmp_path / "b")
+    # It resumed at the checkpoint (a restart from scratch would also end on the same set).
+    resumed = json.loads((tmp_path / "b" / "distill.json").read_text())["resumed_from"]
+    assert 0 < resumed < json.loads((tmp_path / "a" / "distill.json").read_text())["iterations"]
     a = np.load(tmp_path / "a" / "distill" / "distilled.npz")
     b = np.load(tmp_path / "b" / "distill" / "distilled.npz")
     for k in ("images", "texts", "lr_img", "lr_txt"):
@@ -748,7 +751,7 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     workdir = root / "eval_spy"
     shutil.copytree(root / "w", workdir)
     c = config.copy_and_resolve_references()
-    c.eval.update(batch_size=3, epochs=2, budgets=(), max_steps=0)
+    c.eval.update(batch_size=3, epochs=2, budgets=(), max_steps=0, num_models=2)
     run_stage("distill", c, str(workdir))
     calls = []
     make = eval_distilled.Evaluator._trainer
@@ -757,7 +760,8 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
         trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
 
         def run(theta, opt_state, x, t, idx, keys, targets=None):
-            calls.append((batch, lr_img, lr_txt, np.asarray(idx).shape, opt_state))
+            start = np.asarray(theta[0]).copy()
+            calls.append((batch, lr_img, lr_txt, np.asarray(idx).shape, opt_state, start))
             return trainer(theta, opt_state, x, t, idx, keys, targets)
 
         return run, tx_img, tx_txt
@@ -775,3 +779,38 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     # the second call of a model continues from the first's optimiser state (momentum)
     first_momentum = jax.tree.leaves(distilled[1][4])
     assert any(float(np.abs(np.asarray(m)).max()) > 0 for m in first_momentum)
+    # Two fresh models, from different initialisations; the summary's mean and std are over
+    # the models it lists.
+    assert not np.allclose(distilled[0][5], distilled[4][5])
+    for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
+        models = result[method]["models"]
+        assert len(models) == 2 and not any(m["diverged"] for m in models), method
+        for key in et.RECALL_KEYS:
+            values = [m[key] for m in models]
+            assert result[method][key]["mean"] == pytest.approx(np.mean(values)), method
+            assert result[method][key]["std"] == pytest.approx(np.std(values)), method
+
+
+def test_kmeans_init_takes_the_real_pair_nearest_each_prototype_once():
+    """Four tight, well-separated clusters of 10 pairs: k-means with M=4 finds them, and each
+    prototype gets a distinct real pair from its own cluster (its nearest)."""
+    from tldr_jax.distill.distill_stage import nearest_distinct
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 6, dtype=np.float32) * 5
+    feats = np.repeat(centres, 10, axis=0) + 0.05 * rng.normal(size=(40, 6)).astype(np.float32)
+    images = rng.normal(size=(40, 4, 4, 3)).astype(np.float32)
+    imgs, txts, idx = initial_pairs("kmeans", 4, 0, images, feats, feats)
+    assert sorted(i // 10 for i in idx) == [0, 1, 2, 3]  # one pair per cluster
+    np.testing.assert_array_equal(imgs, images[idx])
+    np.testing.assert_array_equal(txts, feats[idx])
+    # Each pick is its prototype's nearest real row (cosine), the cluster's mean here.
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    for i in idx:
+        members = unit[(i // 10) * 10 : (i // 10 + 1) * 10]
+        proto = members.mean(0) / np.linalg.norm(members.mean(0))
+        assert int(np.argmax(unit @ proto)) == i
+    # Two prototypes nearest the same row: the second takes its next nearest, never a repeat.
+    rows = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], np.float32)
+    protos = np.array([[1.0, 0.0], [1.0, 0.01]], np.float32)
+    assert nearest_distinct(rows, protos).tolist() == [0, 1]

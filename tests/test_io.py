@@ -128,3 +128,24 @@ def test_compress_sweeps_only_what_it_writes_not_stages_running_beside_it(tmp_pa
     live = stale(w, "compress.json")
     cli.run_stage("write", tldr_config.get_config("tiny"), str(w))
     assert not os.path.exists(beside[1]) and os.path.exists(live)
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_temporary(tmp_path):
+    """A crash mid-write (here an unserialisable value half way through the JSON, then a
+    failing rename) keeps the previous output as it was, never a truncated mix."""
+    import pytest
+
+    target = tmp_path / "summary.json"
+    io.write_json(target, {"kept": list(range(1000))})
+    before = target.read_bytes()
+    with pytest.raises(TypeError):
+        io.write_json(target, {"kept": list(range(1000)), "bad": object()})
+    assert target.read_bytes() == before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(io.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+        with pytest.raises(OSError, match="disk gone"):
+            io.write_npy(tmp_path / "rows.npy", np.arange(5))
+        with pytest.raises(OSError, match="disk gone"):
+            io.write_json(target, {"other": 1})
+    assert target.read_bytes() == before and not (tmp_path / "rows.npy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporaries

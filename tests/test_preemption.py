@@ -82,6 +82,7 @@ def test_interrupted_pretrain_resumes_to_the_same_result(tmp_path, uninterrupted
         assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "pretrain.json").exists()
     resumed = _finish(tmp_path)
+    assert 0 < resumed["resumed_from"] < resumed["steps"]  # from its checkpoint, not step 0
     assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-5)
     for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
         assert resumed[k] == pytest.approx(uninterrupted[k], abs=1e-6), k
@@ -97,6 +98,7 @@ def test_restore_onto_a_different_device_count(tmp_path, uninterrupted):
     assert proc.returncode == 143, err[-3000:]
     resumed = _finish(tmp_path)
     assert resumed["num_devices"] == 2
+    assert 0 < resumed["resumed_from"] < resumed["steps"]  # the 8-device state, restored
     assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-3)
     for k in ("tr_r5", "tr_r10", "ir_r5", "ir_r10"):
         assert resumed[k] == pytest.approx(uninterrupted[k], abs=5.0), k

@@ -74,6 +74,31 @@ def test_sharded_equals_single_device():
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     p_fsdp, l_fsdp = _run_steps(config, mesh, batches)
     np.testing.assert_allclose(l1, l_fsdp, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p_fsdp), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_temperature_is_trained_only_when_learn_temperature_is_set():
+    rng = np.random.default_rng(1)
+    batches = [
+        {
+            "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+            "text_emb": rng.normal(size=(16, 24)).astype(np.float32),
+        }
+        for _ in range(2)
+    ]
+    start = np.log(1 / 0.07)
+    for learn in (True, False):
+        config = tiny_config()
+        config.model.update(learn_temperature=learn, temperature=0.07)
+        config.train.update(optimizer="sgd", momentum=0.0, lr=0.5, weight_decay=0.0)
+        params, _ = _run_steps(config, _mesh(1), batches)
+        if learn:  # a parameter, moved by the loss
+            assert abs(float(params["log_scale"][...]) - start) > 1e-4
+        else:  # not a parameter: nothing trains it (the model keeps 1 / temperature)
+            assert "log_scale" not in params
+            model = pretrain.build_model(config, 24, 0)
+            assert float(model.logit_scale()) == pytest.approx(1 / 0.07, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

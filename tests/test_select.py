@@ -55,6 +55,11 @@ def test_nearest_and_ratio_per_cluster_quotas():
         members = np.flatnonzero(a == j)
         want = members[np.argsort(d[members], kind="stable")[: quota[j]]]
         np.testing.assert_array_equal(np.sort(want), keep[a[keep] == j])
+    rnd = strategies.select_random(200, 40, seed=1)
+    assert len(set(rnd.tolist())) == 40 and rnd.min() >= 0 and rnd.max() < 200
+    assert rnd.max() > 100  # drawn over the whole set, not its first rows
+    np.testing.assert_array_equal(rnd, strategies.select_random(200, 40, seed=1))
+    assert not np.array_equal(rnd, strategies.select_random(200, 40, seed=2))
     r1 = strategies.select_ratio(a, 40, seed=1)
     np.testing.assert_array_equal(r1, strategies.select_ratio(a, 40, seed=1))
     np.testing.assert_array_equal(np.bincount(a[r1], minlength=7), quota)

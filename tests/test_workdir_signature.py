@@ -94,7 +94,11 @@ def test_compress_rerun_checks_settings_and_data(tmp_path):
     # `write` alone redoes itself with a changed mode (as it always did) and records it ...
     r = run_cli("write", *args, train_arg, "--config.write.mode=replace")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((w / "compress" / "manifest.json").read_text())["mode"] == "replace"
+    replaced = json.loads((w / "compress" / "manifest.json").read_text())
+    assert replaced["mode"] == "replace" and any(m["generated"] for m in replaced["rows"])
+    out = json.loads((w / "compress" / "train.json").read_text())
+    for e, m in zip(out, replaced["rows"], strict=True):  # the generated caption alone
+        assert e["caption"] == (m["generated"] or m["original"]), m
     # ... saying that compress.json was made from the file it replaced
     assert "write.mode: 'append' -> 'replace'" in r.stderr and "no longer match" in r.stderr
     assert str(w / "compress.json") in r.stderr, r.stderr[-3000:]

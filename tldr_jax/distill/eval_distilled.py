@@ -213,8 +213,18 @@ def coreset_indices(
 
 
 def _summarise(runs: list[dict[str, float]], **meta: Any) -> dict[str, Any]:
+    """The six keys' mean and (population) std over the models, and each model's own
+    recall, final training loss (None where not finite) and whether it diverged."""
     diverged = sum(bool(r.get("diverged")) for r in runs)
-    return {**et.mean_std(runs), "diverged_models": diverged, **meta}
+    models = [
+        {
+            **{k: r[k] for k in et.RECALL_KEYS},
+            "final_loss": r["final_loss"] if np.isfinite(r["final_loss"]) else None,
+            "diverged": bool(r.get("diverged")),
+        }
+        for r in runs
+    ]
+    return {**et.mean_std(runs), "diverged_models": diverged, "models": models, **meta}
 
 
 def _key_label(key: str) -> str:
