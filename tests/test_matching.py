@@ -321,6 +321,16 @@ def test_outer_step_updates_and_nan_guard_skips():
     step_taken = (syn.images - new.images) / 10.0
     np.testing.assert_allclose(step_taken, grads.images, atol=1e-4 * np.abs(grads.images).max())
     np.testing.assert_allclose(new.lr_img, syn.lr_img - 1e-2 * grads.lr_img, rtol=1e-6)
+    # Steps at a sane learning rate on one expert segment bring the student to its target.
+    slow = matching.make_outer_optimizer(
+        lr_images=0.01, lr_texts=0.01, lr_step_size=1e-4, step_size_param="raw"
+    )
+    s, st, losses = syn, slow.init(syn), []
+    for _ in range(16):
+        s, st, loss, _ = step(s, st, slow, student, start, target, idx, rng)
+        losses.append(float(loss))
+    print("\nmeta-loss over 16 outer steps:", np.round(losses, 4))
+    assert losses[-1] < 0.5 * losses[0] and np.all(np.diff(losses) < 0), losses
 
     # target == start: 0/0 distance -> non-finite loss -> update skipped, state untouched.
     bad, bad_state, loss, skipped = step(new, new_state, opt, student, start, start, idx, rng)

@@ -114,6 +114,21 @@ def text_encoder():
     return pretrain.make_text_encoder(tiny_config())
 
 
+def test_training_learns_the_world(tmp_path, tiny_sets, text_encoder):
+    """48 steps on the tiny world: the loss falls well below chance (log batch) and test
+    recall@10 beats chance (10 of 48 images) both ways, so a training loop that silently
+    stops learning (updates dropped, pairs mismatched) fails here."""
+    config, train, test = tiny_sets
+    config = config.copy_and_resolve_references()
+    config.cache_dir = str(tmp_path / "cache")
+    summary, _ = pretrain.train_and_evaluate(
+        config, tmp_path / "w", train, test, text_encoder, num_steps=48
+    )
+    assert summary["final_loss"] < np.log(32) - 0.5, summary["final_loss"]
+    chance = 100 * 10 / len(test)
+    assert 0.5 * (summary["tr_r10"] + summary["ir_r10"]) > 1.4 * chance, summary
+
+
 def test_resume_after_preemption_matches_uninterrupted(
     tmp_path, tiny_sets, text_encoder, monkeypatch
 ):
