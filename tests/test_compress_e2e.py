@@ -119,6 +119,12 @@ def test_compress_outputs(clean_run):
     # The comparison's arms: the TL;DR subset and a random subset of the same size.
     ret = summary["retrieval"]
     assert (ret["full"]["pairs"], ret["tldr"]["pairs"], ret["random"]["pairs"]) == (192, 48, 48)
+    subsets = json.loads((w / "eval" / "subsets.json").read_text())
+    assert subsets["tldr"] == [m["id"] for m in manifest]
+    order = {sid: i for i, sid in enumerate(all_scores["ids"].tolist())}  # the input's rows
+    rows = sorted(order[i] for i in subsets["random"])
+    assert len(set(rows)) == 48 and rows != list(range(48)) and rows[-1] >= 96  # all over
+    assert set(subsets["random"]) != set(subsets["tldr"])
 
 
 def test_scores_are_the_scorers_image_caption_cosines(clean_run):

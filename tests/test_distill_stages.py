@@ -762,11 +762,26 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
         def run(theta, opt_state, x, t, idx, keys, targets=None):
             start = np.asarray(theta[0]).copy()
             calls.append((batch, lr_img, lr_txt, np.asarray(idx).shape, opt_state, start))
-            return trainer(theta, opt_state, x, t, idx, keys, targets)
+            out = trainer(theta, opt_state, x, t, idx, keys, targets)
+            events.append(("trained", np.asarray(out[0][0]).copy()))
+            return out
 
         return run, tx_img, tx_txt
 
+    events = []
+    real_embed_fn = et.embed_fn
+
+    def embed_fn_spy(student):
+        embed = real_embed_fn(student)
+
+        def spied(theta, images, texts):
+            events.append(("embedded", np.asarray(theta[0]).copy()))
+            return embed(theta, images, texts)
+
+        return spied
+
     monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
+    monkeypatch.setattr(et, "embed_fn", embed_fn_spy)
     # (and a model whose last epoch stayed at chance is warned about)
     monkeypatch.setattr(eval_distilled, "loss_at_chance", lambda loss, batch: True)
     result = run_stage("eval-distilled", c, str(workdir))
@@ -779,6 +794,13 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     # the second call of a model continues from the first's optimiser state (momentum)
     first_momentum = jax.tree.leaves(distilled[1][4])
     assert any(float(np.abs(np.asarray(m)).max()) > 0 for m in first_momentum)
+    # Each model is scored with the parameters its training ended on (not its start).
+    scored = [i for i, (kind, _) in enumerate(events) if kind == "embedded" and i > 0]
+    assert len(scored) >= 2 * 5  # 2 models x (distilled + 4 coresets)
+    for i in scored:
+        if events[i - 1][0] == "trained":
+            np.testing.assert_array_equal(events[i][1], events[i - 1][1])
+    assert not np.allclose(events[scored[0]][1], distilled[0][5])
     # Two fresh models, from different initialisations; the summary's mean and std are over
     # the models it lists.
     assert not np.allclose(distilled[0][5], distilled[4][5])
@@ -814,3 +836,30 @@ def test_kmeans_init_takes_the_real_pair_nearest_each_prototype_once():
     rows = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], np.float32)
     protos = np.array([[1.0, 0.0], [1.0, 0.01]], np.float32)
     assert nearest_distinct(rows, protos).tolist() == [0, 1]
+
+
+def test_expert_epochs_are_reshuffled_per_epoch_and_expert():
+    base = et.epoch_batches(64, 8, 0, 0, 0)
+    assert base.shape == (8, 8) and sorted(base.ravel().tolist()) == list(range(64))
+    assert et.epoch_batches(70, 8, 0, 0, 0).shape == (8, 8)  # the remainder dropped
+    np.testing.assert_array_equal(base, et.epoch_batches(64, 8, 0, 0, 0))  # seeded
+    for other in ((0, 0, 1), (0, 1, 0), (1, 0, 0)):  # another epoch, expert, seed
+        assert not np.array_equal(base, et.epoch_batches(64, 8, *other)), other
+
+
+def test_each_iteration_matches_a_drawn_expert_segment():
+    """The draw covers every expert and start epoch s < max_start; the stage then matches
+    epoch s to epoch s + expert_epochs of that expert (checked on the loop's arrays)."""
+    from tldr_jax.distill.distill_stage import draw_segment, expert_segment
+
+    draws = [draw_segment(0, it, 3, 4) for it in range(200)]
+    assert {e for e, _ in draws} == {0, 1, 2} and {s for _, s in draws} == {0, 1, 2, 3}
+    assert draws == [draw_segment(0, it, 3, 4) for it in range(200)]  # (seed, it) only
+    assert draws != [draw_segment(1, it, 3, 4) for it in range(200)]
+    # Parameters that say where they come from: expert e's epoch k holds e * 100 + k.
+    img = np.arange(3)[:, None, None] * 100 + np.arange(7)[None, :, None] + np.zeros((1, 1, 2))
+    txt = img + 0.5
+    for it, (e, s) in enumerate(draws[:20]):
+        start, target = expert_segment((img, txt), 0, it, 4, expert_epochs=3)
+        assert [float(p[0]) for p in start] == [e * 100 + s, e * 100 + s + 0.5]
+        assert [float(p[0]) for p in target] == [e * 100 + s + 3, e * 100 + s + 3.5]

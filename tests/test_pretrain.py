@@ -129,6 +129,51 @@ def test_training_learns_the_world(tmp_path, tiny_sets, text_encoder):
     assert 0.5 * (summary["tr_r10"] + summary["ir_r10"]) > 1.4 * chance, summary
 
 
+def test_each_step_trains_on_the_caption_drawn_for_its_row(tmp_path, tiny_sets, text_encoder):
+    """Rows with several captions (the test split's five, as COCO / Flickr30K): every step's
+    text embedding is the one of the caption the iterator drew for the row, not the row's
+    first caption, and the draws use every caption."""
+    config, _, test = tiny_sets
+    config = config.copy_and_resolve_references()
+    config.cache_dir = str(tmp_path / "cache")
+    config.train.batch_size = 16
+    seen, fed = [], []
+
+    class Spy:
+        def __init__(self, it):
+            self.it = it
+
+        def __next__(self):
+            batch = next(self.it)
+            seen.append((np.asarray(batch["index"]), np.asarray(batch["caption_index"])))
+            return batch
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    real_iterator, real_shard = pretrain.train_iterator, pretrain.shard_batch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrain, "train_iterator", lambda *a, **k: Spy(real_iterator(*a, **k)))
+        mp.setattr(
+            pretrain,
+            "shard_batch",
+            lambda batch, mesh: (
+                fed.append(np.asarray(batch["text_emb"])) or real_shard(batch, mesh)
+            ),
+        )
+        pretrain.train_and_evaluate(config, tmp_path / "w", test, test, text_encoder, num_steps=6)
+    caps, offsets = pretrain.flat_captions(test)
+    table = pretrain.embed_captions(text_encoder, caps, tmp_path / "cache", 64)
+    assert len(seen) == len(fed) == 6
+    for (rows, which), emb in zip(seen, fed, strict=True):
+        np.testing.assert_array_equal(emb, table[offsets[rows] + which])
+    drawn = np.concatenate([w for _, w in seen])
+    assert set(drawn.tolist()) == {0, 1, 2, 3, 4}
+
+
 def test_resume_after_preemption_matches_uninterrupted(
     tmp_path, tiny_sets, text_encoder, monkeypatch
 ):

@@ -310,3 +310,14 @@ def test_alignment_filter_over_selected_or_all_rows():
     assert config_check.problems(config) == [
         "score.filter_over='both': must be one of selected | all"
     ]
+
+
+def test_cluster_quotas_are_proportional_with_largest_remainders():
+    quotas = strategies.cluster_quotas
+    assert quotas(np.array([10, 30, 60]), 10).tolist() == [1, 3, 6]
+    assert quotas(np.array([10, 30, 60]), 50).tolist() == [5, 15, 30]
+    # 7 of (5, 3, 2): exact 3.5 / 2.1 / 1.4 -> floors 3 / 2 / 1, the one left to the largest
+    # remainder (0.5)
+    assert quotas(np.array([5, 3, 2]), 7).tolist() == [4, 2, 1]
+    assert quotas(np.array([1, 1, 1]), 2).tolist() == [1, 1, 0]  # a tie: the lower index
+    assert quotas(np.array([4, 0, 4]), 3).tolist() == [2, 0, 1]  # an empty cluster gets none

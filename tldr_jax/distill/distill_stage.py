@@ -65,6 +65,23 @@ def nearest_distinct(features: np.ndarray, prototypes: np.ndarray) -> np.ndarray
     return out
 
 
+def draw_segment(seed: int, iteration: int, num_experts: int, max_start: int) -> tuple[int, int]:
+    """The (expert, start epoch s < max_start) outer iteration `iteration` matches: a function
+    of (seed, iteration) only, so a resumed run draws what an uninterrupted one would."""
+    draw = np.random.default_rng([seed, iteration])
+    return int(draw.integers(num_experts)), int(draw.integers(max_start))
+
+
+def expert_segment(
+    trajs: tuple[Any, ...], seed: int, iteration: int, max_start: int, expert_epochs: int
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(start, target) of outer iteration `iteration`: per modality, the drawn expert's
+    parameters at epoch s (the student's start) and at epoch s + expert_epochs (its target).
+    `trajs`: per modality an (experts, epochs + 1, params) array."""
+    e, s = draw_segment(seed, iteration, len(trajs[0]), max_start)
+    return tuple(t[e, s] for t in trajs), tuple(t[e, s + expert_epochs] for t in trajs)
+
+
 def initial_pairs(
     init: str,
     num_pairs: int,
@@ -431,11 +448,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     with preemption.polling():
         for it in pbar:
-            draw = np.random.default_rng([seed, it])
-            e = int(draw.integers(len(trajs)))
-            s = int(draw.integers(max_start))
-            expert_start = (traj_img[e, s], traj_txt[e, s])
-            expert_target = (traj_img[e, s + expert_epochs], traj_txt[e, s + expert_epochs])
+            expert_start, expert_target = expert_segment(
+                (traj_img, traj_txt), seed, it, max_start, expert_epochs
+            )
             syn, opt_state, loss, skip = step(
                 syn, opt_state, expert_start, expert_target, jax.random.fold_in(base_key, it)
             )
