@@ -75,6 +75,13 @@ def test_embed_cached(encoder, reference, tmp_path, monkeypatch):
     assert len(files) == 1
     np.testing.assert_array_equal(np.load(files[0]), first)
     np.testing.assert_allclose(first, reference["mean_pooled"][:3], atol=1e-4)
+    # normalize=True is its own cache entry (unit rows), not the raw one read back
+    normed = encoder.embed_cached(sentences, tmp_path, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        normed, first / np.linalg.norm(first, axis=1, keepdims=True), atol=1e-5
+    )
+    assert len(list(tmp_path.glob("text_emb_*.npy"))) == 2
 
     def fail(*args, **kwargs):
         raise AssertionError("cache miss")

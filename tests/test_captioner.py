@@ -255,3 +255,25 @@ def test_plain_captioner_loss_skips_prompt():
     want, count = lm_loss(logits, ids, mask, prompt_len=len(PROMPT))
     assert int(count) == 5
     np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def test_beam_length_penalty_trades_log_prob_for_length():
+    """A two-token world with fixed next-token odds: [EOS] has log p = log .45 = -0.80,
+    [A, EOS] log .55 + log .7 = -0.95. With length_penalty 0 (sum of log p) the short one
+    wins; with 1 (per token: -0.80 vs -0.48) the long one does."""
+    pad, eos, a = 0, 1, 2
+    first = jnp.log(jnp.array([0.0, 0.45, 0.55]))
+    later = jnp.log(jnp.array([0.0, 0.7, 0.3]))
+
+    stepper = gen._Stepper(
+        prefill=lambda prefix: (jnp.tile(first, (prefix.shape[0], 1)), jnp.zeros(prefix.shape[0])),
+        step=lambda carry, token: (jnp.tile(later, (token.shape[0], 1)), carry + 1),
+        repeat=lambda carry, k: jnp.repeat(carry, k, axis=0),
+        gather=lambda carry, idx: carry[idx],
+    )
+    prefix = jnp.zeros((2, 1), jnp.int32)
+    kw = dict(beam_size=2, max_len=4, min_len=0, eos_id=eos, pad_id=pad)
+    short = gen._beam_search(stepper, prefix, length_penalty=jnp.float32(0.0), **kw)
+    long = gen._beam_search(stepper, prefix, length_penalty=jnp.float32(1.0), **kw)
+    assert np.asarray(short).tolist() == [[eos, pad, pad, pad]] * 2
+    assert np.asarray(long).tolist() == [[a, eos, pad, pad]] * 2

@@ -1,8 +1,10 @@
 """Compress stages train-captioner, extract and caption on a tiny embedded world."""
 
+import hashlib
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -202,6 +204,41 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     monkeypatch.setattr(caption_stage, "generate_texts", fail)
     again = caption_stage.run(config, str(workdir))
     assert again["resumed_from"] == 3 and again["rows_captioned"] == 11
+
+    # Each kept id gets the caption generated from its own image (ids in any order).
+    def image_name(images):
+        return [hashlib.sha1(im.tobytes()).hexdigest()[:12] for im in images]
+
+    monkeypatch.setattr(
+        caption_stage, "generate_texts", lambda m, images, *a, **k: image_name(images)
+    )
+    (workdir / "caption" / "generated.json").unlink()
+    caption_stage.run(config, str(workdir))
+    generated = json.loads((workdir / "caption" / "generated.json").read_text())
+    row = {sid: i for i, sid in enumerate(train.ids)}
+    assert generated == {i: image_name(train.images[[row[i]]])[0] for i in kept.tolist()}
+
+
+def test_generate_texts_returns_each_images_caption_in_order(monkeypatch):
+    """Batches of 8 over 8 devices, the last one padded: caption i is image i's."""
+    from types import SimpleNamespace
+
+    from tldr_jax.data.images import MEAN, STD
+
+    def fake_generate(model, x, prompt_ids, rng=None, **kwargs):
+        value = np.rint((np.asarray(x)[:, 0, 0, 0] * STD[0] + MEAN[0]) * 255).astype(int)
+        return np.stack([value, np.full_like(value, 2)], axis=1)
+
+    monkeypatch.setattr(caption_stage, "generate_captions", fake_generate)
+    tokenizer = SimpleNamespace(
+        cls_id=1, sep_id=2, pad_id=0, decode_batch=lambda t: [f"img{int(r[0])}" for r in t]
+    )
+    cap = ml_collections.ConfigDict(
+        dict(batch_size=8, method="greedy", max_len=2, beam_size=1, top_p=0.9, temperature=1.0)
+    )
+    images = np.repeat(np.arange(21, dtype=np.uint8), 4 * 4 * 3).reshape(21, 4, 4, 3)
+    texts = caption_stage.generate_texts(None, images, np.array([5]), tokenizer, cap, seed=0)
+    assert texts == [f"img{i}" for i in range(21)]
 
 
 def test_compact_vocab_round_trip():

@@ -863,3 +863,24 @@ def test_each_iteration_matches_a_drawn_expert_segment():
         start, target = expert_segment((img, txt), 0, it, 4, expert_epochs=3)
         assert [float(p[0]) for p in start] == [e * 100 + s, e * 100 + s + 0.5]
         assert [float(p[0]) for p in target] == [e * 100 + s + 3, e * 100 + s + 3.5]
+
+
+def test_noise_init_matches_the_real_texts_per_dimension_and_unit_pixels():
+    rng = np.random.default_rng(0)
+    texts = (5.0 + 0.1 * rng.normal(size=(500, 3)) * np.array([1, 2, 4])).astype(np.float32)
+    images = np.zeros((500, 4, 4, 3), np.float32)
+    imgs, txts, idx = initial_pairs("noise", 4000, 0, images, texts)
+    assert (idx == -1).all() and imgs.shape == (4000, 4, 4, 3)
+    np.testing.assert_allclose(txts.mean(0), texts.mean(0), atol=0.02)
+    np.testing.assert_allclose(txts.std(0), texts.std(0), rtol=0.1)
+    assert abs(imgs.mean()) < 0.02 and abs(imgs.std() - 1.0) < 0.02  # normalised pixel space
+
+
+def test_nearest_captions_finds_each_texts_own_caption():
+    from tldr_jax.distill.distill_stage import nearest_captions
+
+    real = np.random.default_rng(1).normal(size=(12, 8)).astype(np.float32)
+    # cosine: a scaled copy is its own row's nearest; a slightly moved one too
+    assert nearest_captions(real[[3, 0, 7]] * 2.0, real).tolist() == [3, 0, 7]
+    moved = real[[11, 5]] + 0.01
+    assert nearest_captions(moved, real).tolist() == [11, 5]

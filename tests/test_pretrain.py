@@ -230,7 +230,13 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
     ]
     # Trained with another optimizer than the config's default: `evaluate` restores only the
     # model (it failed on the optimizer state's tree before).
-    sgd = ["--config.train.optimizer=sgd", "--config.train.grad_clip=0"]
+    # (8 steps, checkpoints at 2, 4, 6, 8 of which the last 3 are kept: evaluate takes 8)
+    sgd = [
+        "--config.train.optimizer=sgd",
+        "--config.train.grad_clip=0",
+        "--config.train.ckpt_every=2",
+        "--config.train.keep=3",
+    ]
 
     def stage(name: str, *extra: str):
         return run_cli(
@@ -247,6 +253,8 @@ def test_cli_pretrain_and_evaluate_on_files_from_disk(tmp_path, tiny_sets):
     r = stage("evaluate", *overrides)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((work / "evaluate.json").read_text())
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [4, 6, 8]
+    assert ev["checkpoint_step"] == summary["steps"] == 8  # the latest of those kept
     for k in ("tr_r1", "ir_r1", "ir_r10"):
         assert ev[k] == pytest.approx(summary[k], abs=1e-6)
     assert ev["test_source"] == str(world_dir / "test.json") and ev["captions_dropped"] == 0
@@ -280,6 +288,19 @@ def test_config_arguments_are_checked():
     assert tiny.data.image_size == 16 and tiny.train.epochs == 2
     with pytest.raises(ValueError, match="unknown config argument 'smal'.*small, tiny"):
         pretrain_config.get_config("smal")
+    # name=value: a boolean's words, both ways; a word that is neither is an error
+    full = pretrain_config.get_config("")
+    for off in ("tiny=false", "tiny=0", "tiny=No", "tiny=off"):
+        assert pretrain_config.get_config(off) == full, off
+    for on in ("tiny=true", "tiny=1", "tiny=YES", "tiny=on"):
+        assert pretrain_config.get_config(on) == tiny, on
+    with pytest.raises(ValueError, match=r"tiny='ture' in 'tiny=ture': expected one of 1, true"):
+        pretrain_config.get_config("tiny=ture")
+    from tldr_jax.config_lib import parse_arg
+
+    assert parse_arg("n=7,name=x", n=3, name="a").to_dict() == {"n": 7, "name": "x"}
+    with pytest.raises(ValueError, match=r"n='seven' in 'n=seven': expected int"):
+        parse_arg("n=seven", n=3)
 
 
 def test_epoch_decay_schedule_has_no_drop_after_a_long_warmup():

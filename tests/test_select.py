@@ -174,11 +174,23 @@ def test_select_checks_count_and_stride():
         ("histogram", 1e-3, "bfloat16"),
     ],
 )
-def test_select_stage_end_to_end(tmp_path, feature, budget, gemm_dtype):
+def test_select_stage_end_to_end(tmp_path, monkeypatch, feature, budget, gemm_dtype):
     ids, _, group = write_fake_extract(tmp_path)
     # budget 1e-3 MB: features memory-mapped, PCA to a second map, k-means streamed.
     config = select_config(feature=feature, max_in_memory_mb=budget, gemm_dtype=gemm_dtype)
+    clustered = []
+    real_kmeans = select_stage._kmeans
+
+    def spy(feats, *args):
+        clustered.append(np.array(feats))
+        return real_kmeans(feats, *args)
+
+    monkeypatch.setattr(select_stage, "_kmeans", spy)
     summary = select_stage.run(config, str(tmp_path))
+    # k-means clusters the PCA-reduced features, each row L2-normalised
+    (feats,) = clustered
+    assert feats.shape == (240, summary["pca_dim"])
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     assert summary["gemm_dtype"] == gemm_dtype
     assert summary["seed"] == 1  # select.seed's own (the global seed is 0)
     assert summary["input_rows"] == 240 and summary["kept_rows"] == 60

@@ -8,6 +8,8 @@ import ml_collections
 
 from tldr_jax.config_check import ConfigError
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
 
 def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
     """Parses `file.py:small` or `file.py:tiny,reference` style args into typed defaults.
@@ -27,9 +29,20 @@ def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
             key, value = part.split("=", 1)
             old = defaults.get(key)
             if isinstance(old, bool):
-                cfg[key] = value.lower() in ("1", "true", "yes")
+                word = value.strip().lower()
+                if word not in _TRUE + _FALSE:  # a typo must not silently read as false
+                    raise ConfigError(
+                        f"config argument {key}={value!r} in {arg!r}: expected one of "
+                        f"{', '.join(_TRUE + _FALSE)}"
+                    )
+                cfg[key] = word in _TRUE
             elif old is not None:
-                cfg[key] = type(old)(value)
+                try:
+                    cfg[key] = type(old)(value)
+                except ValueError:
+                    raise ConfigError(
+                        f"config argument {key}={value!r} in {arg!r}: expected {type(old).__name__}"
+                    ) from None
             else:
                 cfg[key] = value
         else:
