@@ -3,6 +3,7 @@ kill -9 mid-stage followed by a rerun that ends with an identical training file.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_compress_outputs(clean_run):
     assert set(subsets["random"]) != set(subsets["tldr"])
 
 
-def test_scores_are_the_scorers_image_caption_cosines(clean_run):
+def test_scores_are_the_scorers_image_caption_cosines(clean_run, tmp_path):
     """score.npz holds, per row, the cosine of the scorer's image and caption embeddings (a
     sign or pairing slip would keep the worst-aligned rows): recomputed here from the
     scorer's finished checkpoint, which a rerun restores without training."""
@@ -135,7 +136,8 @@ def test_scores_are_the_scorers_image_caption_cosines(clean_run):
     cfg = shared_cache(tldr_config.get_config("tiny"), w)
     train, test = load_train(cfg), load_test(cfg)
     text_encoder = make_text_encoder(cfg)
-    summary, model = train_and_evaluate(cfg, w / "score", train, test, text_encoder)
+    shutil.copytree(w / "score", tmp_path / "score")  # (the restore logs into its folder)
+    summary, model = train_and_evaluate(cfg, tmp_path / "score", train, test, text_encoder)
     assert summary["steps"] == json.loads((w / "score.json").read_text())["scorer_steps"]
     assert summary["resumed_from"] == summary["steps"]  # restored, not trained again
     caps = [c[0] for c in train.captions]

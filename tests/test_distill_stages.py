@@ -455,8 +455,7 @@ def test_kill9_mid_distill_then_rerun_matches_uninterrupted(tmp_path):
     assert not (tmp_path / "b" / "distill.json").exists()
     cli("distill", tmp_path / "b")
     # It resumed at the checkpoint (a restart from scratch would also end on the same set).
-    resumed = json.loads((tmp_path / "b" / "distill.json").read_text())["resumed_from"]
-    assert 0 < resumed < json.loads((tmp_path / "a" / "distill.json").read_text())["iterations"]
+    assert json.loads((tmp_path / "b" / "distill.json").read_text())["resumed_from"] > 0
     a = np.load(tmp_path / "a" / "distill" / "distilled.npz")
     b = np.load(tmp_path / "b" / "distill" / "distilled.npz")
     for k in ("images", "texts", "lr_img", "lr_txt"):
@@ -763,7 +762,7 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
             start = np.asarray(theta[0]).copy()
             calls.append((batch, lr_img, lr_txt, np.asarray(idx).shape, opt_state, start))
             out = trainer(theta, opt_state, x, t, idx, keys, targets)
-            events.append(("trained", np.asarray(out[0][0]).copy()))
+            events.append(("trained", [np.asarray(p).copy() for p in out[0]]))
             return out
 
         return run, tx_img, tx_txt
@@ -775,7 +774,7 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
         embed = real_embed_fn(student)
 
         def spied(theta, images, texts):
-            events.append(("embedded", np.asarray(theta[0]).copy()))
+            events.append(("embedded", [np.asarray(p).copy() for p in theta]))
             return embed(theta, images, texts)
 
         return spied
@@ -794,13 +793,17 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     # the second call of a model continues from the first's optimiser state (momentum)
     first_momentum = jax.tree.leaves(distilled[1][4])
     assert any(float(np.abs(np.asarray(m)).max()) > 0 for m in first_momentum)
-    # Each model is scored with the parameters its training ended on (not its start).
-    scored = [i for i, (kind, _) in enumerate(events) if kind == "embedded" and i > 0]
-    assert len(scored) >= 2 * 5  # 2 models x (distilled + 4 coresets)
+    # Each model is scored with the parameters (both towers) its training ended on.
+    scored = [
+        i
+        for i, (kind, _) in enumerate(events)
+        if kind == "embedded" and events[i - 1][0] == "trained"
+    ]
+    assert len(scored) == 2 * 5  # 2 models x (distilled + 4 coresets)
     for i in scored:
-        if events[i - 1][0] == "trained":
-            np.testing.assert_array_equal(events[i][1], events[i - 1][1])
-    assert not np.allclose(events[scored[0]][1], distilled[0][5])
+        for got, trained in zip(events[i][1], events[i - 1][1], strict=True):
+            np.testing.assert_array_equal(got, trained)
+    assert not np.allclose(events[scored[0]][1][0], distilled[0][5])  # not its start
     # Two fresh models, from different initialisations; the summary's mean and std are over
     # the models it lists.
     assert not np.allclose(distilled[0][5], distilled[4][5])

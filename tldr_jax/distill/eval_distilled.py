@@ -18,6 +18,7 @@ retrieved at rank 1 both ways in its minibatch" record that `buffer` stored for 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -453,7 +454,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     summary["time_s"] = time.time() - t0
     summary.update(pretrain.data_summary(data.train, data.test))  # rows read, skipped per reason
-    summary["coreset_ids"] = str(workdir_p / CORESET_IDS)
+    summary["coreset_ids"] = os.path.abspath(workdir_p / CORESET_IDS)
     if dist.is_main():
         io.write_json(workdir_p / CORESET_IDS, picks, indent=None)
         io.write_text(workdir_p / "eval-distilled.md", markdown_table(results, expert_recall))
