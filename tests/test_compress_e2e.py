@@ -120,6 +120,16 @@ def test_compress_outputs(clean_run):
     # The comparison's arms: the TL;DR subset and a random subset of the same size.
     ret = summary["retrieval"]
     assert (ret["full"]["pairs"], ret["tldr"]["pairs"], ret["random"]["pairs"]) == (192, 48, 48)
+    # The report's world composition is what the kept rows' labels say (read by the test only).
+    labels = json.loads((w / "world" / "labels.json").read_text())
+
+    def composition(ids):
+        return {k: round(sum(labels[i] == k for i in ids) / len(ids), 4) for k in labels.values()}
+
+    assert summary["world_composition"] == {
+        "input": composition(list(labels)),
+        "kept": composition([m["id"] for m in manifest]),
+    }
     subsets = json.loads((w / "eval" / "subsets.json").read_text())
     assert subsets["tldr"] == [m["id"] for m in manifest]
     order = {sid: i for i, sid in enumerate(all_scores["ids"].tolist())}  # the input's rows

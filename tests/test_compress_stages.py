@@ -322,3 +322,28 @@ def test_an_arm_trained_before_loss_at_chance_was_recorded_is_judged_from_its_lo
     assert _at_chance({"final_loss": 3.7, "batch_size": 32}) is False  # above: untrained
     assert _at_chance({"final_loss": 1.2, "batch_size": 32}) is False
     assert _at_chance({}) is None
+
+
+def test_recall_plot_draws_each_arms_own_recalls(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from tldr_jax.eval.retrieval import RECALL_KEYS
+
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, heights, width, **kwargs):
+        drawn.append((kwargs["label"], list(heights)))
+        return real_bar(self, x, heights, width, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    retrieval = {
+        name: {**{k: base + i for i, k in enumerate(RECALL_KEYS)}, "pairs": pairs}
+        for name, base, pairs in (("full", 50.0, 192), ("tldr", 30.0, 48), ("random", 10.0, 48))
+    }
+    pipeline.plot_recalls(tmp_path / "recall.png", retrieval)
+    assert drawn == [
+        (f"{name} ({r['pairs']} pairs)", [r[k] for k in RECALL_KEYS])
+        for name, r in retrieval.items()
+    ]
+    assert (tmp_path / "recall.png").stat().st_size > 1000

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -462,7 +463,7 @@ def test_kill9_mid_distill_then_rerun_matches_uninterrupted(tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_distill_lors_saves_similarity_resumes_and_evals(buffered):
+def test_distill_lors_saves_similarity_resumes_and_evals(buffered, monkeypatch):
     """`distill.lors=True`: the learned soft similarity is checkpointed (resume), saved in the
     npz with its factors, reported in distill.json and used by eval-distilled."""
     import json
@@ -493,8 +494,29 @@ def test_distill_lors_saves_similarity_resumes_and_evals(buffered):
     assert stats["diag_mean"] == pytest.approx(float(np.diag(sim).mean()), rel=1e-5)
     assert "lors_offdiag" in (workdir / "metrics" / "distill.csv").read_text()
 
+    # eval-distilled trains the distilled set on the learned similarity, the coresets on
+    # their hard pairs.
+    from tldr_jax.distill import eval_distilled
+
+    fed = []
+    make = eval_distilled.Evaluator._trainer
+
+    def spy(self, batch, lr_img, lr_txt):
+        trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
+
+        def run(theta, opt_state, x, t, idx, keys, targets=None):
+            fed.append((len(x), None if targets is None else np.asarray(targets)))
+            return trainer(theta, opt_state, x, t, idx, keys, targets)
+
+        return run, tx_img, tx_txt
+
+    monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
     result = run_stage("eval-distilled", config, str(workdir))
     assert result["distilled"]["soft_targets"] is True
+    soft = [t for _, t in fed if t is not None]
+    assert soft and len(soft) < len(fed)  # the coresets' calls have none
+    for targets in soft:
+        np.testing.assert_array_equal(targets, sim)
     for key in et.RECALL_KEYS:
         assert 0.0 <= result["distilled"][key]["mean"] <= 100.0
 
@@ -757,6 +779,7 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
 
     def spy(self, batch, lr_img, lr_txt):
         trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
+        optimisers.append((lr_img, tx_img))
 
         def run(theta, opt_state, x, t, idx, keys, targets=None):
             start = np.asarray(theta[0]).copy()
@@ -767,7 +790,7 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
 
         return run, tx_img, tx_txt
 
-    events = []
+    events, optimisers = [], []
     real_embed_fn = et.embed_fn
 
     def embed_fn_spy(student):
@@ -793,6 +816,15 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     # the second call of a model continues from the first's optimiser state (momentum)
     first_momentum = jax.tree.leaves(distilled[1][4])
     assert any(float(np.abs(np.asarray(m)).max()) > 0 for m in first_momentum)
+    # SGD with momentum 0.9 and weight decay 5e-4 (SPEC B.4): two updates with the same
+    # gradient g at parameters p are -lr (g + wd p) and then -lr (1 + 0.9) (g + wd p).
+    lr_used, tx = next((lr_, tx_) for lr_, tx_ in optimisers if lr_ == lr)
+    p, g = jnp.linspace(1.0, 2.0, 5), jnp.linspace(-1.0, 1.0, 5)
+    u1, state = tx.update(g, tx.init(p), p)
+    u2, _ = tx.update(g, state, p)
+    step = g + c.eval.weight_decay * p
+    np.testing.assert_allclose(u1, -lr_used * step, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(u2, -lr_used * (1 + c.eval.momentum) * step, rtol=1e-5, atol=1e-9)
     # Each model is scored with the parameters (both towers) its training ended on.
     scored = [
         i
@@ -887,3 +919,43 @@ def test_nearest_captions_finds_each_texts_own_caption():
     assert nearest_captions(real[[3, 0, 7]] * 2.0, real).tolist() == [3, 0, 7]
     moved = real[[11, 5]] + 0.01
     assert nearest_captions(moved, real).tolist() == [11, 5]
+
+
+def test_spec_defaults_with_the_reference_quirks_behind_flags():
+    """SPEC B: the student's inner logit scale 1/0.07 and no dropout by default (the
+    reference's 2.66 and dropout only when asked); SPEC B.4's evaluation protocol."""
+    from tldr_jax.distill import matching
+    from tldr_jax.distill.distill_stage import inner_loop
+
+    for arg in ("", "small"):
+        c = distill_config.get_config(arg)
+        loop = inner_loop(c)
+        assert loop.logit_scale == pytest.approx(14.2857, rel=1e-4) and not loop.train_dropout
+        e = c.eval
+        assert (e.batch_size, e.momentum, e.weight_decay, e.text_head_lr) == (
+            64,
+            0.9,
+            5e-4,
+            "image",
+        )
+    assert distill_config.get_config("").eval.epochs == 50
+    c.distill.update(quirk_logit_scale=True, quirk_dropout=True)
+    loop = inner_loop(c)
+    assert loop.logit_scale == matching.QUIRK_LOGIT_SCALE == pytest.approx(2.659, abs=1e-3)
+    assert loop.train_dropout
+
+
+def test_start_epochs_are_capped_so_the_target_epoch_exists(caplog):
+    from tldr_jax.config_check import ConfigError
+    from tldr_jax.distill.distill_stage import start_epochs
+
+    c = distill_config.get_config("tiny")
+    c.buffer.epochs, c.distill.expert_epochs = 4, 2
+    c.distill.max_start_epoch = 9
+    assert start_epochs(c) == 3  # s in {0, 1, 2}: s + 2 <= 4
+    assert "max_start_epoch=9 capped at 3" in caplog.text
+    c.distill.max_start_epoch = 2
+    assert start_epochs(c) == 2
+    c.distill.expert_epochs = 5
+    with pytest.raises(ConfigError, match="distill.expert_epochs=5 > buffer.epochs=4"):
+        start_epochs(c)
