@@ -463,6 +463,41 @@ def test_kill9_mid_distill_then_rerun_matches_uninterrupted(tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def _record_eval_training(monkeypatch) -> list[dict]:
+    """Every call eval-distilled makes to a trainer, in order, as {"kind": "train"} with the
+    trainer's `batch`, `lr_img`, `lr_txt` and image optimiser `tx_img`, and the call's block
+    `shape`, `opt_state`, parameters before and after (`theta_in`, `theta_out`) and
+    `targets` (LoRS; None for hard pairs). Returned as the list it fills."""
+    from tldr_jax.distill import eval_distilled
+
+    events: list[dict] = []
+    make = eval_distilled.Evaluator._trainer
+
+    def spy(self, batch, lr_img, lr_txt):
+        trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
+
+        def run(theta, opt_state, x, t, idx, keys, targets=None):
+            call = dict(
+                kind="train",
+                batch=batch,
+                lr_img=lr_img,
+                lr_txt=lr_txt,
+                tx_img=tx_img,
+                shape=np.asarray(idx).shape,
+                opt_state=opt_state,
+                theta_in=[np.asarray(p).copy() for p in theta],
+                targets=None if targets is None else np.asarray(targets),
+            )
+            out = trainer(theta, opt_state, x, t, idx, keys, targets)
+            events.append({**call, "theta_out": [np.asarray(p).copy() for p in out[0]]})
+            return out
+
+        return run, tx_img, tx_txt
+
+    monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
+    return events
+
+
 def test_distill_lors_saves_similarity_resumes_and_evals(buffered, monkeypatch):
     """`distill.lors=True`: the learned soft similarity is checkpointed (resume), saved in the
     npz with its factors, reported in distill.json and used by eval-distilled."""
@@ -496,24 +531,10 @@ def test_distill_lors_saves_similarity_resumes_and_evals(buffered, monkeypatch):
 
     # eval-distilled trains the distilled set on the learned similarity, the coresets on
     # their hard pairs.
-    from tldr_jax.distill import eval_distilled
-
-    fed = []
-    make = eval_distilled.Evaluator._trainer
-
-    def spy(self, batch, lr_img, lr_txt):
-        trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
-
-        def run(theta, opt_state, x, t, idx, keys, targets=None):
-            fed.append((len(x), None if targets is None else np.asarray(targets)))
-            return trainer(theta, opt_state, x, t, idx, keys, targets)
-
-        return run, tx_img, tx_txt
-
-    monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
+    fed = _record_eval_training(monkeypatch)
     result = run_stage("eval-distilled", config, str(workdir))
     assert result["distilled"]["soft_targets"] is True
-    soft = [t for _, t in fed if t is not None]
+    soft = [call["targets"] for call in fed if call["targets"] is not None]
     assert soft and len(soft) < len(fed)  # the coresets' calls have none
     for targets in soft:
         np.testing.assert_array_equal(targets, sim)
@@ -774,71 +795,56 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     c = config.copy_and_resolve_references()
     c.eval.update(batch_size=3, epochs=2, budgets=(), max_steps=0, num_models=2)
     run_stage("distill", c, str(workdir))
-    calls = []
-    make = eval_distilled.Evaluator._trainer
-
-    def spy(self, batch, lr_img, lr_txt):
-        trainer, tx_img, tx_txt = make(self, batch, lr_img, lr_txt)
-        optimisers.append((lr_img, tx_img))
-
-        def run(theta, opt_state, x, t, idx, keys, targets=None):
-            start = np.asarray(theta[0]).copy()
-            calls.append((batch, lr_img, lr_txt, np.asarray(idx).shape, opt_state, start))
-            out = trainer(theta, opt_state, x, t, idx, keys, targets)
-            events.append(("trained", [np.asarray(p).copy() for p in out[0]]))
-            return out
-
-        return run, tx_img, tx_txt
-
-    events, optimisers = [], []
+    events = _record_eval_training(monkeypatch)  # trainer calls, and (below) embeddings
     real_embed_fn = et.embed_fn
 
     def embed_fn_spy(student):
         embed = real_embed_fn(student)
 
         def spied(theta, images, texts):
-            events.append(("embedded", [np.asarray(p).copy() for p in theta]))
+            events.append({"kind": "embed", "theta": [np.asarray(p).copy() for p in theta]})
             return embed(theta, images, texts)
 
         return spied
 
-    monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", spy)
     monkeypatch.setattr(et, "embed_fn", embed_fn_spy)
     # (and a model whose last epoch stayed at chance is warned about)
     monkeypatch.setattr(eval_distilled, "loss_at_chance", lambda loss, batch: True)
     result = run_stage("eval-distilled", c, str(workdir))
     assert "model 0's last-epoch training loss is at chance" in caplog.text
     lr = result["distilled"]["lr_img"]
-    distilled = [k for k in calls if k[1] == lr]  # coresets train at eval.coreset_lr
-    assert distilled and all(k[2] == lr for k in distilled)
+    calls = [e for e in events if e["kind"] == "train"]
+    distilled = [k for k in calls if k["lr_img"] == lr]  # coresets train at eval.coreset_lr
+    assert distilled and all(k["lr_txt"] == lr for k in distilled)
     # per model: 2 epochs of (2 x 3) + (1 x 2)
-    assert [k[3] for k in distilled] == [(2, 3), (1, 2)] * 2 * int(c.eval.num_models)
+    assert [k["shape"] for k in distilled] == [(2, 3), (1, 2)] * 2 * int(c.eval.num_models)
     # the second call of a model continues from the first's optimiser state (momentum)
-    first_momentum = jax.tree.leaves(distilled[1][4])
+    first_momentum = jax.tree.leaves(distilled[1]["opt_state"])
     assert any(float(np.abs(np.asarray(m)).max()) > 0 for m in first_momentum)
     # SGD with momentum 0.9 and weight decay 5e-4 (SPEC B.4): two updates with the same
     # gradient g at parameters p are -lr (g + wd p) and then -lr (1 + 0.9) (g + wd p).
-    lr_used, tx = next((lr_, tx_) for lr_, tx_ in optimisers if lr_ == lr)
+    tx = distilled[0]["tx_img"]
     p, g = jnp.linspace(1.0, 2.0, 5), jnp.linspace(-1.0, 1.0, 5)
     u1, state = tx.update(g, tx.init(p), p)
     u2, _ = tx.update(g, state, p)
     step = g + c.eval.weight_decay * p
-    np.testing.assert_allclose(u1, -lr_used * step, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(u2, -lr_used * (1 + c.eval.momentum) * step, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(u1, -lr * step, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(u2, -lr * (1 + c.eval.momentum) * step, rtol=1e-5, atol=1e-9)
     # Each model is scored with the parameters (both towers) its training ended on.
     scored = [
         i
-        for i, (kind, _) in enumerate(events)
-        if kind == "embedded" and events[i - 1][0] == "trained"
+        for i, e in enumerate(events)
+        if e["kind"] == "embed" and i and events[i - 1]["kind"] == "train"
     ]
     assert len(scored) == 2 * 5  # 2 models x (distilled + 4 coresets)
     for i in scored:
-        for got, trained in zip(events[i][1], events[i - 1][1], strict=True):
+        for got, trained in zip(events[i]["theta"], events[i - 1]["theta_out"], strict=True):
             np.testing.assert_array_equal(got, trained)
-    assert not np.allclose(events[scored[0]][1][0], distilled[0][5])  # not its start
+    start = distilled[0]["theta_in"][0]
+    assert not np.allclose(events[scored[0]]["theta"][0], start)  # not its start
     # Two fresh models, from different initialisations; the summary's mean and std are over
     # the models it lists.
-    assert not np.allclose(distilled[0][5], distilled[4][5])
+    assert not np.allclose(start, distilled[4]["theta_in"][0])
     for method in ("distilled", "random", "herding", "kcenter", "forgetting"):
         models = result[method]["models"]
         assert len(models) == 2 and not any(m["diverged"] for m in models), method

@@ -32,6 +32,18 @@ def _mesh(n: int) -> jax.sharding.Mesh:
     )
 
 
+def _random_batches(seed: int, n: int) -> list[dict[str, np.ndarray]]:
+    """`n` batches of 16 random 16 px images and 24-dim text embeddings."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+            "text_emb": rng.normal(size=(16, 24)).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
+
+
 def _run_steps(config, mesh, batches, fsdp: bool = False):
     model = pretrain.build_model(config, batches[0]["text_emb"].shape[1], 0)
     model_def, params, rest = train_state.split_model(model)
@@ -57,14 +69,7 @@ def test_sharded_equals_single_device():
     # SGD: Adam divides by sqrt(v), which turns float-noise gradients (e.g. of a conv bias
     # that instance norm cancels) into full-size updates whose sign is noise.
     config.train.update(optimizer="sgd", momentum=0.9, lr=0.05, weight_decay=0.0)
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-            "text_emb": rng.normal(size=(16, 24)).astype(np.float32),
-        }
-        for _ in range(3)
-    ]
+    batches = _random_batches(0, 3)
     p1, l1 = _run_steps(config, _mesh(1), batches)
     p8, l8 = _run_steps(config, _mesh(8), batches)
     np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-5)
@@ -79,14 +84,7 @@ def test_sharded_equals_single_device():
 
 
 def test_temperature_is_trained_only_when_learn_temperature_is_set():
-    rng = np.random.default_rng(1)
-    batches = [
-        {
-            "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-            "text_emb": rng.normal(size=(16, 24)).astype(np.float32),
-        }
-        for _ in range(2)
-    ]
+    batches = _random_batches(1, 2)
     start = np.log(1 / 0.07)
     for learn in (True, False):
         config = tiny_config()

@@ -141,8 +141,8 @@ def retrieval_comparison(config: ml_collections.ConfigDict, workdir: str) -> dic
     random_rows = np.sort(rng.choice(len(train), size=len(tldr_rows), replace=False))
     random_set = train.subset(random_rows)
     if dist.is_main():  # which pairs each subset arm trains on (the random one is seeded)
-        ids = {"tldr": tldr.ids, "random": random_set.ids}
-        io.write_json(out / "subsets.json", {k: list(v) for k, v in ids.items()}, indent=None)
+        ids = {"tldr": list(tldr.ids), "random": list(random_set.ids)}
+        io.write_json(out / "subsets.json", ids, indent=None)
 
     budget = str(cfg.retrieval_eval.budget)
     num_steps = int(full["steps"]) if budget == "steps" else None
