@@ -119,6 +119,21 @@ def test_decode_cache_is_reused_and_equal(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(pairs.images), np.asarray(plain.images))
 
 
+def test_dropped_captions_are_counted_from_the_cache_too(tmp_path):
+    _png(tmp_path / "a.png", 0)
+    _png(tmp_path / "b.png", 1)
+    rows = [
+        {"image": "a.png", "caption": ["a cat", " .. ", "a cat sitting"]},
+        {"image": "b.png", "caption": ["a dog"]},
+    ]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    path, cache = str(tmp_path / "test.json"), str(tmp_path / "cache")
+    for cfg in (_cfg(), _cfg(cache_dir=cache), _cfg(cache_dir=cache)):  # plain, write, read
+        ds = load_set(path, cfg, "train")
+        assert ds.captions == [["a cat", "a cat sitting"], ["a dog"]]
+        assert ds.captions_dropped == 1 and sum(ds.skipped.values()) == 0
+
+
 def test_decode_cache_key_follows_the_input_and_settings(tmp_path):
     path = _karpathy_train(tmp_path)
     cache = str(tmp_path / "cache")

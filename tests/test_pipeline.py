@@ -140,6 +140,8 @@ def test_eval_batches_pad_the_tail():
     index = np.concatenate([b["index"] for b in batches])
     np.testing.assert_array_equal(index[valid], np.arange(10))
     assert valid.sum() == 10 and not batches[-1]["valid"][2:].any()
+    # the tail is padded with its last row (a real row), not with row 0
+    np.testing.assert_array_equal(batches[-1]["index"], [8, 9, 9, 9])
     for b in batches:
         np.testing.assert_allclose(b["image"], normalize(ds.images[b["index"]]))
 

@@ -19,7 +19,13 @@ from tldr_jax.data import images as images_lib
 from tldr_jax.data import readers
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.readers import read_records
-from tldr_jax.data.records import SKIP_REASONS, BadRowError, InputError, Skips
+from tldr_jax.data.records import (
+    SKIP_REASONS,
+    BadRowError,
+    InputError,
+    Skips,
+    clean_caption,
+)
 
 
 def _image(seed: int, shape: tuple[int, int] = (12, 16)) -> np.ndarray:
@@ -113,6 +119,15 @@ def test_blip_json(tmp_path):
     assert ds.captions[0] == ["a photo 0 of things"]
     sub = ds.subset([2, 0])
     assert sub.ids == ["blip:2", "blip:0"] and (sub.images[0] == ds.images[2]).all()
+
+
+def test_captions_are_cleaned_as_blips_pre_caption():
+    words = " ".join(f"W{i}." for i in range(40))
+    assert clean_caption(words) == " ".join(f"w{i}" for i in range(30))
+    assert clean_caption(" ".join(f"w{i}" for i in range(30))).split() == [
+        f"w{i}" for i in range(30)
+    ]
+    assert clean_caption('A "Dog"!  (on\tthe) #mat; ~x: *y') == "a dog on the mat x y"
 
 
 def test_image_paths_default_to_annotation_folder(tmp_path):
@@ -221,6 +236,20 @@ def test_karpathy_split_file(tmp_path):
     (tmp_path / "cc.tsv").write_text(f"a cap\t{names[0]}\n")
     with pytest.raises(ValueError, match="only for Karpathy split files"):
         read_records(str(tmp_path / "cc.tsv") + ":train", "", Skips())
+
+
+def test_karpathy_other_splits_are_not_rows_and_clean_reads_train_and_restval(tmp_path):
+    _karpathy_split_file(tmp_path)
+    path = str(tmp_path / "dataset_coco.json")
+    # Images of another split are not rows: not counted as read, not under max_rows.
+    inputs: list[tuple[str, int]] = []
+    recs = read_records(path, "", Skips(), role="train", inputs=inputs)
+    assert inputs == [(path, 3 + 6)] and len(recs) == 5  # images not decoded yet
+    cut = read_records(path, "", Skips(), max_rows=3, role="train")
+    assert [r.sample_id for r in cut] == ["1000", "1001", "1004"]
+    # The caption set (role clean) reads Karpathy train + restval, as train does.
+    clean = load_set(path, _cfg(), "clean")
+    assert clean.ids[:3] == ["1000", "1001", "1004"] and clean.rows_read == 3 + 6
 
 
 def test_pairs_one_row_per_caption():
@@ -776,6 +805,20 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
         np.testing.assert_allclose(got[..., 0], want, atol=2)
 
 
+def test_thirty_two_bit_images_within_eight_bits_are_kept_not_darkened(tmp_path):
+    # Mode "I" holding 0..255 is already 8-bit data: only values past 255 are scaled down.
+    ramp = np.tile(np.arange(256, dtype=np.int32), (4, 1))
+    for top, scale in ((255, 1.0), (256, 257.0)):
+        Image.fromarray(np.minimum(ramp + (top - 255), top)).save(tmp_path / "int.tif")
+        got = images_lib.decode_image(str(tmp_path / "int.tif"), 8)
+        want = np.asarray(
+            Image.fromarray(
+                np.rint(np.minimum(ramp + (top - 255), top) / scale).astype(np.uint8)
+            ).resize((8, 8), Image.BICUBIC)
+        )
+        np.testing.assert_allclose(got[..., 0], want, atol=1, err_msg=str(top))
+
+
 def test_byte_order_marks_are_ignored(tmp_path):
     names = _write_images(tmp_path, 2)
     rows = [{"image": n, "caption": f"pic {i}"} for i, n in enumerate(names)]
@@ -1260,6 +1303,44 @@ def test_coco_captions_file(tmp_path):
         np.testing.assert_array_equal(again.images[0], _resized(0))
         config = ml_collections.ConfigDict({"data": {"train": str(path), "image_root": root}})
         assert image_root_for(config, tmp_path / "w") == str(tmp_path / "train2014")
+
+
+def _coco_file(tmp_path: Path, annotations: list[dict]) -> Path:
+    (tmp_path / "train2014").mkdir()
+    images = []
+    for k in (0, 1, 2):
+        (tmp_path / "train2014" / f"COCO_{k}.png").write_bytes(_encode(_image(k)))
+        images.append({"id": 10 + k, "file_name": f"COCO_{k}.png"})
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "captions_train2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def test_coco_empty_caption_among_an_images_captions_is_counted_and_strict_stops(tmp_path):
+    anns = [{"image_id": 10 + k, "caption": f"A dog {k}."} for k in (0, 1, 2)]
+    anns.insert(1, {"image_id": 10, "caption": " ... "})
+    path = str(_coco_file(tmp_path, anns))
+    skips = Skips()
+    recs = read_records(path, "", skips)
+    assert [r.captions for r in recs] == [("a dog 0",), ("a dog 1",), ("a dog 2",)]
+    assert skips.total == 0 and skips.captions_dropped == 1
+    with pytest.raises(BadRowError, match=r"captions_train2014\.json, row 0: empty_caption"):
+        read_records(path, "", Skips(strict=True))
+
+
+def test_coco_unusable_annotations_count_under_max_rows(tmp_path):
+    anns = [{"image_id": 10 + k, "caption": f"A dog {k}."} for k in (0, 1, 2)]
+    anns += [{"image_id": 99, "caption": "orphan"}, {"image_id": 10, "caption": None}]
+    path = str(_coco_file(tmp_path, anns))
+    skips, inputs = Skips(), []
+    assert len(read_records(path, "", skips, inputs=inputs)) == 3
+    assert inputs == [(path, 5)] and skips.total == 2  # each bad annotation is a row
+    for max_rows in (3, 4):
+        skips, inputs = Skips(), []
+        recs = read_records(path, "", skips, max_rows=max_rows, inputs=inputs)
+        assert len(recs) == 3 and inputs == [(path, max_rows)]
+        assert skips.total == max_rows - 3  # rows past max_rows are not read, nor counted
 
 
 def test_test_set_images_under_their_own_root(tmp_path):

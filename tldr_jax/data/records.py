@@ -164,13 +164,6 @@ class Skips:
         if not self.first:  # what strict mode stops at, when it reads leniently first
             self.first, self.first_records = msg, self.records_before
 
-    def merge(self, other: Skips) -> None:
-        self.counts.update(other.counts)
-        self.captions_dropped += other.captions_dropped
-        for k, v in other.examples.items():
-            self.examples.setdefault(k, v)
-        self.first = self.first or other.first
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())
