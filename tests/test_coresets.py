@@ -129,6 +129,16 @@ def test_bad_inputs_are_named():
     assert len(coresets.herding(ok.tolist(), 3)) == 3  # any array-like
     with pytest.raises(TypeError, match="budget must be an integer"):
         coresets.herding(ok, 3.0)
+    # A budget of 0 is refused by every selector, not an empty coreset.
+    correct = np.ones((3, 10), bool)
+    for select in (
+        lambda: coresets.random_coreset(10, 0, 0),
+        lambda: coresets.herding(ok, 0),
+        lambda: coresets.kcenter(ok, 0, 0),
+        lambda: coresets.forgetting(correct, 0, 0),
+    ):
+        with pytest.raises(ValueError, match=r"budget must be in \[1, 10\], got 0"):
+            select()
     with pytest.raises(ValueError, match="epochs, N"):
         coresets.forgetting(np.ones(10, bool), 3, 0)
 

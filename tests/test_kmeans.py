@@ -73,7 +73,21 @@ def test_same_result_on_1_and_8_devices():
     np.testing.assert_array_equal(one.assignments, eight.assignments)
     np.testing.assert_allclose(one.centroids, eight.centroids, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(one.objective, eight.objective, rtol=1e-5)
+    # Each step's objective too: the zero-weight padding rows of 8 devices count for nothing.
+    np.testing.assert_allclose(one.objective_history, eight.objective_history, rtol=1e-5)
     assert len(eight.assignments) == 1003
+
+
+def test_integer_weights_count_as_repeated_rows():
+    x, c0 = _blobs(n=300, d=4, k=3, seed=16)
+    w = np.random.default_rng(16).integers(1, 4, 300)
+    kw = dict(iterations=3, init_centroids=c0, mesh=_mesh(1))
+    weighted = km.kmeans(x, 3, weights=w.astype(np.float32), **kw)
+    repeated = km.kmeans(np.repeat(x, w, axis=0), 3, **kw)
+    np.testing.assert_array_equal(np.repeat(weighted.assignments, w), repeated.assignments)
+    np.testing.assert_allclose(weighted.centroids, repeated.centroids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(weighted.objective, repeated.objective, rtol=1e-5)
+    np.testing.assert_allclose(weighted.objective_history, repeated.objective_history, rtol=1e-5)
 
 
 def test_empty_cluster_reseeded_from_largest():

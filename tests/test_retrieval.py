@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from tldr_jax.eval.retrieval import recall_at_k, retrieval_metrics
+from tldr_jax.eval.retrieval import ranks_from_scores, recall_at_k, retrieval_metrics
 
 
-def brute_force(sim: np.ndarray, txt2img: np.ndarray, ks=(1, 5, 10)) -> dict:
+def brute_ranks(sim: np.ndarray, txt2img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """BLIP's loops, with ties broken by a stable descending sort (lower index first)."""
     n_img, n_txt = sim.shape
     img2txt = [np.flatnonzero(txt2img == i) for i in range(n_img)]
@@ -18,6 +18,11 @@ def brute_force(sim: np.ndarray, txt2img: np.ndarray, ks=(1, 5, 10)) -> dict:
     for t in range(n_txt):
         order = np.argsort(-sim[:, t], kind="stable")
         t2i[t] = np.flatnonzero(order == txt2img[t])[0]
+    return i2t, t2i
+
+
+def brute_force(sim: np.ndarray, txt2img: np.ndarray, ks=(1, 5, 10)) -> dict:
+    i2t, t2i = brute_ranks(sim, txt2img)
     out = {f"tr_r{k}": 100.0 * np.mean(i2t < k) for k in ks}
     out.update({f"ir_r{k}": 100.0 * np.mean(t2i < k) for k in ks})
     return out
@@ -95,3 +100,16 @@ def test_txt2img_is_checked(caplog):
     r = recall_at_k(np.eye(3, 2), np.array([0, 1]), ks=(1,))
     assert r["tr_r1"] == pytest.approx(200 / 3) and r["ir_r1"] == 100.0
     assert "1 of 3 images have no caption" in caplog.text
+
+
+def test_ranks_from_scores_in_chunks_cover_every_query():
+    """Precomputed scores are ranked a block of queries at a time; with more captions than
+    images every caption block must still be ranked (5k x 25k is 5 x 25 blocks of 1024)."""
+    rng = np.random.default_rng(4)
+    txt2img = rng.permutation(np.repeat(np.arange(11), 5))
+    sim = rng.integers(0, 6, (11, 55)).astype(np.float32)  # ties
+    want_i2t, want_t2i = brute_ranks(sim, txt2img)
+    for chunk in (4, 1024):
+        i2t, t2i = ranks_from_scores(sim, txt2img, chunk=chunk)
+        np.testing.assert_array_equal(i2t, want_i2t)
+        np.testing.assert_array_equal(t2i, want_t2i)

@@ -23,6 +23,9 @@ def test_target_count():
     assert strategies.target_count(1.0, 7) == 7
     assert strategies.target_count(30, 100) == 30
     assert strategies.target_count(30.0, 100) == 30
+    assert strategies.target_count(0.3, 9) == 3  # 2.7 rows: rounded, not truncated
+    assert strategies.target_count(0.3, 7) == 2  # 2.1
+    assert strategies.target_count(1e-3, 100) == 1  # never zero rows
     for bad in (0, -0.5, 1, 2.5, 101):
         with pytest.raises(ValueError):
             strategies.target_count(bad, 100)
@@ -44,6 +47,18 @@ def test_stride_is_reference_rule_at_its_natural_count():
     keep = strategies.select_stride(a, natural, stride=3)
     ref = np.concatenate([np.flatnonzero(a == j)[::3] for j in range(7)])
     np.testing.assert_array_equal(keep, np.sort(ref))
+
+
+def test_stride_below_its_natural_count_drops_the_deepest_members_evenly():
+    """Fewer rows than the stride rule gives: every cluster loses its deepest stride members
+    first (level by level across clusters), not whole clusters."""
+    a = np.random.default_rng(5).permutation(np.repeat([0, 1, 2], [9, 7, 5]))
+    members = [np.flatnonzero(a == j)[::2] for j in range(3)]  # 5, 4, 3 stride members
+    assert strategies.stride_count(a, 2) == 12
+    # 8 rows: levels 0 and 1 of every cluster (6), then level 2 of clusters 0 and 1.
+    keep = strategies.select_stride(a, 8, stride=2)
+    for j, take in enumerate((3, 3, 2)):
+        np.testing.assert_array_equal(keep[a[keep] == j], members[j][:take])
 
 
 def test_nearest_and_ratio_per_cluster_quotas():
@@ -80,6 +95,9 @@ def test_pca_clamped_and_whitened():
     p5 = pca.fit_pca(x, 5, whiten=False)
     np.testing.assert_allclose(np.abs(p5.components), np.abs(ref.components_), atol=1e-4)
     np.testing.assert_allclose(p5.variance, ref.explained_variance_, rtol=1e-4)
+    # Deterministic signs: each component's largest-magnitude entry is positive.
+    for comps in (p.components, p5.components):
+        assert np.all(comps[np.arange(len(comps)), np.abs(comps).argmax(1)] > 0)
     assert pca.num_components(256, 50, 197) == 50
 
 
