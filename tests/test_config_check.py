@@ -195,6 +195,16 @@ def test_stage_needs_its_config_family(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_the_last_config_flag_is_the_one_read():
+    """absl takes the last of a repeated --config: the file checked and listed is that one."""
+    from tldr_jax.cli import config_spec
+
+    args = ["--config", "configs/tldr.py", "--workdir", "w", "--config=configs/pretrain.py:tiny"]
+    assert config_spec(args) == "configs/pretrain.py:tiny"
+    assert config_spec(["--config=a.py", "--config", "b.py:small"]) == "b.py:small"
+    assert config_spec(["--workdir", "w", "--config"]) is None
+
+
 def test_unknown_override_message_names_the_flag():
     args = ["--config", "configs/distill.py:tiny", "--config.distil.syn_steps=3"]
     err = AttributeError('\'distil\'\nDid you mean "distill" instead of "distil"?')
@@ -650,6 +660,12 @@ def test_mesh_and_sharded_batches_must_fit_the_devices(tmp_path):
         mesh.check_setup(c, "compress")
     mesh.check_setup(c, "train-captioner")
     assert not (tmp_path / "w").exists()
+    # mesh.data=-1 takes the devices mesh.fsdp leaves: FSDP over 2 is a 4 x 2 mesh
+    assert mesh.mesh_shape(-1, 2, 8) == (4, 2) and mesh.mesh_shape(2, 4, 8) == (2, 4)
+    c = pretrain_config.get_config("tiny")
+    c.mesh.fsdp = 2
+    mesh.check_setup(c, "pretrain")
+    assert dict(mesh.make_mesh(-1, 2).shape) == {"data": 4, "fsdp": 2}
 
 
 def test_embed_dim_zero_is_no_image_projection():

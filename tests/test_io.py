@@ -99,6 +99,22 @@ def test_a_killed_checkpoint_save_is_swept_when_the_manager_opens(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4"]
 
 
+def test_a_second_save_of_the_saved_step_is_a_no_op(tmp_path):
+    """SIGTERM right after a periodic save checkpoints the same step again: that save keeps
+    the one there (Orbax refuses a step that exists) instead of stopping the stage."""
+    import jax.numpy as jnp
+
+    from tldr_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(3, {"w": jnp.ones(2)}, extra={"loss": 1.0})
+    ckpt.save(3, {"w": jnp.zeros(2)}, extra={"loss": 2.0})
+    state, extra = ckpt.restore(3, {"w": jnp.zeros(2)})
+    ckpt.close()
+    np.testing.assert_array_equal(state["w"], np.ones(2))
+    assert extra == {"loss": 1.0}
+
+
 def test_compress_sweeps_only_what_it_writes_not_stages_running_beside_it(tmp_path, monkeypatch):
     """Stages hold locks of their own and may run side by side on one workdir: compress's
     sweep (under its lock) leaves the live temporaries of an `extract`, `write`, `score` or
@@ -149,3 +165,27 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_temporary(tm
             io.write_json(target, {"other": 1})
     assert target.read_bytes() == before and not (tmp_path / "rows.npy").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporaries
+
+
+def test_metric_logger_resumes_at_its_step_and_a_fresh_run_starts_over(tmp_path):
+    """A resumed run keeps the rows up to its resume step (rows logged after the checkpoint
+    are logged again, once); a run that does not resume starts a new file."""
+    from tldr_jax.utils.metrics import MetricLogger
+
+    def rows():
+        return (tmp_path / "metrics" / "run.csv").read_text().splitlines()
+
+    logger = MetricLogger(tmp_path, "run")
+    for step in (1, 2, 3):
+        logger.log(step, loss=float(step))
+    logger.close()
+    assert rows() == ["step,name,value", "1,loss,1.0", "2,loss,2.0", "3,loss,3.0"]
+    assert (tmp_path / "metrics" / "run.png").stat().st_size > 0
+    logger = MetricLogger(tmp_path, "run", resume_step=2)
+    logger.log(3, loss=30.0)
+    logger.close()
+    assert rows()[1:] == ["1,loss,1.0", "2,loss,2.0", "3,loss,30.0"]
+    logger = MetricLogger(tmp_path, "run")
+    logger.log(1, loss=5.0)
+    logger.close()
+    assert rows()[1:] == ["1,loss,5.0"]

@@ -299,6 +299,13 @@ def test_config_arguments_are_checked():
     assert parse_arg("n=7,name=x", n=3, name="a").to_dict() == {"n": 7, "name": "x"}
     with pytest.raises(ValueError, match=r"n='seven' in 'n=seven': expected int"):
         parse_arg("n=seven", n=3)
+    # A bare word is a boolean flag only: `n` alone must not read as n=True (1)
+    assert parse_arg("tiny", tiny=False, n=3).to_dict() == {"tiny": True, "n": 3}
+    for arg, kind in (("n", "int"), ("name", "str")):
+        with pytest.raises(
+            ValueError, match=rf"argument '{arg}' in '{arg}' takes a value: {arg}=<{kind}>"
+        ):
+            parse_arg(arg, n=3, name="a")
 
 
 def test_epoch_decay_schedule_has_no_drop_after_a_long_warmup():
@@ -368,6 +375,34 @@ def test_check_finite_catches_blown_up_parameters_behind_a_finite_loss():
     tc.grad_clip = 0.0
     with pytest.raises(ConfigError, match=r"\(loss nan\) .* \(or set train.grad_clip\)"):
         train_state.check_finite("run", 3, "train", tc, "do X", loss=float("nan"))
+
+
+def test_sgd_weight_decay_and_grad_clip_are_applied():
+    """`train.optimizer=sgd` takes weight_decay (decoupled, as adamw's) and grad_clip."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(
+        dict(optimizer="sgd", lr=0.1, schedule="constant", warmup_steps=0, weight_decay=0.5)
+    )
+    params = {"w": jnp.ones(3)}
+    tx = train_state.make_optimizer(cfg, 10)
+    updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones(3), rtol=1e-6)
+    cfg.update(weight_decay=0.0, grad_clip=1.0)
+    tx = train_state.make_optimizer(cfg, 10)
+    updates, _ = tx.update({"w": jnp.full(3, 10.0)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * np.ones(3) / np.sqrt(3), rtol=1e-5)
+
+
+def test_fsdp_shards_the_largest_axis_it_divides():
+    spec = train_state.param_spec
+    assert spec(np.zeros((64, 256)), 4) == P(None, "fsdp")
+    assert spec(np.zeros((256, 64)), 4) == P("fsdp", None)
+    assert spec(np.zeros((1030, 512)), 4) == P(None, "fsdp")  # 1030 is not a multiple of 4
+    assert spec(np.zeros((3, 5, 1031)), 4) == P()  # no axis divides
+    assert spec(np.zeros((16, 16)), 4) == P()  # small: replicated
+    assert spec(np.zeros((64, 256)), 1) == P()
 
 
 def test_cosine_without_warmup_starts_at_lr_and_a_whole_run_warmup_is_warned(caplog):

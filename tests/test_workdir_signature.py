@@ -411,3 +411,30 @@ def test_select_seed_minus_one_is_the_global_seed():
 
 def test_a_value_not_recorded_is_said_unset():
     assert signature.describe({"distill.seed": (None, 1)}) == "distill.seed: unset -> 1"
+
+
+def test_a_recorded_value_of_an_added_key_is_compared_as_recorded():
+    """`ADDED_KEYS` stand in only where a signature has no value: a workdir recorded with
+    score.filter_over='all' is reused with 'all' and refused with 'selected'."""
+    recorded = {"score.filter_over": "all", "score.keep_fraction": 0.5}
+    assert signature.differences(recorded, dict(recorded), known_only=True) == {}
+    now = dict(recorded, **{"score.filter_over": "selected"})
+    assert signature.differences(recorded, now, known_only=True) == {
+        "score.filter_over": ("all", "selected")
+    }
+
+
+def test_a_fingerprint_only_one_side_has_is_a_change():
+    """A signature recorded without the training-data fingerprint does not match one with
+    it, even where only the keys both name are compared: the data it was made from is
+    unknown."""
+    have = {"select.target": 0.5}
+    want = {"select.target": 0.5, "train_data.pairs": 3, "train_data.sha256": "ab" * 32}
+    diff = signature.differences(have, want, known_only=True)
+    assert diff == {
+        "train_data.pairs": (None, 3),
+        "train_data.sha256": (None, "ab" * 32),
+    }
+    assert signature.describe(diff) == (
+        "training data changed (none recorded -> 3 pairs, sha256 abababababab)"
+    )

@@ -45,8 +45,13 @@ def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
                     ) from None
             else:
                 cfg[key] = value
-        else:
+        elif defaults[part] is None or isinstance(defaults[part], bool):
             cfg[part] = True
+        else:  # `n` alone for n=3 read as n=True (1): a value is needed
+            raise ConfigError(
+                f"config argument {part!r} in {arg!r} takes a value: {part}=<"
+                f"{type(defaults[part]).__name__}>"
+            )
     return cfg
 
 
