@@ -68,6 +68,20 @@ def test_truncation_keeps_sep(encoder):
     assert len(ids) == encoder.max_len and ids[0] == 101 and ids[-1] == 102
 
 
+def test_texts_at_max_len_and_at_a_bucket_length_are_embedded(encoder):
+    """A text cut to exactly max_len tokens (the last bucket) and one of exactly a bucket
+    length get the model's embedding of their own tokens, not a row left at zero."""
+    texts = ["word " * 200, "a b c d e f", "a red ball"]
+    ids = encoder.tokenize(texts)
+    assert [len(t) for t in ids[:2]] == [encoder.max_len, 8]
+    emb = encoder.embed(texts)
+    model = load_bert()
+    for row, tokens in zip(emb, ids, strict=True):
+        mask = jnp.ones((1, len(tokens)), jnp.int32)
+        want = pool(model(jnp.asarray([tokens]), mask), mask, "mean")
+        np.testing.assert_allclose(row, np.asarray(want)[0], atol=1e-4)
+
+
 def test_embed_cached(encoder, reference, tmp_path, monkeypatch):
     sentences = [str(s) for s in reference["sentences"]][:3]
     first = encoder.embed_cached(sentences, tmp_path)
@@ -98,6 +112,18 @@ def test_embed_cached(encoder, reference, tmp_path, monkeypatch):
         encoder.cache_key(["a", "b c"]),
     }
     assert len(keys) == 6
+
+
+def test_cache_key_depends_on_pooling_and_max_len(encoder):
+    """CLS and mean pooling, or texts cut at another max_len, are other embeddings."""
+    import copy
+
+    keys = {encoder.cache_key(["a"])}
+    for attr, value in (("pooling", "cls"), ("max_len", 32)):
+        other = copy.copy(encoder)
+        setattr(other, attr, value)
+        keys.add(other.cache_key(["a"]))
+    assert len(keys) == 3
 
 
 def test_weights_saved_over_the_same_folder_are_another_cache_key(encoder, tmp_path):
@@ -238,6 +264,20 @@ def test_load_rejects_missing_weights(tmp_path):
         load_bert(tmp_path)
 
 
+def test_load_rejects_other_activations_and_position_embeddings(tmp_path):
+    """A BERT whose config asks for what this encoder does not compute (tanh GELU, relative
+    positions) is refused, not loaded into the exact-GELU / absolute-position network."""
+    _tiny_checkpoint(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value, match in (
+        ("hidden_act", "gelu_new", "hidden_act 'gelu_new' is not 'gelu'"),
+        ("position_embedding_type", "relative_key", "only absolute position embeddings"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=match):
+            load_bert(tmp_path)
+
+
 def test_a_bert_folder_without_tokenizer_json_uses_its_vocab(reference, tmp_path):
     """Older BERT folders ship vocab.txt (+ tokenizer_config.json), no tokenizer.json."""
     from tldr_jax.data.tokenizer import load_tokenizer
@@ -268,6 +308,12 @@ def test_a_bert_folder_without_tokenizer_json_uses_its_vocab(reference, tmp_path
     )
     cased = load_tokenizer(str(folder))
     assert cased.encode_batch(["Cat"], 8)[0].tolist() != cased.encode_batch(["cat"], 8)[0].tolist()
+    # without a tokenizer_config.json, BERT's default: lower case
+    (folder / "tokenizer_config.json").unlink()
+    uncased = load_tokenizer(str(folder))
+    np.testing.assert_array_equal(
+        uncased.encode_batch(["Cat"], 8)[0], uncased.encode_batch(["cat"], 8)[0]
+    )
     from tldr_jax.config_check import ConfigError
 
     with pytest.raises(ConfigError, match="text.max_len=513: must be <= 512"):

@@ -83,8 +83,13 @@ def test_kv_cache_logits_equal_full_forward(setup):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-def _manual_greedy(decoder, image, prompt, max_len):
-    """Greedy by re-running the full decoder on [bos] + prompt + generated, step by step.
+def _greedy_select(logits, t):
+    return jnp.argmax(logits, -1)
+
+
+def _manual_decode(decoder, image, prompt, max_len, select=_greedy_select):
+    """Greedy (or `select(logits, t)`) by re-running the full decoder on [bos] + prompt +
+    generated, step by step.
 
     The buffer has a fixed length (one compile); causality makes the unused tail irrelevant.
     """
@@ -95,7 +100,7 @@ def _manual_greedy(decoder, image, prompt, max_len):
     done = np.zeros(b, bool)
     for t in range(max_len):
         logits = _forward(decoder, jnp.asarray(seq), image)[:, start + t - 1]
-        nxt = np.where(done, PAD, np.asarray(jnp.argmax(logits, -1)))
+        nxt = np.where(done, PAD, np.asarray(select(logits, t)))
         out[:, t] = seq[:, start + t] = nxt
         done |= nxt == EOS
     return out
@@ -103,7 +108,7 @@ def _manual_greedy(decoder, image, prompt, max_len):
 
 def test_greedy_with_prompt_matches_manual_decoding(setup):
     decoder, image, greedy = setup
-    np.testing.assert_array_equal(greedy, _manual_greedy(decoder, image, PROMPT, MAX_LEN))
+    np.testing.assert_array_equal(greedy, _manual_decode(decoder, image, PROMPT, MAX_LEN))
     # Rows end at their first EOS and are padded after it; some rows end early.
     for row in greedy:
         eos = np.flatnonzero(row == EOS)
@@ -161,6 +166,21 @@ def test_nucleus_with_tiny_top_p_is_greedy_and_seeded(setup):
     c = gen.generate(decoder, image, PROMPT, rng=jax.random.key(4), **kw)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_nucleus_draws_step_t_with_key_t_at_the_temperature(setup):
+    """Step t samples softmax(logits / temperature) within the top_p nucleus with the key
+    fold_in(rng, t): replayed by hand on full forwards."""
+    decoder, image, _ = setup
+    key, top_p, temperature = jax.random.key(5), 0.9, 0.5
+    kw = _kw(method="nucleus", top_p=top_p, temperature=temperature)
+    got = gen.generate(decoder, image, PROMPT, rng=key, **kw)
+
+    def sample(logits, t):
+        logits = gen.top_p_filter(logits / temperature, top_p)
+        return jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1)
+
+    np.testing.assert_array_equal(got, _manual_decode(decoder, image, PROMPT, MAX_LEN, sample))
 
 
 def test_top_p_filter_keeps_smallest_nucleus():
@@ -257,6 +277,16 @@ def test_plain_captioner_loss_skips_prompt():
     np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
+def _constant_stepper(first, later):
+    """Next-token logits `first` after the prefix and `later` after every token."""
+    return gen._Stepper(
+        prefill=lambda prefix: (jnp.tile(first, (prefix.shape[0], 1)), jnp.zeros(prefix.shape[0])),
+        step=lambda carry, token: (jnp.tile(later, (token.shape[0], 1)), carry + 1),
+        repeat=lambda carry, k: jnp.repeat(carry, k, axis=0),
+        gather=lambda carry, idx: carry[idx],
+    )
+
+
 def test_beam_length_penalty_trades_log_prob_for_length():
     """A two-token world with fixed next-token odds: [EOS] has log p = log .45 = -0.80,
     [A, EOS] log .55 + log .7 = -0.95. With length_penalty 0 (sum of log p) the short one
@@ -265,15 +295,26 @@ def test_beam_length_penalty_trades_log_prob_for_length():
     first = jnp.log(jnp.array([0.0, 0.45, 0.55]))
     later = jnp.log(jnp.array([0.0, 0.7, 0.3]))
 
-    stepper = gen._Stepper(
-        prefill=lambda prefix: (jnp.tile(first, (prefix.shape[0], 1)), jnp.zeros(prefix.shape[0])),
-        step=lambda carry, token: (jnp.tile(later, (token.shape[0], 1)), carry + 1),
-        repeat=lambda carry, k: jnp.repeat(carry, k, axis=0),
-        gather=lambda carry, idx: carry[idx],
-    )
+    stepper = _constant_stepper(first, later)
     prefix = jnp.zeros((2, 1), jnp.int32)
     kw = dict(beam_size=2, max_len=4, min_len=0, eos_id=eos, pad_id=pad)
     short = gen._beam_search(stepper, prefix, length_penalty=jnp.float32(0.0), **kw)
     long = gen._beam_search(stepper, prefix, length_penalty=jnp.float32(1.0), **kw)
     assert np.asarray(short).tolist() == [[eos, pad, pad, pad]] * 2
     assert np.asarray(long).tolist() == [[a, eos, pad, pad]] * 2
+
+
+def test_min_len_forbids_eos_for_exactly_min_len_tokens():
+    """EOS, always the likeliest token, comes at position min_len (0-based) in greedy and beam
+    decoding: min_len generated tokens before it, none more."""
+    pad, eos, a = 0, 1, 2
+    logits = jnp.log(jnp.array([0.0, 0.6, 0.4]))
+    stepper = _constant_stepper(logits, logits)
+    prefix = jnp.zeros((2, 1), jnp.int32)
+    for min_len in (0, 1, 3):
+        want = [[a] * min_len + [eos] + [pad] * (4 - min_len)] * 2
+        kw = dict(max_len=5, min_len=min_len, eos_id=eos, pad_id=pad)
+        greedy = gen._sample_loop(stepper, prefix, lambda logits, t: jnp.argmax(logits, -1), **kw)
+        beam = gen._beam_search(stepper, prefix, beam_size=1, length_penalty=jnp.float32(1.0), **kw)
+        assert np.asarray(greedy).tolist() == want, min_len
+        assert np.asarray(beam).tolist() == want, min_len

@@ -200,6 +200,16 @@ def test_vit_tokens_and_cls(encoders):
     np.testing.assert_allclose(tokens.var(-1), 1.0, atol=1e-3)
 
 
+def test_vit_feature_depends_on_patch_positions(encoders):
+    """Learned position embeddings: the same patches in another order give another CLS feature
+    (self-attention alone is blind to the order of its tokens)."""
+    _, apply, params = encoders["vit"]
+    x = images(2, 32, seed=6)
+    swapped = x.at[:, :8, :8].set(x[:, 24:, 24:]).at[:, 24:, 24:].set(x[:, :8, :8])
+    pure = fast_jit(apply, params, x)
+    assert float(jnp.abs(pure(params, swapped) - pure(params, x)).max()) > 1e-3
+
+
 def test_vit_b16_224_shapes_without_running():
     model = nnx.eval_shape(lambda: vit_b16_224(rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)

@@ -153,3 +153,29 @@ def test_quantizer_module_forms_and_state():
     used = np.unique(np.asarray(idx))
     # Used codes follow the EMA rule; none of them is dead (count >= 0.5 >= threshold).
     np.testing.assert_allclose(np.asarray(ema.codebook[...])[used], want[used], rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["legacy", "standard"])
+def test_quantizer_loss_is_vq_loss_on_the_raw_codes_with_its_beta(form):
+    """The module's loss is `vq_loss` of its own beta on the gathered codes (not on the
+    straight-through output, through which the codebook would get no gradient): same value,
+    same gradients to the encoder output and to the codebook."""
+    z = jax.random.normal(jax.random.key(4), (2, 3, 4))
+    quantizer = vq.VectorQuantizer(8, 4, beta=0.7, loss_form=form, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(quantizer)
+    codebook = quantizer.codebook[...]
+    idx = vq.nearest_codes(z, codebook)
+
+    def module_loss(state, z):
+        return nnx.merge(graphdef, state)(z, train=True)[2]["loss"]
+
+    def reference(codebook, z):
+        return vq.vq_loss(z, jnp.take(codebook, idx, axis=0), 0.7, form)
+
+    got, (g_state, g_z) = jax.value_and_grad(module_loss, (0, 1))(state, z)
+    want, (w_codebook, w_z) = jax.value_and_grad(reference, (0, 1))(codebook, z)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(g_z, w_z, rtol=1e-5, atol=1e-7)
+    (g_codebook,) = jax.tree.leaves(g_state)
+    assert float(jnp.abs(w_codebook).sum()) > 0
+    np.testing.assert_allclose(g_codebook, w_codebook, rtol=1e-5, atol=1e-7)
