@@ -120,6 +120,12 @@ def test_compress_outputs(clean_run):
     # The comparison's arms: the TL;DR subset and a random subset of the same size.
     ret = summary["retrieval"]
     assert (ret["full"]["pairs"], ret["tldr"]["pairs"], ret["random"]["pairs"]) == (192, 48, 48)
+    # budget "steps" (tiny's): every arm trains the full set's number of optimizer steps
+    assert ret["budget"] == "steps"
+    assert ret["tldr"]["steps"] == ret["random"]["steps"] == ret["full"]["steps"] > 0
+    for name in ("full", "tldr", "random"):
+        arm = ret[name]
+        assert arm["mean_r1"] == pytest.approx((arm["tr_r1"] + arm["ir_r1"]) / 2)
     # The report's world composition is what the kept rows' labels say (read by the test only).
     labels = json.loads((w / "world" / "labels.json").read_text())
 

@@ -95,6 +95,7 @@ def test_a_resumed_run_summarises_its_log_window_as_an_uninterrupted_one(
     config, full_dir, _ = trained
     config = config.copy_and_resolve_references()
     config.captioner.train.log_every = 3  # one window: all three steps
+    config.captioner.train.update(ckpt_every=1, keep=1)  # only the latest checkpoint stays
     monkeypatch.setattr(preemption, "agreed", lambda: True)
     with pytest.raises(preemption.Preempted, match="step 1"):
         captioner_stage.run(config, str(tmp_path))
@@ -105,6 +106,8 @@ def test_a_resumed_run_summarises_its_log_window_as_an_uninterrupted_one(
     rows = (full_dir / "metrics" / "train-captioner.csv").read_text().splitlines()[1:]
     per_step = {int(r.split(",")[0]): float(r.split(",")[2]) for r in rows if ",loss," in r}
     assert summary["final_loss"] == pytest.approx(np.mean([per_step[s] for s in (1, 2, 3)]))
+    ckpts = tmp_path / "train-captioner" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["3"]
 
 
 def test_chunk_plan_partitions_rows():
@@ -204,6 +207,8 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     monkeypatch.setattr(caption_stage, "generate_texts", fail)
     again = caption_stage.run(config, str(workdir))
     assert again["resumed_from"] == 3 and again["rows_captioned"] == 11
+    # A finished model's rerun summarises the training it restored, not an empty window.
+    assert again["final_loss"] == summary["final_loss"] is not None
 
     # Each kept id gets the caption generated from its own image (ids in any order).
     def image_name(images):
@@ -217,6 +222,15 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     generated = json.loads((workdir / "caption" / "generated.json").read_text())
     row = {sid: i for i, sid in enumerate(train.ids)}
     assert generated == {i: image_name(train.images[[row[i]]])[0] for i in kept.tolist()}
+
+    # A generated.json that misses some kept ids is not taken as done: all are generated.
+    io.write_json(workdir / "caption" / "generated.json", {kept[0]: "stale"})
+    caption_stage.run(config, str(workdir))
+    again = json.loads((workdir / "caption" / "generated.json").read_text())
+    assert again == generated
+    # One that holds ids beyond the kept ones is reused; only the kept ids are counted.
+    io.write_json(workdir / "caption" / "generated.json", {**generated, "not-kept": "x"})
+    assert caption_stage.run(config, str(workdir))["rows_captioned"] == 11
 
 
 def test_generate_texts_returns_each_images_caption_in_order(monkeypatch):
@@ -347,3 +361,121 @@ def test_recall_plot_draws_each_arms_own_recalls(tmp_path, monkeypatch):
         for name, r in retrieval.items()
     ]
     assert (tmp_path / "recall.png").stat().st_size > 1000
+
+
+def _write_inputs(workdir, config):
+    """select/score/caption outputs for `write` on the tiny world: 6 kept rows in score's
+    order; generated captions for 4 of them, one empty and one missing."""
+    from tldr_jax.compress import write
+
+    train = load_train(config)
+    kept = [train.ids[i] for i in (7, 2, 11, 5, 30, 19)]
+    io.write_npz(
+        workdir / "select" / "clusters.npz",
+        ids=np.array(train.ids),
+        assignments=np.arange(len(train)) % 5,
+    )
+    io.write_npz(
+        workdir / "score" / "kept.npz", ids=np.array(kept), scores=np.linspace(0.9, 0.4, 6)
+    )
+    generated = {sid: f"a picture of row {sid}" for sid in kept[:4]}
+    generated[kept[1]] = ""  # an empty generation
+    io.write_json(workdir / "caption" / "generated.json", generated)
+    return write, train, kept, generated
+
+
+def test_write_manifest_keeps_originals_and_clusters_by_id(tmp_path):
+    """append: original + "; " + generated; a kept row whose generation is empty or missing
+    keeps its original caption alone. The manifest says each row's cluster (looked up by
+    id), score, original and generated caption; the summary counts the rows without one."""
+    config = tldr_config.get_config("tiny")
+    write, train, kept, generated = _write_inputs(tmp_path, config)
+    summary = write.run(config, str(tmp_path))
+    row = {sid: i for i, sid in enumerate(train.ids)}
+    original = {sid: train.captions[row[sid]][0] for sid in kept}
+    entries = io.read_json(tmp_path / "compress" / "train.json")
+    manifest = io.read_json(tmp_path / "compress" / "manifest.json")
+    want = [
+        f"{original[sid]}; {generated[sid]}" if generated.get(sid) else original[sid]
+        for sid in kept
+    ]
+    assert [e["caption"] for e in entries] == want
+    assert [e["image"] for e in entries] == [train.image_keys[row[sid]] for sid in kept]
+    assert manifest["mode"] == "append"
+    assert [m["id"] for m in manifest["rows"]] == kept
+    assert [m["cluster"] for m in manifest["rows"]] == [row[sid] % 5 for sid in kept]
+    assert [m["original"] for m in manifest["rows"]] == [original[sid] for sid in kept]
+    assert [m["generated"] for m in manifest["rows"]] == [generated.get(sid) for sid in kept]
+    assert summary["kept_rows"] == 6 and summary["kept_without_generated_caption"] == 3
+    assert summary["left_out_without_generated_caption"] == 0
+
+    # replace: the generated caption alone, the original where there is none
+    config.write.mode = "replace"
+    write.run(config, str(tmp_path))
+    entries = io.read_json(tmp_path / "compress" / "train.json")
+    assert [e["caption"] for e in entries] == [generated.get(sid) or original[sid] for sid in kept]
+
+
+def test_write_generated_mode_counts_only_rows_written(tmp_path):
+    """generated: rows without a generated caption are left out and every count of the
+    summary (rows, fraction, images) is of the rows written."""
+    config = tldr_config.get_config("tiny")
+    config.write.mode = "generated"
+    write, train, kept, generated = _write_inputs(tmp_path, config)
+    summary = write.run(config, str(tmp_path))
+    entries = io.read_json(tmp_path / "compress" / "train.json")
+    have = [sid for sid in kept if generated.get(sid)]
+    assert [e["caption"] for e in entries] == [generated[sid] for sid in have]
+    assert summary["left_out_without_generated_caption"] == 3
+    assert summary["kept_rows"] == len(entries) == 3
+    assert summary["fraction"] == pytest.approx(3 / len(train))
+    assert summary["kept_images"] == len({e["image"] for e in entries})
+    assert summary["kept_without_generated_caption"] == 0
+
+
+def test_compress_cache_is_the_users_cache_dir_or_the_workdirs(tmp_path):
+    from tldr_jax.compress.common import shared_cache
+
+    config = tldr_config.get_config("tiny")
+    assert shared_cache(config, tmp_path).cache_dir == str(tmp_path / "cache")
+    config.cache_dir = str(tmp_path / "mine")
+    assert shared_cache(config, tmp_path / "w").cache_dir == str(tmp_path / "mine")
+
+
+def test_caption_set_is_read_from_caption_image_root():
+    """caption.data's relative image paths resolve against caption.image_root, not the
+    training set's data.image_root (which the config itself keeps)."""
+    config = tldr_config.get_config("tiny")
+    config.data.image_root = "/train-images"
+    assert caption_stage.caption_data_config(config).image_root == "/train-images"  # world
+    config.caption.data = "/coco/karpathy.json"
+    config.caption.image_root = "/coco-images"
+    assert caption_stage.caption_data_config(config).image_root == "/coco-images"
+    assert config.data.image_root == "/train-images"
+
+
+def test_nucleus_draws_depend_on_the_global_row_not_the_process(monkeypatch):
+    """The sampling key of a batch is folded with its first global row: the second
+    process's slice (row_offset 8) draws what a single process draws for those rows."""
+    from types import SimpleNamespace
+
+    keys = []
+
+    def fake_generate(model, x, prompt_ids, rng=None, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(rng)).tolist())
+        return np.zeros((x.shape[0], 2), np.int32)
+
+    monkeypatch.setattr(caption_stage, "generate_captions", fake_generate)
+    tokenizer = SimpleNamespace(cls_id=1, sep_id=2, pad_id=0, decode_batch=lambda t: [""] * len(t))
+    cap = ml_collections.ConfigDict(
+        dict(batch_size=8, method="nucleus", max_len=2, beam_size=1, top_p=0.9, temperature=1.0)
+    )
+    images = np.zeros((16, 4, 4, 3), np.uint8)
+    caption_stage.generate_texts(None, images, np.array([5]), tokenizer, cap, seed=3)
+    whole = list(keys)
+    keys.clear()
+    caption_stage.generate_texts(
+        None, images[8:], np.array([5]), tokenizer, cap, seed=3, row_offset=8
+    )
+    assert len(whole) == 2 and whole[0] != whole[1]
+    assert keys == [whole[1]]

@@ -199,11 +199,12 @@ def plot_samples(
 
 
 def _covers(path: Path, ids: list[str]) -> dict[str, str] | None:
-    """The {id: caption} file at path when it has every id in `ids`, else None."""
+    """The file at path's captions of `ids` ({id: caption}) when it has every one, else
+    None (ids it holds beyond `ids` are not counted as captioned)."""
     if not path.exists():
         return None
     got = io.read_json(path)
-    return got if all(i in got for i in ids) else None
+    return {i: got[i] for i in ids} if all(i in got for i in ids) else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
