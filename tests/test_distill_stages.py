@@ -297,6 +297,107 @@ def test_distill_seed_varies_the_set_on_one_buffer(buffered):
     assert result["distilled"]["num_pairs"] == 8
 
 
+def test_buffer_resumes_inside_an_expert_and_writes_the_same_vectors(buffered):
+    """The last expert stopped after epoch 1 of 2 (its checkpoint at step 1, as a preempted
+    buffer leaves it): the rerun trains only its last epoch, from the epoch-1 snapshot, and
+    writes the uninterrupted run's vectors and per-pair rows; the summary counts the expert
+    epochs done before it, summed over the experts."""
+    from tldr_jax.train.checkpoint import Checkpointer
+
+    config, root, summary = buffered
+    n = summary["train_pairs"]
+    num_params = (summary["num_params"]["img"], summary["num_params"]["txt"])
+    full = _trajectories(config, root / "w", num_params, n)
+    workdir = root / "mid_expert"
+    shutil.copytree(root / "w", workdir)
+    last = EXPERTS - 1
+    traj, extra, _ = full[last]
+    cut = {k: v.copy() for k, v in traj.items()}
+    for v in cut.values():
+        v[2:] = 0  # rows past the step are still zero
+    shutil.rmtree(et.expert_dir(workdir, last))
+    ckpt = Checkpointer(et.expert_dir(workdir, last), max_to_keep=1)
+    ckpt.save(1, cut, extra={"recall": extra["recall"][:2], "loss": 1.0})
+    ckpt.close()
+    rerun = run_stage("buffer", config, str(workdir))
+    assert rerun["trained_epochs_this_run"] == 1
+    assert rerun["resumed_from"] == EXPERTS * EPOCHS - 1
+    resumed = _trajectories(config, workdir, num_params, n)
+    for (a, _, _), (b, extra_b, done) in zip(full, resumed, strict=True):
+        assert done == EPOCHS and len(extra_b["recall"]) == EPOCHS + 1
+        for key in ("img", "txt", "correct"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_buffer_pairs_left_out_of_an_epoch_keep_their_correct_value(buffered, monkeypatch):
+    """200 pairs at batch 64: each epoch trains 3 batches and leaves 8 pairs out; their
+    "correct" row keeps the previous epoch's value (the forgetting coreset reads it). Here
+    every fed pair is reported retrieved, so row k + 1 is row k with the fed pairs set."""
+    config, root, _ = buffered
+    real = et.make_trainer
+
+    def always_retrieved(*args, **kwargs):
+        train = real(*args, **kwargs)
+
+        def run(*a, **k):
+            theta, state, loss, correct = train(*a, **k)
+            return theta, state, loss, np.ones_like(correct)
+
+        return run
+
+    monkeypatch.setattr(et, "make_trainer", always_retrieved)
+    c = config.copy_and_resolve_references()
+    c.buffer.num_experts = 1
+    summary = run_stage("buffer", c, str(root / "carry"))
+    n, batch = summary["train_pairs"], summary["batch_size"]
+    num_params = (summary["num_params"]["img"], summary["num_params"]["txt"])
+    traj, _, done = et.load_expert(root / "carry", 0, EPOCHS, num_params, n)
+    assert done == EPOCHS and not traj["correct"][0].any()
+    for epoch in range(EPOCHS):
+        fed = et.epoch_batches(n, batch, int(c.seed), 0, epoch).ravel()
+        assert n - len(fed) == 8
+        want = traj["correct"][epoch].copy()
+        want[fed] = True
+        np.testing.assert_array_equal(traj["correct"][epoch + 1], want)
+    # (the last epoch's left-out pairs were fed the epoch before: True carried over)
+    assert traj["correct"][EPOCHS][np.setdiff1d(np.arange(n), fed)].any()
+
+
+def test_trainer_marks_pairs_retrieved_at_rank_1_both_ways_in_their_minibatch(tmp_path):
+    """make_trainer's per-pair flag: image -> text AND text -> image argmax inside the fed
+    minibatch, one column per row of batch_idx in its order (lr 0: the model stays put)."""
+    import optax
+
+    from tldr_jax.train.losses import l2_normalize
+    from tldr_jax.utils.mesh import make_mesh
+
+    config = tiny_config(tmp_path)
+    dim, n, batch, steps = 12, 32, 8, 6
+    student = et.build_student(config, dim)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+    texts = rng.normal(size=(n, dim)).astype(np.float32)
+    idx = np.stack([rng.permutation(n)[:batch] for _ in range(steps)]).astype(np.int32)
+    keys = jax.random.split(jax.random.key(0), steps)
+    tx = optax.sgd(0.0)
+    trainer = et.make_trainer(student, make_mesh(), batch, tx, tx, dropout=False)
+    theta = et.init_params(config, dim, 5)
+    state = (tx.init(theta[0]), tx.init(theta[1]))
+    _, _, _, correct = trainer(theta, state, images, texts, idx, keys)
+    img, txt = student.apply(theta[0], theta[1], images, texts)
+    img, txt = np.asarray(l2_normalize(img)), np.asarray(l2_normalize(txt))
+    i2t, t2i = [], []
+    for rows in idx:
+        sim = img[rows] @ txt[rows].T
+        i2t.append(sim.argmax(1) == np.arange(batch))
+        t2i.append(sim.argmax(0) == np.arange(batch))
+    i2t, t2i = np.array(i2t), np.array(t2i)
+    assert correct.shape == (steps, batch) and correct.dtype == bool
+    np.testing.assert_array_equal(correct, i2t & t2i)
+    # Pairs retrieved one way only exist here, so "either way" would show.
+    assert (i2t ^ t2i).any() and (i2t & t2i).any()
+
+
 def test_changed_data_or_recipe_is_refused(buffered):
     config, root, _ = buffered
     workdir = root / "w"
@@ -315,6 +416,11 @@ def test_changed_data_or_recipe_is_refused(buffered):
     changed = r"training data changed \(200 pairs, sha256 \w+ -> 150 pairs"
     with pytest.raises(ValueError, match=changed):
         run_stage("distill", other, str(workdir))
+    # The expert recipe binds as a whole: another batch size trains other experts.
+    smaller = config.copy_and_resolve_references()
+    smaller.buffer.batch_size = 32
+    with pytest.raises(ValueError, match=r"\(buffer.batch_size: 64 -> 32\)"):
+        run_stage("buffer", smaller, str(workdir))
 
 
 def test_a_diverging_expert_stops_the_buffer_with_a_clear_error(tmp_path):

@@ -21,6 +21,9 @@ def test_hugepage_env_adds_the_tunable_where_it_pays_off():
     # The user's other tunables are kept, ours appended.
     env = hostenv.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **HOST)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    # glibc 2.35 is the first with the tunable.
+    env = hostenv.hugepage_env({}, **(HOST | {"glibc": (2, 35)}))
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 @pytest.mark.parametrize(

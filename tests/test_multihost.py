@@ -71,6 +71,37 @@ def pretrain_runs(tmp_path_factory):
     return base
 
 
+def test_initialize_explicit_arguments_win_and_one_process_stays_local(monkeypatch):
+    """dist.initialize: arguments over TLDR_* variables; the runtime only for > 1 process
+    (one process with a coordinator, or a one-task SLURM job, runs without it); once."""
+    import jax
+
+    from tldr_jax.utils import dist
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    monkeypatch.setattr(dist, "_initialized", False)
+    for key in ("TLDR_COORDINATOR", "TLDR_NUM_PROCESSES", "TLDR_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    monkeypatch.delenv("CLOUD_TPU_TASK_ID", raising=False)
+    dist.initialize("localhost:1234", 1, 0)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    dist.initialize()
+    assert calls == [] and not dist._initialized
+    monkeypatch.delenv("SLURM_NTASKS")
+    env = {"TLDR_COORDINATOR": "env:1", "TLDR_NUM_PROCESSES": "4", "TLDR_PROCESS_ID": "3"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dist.initialize("host:2", 2, 1)
+    dist.initialize()  # initialised already: nothing
+    assert calls == [{"coordinator_address": "host:2", "num_processes": 2, "process_id": 1}]
+    monkeypatch.setattr(dist, "_initialized", False)
+    dist.initialize()
+    assert calls[-1] == {"coordinator_address": "env:1", "num_processes": 4, "process_id": 3}
+
+
 def test_two_processes_pretrain_equals_one(pretrain_runs):
     one = json.loads((pretrain_runs / "one" / "pretrain.json").read_text())
     two = json.loads((pretrain_runs / "two" / "pretrain.json").read_text())

@@ -34,6 +34,24 @@ def test_same_seed_same_world_other_seed_other_world():
     assert [r.captions for r in d.train] == [r.captions for r in a.train]
 
 
+def test_test_and_clean_splits_are_scenes_of_their_own():
+    # Equal sizes, so a split drawn from the other's stream would repeat it image for image.
+    w = world_lib.make_world(world_config(**{**SMALL, "num_test": 5, "num_clean": 5}))
+    for t in w.test:
+        assert not any(np.array_equal(t.image, c.image) for c in w.clean)
+    test_caps = {c for r in w.test for c in r.captions}
+    assert not test_caps & {c for r in w.clean for c in r.captions}
+
+
+def test_caption_noise_swaps_or_drops_words_but_never_empties_a_caption():
+    rng = np.random.default_rng(0)
+    caption = "a red circle"
+    assert world_lib.corrupt(caption, 0.0, rng) == caption
+    for _ in range(200):  # p = 1: every word dropped or swapped; all dropped: the first word
+        noisy = world_lib.corrupt(caption, 1.0, rng).split()
+        assert noisy == ["a"] or (noisy and set(noisy) <= set(world_lib._NOISE_WORDS))
+
+
 def test_shapes_ids_and_label_fractions():
     w = world_lib.make_world(world_config(**SMALL, misaligned=0.25, duplicates=0.2))
     assert len(w.train) == 60 and len(w.test) == 6 and len(w.clean) == 5
