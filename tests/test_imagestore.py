@@ -265,3 +265,18 @@ def test_a_killed_decodes_cache_temporary_is_removed_by_the_next(tmp_path):
     imagestore.MemmapStore(str(tmp_path), "train-abc", 8)
     assert not os.path.exists(stale) and os.path.exists(live)
     assert os.path.exists(remote) and os.path.exists(other_ns)
+
+
+def test_a_grouped_test_image_keeps_its_first_rows_id_and_image(tmp_path):
+    """Rows of one image given together (`a a b`): each group is its first row, not the row
+    at the group's number."""
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        _png(tmp_path / "img" / f"{i}.png", i)
+    lines = ["a first\timg/0.png", "a second\timg/0.png", "b only\timg/1.png"]
+    (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n")
+    ds = load_set(str(tmp_path / "t.tsv"), _cfg(), "test")
+    assert ds.ids == ["t:1", "t:3"] and ds.image_keys == ["img/0.png", "img/1.png"]
+    assert ds.captions == [["a first", "a second"], ["b only"]]
+    want = images_lib.decode_image(str(tmp_path / "img" / "1.png"), 8)
+    np.testing.assert_array_equal(ds.images[1], want)

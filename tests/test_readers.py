@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -677,6 +678,8 @@ def test_tfds_source(tmp_path):
 
     recs = read_records("tfds:tiny_captions:train", str(tmp_path), Skips())
     assert all(isinstance(r.image, TfdsImage) for r in recs)
+    default = read_records("tfds:tiny_captions", str(tmp_path), Skips())  # the train split
+    assert [r.sample_id for r in default] == [r.sample_id for r in recs]
     assert recs[0].image.read() == _encode(_image(int(recs[0].sample_id) - 100))
     assert sorted(ds.ids) == ["100", "101", "102", "103"]
     assert ds.skipped["non_utf8"] == 1 and ds.captions_dropped == 1
@@ -1092,6 +1095,7 @@ def test_shards_in_subfolders_are_read_in_path_order(tmp_path):
     _write_shard(root / ".hidden" / "00000.tar", {"x": {"png": b"", "txt": b"no"}})
     ds = load_set(str(root), _cfg(cache_dir=str(tmp_path / "cache")), "train")
     assert ds.ids == [f"part-{p}/00000/00000000{k}" for p in (0, 1) for k in (0, 1)]
+    assert ds.rows_read == 4 and sum(ds.skipped.values()) == 0  # nothing read from .hidden
     assert ds.image_keys[2] == "part-1/00000.tar/000000000.png"
     for i in range(4):
         np.testing.assert_array_equal(ds.images[i], _resized(i))
@@ -1765,6 +1769,10 @@ def test_each_of_several_inputs_can_have_its_own_image_root(tmp_path):
     (tmp_path / "empty.tsv").write_text("")
     with pytest.raises(InputError, match=r"empty\.tsv: no usable rows .*: it has no rows"):
         load_set(f"{tmp_path}/empty.tsv,{cc}/cc.tsv", _cfg(), "train")
+    # the message names the root the lost input's paths were joined with, not the first
+    own = re.escape(f"joined with the image root {str(tmp_path)!r}")
+    with pytest.raises(InputError, match=r"cc\.tsv: no usable rows .*" + own):
+        load_set(spec, _cfg(image_root=f"{coco},{tmp_path}"), "train")
     with pytest.raises(InputError, match="names 3 roots for 2 input"):
         load_set(spec, _cfg(image_root=f"{coco},,"), "train")
     assert "inputs" not in data_counts(load_set(f"{cc}/cc.tsv", _cfg(), "train"))
@@ -1880,3 +1888,107 @@ def test_webdataset_samples_without_an_image_say_why(tmp_path):
         _add(tar, "000000002.png", _encode(_image(2)))
     with pytest.raises(BadRowError, match=r"row 000000002: missing_image .*not consecutive"):
         read_records(str(tmp_path / "00001.tar"), "", Skips(strict=True))
+
+
+def test_headers_and_extensions_in_any_case_and_json_files_found_by_their_content(tmp_path):
+    """`Image_Path<TAB>Caption` / `FilePath,Title` headers and `.CSV` files (Windows and
+    pandas exports) read as lower-case ones; a file with another extension holding JSON
+    lines (`.ndjson`), and a .json file of one pretty-printed object, read as JSON."""
+    names = _write_images(tmp_path, 2)
+    (tmp_path / "up.tsv").write_text(f"Image_Path\tCaption\n{names[0]}\tA cat\n")
+    (tmp_path / "UP.CSV").write_text(f'FilePath,Title\n{names[1]},"A dog, asleep"\n')
+    lines = [json.dumps({"image": n, "caption": f"cap {i}"}) for i, n in enumerate(names)]
+    (tmp_path / "rows.ndjson").write_text("\n".join(lines) + "\n")
+    one = {"image": names[1], "caption": "Just one.", "id": "x"}
+    (tmp_path / "one.json").write_text(json.dumps(one, indent=2))
+    for name, want in [
+        ("up.tsv", [("up:2", ("a cat",), names[0])]),
+        ("UP.CSV", [("UP:2", ("a dog, asleep",), names[1])]),
+        ("rows.ndjson", [("rows:1", ("cap 0",), names[0]), ("rows:2", ("cap 1",), names[1])]),
+        ("one.json", [("x", ("just one",), names[1])]),
+    ]:
+        skips = Skips()
+        recs = read_records(str(tmp_path / name), "", skips)
+        assert [(r.sample_id, r.captions, r.image_key) for r in recs] == want, name
+        assert skips.total == 0, name
+
+
+def test_image_extensions_in_upper_case_hidden_members_and_compressed_shards(tmp_path):
+    """`KEY.JPG` is a sample's image in a shard and in a folder; macOS `._KEY.png` members
+    are not samples; `.tgz` shards and shards compressed with bzip2 or xz are read."""
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        _add(tar, "0.JPG", _encode(_image(0)))
+        _add(tar, "0.txt", b"upper")
+        _add(tar, "._1.png", b"\x00\x05\x16\x07 AppleDouble")
+        _add(tar, "1.png", _encode(_image(1)))
+        _add(tar, "1.txt", b"one")
+    for k, (name, mode) in enumerate(
+        [("00001.tgz", "w:gz"), ("00002.tar", "w:bz2"), ("00003.tar", "w:xz")], start=2
+    ):
+        with tarfile.open(shards / name, mode) as tar:
+            _add(tar, f"{k}.png", _encode(_image(k)))
+            _add(tar, f"{k}.txt", f"cap {k}".encode())
+    skips = Skips()
+    recs = read_records(str(shards), "", skips)
+    assert [(r.sample_id, r.captions, r.image_key) for r in recs] == [
+        ("00000/0", ("upper",), "00000.tar/0.jpg"),
+        ("00000/1", ("one",), "00000.tar/1.png"),
+        ("00001/2", ("cap 2",), "00001.tgz/2.png"),
+        ("00002/3", ("cap 3",), "00002.tar/3.png"),
+        ("00003/4", ("cap 4",), "00003.tar/4.png"),
+    ]
+    assert skips.total == 0
+    ds = load_set(str(shards), _cfg(), "train")
+    assert ds.rows_read == 5 and sum(ds.skipped.values()) == 0
+    for i in range(5):
+        np.testing.assert_array_equal(ds.images[i], _resized(i))
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "p.JPG").write_bytes(_encode(_image(0)))
+    (folder / "p.txt").write_text("a photo")
+    skips = Skips()
+    recs = read_records(str(folder), "", skips)
+    assert [(r.sample_id, r.captions, r.image_key) for r in recs] == [("p", ("a photo",), "p.JPG")]
+    assert skips.total == 0
+
+
+def test_a_shard_a_pattern_names_twice_is_read_once(tmp_path):
+    root = tmp_path / "wds"
+    root.mkdir()
+    for k in (0, 1):
+        _write_shard(root / f"{k:05d}.tar", {"0": {"png": _encode(_image(k)), "txt": b"c"}})
+    (root / "latest.tar").symlink_to(root / "00000.tar")
+    skips = Skips()
+    recs = read_records(str(root / "{00001.tar,*.tar}"), "", skips)
+    assert [r.sample_id for r in recs] == ["00001/0", "00000/0"] and skips.total == 0
+    # The folder itself: latest.tar is 00000.tar, read once as a glob over it reads it.
+    for name in (str(root), str(root / "*.tar")):
+        assert [r.sample_id for r in read_records(name, "", Skips())] == ["00000/0", "00001/0"]
+
+
+def test_explicit_id_fields_are_taken_sample_id_then_id_then_image_id(tmp_path):
+    names = _write_images(tmp_path, 1)
+    rows = [
+        {"image": names[0], "caption": "a", "id": "c1", "image_id": "im"},
+        {"image": names[0], "caption": "b", "id": "c2", "image_id": "im"},
+        {"image": names[0], "caption": "c", "sample_id": "s", "id": "c3", "image_id": "im"},
+        {"image": names[0], "caption": "d", "image_id": "im"},
+        {"image": names[0], "caption": "e", "id": "", "image_id": 7},
+    ]
+    (tmp_path / "ids.json").write_text(json.dumps(rows))
+    recs = read_records(str(tmp_path / "ids.json"), "", Skips())
+    assert [r.sample_id for r in recs] == ["c1", "c2", "s", "im", "7"]
+
+
+def test_an_input_or_image_root_whose_name_holds_a_comma_is_one(tmp_path):
+    root = tmp_path / "photos, 2024"
+    names = _write_images(root, 2)
+    path = tmp_path / "a,b.tsv"
+    path.write_text(f"one\t{names[0]}\ntwo\t{names[1]}\n")
+    assert readers.split_inputs(str(path)) == [str(path)]
+    assert readers.split_roots(str(root)) == [str(root)]
+    ds = load_set(str(path), _cfg(image_root=str(root)), "train")
+    assert ds.ids == ["a,b:1", "a,b:2"] and ds.captions == [["one"], ["two"]]
+    np.testing.assert_array_equal(ds.images[1], _resized(1))

@@ -921,8 +921,8 @@ def shard_entries(path: str) -> tuple[Path, list[Path | str]]:
     """`shard_listing`'s shards and missing names in one list, in the order the pattern
     names them (a missing shard is its name, a str), so a reader meets a gap where the
     input has it."""
-    if os.path.isdir(path):
-        return Path(path), list(shard_paths(path))
+    if os.path.isdir(path):  # a folder's shards, a symlink to one of them read once too
+        return Path(path), _each_shard_once(list(shard_paths(path)))
     if os.path.isfile(path):  # one shard file
         return Path(os.path.dirname(path) or "."), [Path(path)]
     first = min((i for i in (path.find(c) for c in "{*?[") if i >= 0), default=len(path))
@@ -944,7 +944,12 @@ def shard_entries(path: str) -> tuple[Path, list[Path | str]]:
                 entries.append(Path(f))
             else:
                 raise InputError(f"{path}: {f} is not a .tar / .tar.gz shard")
-    seen: set[str] = set()  # each shard once, where it is first named
+    return root, _each_shard_once(entries)
+
+
+def _each_shard_once(entries: list[Path | str]) -> list[Path | str]:
+    """Each shard once, where it is first named (a pattern naming it twice, a symlink)."""
+    seen: set[str] = set()
     unique: list[Path | str] = []
     for e in entries:
         real = os.path.realpath(e) if isinstance(e, Path) else None
@@ -953,7 +958,7 @@ def shard_entries(path: str) -> tuple[Path, list[Path | str]]:
         if real is not None:
             seen.add(real)
         unique.append(e)
-    return root, unique
+    return unique
 
 
 def _walk_files(folder: str | Path) -> list[Path]:
