@@ -318,3 +318,53 @@ def test_min_len_forbids_eos_for_exactly_min_len_tokens():
         beam = gen._beam_search(stepper, prefix, beam_size=1, length_penalty=jnp.float32(1.0), **kw)
         assert np.asarray(greedy).tolist() == want, min_len
         assert np.asarray(beam).tolist() == want, min_len
+
+
+def test_lm_loss_label_smoothing_spreads_the_target_mass():
+    """label_smoothing a: each counted target is (1 - a) one-hot + a / V uniform."""
+    logits = jax.random.normal(jax.random.key(5), (2, 5, VOCAB))
+    ids = jnp.array([[BOS, 4, 7, EOS, PAD], [BOS, 9, 3, 8, EOS]])
+    mask = (ids != PAD).astype(jnp.int32)
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    terms = []
+    for b, n in ((0, 3), (1, 4)):
+        for i in range(n):
+            target = np.full(VOCAB, 0.1 / VOCAB)
+            target[int(ids[b, i + 1])] += 0.9
+            terms.append(-(target * logp[b, i]).sum())
+    loss, count = lm_loss(logits, ids, mask, label_smoothing=0.1)
+    assert int(count) == 7
+    np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+    assert float(loss) != pytest.approx(float(lm_loss(logits, ids, mask)[0]), rel=1e-3)
+
+
+def test_codebook_captioner_loss_weighs_lm_and_vq_terms():
+    """loss = lm_weight * LM + vq_weight * VQ, each weight on its own term."""
+    model = _codebook_captioner("legacy")
+    model.lm_weight, model.vq_weight = 2.0, 0.25
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    ids = jnp.array([[101 % VOCAB, 4, 9, EOS], [101 % VOCAB, 7, EOS, PAD]])
+    mask = (ids != PAD).astype(jnp.int32)
+    total, metrics = nnx.jit(lambda m: m.loss(images, ids, mask, train=False))(model)
+    assert float(metrics["vq_loss"]) > 0 and float(metrics["lm_loss"]) > 0
+    want = 2.0 * float(metrics["lm_loss"]) + 0.25 * float(metrics["vq_loss"])
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_plain_captioner_feeds_its_decoder_start_token_first():
+    """The first input ([CLS] from the tokenizer) is replaced by `bos_id` before decoding."""
+    rngs = nnx.Rngs(0)
+    encoder = ViT(8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, rngs=rngs)
+    model = Captioner(encoder, _decoder(image_dim=16), bos_id=BOS)
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    ids = jnp.array([[101 % VOCAB, *PROMPT, 9, EOS], [101 % VOCAB, *PROMPT, 11, EOS]])
+    got, want, raw = nnx.jit(
+        lambda m: (
+            m(images, ids),
+            m.decoder(decoder_inputs(ids, BOS), m.image_tokens(images)),
+            m.decoder(ids, m.image_tokens(images)),
+        )
+    )(model)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(got - raw)).max() > 1e-4  # [CLS] (5) is not the start token (1)

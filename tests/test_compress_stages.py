@@ -479,3 +479,70 @@ def test_nucleus_draws_depend_on_the_global_row_not_the_process(monkeypatch):
     )
     assert len(whole) == 2 and whole[0] != whole[1]
     assert keys == [whole[1]]
+
+
+def _run_score(tmp_path, monkeypatch, selected_rows, keep_fraction, over):
+    """`score` on the tiny world with its scorer stubbed: row i's image-text score is
+    `value[i]` (a fixed permutation, so every order is known). -> (summary, values,
+    the histogram's inputs, the training set)."""
+    from tldr_jax.compress import score
+
+    config = tiny_config()
+    config.score.update(keep_fraction=keep_fraction, filter_over=over)
+    config.text.batch_size = 7  # the captions are embedded in text.batch_size batches
+    train = load_train(config)
+    value = np.random.default_rng(0).permutation(len(train)).astype(np.float32) / len(train)
+    n_caps = sum(len(c) for c in train.captions)
+    stub = {"loss_at_chance": False, "steps": 3, "resumed_from": 0, "tr_r1": 1.0, "ir_r1": 2.0}
+    monkeypatch.setattr(score, "make_text_encoder", lambda cfg: None)
+    monkeypatch.setattr(score, "train_and_evaluate", lambda *a, **k: (stub, None))
+    batch_sizes = []
+
+    def embed_captions(encoder, caps, cache_dir, batch_size):
+        batch_sizes.append(batch_size)
+        return np.ones((n_caps, 1))
+
+    monkeypatch.setattr(score, "embed_captions", embed_captions)
+    monkeypatch.setattr(score, "embed_texts", lambda model, emb: np.asarray(emb, np.float32))
+    monkeypatch.setattr(score, "embed_images", lambda model, ds: value[:, None])
+    drawn = []
+    monkeypatch.setattr(score, "plot_score_histogram", lambda *a: drawn.append(a[1:]))
+    io.write_npz(tmp_path / "select" / "selected.npz", ids=np.array(train.ids)[selected_rows])
+    summary = score.run(config, str(tmp_path))
+    assert batch_sizes == [7]
+    return summary, value, drawn, train
+
+
+def test_score_keeps_the_best_fraction_of_the_selected_rows_and_reports_them(tmp_path, monkeypatch):
+    """filter_over=selected: the best round(0.3 x 25) = 8 of select's 25 rows (listed in any
+    order), kept.npz holds their ids and scores; the summary's means and the histogram's
+    three inputs are all rows', the selected rows' and the kept rows'."""
+    selected = np.random.default_rng(1).choice(96, 25, replace=False)
+    summary, value, drawn, train = _run_score(tmp_path, monkeypatch, selected, 0.3, "selected")
+    want = np.sort(selected[np.argsort(-value[selected])[:8]])
+    kept = np.load(tmp_path / "score" / "kept.npz")
+    np.testing.assert_array_equal(kept["ids"], np.array(train.ids)[want])
+    np.testing.assert_allclose(kept["scores"], value[want], rtol=1e-6)
+    scores = np.load(tmp_path / "score" / "scores.npz")
+    np.testing.assert_allclose(scores["scores"], value, rtol=1e-6)
+    assert (summary["input_rows"], summary["selected_rows"], summary["kept_rows"]) == (96, 25, 8)
+    assert summary["filter_over"] == "selected" and summary["keep_fraction"] == 0.3
+    assert summary["score_mean_all"] == pytest.approx(value.mean(), rel=1e-5)
+    assert summary["score_mean_selected"] == pytest.approx(value[selected].mean(), rel=1e-5)
+    assert summary["score_mean_kept"] == pytest.approx(value[want].mean(), rel=1e-5)
+    assert summary["scorer_retrieval"] == {"tr_r1": 1.0, "ir_r1": 2.0}
+    ((all_rows, sel_scores, kept_scores),) = drawn
+    np.testing.assert_allclose(all_rows, value, rtol=1e-6)
+    np.testing.assert_allclose(np.sort(sel_scores), np.sort(value[selected]), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(kept_scores), np.sort(value[want]), rtol=1e-6)
+
+
+def test_score_over_all_rows_keeps_the_selected_rows_among_the_best_of_all(tmp_path, monkeypatch):
+    """filter_over=all: select's rows that are in the best round(0.5 x 96) = 48 of all rows."""
+    selected = np.arange(0, 96, 3)
+    summary, value, _, train = _run_score(tmp_path, monkeypatch, selected, 0.5, "all")
+    best = np.argsort(-value)[:48]
+    want = np.intersect1d(selected, best)
+    kept = np.load(tmp_path / "score" / "kept.npz")
+    np.testing.assert_array_equal(kept["ids"], np.array(train.ids)[want])
+    assert summary["kept_rows"] == len(want) and summary["filter_over"] == "all"

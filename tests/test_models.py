@@ -490,3 +490,20 @@ def test_projection_head_dropout_only_in_train():
     assert float(jnp.abs(run_head(head, x, True) - run_head(head, x, True)).max()) > 1e-3
     no_drop = build(ProjectionHead, 6, 32, dropout=0.0)
     np.testing.assert_allclose(run_head(no_drop, x, True), run_head(no_drop, x), rtol=1e-6)
+
+
+def test_a_preset_only_key_is_left_out_under_another_preset():
+    """nf_resnet26's `width_multiplier` (no class takes it) is another encoder's key, not
+    an unknown one: left out under the tiny preset, kept under its own."""
+    from tldr_jax.models import encoder_kwargs
+
+    kw = {"width_multiplier": 0.5, "skip_init": 0.0}
+    assert encoder_kwargs("nfresnet", {**kw, "preset": "tiny"}) == (
+        {"skip_init": 0.0, "preset": "tiny"},
+        ["width_multiplier"],
+    )
+    assert encoder_kwargs("nfresnet", {**kw, "preset": "nf_resnet26"}) == (
+        {**kw, "preset": "nf_resnet26"},
+        [],
+    )
+    assert encoder_kwargs("vit", {"width_multiplier": 0.5}) == ({}, ["width_multiplier"])

@@ -452,3 +452,31 @@ def test_a_run_that_ends_at_chance_is_warned_about_and_recorded(tmp_path, caplog
     assert "is at chance (log 32 = 3.4657)" in caplog.text and "Lower train.lr" in caplog.text
     # An untrained model starts above chance (not "at" it): not flagged.
     assert not losses.loss_at_chance(3.7, 32, above=False) and losses.loss_at_chance(3.7, 32)
+
+
+def test_logit_scale_is_clipped_at_100():
+    """CLIP's clip: a temperature below 0.01 (fixed or learned) gives logit scale 100."""
+    for learn in (True, False):
+        config = tiny_config()
+        config.model.update(learn_temperature=learn, temperature=0.001)
+        model = pretrain.build_model(config, 24, 0)
+        assert float(model.logit_scale()) == pytest.approx(100.0)
+        assert float(model.log_scale[...]) == pytest.approx(np.log(1000.0), rel=1e-6)
+    config.model.temperature = 0.02
+    assert float(pretrain.build_model(config, 24, 0).logit_scale()) == pytest.approx(50.0)
+
+
+def test_evaluate_scores_the_checkpoint_on_the_test_split(tmp_path):
+    """`evaluate` restores pretrain's checkpoint and scores the test split (16 images with
+    5 captions each), as pretrain's own evaluation did, not the training pairs."""
+    config = tiny_config()
+    config.data.world.update(num_pairs=64, num_test=16)
+    workdir = str(tmp_path / "w")
+    trained = pretrain.run(config, workdir)
+    ev = pretrain.run_evaluate(config, workdir)
+    assert ev["test_source"] == trained["test_source"] == "world:test"
+    assert ev["test_images"] == trained["test_images"] == 16
+    assert ev["test_captions"] == trained["test_captions"] == 80
+    assert ev["checkpoint_step"] == trained["steps"] == 2
+    for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
+        assert ev[k] == pytest.approx(trained[k], abs=1e-6), k

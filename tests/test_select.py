@@ -351,3 +351,57 @@ def test_cluster_quotas_are_proportional_with_largest_remainders():
     assert quotas(np.array([5, 3, 2]), 7).tolist() == [4, 2, 1]
     assert quotas(np.array([1, 1, 1]), 2).tolist() == [1, 1, 0]  # a tie: the lower index
     assert quotas(np.array([4, 0, 4]), 3).tolist() == [2, 0, 1]  # an empty cluster gets none
+
+
+def test_load_codes_without_ids_json_orders_by_chunk_then_row_and_drops_duplicates(tmp_path):
+    """No ids.json: rows come in chunk file name order, then row order inside a chunk (not
+    sorted by id); a chunk rewritten under another name (a restart) adds no second copy."""
+    ids, codes, _ = write_fake_extract(tmp_path)
+    ex = tmp_path / "extract"
+    (ex / "ids.json").unlink()
+    files = sorted(ex.glob("codes-*.npz"))
+    want_ids = np.concatenate([np.load(f)["ids"] for f in files])
+    want_codes = np.concatenate([np.load(f)["codes"] for f in files])
+    assert not np.array_equal(want_ids, np.sort(want_ids))  # file order is not id order
+    with np.load(files[1]) as z:  # the same rows again, in a later file
+        io.write_npz(ex / "codes-00009.npz", ids=z["ids"], codes=z["codes"])
+    got_ids, got_codes = select_stage.load_codes(ex)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_codes, want_codes)
+
+
+def test_select_stage_writes_the_strategys_rows_with_their_clusters_and_distances(
+    tmp_path, monkeypatch
+):
+    """With k-means' result fixed (cluster 2 empty): selected.npz holds the rows
+    select.strategy keeps, each with its cluster and Euclidean (not squared) distance; the
+    summary counts the non-empty clusters; the size plot gets every cluster's size."""
+    from tldr_jax.select.kmeans import KMeansResult
+
+    ids, _, group = write_fake_extract(tmp_path)
+    n = len(ids)
+    assignments = np.array([0, 1, 3, 3])[group].astype(np.int32)
+    sq = np.random.default_rng(3).permutation(n).astype(np.float32) + 1.0
+    fake = KMeansResult(
+        centroids=np.zeros((4, 2), np.float32),
+        assignments=assignments,
+        sq_distances=sq,
+        objective=float(sq.sum()),
+        objective_history=np.zeros(1, np.float32),
+        empty_reseeded=0,
+    )
+    monkeypatch.setattr(select_stage, "_kmeans", lambda *args: fake)
+    plotted = []
+    monkeypatch.setattr(select_stage, "_plot_cluster_sizes", lambda s, p: plotted.append(s))
+    summary = select_stage.run(select_config(strategy="nearest"), str(tmp_path))
+    keep = strategies.select("nearest", assignments, sq, 60)
+    sel = np.load(tmp_path / "select" / "selected.npz")
+    clu = np.load(tmp_path / "select" / "clusters.npz")
+    np.testing.assert_array_equal(sel["ids"], ids[keep])
+    np.testing.assert_array_equal(sel["cluster"], assignments[keep])
+    np.testing.assert_allclose(sel["distance"], np.sqrt(sq[keep]), rtol=1e-6)
+    np.testing.assert_allclose(clu["distance"], np.sqrt(sq), rtol=1e-6)
+    assert summary["kept_rows"] == 60 and summary["num_clusters"] == 4
+    assert summary["nonempty_clusters"] == 3
+    (sizes,) = plotted
+    np.testing.assert_array_equal(sizes, np.bincount(assignments, minlength=4))

@@ -126,7 +126,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     # Score every row: cosine between its image and its (first) caption.
     caps, offsets = flat_captions(train)
-    txt = embed_texts(model, embed_captions(text_encoder, caps, Path(cfg.cache_dir), 256))
+    tb = int(cfg.text.batch_size)
+    txt = embed_texts(model, embed_captions(text_encoder, caps, Path(cfg.cache_dir), tb))
     img = embed_images(model, train)
     scores = np.sum(img * txt[offsets], axis=1).astype(np.float32)
 
