@@ -229,7 +229,10 @@ def test_distill_outputs_resume_and_eval(buffered, monkeypatch):
     from tldr_jax.distill import eval_distilled
 
     monkeypatch.setattr(eval_distilled, "all_finite", lambda tree: False)
-    result = run_stage("eval-distilled", config, str(workdir))
+    every = config.copy_and_resolve_references()
+    every.eval.budgets = (n, n + 1)  # all the training pairs: kept; one more: left out
+    result = run_stage("eval-distilled", every, str(workdir))
+    assert set(result["budgets"]) == {"8", str(n)}
     for method in ("random", "herding", "kcenter", "forgetting"):
         assert result[method]["diverged_models"] == 1
         assert {result[method][k]["mean"] for k in et.RECALL_KEYS} == {0.0}
@@ -509,6 +512,8 @@ def test_distill_nan_guard_counts_skipped_updates(buffered):
     config.distill.update(step_size_init=1e30, iterations=2, grad_mode="tesla")
     summary = run_stage("distill", config, str(workdir))
     assert summary["skipped"] == 2
+    # The skipped iterations' non-finite losses are not reported as the run's meta-loss.
+    assert summary["meta_loss_first10"] is None and summary["meta_loss_last10"] is None
     assert summary["lr_img"] == pytest.approx(1e30, rel=1e-6)
     with np.load(workdir / "distill" / "distilled.npz") as f:
         from tldr_jax.data.dataset import load_set
@@ -886,6 +891,14 @@ def test_eval_table_marks_a_set_that_is_its_initialisation_or_cannot_train():
         table
     )
     assert "| 8 | k-center | 1.0 ± 0.0 |" in table
+    # Iterations the NaN guard skipped are said; the experts' row prints its own std.
+    distilled = {**stats, "iterations": 5, "skipped_iterations": 2, "lr_img": 0.1, "lr_txt": 0.1}
+    experts = {k: {"mean": 30.0, "std": 2.5} for k in et.RECALL_KEYS}
+    table = markdown_table({8: {"distilled": distilled}}, experts)
+    assert "| 8 | distilled (2 of 5 iterations skipped) | 1.0 ± 0.0 |" in table
+    assert table.endswith(
+        "| all | experts (full data) | " + " | ".join(["30.0 ± 2.5"] * 6) + " |\n"
+    )
 
 
 def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monkeypatch, caplog):
@@ -958,6 +971,75 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
             values = [m[key] for m in models]
             assert result[method][key]["mean"] == pytest.approx(np.mean(values)), method
             assert result[method][key]["std"] == pytest.approx(np.std(values)), method
+
+
+def test_distill_builds_the_outer_optimiser_from_its_settings(buffered, monkeypatch):
+    """distill.lr_images / lr_texts / lr_step_size / momentum / step_size_param /
+    max_grad_norm each reach the outer optimiser (SPEC B.3: one learning rate per field)."""
+    import inspect
+
+    from tldr_jax.distill import matching
+
+    config, root, _ = buffered
+    workdir = root / "outer_opt"
+    shutil.copytree(root / "w", workdir)
+    c = config.copy_and_resolve_references()
+    c.distill.update(
+        lr_images=300.0,
+        lr_texts=70.0,
+        lr_step_size=0.03,
+        momentum=0.25,
+        step_size_param="raw",
+        max_grad_norm=5.0,
+    )
+    real = matching.make_outer_optimizer
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        built.append(dict(bound.arguments))
+        raise Built  # what the settings reach is all this test needs: stop the stage
+
+    monkeypatch.setattr(matching, "make_outer_optimizer", spy)
+    with pytest.raises(Built):
+        run_stage("distill", c, str(workdir))
+    assert built == [
+        {
+            "lr_images": 300.0,
+            "lr_texts": 70.0,
+            "lr_step_size": 0.03,
+            "momentum": 0.25,
+            "step_size_param": "raw",
+            "max_grad_norm": 5.0,
+            "lr_lors": None,
+        }
+    ]
+
+
+def test_distill_student_steps_take_batch_syn_pairs(buffered, monkeypatch):
+    """Each student step trains on distill.batch_syn of the M synthetic pairs, not all M."""
+    from tldr_jax.distill import matching
+
+    config, root, _ = buffered
+    workdir = root / "batch_syn"
+    shutil.copytree(root / "w", workdir)
+    c = config.copy_and_resolve_references()
+    c.distill.update(batch_syn=4, iterations=1)
+    real = matching.sample_minibatches
+    drawn = []
+
+    def spy(key, num_syn, syn_steps, batch_syn):
+        idx = real(key, num_syn, syn_steps, batch_syn)
+        drawn.append((num_syn, idx.shape))
+        return idx
+
+    monkeypatch.setattr(matching, "sample_minibatches", spy)
+    run_stage("distill", c, str(workdir))
+    assert drawn and set(drawn) == {(8, (2, 4))}  # M = 8 pairs: syn_steps 2 of batch 4
 
 
 def test_kmeans_init_takes_the_real_pair_nearest_each_prototype_once():

@@ -340,6 +340,47 @@ def test_outer_step_updates_and_nan_guard_skips():
         np.testing.assert_array_equal(a, b)
 
 
+def test_sample_minibatches_reshuffle_every_pass():
+    """Each pass over the synthetic set is a fresh permutation, not the first one repeated."""
+    idx = np.asarray(matching.sample_minibatches(jax.random.key(0), 6, syn_steps=12, batch_syn=3))
+    passes = {tuple(idx[2 * p : 2 * p + 2].ravel()) for p in range(6)}
+    assert all(sorted(p) == list(range(6)) for p in passes)
+    assert len(passes) > 1, passes
+
+
+def test_outer_optimizer_per_field_rates_and_momentum():
+    """SPEC B.3: SGD with momentum on every field, each with its own rate: two updates with
+    the same gradient g are -lr g, then -lr (1 + momentum) g."""
+    syn = matching.SyntheticSet.create(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 5)), 0.1)
+    grads = matching.SyntheticSet(
+        jnp.full((2, 4, 4, 3), 0.5), jnp.full((2, 5), -2.0), jnp.asarray(3.0), jnp.asarray(-1.0)
+    )
+    rates = {"images": 2.0, "texts": 7.0, "lr_img": 0.01, "lr_txt": 0.01}
+    opt = matching.make_outer_optimizer(2.0, 7.0, 0.01, 0.5, step_size_param="raw")
+    state = opt.init(syn)
+    for factor in (1.0, 1.5):
+        updates, state = opt.update(grads, state, syn)
+        for name, lr in rates.items():
+            want = -lr * factor * np.asarray(getattr(grads, name))
+            np.testing.assert_allclose(getattr(updates, name), want, rtol=1e-6, err_msg=name)
+
+
+def test_nan_guard_skips_a_non_finite_meta_gradient_of_a_finite_loss(monkeypatch):
+    """A finite meta-loss whose gradient has a NaN (one synthetic text) is skipped too."""
+    syn = matching.SyntheticSet.create(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 5)), 0.1)
+    grads = syn.replace(texts=jnp.ones((2, 5)).at[1, 2].set(jnp.nan))
+    monkeypatch.setattr(matching, "meta_loss_and_grad", lambda *a, **k: (jnp.asarray(0.7), grads))
+    opt = matching.make_outer_optimizer(1.0, 1.0, 0.01, 0.5)
+    state = opt.init(syn)
+    new, new_state, loss, skipped = matching.outer_step(
+        syn, state, opt, None, None, None, None, None
+    )
+    assert bool(skipped) and float(loss) == pytest.approx(0.7)
+    leaves = jax.tree.leaves((new, new_state)), jax.tree.leaves((syn, state))
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_log_step_size_update_stays_positive():
     syn = matching.SyntheticSet.create(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 5)), 0.1)
     grads = matching.SyntheticSet(
