@@ -208,7 +208,8 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     again = caption_stage.run(config, str(workdir))
     assert again["resumed_from"] == 3 and again["rows_captioned"] == 11
     # A finished model's rerun summarises the training it restored, not an empty window.
-    assert again["final_loss"] == summary["final_loss"] is not None
+    assert summary["final_loss"] is not None
+    assert again["final_loss"] == summary["final_loss"]
 
     # Each kept id gets the caption generated from its own image (ids in any order).
     def image_name(images):
@@ -230,7 +231,10 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     assert again == generated
     # One that holds ids beyond the kept ones is reused; only the kept ids are counted.
     io.write_json(workdir / "caption" / "generated.json", {**generated, "not-kept": "x"})
+    monkeypatch.setattr(caption_stage, "generate_texts", fail)
     assert caption_stage.run(config, str(workdir))["rows_captioned"] == 11
+    reused = json.loads((workdir / "caption" / "generated.json").read_text())
+    assert reused == {**generated, "not-kept": "x"}
 
 
 def test_generate_texts_returns_each_images_caption_in_order(monkeypatch):

@@ -1251,31 +1251,31 @@ def test_webdataset_json_caption_that_is_not_a_string_is_a_malformed_row(tmp_pat
     assert [r.captions for r in recs] == [("ok",)] and skips.as_dict() == {"malformed_row": 1}
 
 
+def _coco_file(tmp_path: Path, annotations: list[dict], more_images: tuple = ()) -> Path:
+    """A COCO `captions_train2014.json` over three images, ids 10-12 (`train2014/`)."""
+    (tmp_path / "train2014").mkdir()
+    images = []
+    for k in (0, 1, 2):
+        (tmp_path / "train2014" / f"COCO_{k}.png").write_bytes(_encode(_image(k)))
+        images.append({"id": 10 + k, "file_name": f"COCO_{k}.png"})
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "captions_train2014.json"
+    data = {"info": {}, "images": images + list(more_images), "annotations": annotations}
+    path.write_text(json.dumps(data))
+    return path
+
+
 def test_coco_captions_file(tmp_path):
     """COCO's own `captions_*.json`: one record per image with every caption naming it;
     unusable images and annotations counted, each under its reason."""
-    (tmp_path / "train2014").mkdir()
-    for k in (0, 1, 2):
-        (tmp_path / "train2014" / f"COCO_{k}.png").write_bytes(_encode(_image(k)))
-    data = {
-        "info": {},
-        "images": [
-            {"id": 10, "file_name": "COCO_0.png"},
-            {"id": 11, "file_name": "COCO_1.png"},
-            {"id": 12, "file_name": "COCO_2.png"},  # no annotation
-            {"id": 13},
-        ],
-        "annotations": [
-            {"image_id": 11, "id": 1, "caption": "A dog."},
-            {"image_id": 10, "id": 2, "caption": "A cat."},
-            {"image_id": 10, "id": 3, "caption": "A cat, sleeping"},
-            {"image_id": 99, "id": 4, "caption": "orphan"},
-            {"image_id": 11, "id": 5, "caption": None},
-        ],
-    }
-    (tmp_path / "annotations").mkdir()
-    path = tmp_path / "annotations" / "captions_train2014.json"
-    path.write_text(json.dumps(data))
+    annotations = [  # image 12 has none
+        {"image_id": 11, "id": 1, "caption": "A dog."},
+        {"image_id": 10, "id": 2, "caption": "A cat."},
+        {"image_id": 10, "id": 3, "caption": "A cat, sleeping"},
+        {"image_id": 99, "id": 4, "caption": "orphan"},
+        {"image_id": 11, "id": 5, "caption": None},
+    ]
+    path = _coco_file(tmp_path, annotations, more_images=({"id": 13},))
     skips = Skips()
     recs = read_records(str(path), str(tmp_path / "train2014"), skips)
     assert [(r.sample_id, r.captions, r.image_key) for r in recs] == [
@@ -1307,18 +1307,6 @@ def test_coco_captions_file(tmp_path):
         np.testing.assert_array_equal(again.images[0], _resized(0))
         config = ml_collections.ConfigDict({"data": {"train": str(path), "image_root": root}})
         assert image_root_for(config, tmp_path / "w") == str(tmp_path / "train2014")
-
-
-def _coco_file(tmp_path: Path, annotations: list[dict]) -> Path:
-    (tmp_path / "train2014").mkdir()
-    images = []
-    for k in (0, 1, 2):
-        (tmp_path / "train2014" / f"COCO_{k}.png").write_bytes(_encode(_image(k)))
-        images.append({"id": 10 + k, "file_name": f"COCO_{k}.png"})
-    (tmp_path / "annotations").mkdir()
-    path = tmp_path / "annotations" / "captions_train2014.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return path
 
 
 def test_coco_empty_caption_among_an_images_captions_is_counted_and_strict_stops(tmp_path):
@@ -1966,6 +1954,14 @@ def test_a_shard_a_pattern_names_twice_is_read_once(tmp_path):
     # The folder itself: latest.tar is 00000.tar, read once as a glob over it reads it.
     for name in (str(root), str(root / "*.tar")):
         assert [r.sample_id for r in read_records(name, "", Skips())] == ["00000/0", "00001/0"]
+    # A symlinked subfolder (sorting before its target) is not walked: the real one names
+    # the samples, whatever order the filesystem lists them in.
+    (root / "latest.tar").unlink()
+    (root / "part-1").mkdir()
+    (root / "00001.tar").rename(root / "part-1" / "00001.tar")
+    (root / "a-link").symlink_to(root / "part-1", target_is_directory=True)
+    recs = read_records(str(root), "", Skips())
+    assert [r.sample_id for r in recs] == ["00000/0", "part-1/00001/0"]
 
 
 def test_explicit_id_fields_are_taken_sample_id_then_id_then_image_id(tmp_path):

@@ -14,7 +14,8 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 def parse_arg(arg: str | None, **defaults: object) -> ml_collections.ConfigDict:
     """Parses `file.py:small` or `file.py:tiny,reference` style args into typed defaults.
 
-    A bare word sets a boolean flag of that name (`small` -> small=True). A word the config
+    A bare word sets a boolean flag of that name (`small` -> small=True); any other
+    argument needs `key=value`. A word the config
     file does not define is an error (a typo must not silently give the full config).
     """
     cfg = ml_collections.ConfigDict(dict(defaults))

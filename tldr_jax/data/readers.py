@@ -69,7 +69,7 @@ import tarfile
 import threading
 import urllib.parse
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -908,10 +908,11 @@ def is_shard_input(path: str) -> bool:
 
 def shard_listing(path: str) -> tuple[Path, list[Path], list[str]]:
     """(root, shards, missing) of a shard folder or pattern. A folder: every shard under it
-    (`shard_paths`). A pattern: brace words in written order, each glob's matches sorted, a
-    word or match that is a folder standing for the shards under it, each shard once;
-    `missing` = shard files the braces name that do not exist. Sample ids and image keys
-    are relative to `root`: the folder, or the pattern's folder above its first wildcard."""
+    (`shard_paths`), each once (a symlink to one of them is not read again). A pattern:
+    brace words in written order, each glob's matches sorted, a word or match that is a
+    folder standing for the shards under it, each shard once; `missing` = shard files the
+    braces name that do not exist. Sample ids and image keys are relative to `root`: the
+    folder, or the pattern's folder above its first wildcard."""
     root, entries = shard_entries(path)
     shards = [e for e in entries if isinstance(e, Path)]
     return root, shards, [e for e in entries if isinstance(e, str)]
@@ -922,7 +923,7 @@ def shard_entries(path: str) -> tuple[Path, list[Path | str]]:
     names them (a missing shard is its name, a str), so a reader meets a gap where the
     input has it."""
     if os.path.isdir(path):  # a folder's shards, a symlink to one of them read once too
-        return Path(path), _each_shard_once(list(shard_paths(path)))
+        return Path(path), _each_shard_once(shard_paths(path))
     if os.path.isfile(path):  # one shard file
         return Path(os.path.dirname(path) or "."), [Path(path)]
     first = min((i for i in (path.find(c) for c in "{*?[") if i >= 0), default=len(path))
@@ -947,7 +948,7 @@ def shard_entries(path: str) -> tuple[Path, list[Path | str]]:
     return root, _each_shard_once(entries)
 
 
-def _each_shard_once(entries: list[Path | str]) -> list[Path | str]:
+def _each_shard_once(entries: Sequence[Path | str]) -> list[Path | str]:
     """Each shard once, where it is first named (a pattern naming it twice, a symlink)."""
     seen: set[str] = set()
     unique: list[Path | str] = []
@@ -973,7 +974,12 @@ def _walk_files(folder: str | Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # Real folders before symlinks to them, in name order: which of a folder and a link
+        # to it is walked (names the samples) does not depend on the filesystem's order.
+        dirnames[:] = sorted(
+            (d for d in dirnames if not d.startswith(".")),
+            key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d),
+        )
         found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
