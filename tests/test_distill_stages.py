@@ -366,6 +366,16 @@ def test_buffer_pairs_left_out_of_an_epoch_keep_their_correct_value(buffered, mo
     assert traj["correct"][EPOCHS][np.setdiff1d(np.arange(n), fed)].any()
 
 
+def _student_and_random_pairs(tmp_path: Path, dim: int, n: int):
+    """The tiny config's student over `dim`-wide texts and n random 16 px pairs (seed 0):
+    (config, student, rng, images, texts)."""
+    config = tiny_config(tmp_path)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+    texts = rng.normal(size=(n, dim)).astype(np.float32)
+    return config, et.build_student(config, dim), rng, images, texts
+
+
 def test_trainer_marks_pairs_retrieved_at_rank_1_both_ways_in_their_minibatch(tmp_path):
     """make_trainer's per-pair flag: image -> text AND text -> image argmax inside the fed
     minibatch, one column per row of batch_idx in its order (lr 0: the model stays put)."""
@@ -374,12 +384,8 @@ def test_trainer_marks_pairs_retrieved_at_rank_1_both_ways_in_their_minibatch(tm
     from tldr_jax.train.losses import l2_normalize
     from tldr_jax.utils.mesh import make_mesh
 
-    config = tiny_config(tmp_path)
     dim, n, batch, steps = 12, 32, 8, 6
-    student = et.build_student(config, dim)
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
-    texts = rng.normal(size=(n, dim)).astype(np.float32)
+    config, student, rng, images, texts = _student_and_random_pairs(tmp_path, dim, n)
     idx = np.stack([rng.permutation(n)[:batch] for _ in range(steps)]).astype(np.int32)
     keys = jax.random.split(jax.random.key(0), steps)
     tx = optax.sgd(0.0)
@@ -662,12 +668,8 @@ def test_trainer_soft_targets_follow_the_fed_rows(tmp_path):
     from tldr_jax.distill.matching import LOGIT_SCALE, contrastive_loss
     from tldr_jax.utils.mesh import make_mesh
 
-    config = tiny_config(tmp_path)
     dim, n, batch, lr = 12, 16, 8, 0.5
-    student = et.build_student(config, dim)
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
-    texts = rng.normal(size=(n, dim)).astype(np.float32)
+    config, student, rng, images, texts = _student_and_random_pairs(tmp_path, dim, n)
     targets = (np.eye(n) + 0.2 * rng.normal(size=(n, n))).astype(np.float32)
     idx = np.array([[9, 2, 14, 0, 5, 11, 7, 3]], np.int32)
     keys = jax.random.split(jax.random.key(0), 1)
