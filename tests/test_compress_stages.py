@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import jax
 import ml_collections
@@ -237,10 +238,20 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     assert reused == {**generated, "not-kept": "x"}
 
 
+def _fake_generation(
+    method: str, decode_batch
+) -> tuple[SimpleNamespace, ml_collections.ConfigDict]:
+    """A stand-in tokenizer ([CLS] 1, [SEP] 2, pad 0, `decode_batch`) and caption settings
+    of batch 8 for `generate_texts` with its model stubbed."""
+    tokenizer = SimpleNamespace(cls_id=1, sep_id=2, pad_id=0, decode_batch=decode_batch)
+    cap = ml_collections.ConfigDict(
+        dict(batch_size=8, method=method, max_len=2, beam_size=1, top_p=0.9, temperature=1.0)
+    )
+    return tokenizer, cap
+
+
 def test_generate_texts_returns_each_images_caption_in_order(monkeypatch):
     """Batches of 8 over 8 devices, the last one padded: caption i is image i's."""
-    from types import SimpleNamespace
-
     from tldr_jax.data.images import MEAN, STD
 
     def fake_generate(model, x, prompt_ids, rng=None, **kwargs):
@@ -248,12 +259,7 @@ def test_generate_texts_returns_each_images_caption_in_order(monkeypatch):
         return np.stack([value, np.full_like(value, 2)], axis=1)
 
     monkeypatch.setattr(caption_stage, "generate_captions", fake_generate)
-    tokenizer = SimpleNamespace(
-        cls_id=1, sep_id=2, pad_id=0, decode_batch=lambda t: [f"img{int(r[0])}" for r in t]
-    )
-    cap = ml_collections.ConfigDict(
-        dict(batch_size=8, method="greedy", max_len=2, beam_size=1, top_p=0.9, temperature=1.0)
-    )
+    tokenizer, cap = _fake_generation("greedy", lambda t: [f"img{int(r[0])}" for r in t])
     images = np.repeat(np.arange(21, dtype=np.uint8), 4 * 4 * 3).reshape(21, 4, 4, 3)
     texts = caption_stage.generate_texts(None, images, np.array([5]), tokenizer, cap, seed=0)
     assert texts == [f"img{i}" for i in range(21)]
@@ -461,8 +467,6 @@ def test_caption_set_is_read_from_caption_image_root():
 def test_nucleus_draws_depend_on_the_global_row_not_the_process(monkeypatch):
     """The sampling key of a batch is folded with its first global row: the second
     process's slice (row_offset 8) draws what a single process draws for those rows."""
-    from types import SimpleNamespace
-
     keys = []
 
     def fake_generate(model, x, prompt_ids, rng=None, **kwargs):
@@ -470,10 +474,7 @@ def test_nucleus_draws_depend_on_the_global_row_not_the_process(monkeypatch):
         return np.zeros((x.shape[0], 2), np.int32)
 
     monkeypatch.setattr(caption_stage, "generate_captions", fake_generate)
-    tokenizer = SimpleNamespace(cls_id=1, sep_id=2, pad_id=0, decode_batch=lambda t: [""] * len(t))
-    cap = ml_collections.ConfigDict(
-        dict(batch_size=8, method="nucleus", max_len=2, beam_size=1, top_p=0.9, temperature=1.0)
-    )
+    tokenizer, cap = _fake_generation("nucleus", lambda t: [""] * len(t))
     images = np.zeros((16, 4, 4, 3), np.uint8)
     caption_stage.generate_texts(None, images, np.array([5]), tokenizer, cap, seed=3)
     whole = list(keys)

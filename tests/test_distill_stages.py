@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,14 @@ def test_buffer_snapshots_every_epoch_and_resumes(buffered):
     ):
         for key in ("img", "txt", "correct"):
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def _copy_of_buffer(root: Path, config: Any, name: str) -> tuple[Path, Any]:
+    """A copy of the shared buffer's workdir (`root / "w"`) at `root / name`, and a copy of
+    its config for the test to change."""
+    workdir = root / name
+    shutil.copytree(root / "w", workdir)
+    return workdir, config.copy_and_resolve_references()
 
 
 def test_distill_outputs_resume_and_eval(buffered, monkeypatch):
@@ -274,9 +283,7 @@ def test_distill_seed_varies_the_set_on_one_buffer(buffered):
     config, root, _ = buffered
     sets = {}
     for name, seed in (("seed_default", -1), ("seed_global", int(config.seed)), ("seed_7", 7)):
-        workdir = root / name
-        shutil.copytree(root / "w", workdir)
-        c = config.copy_and_resolve_references()
+        workdir, c = _copy_of_buffer(root, config, name)
         c.distill.seed = seed
         summary = run_stage("distill", c, str(workdir))
         assert summary["seed"] == (7 if seed == 7 else int(config.seed))
@@ -464,9 +471,7 @@ def test_too_few_pairs_for_the_synthetic_set_is_a_clear_error():
 
 def test_a_distill_stopped_at_its_start_leaves_no_record_that_refuses_the_fix(buffered):
     config, root, summary = buffered
-    workdir = root / "start"
-    shutil.copytree(root / "w", workdir)
-    too_many = config.copy_and_resolve_references()
+    workdir, too_many = _copy_of_buffer(root, config, "start")
     too_many.distill.num_pairs = summary["train_pairs"] + 1
     with pytest.raises(ValueError, match=r"distill.num_pairs=\d+ > \d+ training pairs"):
         run_stage("distill", too_many, str(workdir))
@@ -511,9 +516,7 @@ def test_runaway_synthetic_sets_are_warned_about(caplog):
 
 def test_distill_nan_guard_counts_skipped_updates(buffered):
     config, root, _ = buffered
-    workdir = root / "nan"
-    shutil.copytree(root / "w", workdir)
-    config = config.copy_and_resolve_references()
+    workdir, config = _copy_of_buffer(root, config, "nan")
     # A step size of 1e30 makes the student diverge: every meta loss is non-finite.
     config.distill.update(step_size_init=1e30, iterations=2, grad_mode="tesla")
     summary = run_stage("distill", config, str(workdir))
@@ -621,9 +624,7 @@ def test_distill_lors_saves_similarity_resumes_and_evals(buffered, monkeypatch):
     import json
 
     config, root, _ = buffered
-    workdir = root / "lors"
-    shutil.copytree(root / "w", workdir)
-    config = config.copy_and_resolve_references()
+    workdir, config = _copy_of_buffer(root, config, "lors")
     config.distill.update(lors=True, lors_rank=4, lors_alpha=0.1, lors_lr=100.0, iterations=2)
     first = run_stage("distill", config, str(workdir))
     assert first["lors"] is True and first["skipped"] == 0
@@ -847,9 +848,7 @@ def test_student_batch_split_over_devices_learns_the_same_set(buffered):
     config, root, _ = buffered
     sets, summaries = {}, {}
     for name, split in (("split", True), ("whole", False)):
-        workdir = root / f"batch_{name}"
-        shutil.copytree(root / "w", workdir)
-        c = config.copy_and_resolve_references()
+        workdir, c = _copy_of_buffer(root, config, f"batch_{name}")
         c.distill.shard_student_batch = split
         summaries[name] = run_stage("distill", c, str(workdir))
         with np.load(workdir / "distill" / "distilled.npz") as f:
@@ -911,9 +910,7 @@ def test_eval_trains_whole_epochs_at_the_learned_image_step_size(buffered, monke
     from tldr_jax.distill import eval_distilled
 
     config, root, _ = buffered
-    workdir = root / "eval_spy"
-    shutil.copytree(root / "w", workdir)
-    c = config.copy_and_resolve_references()
+    workdir, c = _copy_of_buffer(root, config, "eval_spy")
     c.eval.update(batch_size=3, epochs=2, budgets=(), max_steps=0, num_models=2)
     run_stage("distill", c, str(workdir))
     events = _record_eval_training(monkeypatch)  # trainer calls, and (below) embeddings
@@ -983,9 +980,7 @@ def test_distill_builds_the_outer_optimiser_from_its_settings(buffered, monkeypa
     from tldr_jax.distill import matching
 
     config, root, _ = buffered
-    workdir = root / "outer_opt"
-    shutil.copytree(root / "w", workdir)
-    c = config.copy_and_resolve_references()
+    workdir, c = _copy_of_buffer(root, config, "outer_opt")
     c.distill.update(
         lr_images=300.0,
         lr_texts=70.0,
@@ -1026,9 +1021,7 @@ def test_distill_student_steps_take_batch_syn_pairs(buffered, monkeypatch):
     from tldr_jax.distill import matching
 
     config, root, _ = buffered
-    workdir = root / "batch_syn"
-    shutil.copytree(root / "w", workdir)
-    c = config.copy_and_resolve_references()
+    workdir, c = _copy_of_buffer(root, config, "batch_syn")
     c.distill.update(batch_syn=4, iterations=1)
     real = matching.sample_minibatches
     drawn = []

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import pretrain as pretrain_config
 from tldr_jax.data.world import make_world, write_world
+from tldr_jax.eval.retrieval import RECALL_KEYS
 from tldr_jax.train import pretrain
 from tldr_jax.train import state as train_state
 from tldr_jax.utils import preemption
@@ -478,5 +479,5 @@ def test_evaluate_scores_the_checkpoint_on_the_test_split(tmp_path):
     assert ev["test_images"] == trained["test_images"] == 16
     assert ev["test_captions"] == trained["test_captions"] == 80
     assert ev["checkpoint_step"] == trained["steps"] == 2
-    for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
+    for k in RECALL_KEYS:
         assert ev[k] == pytest.approx(trained[k], abs=1e-6), k

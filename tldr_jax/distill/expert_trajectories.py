@@ -40,7 +40,7 @@ from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.distill.matching import LOGIT_SCALE, all_finite, contrastive_loss
 from tldr_jax.distill.student import Student, flatten_params, make_student
-from tldr_jax.eval.retrieval import retrieval_metrics
+from tldr_jax.eval.retrieval import RECALL_KEYS, retrieval_metrics
 from tldr_jax.models import encoder_kwargs, make_image_encoder
 from tldr_jax.models.heads import ProjectionHead
 from tldr_jax.train import pretrain
@@ -53,7 +53,6 @@ from tldr_jax.utils.metrics import MetricLogger
 log = logging.getLogger(__name__)
 
 Params = tuple[jax.Array, jax.Array]
-RECALL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
 # An expert whose parameter norm grew more than this from its start blew up (buffer.lr).
 PARAMS_BLOWUP = 100.0
 
