@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -638,9 +639,11 @@ def test_more_malformed_rows(tmp_path):
     assert skips.as_dict() == {"non_utf8": 1}
 
 
-def test_tfds_source(tmp_path):
+def test_tfds_source(tmp_path, monkeypatch):
     """A TFDS dataset prepared locally as array_record (no TensorFlow, no download)."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    # TFDS leaves an empty tmp*tfds folder for a builder made before its data is prepared
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     class TinyCaptions(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -1491,6 +1494,26 @@ def test_a_tfds_source_that_cannot_be_read_is_one_line(tmp_path):
     saying what to do, not TFDS's traceback (with its list of every dataset it knows)."""
     with pytest.raises(InputError, match=r"tfds:no_such_dataset_xyz: cannot read it as a "):
         read_records("tfds:no_such_dataset_xyz", str(tmp_path), Skips())
+
+
+def test_a_tfds_dataset_not_prepared_says_so_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+    """A dataset TFDS knows but that is not prepared under data_dir: an InputError naming
+    the folder it looked for and the `tfds build` command, not TFDS's complaint about the
+    TFRecord format; and none of the empty tmp*tfds folders TFDS makes on the way."""
+    pytest.importorskip("tensorflow_datasets")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    with pytest.raises(InputError) as e:
+        read_records("tfds:mnist", str(data_dir), Skips())
+    assert str(e.value).startswith(
+        f"tfds:mnist: TFDS knows the dataset but it is not prepared "
+        f"under {data_dir} (no {data_dir}/mnist/"
+    )
+    assert "`tfds build mnist --file_format=array_record" in str(e.value)
+    assert list(scratch.iterdir()) == [] and tempfile.tempdir == str(scratch)
 
 
 def test_image_paths_that_cannot_be_opened_are_missing_images(tmp_path):

@@ -66,6 +66,7 @@ import os
 import posixpath
 import re
 import tarfile
+import tempfile
 import threading
 import urllib.parse
 import zlib
@@ -1152,6 +1153,18 @@ def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{k}", v
 
 
+def _tfds_builder(tfds: Any, name: str, data_dir: str) -> Any:
+    """`tfds.builder`, with the empty `tmp*tfds` folder that TFDS makes (and never removes)
+    for a dataset not prepared on disk made inside a scratch folder that is removed."""
+    before = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="tldr-jax-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            return tfds.builder(name, data_dir=data_dir or None)
+        finally:
+            tempfile.tempdir = before
+
+
 def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
     """`tfds:NAME[:split]` via `tfds.data_source` (array_record files already prepared under
     `data_dir`, else TFDS_DATA_DIR or ~/tensorflow_datasets). Images stay encoded, in the
@@ -1162,7 +1175,15 @@ def _read_tfds(spec: str, data_dir: str, sink: _RecordSink) -> None:
     split = split or "train"
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
+        builder = _tfds_builder(tfds, name, data_dir)
+        if not (builder.data_path / "dataset_info.json").exists():
+            raise InputError(
+                f"{spec}: TFDS knows the dataset but it is not prepared under {where} "
+                f"(no {builder.data_dir}). Prepare it first with `tfds build "
+                f"{name} --file_format=array_record --data_dir DIR` "
+                "(random access needs array_record files), or point data.image_root at its "
+                "data_dir"
+            )
         features = builder.info.features.items()
         image_keys = [k for k, f in features if isinstance(f, tfds.features.Image)]
         if not image_keys:
