@@ -114,6 +114,23 @@ def test_embed_cached(encoder, reference, tmp_path, monkeypatch):
     assert len(keys) == 6
 
 
+def test_a_damaged_embedding_cache_entry_is_embedded_again(encoder, tmp_path):
+    """A cache file cut short or of another shape (damaged on disk: ours land whole) is
+    embedded again and rewritten, as the decode cache does, not a traceback that stops
+    every later stage reading the set."""
+    sentences = ["a red ball", "two blue squares"]
+    first = encoder.embed_cached(sentences, tmp_path)
+    (path,) = tmp_path.glob("text_emb_*.npy")
+    whole = path.read_bytes()
+    for damaged in (whole[:100], whole[: len(whole) // 2], b""):
+        path.write_bytes(damaged)
+        np.testing.assert_array_equal(encoder.embed_cached(sentences, tmp_path), first)
+        assert path.read_bytes() == whole
+    np.save(path, first[:1])  # a whole .npy, but not these texts' rows
+    np.testing.assert_array_equal(encoder.embed_cached(sentences, tmp_path), first)
+    assert path.read_bytes() == whole
+
+
 def test_cache_key_depends_on_pooling_and_max_len(encoder):
     """CLS and mean pooling, or texts cut at another max_len, are other embeddings."""
     import copy

@@ -254,6 +254,34 @@ def test_cli_config_errors_are_one_line(tmp_path, extra, expected):
     assert not work.exists()
 
 
+def test_a_path_the_file_system_refuses_and_a_damaged_output_are_one_line(tmp_path):
+    """A workdir the file system refuses (below a file here; read-only or not ours is the
+    same PermissionError path) and an earlier stage's output damaged since (a distilled set
+    cut short) end with one line naming the path, exit 2, no traceback."""
+    (tmp_path / "file").write_text("")
+    r = run_cli(
+        "make-world", "--config", "configs/tldr.py:tiny", "--workdir", str(tmp_path / "file" / "w")
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"tldr-jax make-world: error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'w'}'"
+    )
+    assert "Traceback" not in r.stderr
+    npz = tmp_path / "w" / "distill" / "distilled.npz"
+    npz.parent.mkdir(parents=True)
+    npz.write_bytes(b"PK\x03\x04 cut short")
+    r = run_cli(
+        "eval-distilled", "--config", "configs/distill.py:tiny", "--workdir", str(tmp_path / "w")
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tldr-jax eval-distilled: error: {npz} is damaged (BadZipFile"), last
+    assert last.endswith(
+        "delete it and rerun `tldr-jax distill` on this workdir, which writes it again"
+    )
+    assert "Traceback" not in r.stderr
+
+
 def test_an_empty_config_and_no_arguments_are_one_line(tmp_path):
     for args in (("--config=",), ("--config", "")):
         r = run_cli("pretrain", *args, "--workdir", str(tmp_path / "w"))

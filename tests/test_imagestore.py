@@ -178,6 +178,40 @@ def test_interrupted_decode_leaves_no_cache_entry(tmp_path, monkeypatch):
     assert len(ds) == 6 and ds.images[0].any()
 
 
+def test_a_full_disk_under_the_decode_cache_is_an_error_not_a_sigbus(tmp_path, monkeypatch):
+    """The cache file is a sparse memmap: on a full disk, storing a decoded image into it
+    killed the process with SIGBUS (exit 135, no message). Its blocks are reserved first,
+    so a full disk is an OSError naming data.cache_dir, and its temporary is removed."""
+    import errno
+
+    path = str(_karpathy_train(tmp_path))
+    cache = tmp_path / "cache"
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left .*in data.cache_dir") as err:
+        load_set(path, _cfg(cache_dir=str(cache)), "train")
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(cache) == []
+    monkeypatch.undo()
+    assert len(load_set(path, _cfg(cache_dir=str(cache)), "train")) == 6
+
+
+def test_a_damaged_decode_cache_entry_is_decoded_again(tmp_path):
+    """An entry whose row index was emptied since (ours land whole) is decoded again, as
+    its other damage is, not an EOFError traceback."""
+    path = str(_karpathy_train(tmp_path))
+    cache = tmp_path / "cache"
+    first = load_set(path, _cfg(cache_dir=str(cache)), "train")
+    (index,) = cache.glob("*.index.npy")
+    index.write_bytes(b"")
+    again = load_set(path, _cfg(cache_dir=str(cache)), "train")
+    assert again.ids == first.ids
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(first.images))
+
+
 def _one_test_set_three_ways(tmp_path: Path) -> dict[str, Path]:
     """3 images x 3 captions (one image's last caption empty) as a Karpathy eval JSON (one
     row per image), a TSV and a webdataset (one row per caption, interleaved)."""

@@ -167,6 +167,37 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_temporary(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporaries
 
 
+def test_a_damaged_output_is_an_error_naming_it_and_its_stage(tmp_path):
+    """An earlier stage's `.npz` / JSON cut short or overwritten (outputs land whole: not by
+    us) is a DamagedFileError naming the file and the stage that writes it again, not a
+    BadZipFile / JSONDecodeError that names neither; a missing one stays FileNotFoundError."""
+    import pytest
+
+    npz, js = tmp_path / "kept.npz", tmp_path / "generated.json"
+    io.write_npz(npz, ids=np.array(["a", "b"]), scores=np.array([0.5, 0.25]))
+    io.write_json(js, {"a": "x"})
+    ids, scores = io.npz_arrays(npz, "ids", "scores", made_by="score")
+    assert ids.tolist() == ["a", "b"] and scores.tolist() == [0.5, 0.25]
+    assert set(io.read_npz(npz)) == {"ids", "scores"}
+    whole = npz.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"", b"garbage"):
+        npz.write_bytes(damaged)
+        with pytest.raises(io.DamagedFileError, match="kept.npz is damaged") as err:
+            io.npz_arrays(npz, "ids", made_by="score")
+        assert str(err.value).startswith(str(npz))
+        assert "rerun `tldr-jax score` on this workdir" in str(err.value)
+    io.write_npz(npz, ids=np.array(["a"]))
+    with pytest.raises(io.DamagedFileError, match="KeyError"):
+        io.npz_arrays(npz, "ids", "scores", made_by="score")
+    js.write_text('{"a": "x')
+    with pytest.raises(
+        io.DamagedFileError, match=r"generated.json is damaged .*`tldr-jax caption`"
+    ):
+        io.read_json(js, made_by="caption")
+    with pytest.raises(FileNotFoundError):
+        io.npz_arrays(tmp_path / "none.npz", "ids")
+
+
 def test_metric_logger_resumes_at_its_step_and_a_fresh_run_starts_over(tmp_path):
     """A resumed run keeps the rows up to its resume step (rows logged after the checkpoint
     are logged again, once); a run that does not resume starts a new file."""

@@ -1417,6 +1417,31 @@ def test_a_missing_shard_is_met_where_the_pattern_names_it(tmp_path):
     )
 
 
+def test_an_unreadable_caption_file_in_a_folder_is_a_counted_row(tmp_path, monkeypatch):
+    """A caption file that cannot be read (no permission, an I/O error) is `no_caption`,
+    counted, or in strict mode an error naming it, not a traceback that stops the run.
+    (Simulated: chmod does not stop root, who runs CI here.)"""
+    root = tmp_path / "f"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(_encode(_image(i)))
+        (root / f"{i}.txt").write_text(f"caption {i}")
+    read_bytes = Path.read_bytes
+
+    def unreadable(self):
+        if self.name == "1.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    skips = Skips()
+    recs = read_records(str(root), "", skips)
+    assert [r.sample_id for r in recs] == ["0", "2"]
+    assert skips.as_dict() == {"no_caption": 1}
+    with pytest.raises(BadRowError, match=r"1\.txt, row 1: no_caption \(cannot read: .*denied"):
+        read_records(str(root), "", Skips(strict=True))
+
+
 def test_image_folder_names_with_dots_keep_their_captions(tmp_path):
     """In a folder, a sample's key is the file name less its extension (`photo.2019.jpg` +
     `photo.2019.txt`); such pairs were dropped uncounted when the key ended at the first dot."""

@@ -269,6 +269,27 @@ def test_generic_check_is_the_distillation_one(tmp_path):
     assert str(e.value).endswith(f"delete {path.parent} to train again.")
 
 
+def test_a_damaged_signature_is_refused_not_taken_as_absent(tmp_path):
+    """A signature that is there but cannot be read (truncated, not JSON) stops the run
+    naming it: taken as absent, a rerun with other settings overwrote it with its own and
+    resumed the outputs made with the old ones (a truncated W/distill/signature.json let
+    `distill` resume with a changed distill.lr_images, silently). Absent is still None."""
+    path = tmp_path / "distill" / "signature.json"
+    assert signature.read(path) is None
+    sig = {"distill": {"lr_images": 1000.0}}
+    signature.check_signature(path, sig, create=True, redo="distill again")
+    good = path.read_text()
+    for damaged in (good[: len(good) // 2], "", "[1, 2]"):
+        path.write_text(damaged)
+        with pytest.raises(ConfigError, match="signature.json is not") as err:
+            signature.read(path)
+        assert str(err.value).startswith(str(path)) and f"delete {path.parent}" in str(err.value)
+        other = {"distill": {"lr_images": 77.0}}
+        with pytest.raises(ConfigError, match="signature.json is not"):
+            signature.check_signature(path, other, create=True, redo="distill again")
+        assert path.read_text() == damaged  # not overwritten with the rerun's settings
+
+
 def test_image_root_binds_and_retired_keys_do_not(tmp_path, monkeypatch):
     """The images are not hashed, so where they are read from binds a workdir (compress and
     pretrain left `data.image_root` out: a rerun on other images resumed). A key an older

@@ -7,6 +7,7 @@ to `DIR/<stage>.json` by the main process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -327,6 +328,7 @@ def _main_impl(argv: list[str] | None) -> None:
 
         from tldr_jax.data.records import InputError
         from tldr_jax.utils import dist, preemption
+        from tldr_jax.utils.io import DamagedFileError
 
         # Orbax and grain log every checkpoint file at INFO through absl; keep ours at INFO.
         absl_logging.set_verbosity(absl_logging.WARNING)
@@ -349,8 +351,16 @@ def _main_impl(argv: list[str] | None) -> None:
                 file=sys.stderr,
             )
             _exit_now(130)
-        except (InputError, FileNotFoundError, ConfigError) as e:
-            # The input's or the config's fault, and the message says where: no traceback.
+        except (InputError, FileNotFoundError, ConfigError, DamagedFileError) as e:
+            # The input's or the config's fault (or an earlier output damaged since), and the
+            # message says where: no traceback.
+            print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            if not file_system_error(e):
+                raise
+            # A path the stage cannot read or write (permissions, a file where a folder
+            # should be, a full or read-only disk): the message names it, no traceback.
             print(f"tldr-jax {stage}: error: {e}", file=sys.stderr)
             sys.exit(2)
         keys = [k for k in ("tr_r1", "ir_r1", "kept_rows", "fraction") if k in summary]
@@ -390,6 +400,27 @@ def _main_impl(argv: list[str] | None) -> None:
             _usage_error(stage, unknown_override_message(args, e))
 
     app.run(_main, argv=[argv[0]] + argv[2:], flags_parser=_parse_flags)
+
+
+# What a file system answers about a path (not a fault of the program): one line, exit 2.
+FILE_SYSTEM_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
+
+
+def file_system_error(e: OSError) -> bool:
+    """Whether `e` is a file system's refusal of a path, told as one line by the CLI."""
+    return e.errno in FILE_SYSTEM_ERRNOS
 
 
 def flag_error_message(text: str) -> str:

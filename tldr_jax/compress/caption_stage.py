@@ -254,7 +254,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # --- Caption every kept row (this process: its contiguous slice).
     t1 = time.time()
     train = load_train(config)
-    kept_ids = [str(i) for i in np.load(Path(workdir) / "score" / "kept.npz")["ids"]]
+    kept = io.npz_arrays(Path(workdir) / "score" / "kept.npz", "ids", made_by="score")[0]
+    kept_ids = [str(i) for i in kept]
     rows = rows_of(train.ids, kept_ids)
     final = out / "generated.json"
     generated = _covers(final, kept_ids)

@@ -121,9 +121,9 @@ def read_chunks(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """All (ids, codes) of the chunk files, in chunk-number order."""
     ids, codes = [], []
     for f in sorted(out_dir.glob("codes-*.npz")):
-        with np.load(f) as z:
-            ids.append(z["ids"].astype(str))
-            codes.append(z["codes"])
+        chunk_ids, chunk_codes = io.npz_arrays(f, "ids", "codes", made_by="extract")
+        ids.append(chunk_ids.astype(str))
+        codes.append(chunk_codes)
     return np.concatenate(ids), np.concatenate(codes)
 
 

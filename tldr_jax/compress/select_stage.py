@@ -44,8 +44,7 @@ def _row_order(extract_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray, n
         raise FileNotFoundError(f"no codes-*.npz chunks in {extract_dir}; run `extract` first")
     parts = []
     for f in files:
-        with np.load(f) as z:
-            parts.append(np.asarray(z["ids"]).astype(str))
+        parts.append(io.npz_arrays(f, "ids", made_by="extract")[0].astype(str))
     offsets = np.cumsum([0] + [len(p) for p in parts])
     file_ids = np.concatenate(parts)
     uniq, first = np.unique(file_ids, return_index=True)
@@ -53,7 +52,7 @@ def _row_order(extract_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray, n
         log.warning("select: %d duplicate ids across chunks dropped", len(file_ids) - len(first))
     order_file = extract_dir / "ids.json"
     if order_file.exists():
-        wanted = np.asarray(io.read_json(order_file), dtype=str)
+        wanted = np.asarray(io.read_json(order_file, made_by="extract"), dtype=str)
         pos = np.minimum(np.searchsorted(uniq, wanted), len(uniq) - 1)
         missing = wanted[uniq[pos] != wanted]
         if len(missing):
@@ -81,8 +80,7 @@ def _fill_rows(
     for i, f in enumerate(files):
         d = dest[offsets[i] : offsets[i + 1]]
         keep = d >= 0
-        with np.load(f) as z:
-            rows = fn(np.asarray(z["codes"])[keep])
+        rows = fn(io.npz_arrays(f, "codes", made_by="extract")[0][keep])
         if check is not None:
             check(f, rows, d[keep])
         if out is None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from tldr_jax.compress.common import (
     check_stage,
@@ -133,17 +132,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_stage(config, workdir, "write")
     out = stage_dir(workdir, "compress")
     train = load_train(config)
-    kept = np.load(Path(workdir) / "score" / "kept.npz")
-    rows = rows_of(train.ids, kept["ids"])
-    generated: dict[str, str] = io.read_json(Path(workdir) / "caption" / "generated.json")
-    clusters = np.load(Path(workdir) / "select" / "clusters.npz")
-    cluster_of = dict(zip(clusters["ids"].tolist(), clusters["assignments"].tolist(), strict=True))
+    kept_ids, kept_scores = io.npz_arrays(
+        Path(workdir) / "score" / "kept.npz", "ids", "scores", made_by="score"
+    )
+    rows = rows_of(train.ids, kept_ids)
+    generated: dict[str, str] = io.read_json(
+        Path(workdir) / "caption" / "generated.json", made_by="caption"
+    )
+    cluster_ids, assignments = io.npz_arrays(
+        Path(workdir) / "select" / "clusters.npz", "ids", "assignments", made_by="select"
+    )
+    cluster_of = dict(zip(cluster_ids.tolist(), assignments.tolist(), strict=True))
 
     mode = str(config.write.mode)
     extracted = materialise_encoded_images(config, [train.ids[r] for r in rows], out)
     entries, manifest, written = [], [], []
     left_out = 0
-    for r, score in zip(rows, kept["scores"], strict=True):
+    for r, score in zip(rows, kept_scores, strict=True):
         sid = train.ids[r]
         original = train.captions[r][0]
         if mode == "generated" and not generated.get(sid):

@@ -15,6 +15,7 @@ folder after changing images in place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -261,7 +262,7 @@ def load_cached(cache_dir: str, key: str, skips: Skips) -> tuple[dict[str, Any],
             meta = json.load(f)
         store = np.load(images_path, mmap_mode="r")
         index = np.load(index_path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         log.warning("decode cache %s unreadable (%s); decoding again", meta_path, e)
         return None
     if meta.get("version") != CACHE_VERSION or len(index) != len(meta["ids"]):
@@ -292,7 +293,25 @@ class MemmapStore:
     def __call__(self, n: int) -> np.ndarray:
         os.makedirs(self.cache_dir, exist_ok=True)
         shape = (n, self.size, self.size, 3)
-        return np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
+        array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
+        # The file is sparse: its blocks are reserved now, so that a full disk is an error
+        # here and not a SIGBUS (the process killed, no message) when a decoded image is
+        # stored into a page the file system has no room for.
+        with open(self.tmp, "r+b") as f:
+            nbytes = os.fstat(f.fileno()).st_size
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # cannot reserve: sparse
+                    return array
+                del array
+                raise OSError(
+                    e.errno,
+                    f"{os.strerror(e.errno)}: reserving {nbytes / 2**20:.1f} MiB for the "
+                    "decoded images in data.cache_dir (free space there, or set another)",
+                    self.tmp,
+                ) from None
+        return array
 
 
 def _writer_tag() -> str | None:

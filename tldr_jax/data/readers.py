@@ -1064,7 +1064,12 @@ def _read_image_folder(path: str, sink: _RecordSink) -> None:
         if ext is None:
             skips.skip("missing_image", where, key, "no image file for this key")
             continue
-        caption, reason = _sample_caption(files, lambda e, f=files: f[e].read_bytes())
+        try:
+            caption, reason = _sample_caption(files, lambda e, f=files: f[e].read_bytes())
+        except OSError as e:  # a caption file that cannot be read (permissions, I/O error)
+            caption_file = files["txt"] if "txt" in files else files["json"]
+            skips.skip("no_caption", str(caption_file), key, f"cannot read: {e}")
+            continue
         if reason:
             skips.skip(reason, str(files[ext]), key)
             continue

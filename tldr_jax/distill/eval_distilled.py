@@ -322,8 +322,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     npz = workdir_p / "distill" / "distilled.npz"
     if not npz.exists():
         raise FileNotFoundError(f"{npz} not found: run `tldr-jax distill` first")
-    with np.load(npz) as f:
-        syn = {k: f[k] for k in f.files}
+    syn = io.read_npz(npz, made_by="distill")
     seed = int(config.seed)
     b, e = config.buffer, config.eval
     data = et.load_pairs(config, workdir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from tldr_jax.data.tokenizer import hf_tokenizer
 from tldr_jax.models.pretrained import text_model_dir
 from tldr_jax.utils import progress
 from tldr_jax.utils.io import write_npy
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
 
@@ -322,7 +325,14 @@ class TextEncoder:
         """`embed`, stored in cache_dir/text_emb_<hash>.npy and reused when present."""
         path = Path(cache_dir) / f"text_emb_{self.cache_key(texts, normalize)}.npy"
         if path.exists():
-            return np.load(path)
+            try:
+                cached = np.load(path)
+            except (OSError, ValueError, EOFError) as e:  # damaged (ours land whole)
+                cached = e
+            if isinstance(cached, np.ndarray) and cached.shape == (len(texts), self.dim):
+                return cached
+            what = cached if not isinstance(cached, np.ndarray) else f"shape {cached.shape}"
+            log.warning("text-embedding cache %s unreadable (%s); embedding again", path, what)
         emb = self.embed(texts, batch_size=batch_size, normalize=normalize)
         write_npy(path, emb)
         return emb

@@ -128,9 +128,47 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
         f.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+class DamagedFileError(ValueError):
+    """An output of an earlier stage that is there but cannot be read (cut short, or not
+    what it should be): our writes land whole, so something else damaged it."""
+
+
+def damaged(path: str | os.PathLike, error: BaseException, made_by: str = "") -> DamagedFileError:
+    redo = f"rerun `tldr-jax {made_by}` on this workdir" if made_by else "rerun the stage"
+    return DamagedFileError(
+        f"{path} is damaged ({type(error).__name__}: {error}): delete it and {redo}, which "
+        "writes it again"
+    )
+
+
+def read_json(path: str | os.PathLike, made_by: str = "") -> Any:
+    """JSON at `path`; `DamagedFileError` naming it where it is not valid JSON (`made_by`:
+    the stage that writes it, for the message)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise damaged(path, e, made_by) from None
+
+
+def npz_arrays(path: str | os.PathLike, *keys: str, made_by: str = "") -> tuple[np.ndarray, ...]:
+    """The arrays `keys` of the `.npz` at `path`, read whole; `DamagedFileError` naming the
+    file where it is cut short, not an `.npz` or lacks one of them (a missing file stays a
+    FileNotFoundError)."""
+    return tuple(read_npz(path, made_by, keys).values())
+
+
+def read_npz(
+    path: str | os.PathLike, made_by: str = "", keys: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Every array of the `.npz` at `path` (or those `keys`), as `npz_arrays`."""
+    import zipfile
+
+    try:
+        with np.load(path) as z:
+            return {k: np.asarray(z[k]) for k in (z.files if keys is None else keys)}
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError) as e:
+        raise damaged(path, e, made_by) from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -169,11 +169,31 @@ def _normalise_encoders(tree: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any] | None:
-    """The signature at `path`, or None where there is none (or it cannot be read)."""
+    """The signature at `path`, or None where there is none. One that is there but cannot
+    be read (truncated, not JSON, no permission) is a ConfigError naming it: taken as
+    absent, it was overwritten with the rerun's settings and the outputs made with other
+    ones were resumed as these."""
     try:
-        return flatten(json.loads(Path(path).read_text()))
-    except (OSError, ValueError):
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise _damaged(path, f"cannot be read: {e}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise _damaged(path, f"is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise _damaged(path, "is not a JSON object")
+    return flatten(obj)
+
+
+def _damaged(path: Path, what: str) -> ConfigError:
+    folder = Path(path).parent
+    return ConfigError(
+        f"{path} {what}: it records the settings {folder} was made with. Restore it, or "
+        f"delete {folder} to redo that stage (or use a new --workdir)."
+    )
 
 
 def write(path: Path, sig: Mapping[str, Any]) -> None:
