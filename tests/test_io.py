@@ -220,3 +220,102 @@ def test_metric_logger_resumes_at_its_step_and_a_fresh_run_starts_over(tmp_path)
     logger.log(1, loss=5.0)
     logger.close()
     assert rows()[1:] == ["1,loss,5.0"]
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+import jax.numpy as jnp
+from tldr_jax.train.checkpoint import Checkpointer
+from tldr_jax.utils import io
+ckpt = Checkpointer(sys.argv[1] + "/ckpt")
+# A file-size limit stands in for a full disk (a write past it fails with EFBIG).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+big = np.random.default_rng(0).normal(size=(200, 200)).astype(np.float32)
+for name, write in [
+    ("checkpoint", lambda: ckpt.save(1, {"w": jnp.asarray(big)})),
+    ("npy", lambda: io.write_npy(sys.argv[1] + "/a.npy", big)),
+    ("npz", lambda: io.write_npz(sys.argv[1] + "/b.npz", x=big)),
+]:
+    try:
+        write()
+    except OSError as e:
+        print(name, "|", type(e).__name__, "|", e.errno, "|", e)
+"""
+
+
+def test_a_write_past_the_disk_s_room_is_an_oserror_naming_the_output(tmp_path):
+    """A full disk (here a file-size limit, EFBIG) during a checkpoint save or an .npy/.npz
+    write is an OSError with its errno and the output's name, which the CLI tells in one
+    line: not Orbax's ValueError, nor numpy's "N requested and M written" with neither."""
+    import errno
+    import subprocess
+    import sys
+
+    from tldr_jax import cli
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    ).stdout  # fmt: skip
+    lines = {line.split(" | ")[0]: line.split(" | ")[1:] for line in out.splitlines()}
+    assert set(lines) == {"checkpoint", "npy", "npz"}, out
+    assert lines["checkpoint"][:2] == ["OSError", str(errno.EFBIG)]
+    assert lines["checkpoint"][2].endswith(f"saving checkpoint step 1: '{tmp_path / 'ckpt'}'")
+    assert lines["npy"] == ["OSError", str(errno.EFBIG), f"[Errno 27] File too large: "
+                            f"'{tmp_path / 'a.npy'}'"]  # fmt: skip
+    assert lines["npz"][:2] == ["OSError", str(errno.EFBIG)]
+    assert lines["npz"][2].endswith(f"'{tmp_path / 'b.npz'}'")
+    assert cli.file_system_error(OSError(errno.EFBIG, "File too large"))
+    # nothing half-written under an output's name, no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if not p.name.endswith("-tmp")]
+
+
+def test_a_damaged_checkpoint_is_an_error_naming_it(tmp_path):
+    """A checkpoint's files cut short since the save (Orbax renames a step into place only
+    once whole): a DamagedFileError naming the step's folder and what to delete, not
+    TensorStore's OUT_OF_RANGE traceback. A target of another structure stays Orbax's."""
+    import jax.numpy as jnp
+    import pytest
+
+    from tldr_jax.train.checkpoint import Checkpointer
+
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(2, {"w": jnp.asarray(w)}, extra={"loss": 1.0})
+    state, _ = ckpt.restore(2, {"w": jnp.zeros((64, 64))})
+    np.testing.assert_array_equal(state["w"], w)
+    data = [p for p in (tmp_path / "ckpt" / "2").rglob("*") if p.is_file()]
+    biggest = max(data, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.raises(io.DamagedFileError) as err:
+        ckpt.restore(2, {"w": jnp.zeros((64, 64))})
+    where = tmp_path / "ckpt" / "2"
+    assert str(err.value).startswith(f"checkpoint {where} is damaged (")
+    assert f"delete {where} to resume from the one before it" in str(err.value)
+    ckpt.close()
+
+
+def test_an_output_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """The temporary file is fsynced before the rename, so a power cut leaves the old output
+    or the new one whole under the name, never a renamed file whose data never landed."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(io.os, "replace", replace)
+    io.write_json(tmp_path / "a.json", {"x": 1})
+    io.write_npy(tmp_path / "b.npy", np.arange(3))
+    assert events == ["fsync", "rename", "fsync", "rename"]
+    assert io.read_json(tmp_path / "a.json") == {"x": 1}

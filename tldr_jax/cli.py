@@ -411,6 +411,7 @@ FILE_SYSTEM_ERRNOS = frozenset(
         errno.EISDIR,
         errno.ENOSPC,
         errno.EDQUOT,
+        errno.EFBIG,
         errno.EROFS,
         errno.ENAMETOOLONG,
         errno.ELOOP,

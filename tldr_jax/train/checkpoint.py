@@ -14,7 +14,9 @@ read only from checkpoints written before this change.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,13 @@ import jax
 import orbax.checkpoint as ocp
 
 DATA_STATE_KEY = "_data_state"
+
+# TensorStore's errors (raised as ValueError): the OS error under a failed write, and the
+# status of a read that found the files cut short or corrupt.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+_DAMAGED = re.compile(
+    r"^(OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT): Error reading"
+)
 
 
 class Checkpointer:
@@ -57,8 +66,20 @@ class Checkpointer:
             extra[DATA_STATE_KEY] = data_iter.get_state()
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         items["extra"] = ocp.args.JsonSave(extra)
-        self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
-        self._mngr.wait_until_finished()
+        try:
+            self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            # A full or read-only disk under Orbax's writer threads: an OSError naming the
+            # folder (the CLI's one line), not a ValueError traceback. The step's temporary
+            # folder is swept by the next run that saves here.
+            code = next(filter(None, (_OS_ERROR_CODE.search(str(x)) for x in _chain(e))), None)
+            if code is None:
+                raise
+            errnum = int(code.group(1))
+            raise OSError(
+                errnum, f"{os.strerror(errnum)}: saving checkpoint step {step}", str(self.directory)
+            ) from None
 
     def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
         """Restores into the structure, dtypes and shardings of `target` (arrays or
@@ -70,7 +91,7 @@ class Checkpointer:
             "state": ocp.args.StandardRestore(abstract),
             "extra": ocp.args.JsonRestore(),
         }
-        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        out = self._restore(step, ocp.args.Composite(**items))
         extra = dict(out["extra"] or {})
         data_state = extra.pop(DATA_STATE_KEY, None)
         if data_iter is not None:
@@ -91,10 +112,48 @@ class Checkpointer:
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True,
         )
-        return self._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
+        return self._restore(step, ocp.args.Composite(state=args))["state"]
+
+    def _restore(self, step: int, args: Any) -> Any:
+        """`restore`, with a checkpoint whose files were cut short or corrupted since it was
+        written a DamagedFileError naming it (Orbax renames a step into place only once it
+        is whole, so the damage came from outside)."""
+        from tldr_jax.utils.io import DamagedFileError
+
+        try:
+            return self._mngr.restore(step, args=args)
+        except Exception as e:  # TensorStore's status, maybe wrapped by Orbax; JSON extras
+            first = _damage(e)
+            if first is None:
+                raise
+            where = self.directory / str(step)
+            raise DamagedFileError(
+                f"checkpoint {where} is damaged ({first[:300]}): delete {where} to resume "
+                f"from the one before it, or delete {self.directory} to start over"
+            ) from None
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and those it was raised from, outermost first."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _damage(error: BaseException) -> str | None:
+    """The first line of the error (or of one it was raised from) that says a checkpoint's
+    files are cut short or corrupt, or None."""
+    for e in _chain(error):
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if _DAMAGED.match(first) or isinstance(e, json.JSONDecodeError):
+            return first
+    return None
 
 
 def _abstract(x: Any) -> Any:

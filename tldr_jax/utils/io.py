@@ -33,9 +33,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as e:
+            if e.errno is None or e.filename is not None:
+                raise
+            # A write that failed for want of space or quota names no file: name the output.
+            raise OSError(e.errno, e.strerror, str(path)) from e
         if tmp_path.is_file():
             os.chmod(tmp_path, _FILE_MODE)
+            # On disk before the rename: after a power cut the name holds the old file or
+            # the new one whole, never a renamed but still empty one (ext4/xfs delay writes).
+            fd = os.open(tmp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -181,9 +194,19 @@ def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
         np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
+class _Writes:
+    """A file seen by numpy only through `write`: `np.save` then writes the array in chunks
+    through it, and a full disk is an `OSError` with its errno (ENOSPC). To a real file it
+    writes with `ndarray.tofile`, whose error on a full disk is "N requested and M written"
+    with no errno and no file name."""
+
+    def __init__(self, f: Any) -> None:
+        self.write = f.write
+
+
 def write_npy(path: str | os.PathLike, array: Any) -> None:
     with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.asarray(array))
+        np.save(_Writes(f), np.asarray(array))
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
