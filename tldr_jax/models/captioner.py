@@ -124,8 +124,10 @@ class DecoderLayer(nnx.Module):
         q, k, v = jnp.split(self.qkv(self.ln_self(x)), 3, axis=-1)
         q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
         if cache is not None:
+            # One index dtype (int32) for all four: with jax_enable_x64 a Python 0 is int64.
+            at, zero = jnp.asarray(index, jnp.int32), jnp.zeros((), jnp.int32)
             put = lambda buf, new: jax.lax.dynamic_update_slice(
-                buf, new.astype(buf.dtype), (0, 0, index, 0)
+                buf, new.astype(buf.dtype), (zero, zero, at, zero)
             )
             k, v = put(cache[0], k), put(cache[1], v)
         x = x + drop(self.self_out(_merge_heads(attend(q, k, v, self_mask))))
