@@ -3,6 +3,9 @@ signal propagation, and the "student is a pure function of its parameters" prope
 
 import functools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -507,3 +510,188 @@ def test_a_preset_only_key_is_left_out_under_another_preset():
         [],
     )
     assert encoder_kwargs("vit", {"width_multiplier": 0.5}) == ({}, ["width_multiplier"])
+
+
+def x64_dtype_problems() -> list[str]:
+    """Run with jax_enable_x64 on (`test_models_and_steps_stay_32_bit_under_jax_enable_x64`):
+    builds every model abstractly and traces one step of each (nothing is compiled). Returns
+    each state leaf or output of a 64-bit dtype and the first equation making a 64-bit float in
+    each program."""
+    import optax
+    from jax.extend import core as jcore
+
+    from configs import distill as distill_config
+    from configs import pretrain as pretrain_config
+    from configs import tldr as tldr_config
+    from tldr_jax.caption.generate import generate_captions
+    from tldr_jax.compress import caption_stage, captioner_stage
+    from tldr_jax.distill import expert_trajectories, matching
+    from tldr_jax.models.bert import BertEncoder, pool
+    from tldr_jax.models.vq import LOSS_FORMS
+    from tldr_jax.train import pretrain, state
+
+    try:  # where an equation comes from (private: only for the message)
+        from jax._src.source_info_util import summarize
+    except ImportError:
+        summarize = lambda info: "?"
+
+    assert jax.config.jax_enable_x64
+    wide = {np.dtype(t) for t in ("float64", "int64", "uint64", "complex128")}
+    bad: list[str] = []
+
+    def check(what, tree):
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            dtype = getattr(x, "dtype", None)
+            if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+                continue
+            if np.dtype(dtype) in wide:
+                bad.append(f"{what}{jax.tree_util.keystr(path)}: {x.dtype}")
+
+    def walk(what, jaxpr):
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                dtype = v.aval.dtype
+                if jax.dtypes.issubdtype(dtype, jnp.floating) and dtype.itemsize == 8:
+                    where = summarize(eqn.source_info)
+                    bad.append(f"{what}: {eqn.primitive} -> {v.aval.str_short()} at {where}")
+                    return
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                        walk(what, getattr(sub, "jaxpr", sub))
+
+    def check_program(what, fn, *args):
+        closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
+        walk(what, closed.jaxpr)
+        check(f"{what} output", out)
+        return out
+
+    def f32(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    def i32(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    def train_step(what, model, loss_fn, tc, batch, make=state.make_train_step):
+        model_def, params, rest = state.split_model(model)
+        tx = state.make_optimizer(tc, 10)
+        st = jax.eval_shape(lambda p, r: state.init_state(p, r, tx), params, rest)
+        check(f"{what} train state", st)
+        check_program(f"{what} train step", make(model_def, tx, loss_fn, 0), st, batch)
+
+    for name, kwargs, size in [
+        ("convnet", {"width": 8, "depth": 2}, 16),
+        ("vit", {"preset": "tiny"}, 32),
+        ("nfresnet", {"preset": "tiny"}, 32),
+    ]:
+        make = lambda n=name, kw=kwargs, size=size: make_image_encoder(n, kw, size, nnx.Rngs(0))
+        gd, s = nnx.split(nnx.eval_shape(make))
+        check(f"{name} state", s)
+        forward = lambda s, x, gd=gd: nnx.merge(gd, s)(x)
+        check_program(f"{name} forward", forward, s, f32(2, size, size, 3))
+
+    def bert():
+        return BertEncoder(
+            vocab_size=50,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=32,
+            rngs=nnx.Rngs(0),
+        )
+
+    gd, s = nnx.split(nnx.eval_shape(bert))
+    check("bert state", s)
+    encode = lambda s, ids, mask: pool(nnx.merge(gd, s)(ids, mask), mask)
+    check_program("bert forward", encode, s, i32(2, 8), i32(2, 8))
+
+    config = pretrain_config.get_config("tiny")
+    size = int(config.data.image_size)
+    model = nnx.eval_shape(lambda: pretrain.build_model(config, 16, 0))
+    batch = {"image": f32(4, size, size, 3), "text_emb": f32(4, 16)}
+    train_step("dual encoder", model, pretrain.contrastive_loss, config.train, batch)
+
+    config = tldr_config.get_config("tiny")
+    size = int(config.data.image_size)
+    seq = int(config.captioner.max_len) + 2
+    batch = {
+        "image": f32(2, size, size, 3),
+        "input_ids": i32(2, seq),
+        "attention_mask": i32(2, seq),
+    }
+    for form in LOSS_FORMS:
+        config.captioner.vq_loss = form
+        model = nnx.eval_shape(lambda: captioner_stage.build_codebook_captioner(config, 40, 1))
+        loss_fn, tc = captioner_stage.codebook_loss, config.captioner.train
+        train_step(f"captioner ({form})", model, loss_fn, tc, batch, captioner_stage.make_step)
+
+    model = nnx.eval_shape(lambda: caption_stage.build_captioner(config, 40, 1, seq))
+
+    def caption_loss(m, b, train):
+        return m.loss(b["image"], b["input_ids"], b["attention_mask"], prompt_len=2, train=train)
+
+    train_step("plain captioner", model, caption_loss, config.caption.train, batch)
+    gd, s = nnx.split(model)
+    for method in ("greedy", "beam", "nucleus"):
+
+        def decode(s, x, method=method):
+            model = nnx.merge(gd, s)
+            kw = dict(method=method, max_len=4, beam_size=2, bos_id=1, eos_id=2, pad_id=0)
+            return generate_captions(model, x, [5, 6], rng=jax.random.key(0), **kw)
+
+        out = check_program(f"{method} decoding", decode, s, batch["image"])
+        assert out.dtype == jnp.int32, out.dtype
+
+    config = distill_config.get_config("tiny")
+    size = int(config.data.image_size)
+    student = expert_trajectories.build_student(config, 16)
+    theta = jax.eval_shape(lambda: expert_trajectories.init_params(config, 16, 0))
+    check("student parameters", theta)
+    tx = optax.sgd(0.1, momentum=0.5)
+
+    def student_step(theta, images, texts):  # an expert's / evaluation model's step
+        def loss(theta):
+            key = jax.random.key(0)
+            img, txt = student.apply(*theta, images, texts, rng=key, train_dropout=True)
+            return matching.contrastive_loss(img, txt, expert_trajectories.LOGIT_SCALE)
+
+        value, grads = jax.value_and_grad(loss)(theta)
+        updates, _ = tx.update(grads[0], tx.init(theta[0]), theta[0])
+        return value, theta[0] + updates
+
+    check_program("student step", student_step, theta, f32(4, size, size, 3), f32(4, 16))
+
+    syn = jax.eval_shape(matching.SyntheticSet.create, f32(4, size, size, 3), f32(4, 16))
+    outer_tx = matching.make_outer_optimizer(1000.0, 30.0, 0.1, 0.5)
+    opt_state = jax.eval_shape(outer_tx.init, syn)
+    inner = matching.InnerLoop(train_dropout=True)
+    for mode in matching.GRAD_MODES:
+
+        def outer(syn, opt_state, start, target, idx, mode=mode):
+            key = jax.random.key(0)
+            args = (syn, opt_state, outer_tx, student, start, target, idx, key, inner)
+            return matching.outer_step(*args, grad_mode=mode)
+
+        check_program(f"distill ({mode})", outer, syn, opt_state, theta, theta, i32(2, 2))
+    return bad
+
+
+def test_models_and_steps_stay_32_bit_under_jax_enable_x64():
+    """With jax_enable_x64 on (many notebooks set it), every model the library builds (the
+    three image encoders, BERT, the dual encoder, the codebook captioner of each VQ loss form,
+    the plain captioner, the distillation student) has float32 / int32 state (parameters,
+    optimiser state), and no equation of a jitted training step, decoding (greedy, beam,
+    nucleus), expert step or distill outer step (each grad_mode) makes a 64-bit float:
+    memory, speed and results are those of an x32 run. It caught a float64 ViT pos_embed,
+    float64 dropout masks and one-hot targets, BERT's numpy-scalar attention scale, and optax's
+    float64 schedule and Adam bias correction. A subprocess: x64 is process-wide."""
+    env = {"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PATH": "/usr/bin:/bin"}
+    code = (
+        "import sys; from tests.test_models import x64_dtype_problems as f; "
+        "p = f(); print(*p, sep='\\n'); sys.exit(1 if p else 0)"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

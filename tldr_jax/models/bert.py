@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class BertSelfAttention(nnx.Module):
         b, length, hidden = x.shape
         heads = lambda t: t.reshape(b, length, self.num_heads, hidden // self.num_heads)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias
         ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
         return self.norm(x + self.output(ctx.reshape(b, length, hidden)))
 

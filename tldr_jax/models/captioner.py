@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tldr_jax.models.heads import Dropout
 from tldr_jax.models.vq import VectorQuantizer
 
 # MiniLM / BERT uncased special ids.
@@ -97,7 +98,7 @@ class DecoderLayer(nnx.Module):
         self.ln_mlp = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp_in = dense(width, mlp_dim)
         self.mlp_out = dense(mlp_dim, width)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
 
     def image_kv(self, image_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Cross-attention keys and values (B, H, T, d) of the image tokens."""
@@ -164,7 +165,7 @@ class TextDecoder(nnx.Module):
             vocab_size, width, embedding_init=_EMBED_INIT, dtype=dtype, rngs=rngs
         )
         self.pos_embed = nnx.Param(_EMBED_INIT(rngs.params(), (max_len, width), jnp.float32))
-        self.embed_dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.embed_dropout = Dropout(dropout, rngs=rngs)
         self.layers = nnx.List(
             [
                 DecoderLayer(
@@ -289,7 +290,9 @@ def lm_loss(
     weights = attention_mask[:, 1:].astype(jnp.float32)
     if prompt_len:
         weights = weights * (jnp.arange(targets.shape[1]) >= prompt_len)[None]
-    labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+    labels = optax.smooth_labels(
+        jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32), label_smoothing
+    )
     ce = optax.softmax_cross_entropy(logits[:, :-1].astype(jnp.float32), labels)
     count = jnp.sum(weights)
     return jnp.sum(ce * weights) / jnp.maximum(count, 1.0), count

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from flax import nnx
+
+
+class Dropout(nnx.Dropout):
+    """nnx.Dropout drawing its keep mask as it does without jax_enable_x64. nnx.Dropout draws
+    it from a uniform of its Python-float keep probability's dtype: float64 under x64, which
+    is another mask (results change) and a 64-bit temporary the size of the input. A 64-bit
+    input keeps nnx.Dropout's own behaviour."""
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+    ) -> jax.Array:
+        wide = inputs.dtype.itemsize > 4
+        with contextlib.nullcontext() if wide else jax.enable_x64(False):
+            return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
 
 
 class ProjectionHead(nnx.Module):
@@ -17,7 +37,7 @@ class ProjectionHead(nnx.Module):
         self.out_dim: int = out_dim
         self.projection = nnx.Linear(in_dim, out_dim, rngs=rngs)
         self.fc = nnx.Linear(out_dim, out_dim, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         # PyTorch's nn.LayerNorm eps and nn.GELU's exact form, as in the reference.
         self.norm = nnx.LayerNorm(out_dim, epsilon=1e-5, rngs=rngs)
 

@@ -59,7 +59,9 @@ class ViT(nnx.Module):
         )
         normal = jax.nn.initializers.normal(0.02)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, width), jnp.float32))
-        self.pos_embed = nnx.Param(normal(rngs.params(), (1, 1 + self.num_patches, width)))
+        self.pos_embed = nnx.Param(
+            normal(rngs.params(), (1, 1 + self.num_patches, width), jnp.float32)
+        )
         self.blocks = nnx.List(
             EncoderBlock(width, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)
         )

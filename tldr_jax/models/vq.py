@@ -52,6 +52,13 @@ def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
     return z2 - 2.0 * cross + c2[None, :]
 
 
+def _argmin_rows(d: jax.Array) -> jax.Array:
+    """int32 argmin over the last axis of (N, K). jnp.argmin's int64 indices under
+    jax_enable_x64 changed XLA's fusion of the training step: other float32 roundings in the
+    encoder's gradient."""
+    return jax.lax.argmin(d, 1, jnp.int32)
+
+
 def nearest_codes(z: jax.Array, codebook: jax.Array, chunk_size: int = 0) -> jax.Array:
     """Index of the nearest code for every row of z (..., D) -> int32 (...).
 
@@ -62,13 +69,12 @@ def nearest_codes(z: jax.Array, codebook: jax.Array, chunk_size: int = 0) -> jax
     flat = z.reshape(-1, z.shape[-1])
     n = flat.shape[0]
     if chunk_size <= 0 or n <= chunk_size:
-        idx = jnp.argmin(squared_distances(flat, codebook), axis=-1)
+        idx = _argmin_rows(squared_distances(flat, codebook))
     else:
         pad = -n % chunk_size
         chunks = jnp.pad(flat, ((0, pad), (0, 0))).reshape(-1, chunk_size, flat.shape[-1])
-        idx = jax.lax.map(
-            lambda c: jnp.argmin(squared_distances(c, codebook), axis=-1), chunks
-        ).reshape(-1)[:n]
+        idx = jax.lax.map(lambda c: _argmin_rows(squared_distances(c, codebook)), chunks)
+        idx = idx.reshape(-1)[:n]
     return idx.astype(jnp.int32).reshape(lead)
 
 

@@ -405,7 +405,7 @@ def _kmeans_parallel(
 
     @functools.partial(jax.jit, out_shardings=rep)
     def draw(key, w, d2):
-        score = jnp.log(w[:n]) + jnp.log(d2[:n]) + jax.random.gumbel(key, (n,))
+        score = jnp.log(w[:n]) + jnp.log(d2[:n]) + jax.random.gumbel(key, (n,), jnp.float32)
         return lax.top_k(score, draws)[1]
 
     @functools.partial(jax.jit, out_shardings=data)
@@ -614,7 +614,7 @@ def initial_centroids(
         if m == n:
             return x[:n], w[:n]
         # Gumbel top-m over the n real rows: weighted, without replacement.
-        idx = lax.top_k(jnp.log(w[:n]) + jax.random.gumbel(key, (n,)), m)[1]
+        idx = lax.top_k(jnp.log(w[:n]) + jax.random.gumbel(key, (n,), jnp.float32), m)[1]
         return x[idx], w[idx]
 
     xs, ws = subsample(sub, x, w)

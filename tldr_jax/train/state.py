@@ -10,6 +10,7 @@ resumed run draws the same dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -202,7 +203,29 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {name!r}")
     if cfg.get("grad_clip", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)), tx)
-    return tx
+    return without_x64(tx)
+
+
+def without_x64(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` traced as without jax_enable_x64. Under x64 optax computes the schedules' learning
+    rate and Adam's bias corrections (1 - decay**count) from the int32 step count in float64
+    before casting them to the parameters' dtype: other roundings, another update. Trees with
+    a 64-bit leaf keep optax's own behaviour."""
+
+    def context(tree: Any) -> Any:
+        dtypes = [x.dtype for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
+        wide = any(jnp.issubdtype(d, jnp.number) and d.itemsize > 4 for d in dtypes)
+        return contextlib.nullcontext() if wide else jax.enable_x64(False)
+
+    def init(params: Any) -> Any:
+        with context(params):
+            return tx.init(params)
+
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        with context((updates, state, params)):
+            return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def init_state(params: Any, rest: Any, tx: optax.GradientTransformation) -> dict:
