@@ -129,6 +129,16 @@ def test_init_seeded_and_sane(init):
     assert a.objective < 1.05 * ref
 
 
+def test_kmeans_parallel_seeding_quiet_under_debug_infs():
+    # k-means|| starts each row's distance at the largest float, not inf, so that a user's
+    # JAX_DEBUG_INFS=1 only stops on a real infinity; the seeds are the same.
+    x, _ = _blobs(n=200, d=4, k=3, seed=11)
+    ref = km.seed_centroids(x, 3, init="kmeans||", seed=2, mesh=_mesh(1))
+    with jax.debug_infs(True):
+        c = km.seed_centroids(x, 3, init="kmeans||", seed=2, mesh=_mesh(1))
+    np.testing.assert_array_equal(c, ref)
+
+
 def test_kmeans_plus_plus_picks_distinct_rows():
     x, _ = _blobs(n=300, d=4, k=5, seed=7)
     c = np.asarray(km.kmeans_plus_plus(jax.random.key(0), jnp.asarray(x), 5))

@@ -419,7 +419,10 @@ def _kmeans_parallel(
     keys = jax.random.split(key, rounds + 2)
     first = pick_first(keys[0], w)
     cands = [gather(x, first[None])]
-    d2 = closer(x, cands[0], jax.device_put(jnp.full(x.shape[:1], jnp.inf, jnp.float32), data))
+    # The largest finite float, not inf, as the "no candidate yet" distance: the minimum with
+    # the first candidate's (finite) distances is the same, and JAX_DEBUG_INFS stays quiet.
+    big = jnp.finfo(jnp.float32).max
+    d2 = closer(x, cands[0], jax.device_put(jnp.full(x.shape[:1], big, jnp.float32), data))
     for r in range(rounds):
         idx = draw(keys[r + 1], w, d2)
         new = gather(x, idx)
