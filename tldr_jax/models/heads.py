@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 from flax import nnx
+
+from tldr_jax.utils.dtypes import x32_unless_wide
 
 
 class Dropout(nnx.Dropout):
@@ -21,8 +21,7 @@ class Dropout(nnx.Dropout):
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
     ) -> jax.Array:
-        wide = inputs.dtype.itemsize > 4
-        with contextlib.nullcontext() if wide else jax.enable_x64(False):
+        with x32_unless_wide(inputs):
             return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
 
 

@@ -10,7 +10,6 @@ resumed run draws the same dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -25,6 +24,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from tldr_jax.utils.dtypes import x32_unless_wide
 
 log = logging.getLogger(__name__)
 
@@ -212,17 +213,12 @@ def without_x64(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     before casting them to the parameters' dtype: other roundings, another update. Trees with
     a 64-bit leaf keep optax's own behaviour."""
 
-    def context(tree: Any) -> Any:
-        dtypes = [x.dtype for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
-        wide = any(jnp.issubdtype(d, jnp.number) and d.itemsize > 4 for d in dtypes)
-        return contextlib.nullcontext() if wide else jax.enable_x64(False)
-
     def init(params: Any) -> Any:
-        with context(params):
+        with x32_unless_wide(params):
             return tx.init(params)
 
     def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
-        with context((updates, state, params)):
+        with x32_unless_wide((updates, state, params)):
             return tx.update(updates, state, params, **extra)
 
     return optax.GradientTransformationExtraArgs(init, update)
