@@ -10,7 +10,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path = REPO, timeout: float = 600, python: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     env = {
         "XLA_FLAGS": "",
         "JAX_PLATFORMS": "cpu",
@@ -20,7 +22,7 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.Co
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
     }
     return subprocess.run(
-        [sys.executable, "-m", "tldr_jax.cli", *args],
+        [sys.executable, *python, "-m", "tldr_jax.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -361,6 +361,16 @@ def test_cli_unknown_config_word_is_one_line(tmp_path):
     ]
 
 
+def test_cli_runs_with_deprecation_warnings_as_errors(tmp_path):
+    """`python -W error::DeprecationWarning`: ml_collections' own deprecated config-file
+    loading (importlib's `load_module()`) does not stop the CLI; ours would."""
+    strict = ("-W", "error::DeprecationWarning", "-W", "error::FutureWarning")
+    args = ("make-world", "--config", "configs/tldr.py:tiny", "--workdir", str(tmp_path / "w"))
+    r = run_cli(*args, python=strict)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "w" / "make-world.json").read_text())["train_rows"] > 0
+
+
 def test_stage_help_lists_the_config(tmp_path):
     r = run_cli("distill", "--help")
     assert r.returncode == 0 and "distill: trajectory-matching dataset distillation" in r.stdout

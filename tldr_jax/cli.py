@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -382,7 +383,13 @@ def _main_impl(argv: list[str] | None) -> None:
 
     def _parse_flags(args: list[str]) -> list[str]:
         try:
-            rest = flags.FLAGS(args)
+            with warnings.catch_warnings():
+                # ml_collections reads the config file with importlib's deprecated
+                # `load_module()`: not ours to change, and `python -W error` must still run.
+                warnings.filterwarnings(
+                    "ignore", r"the load_module\(\) method is deprecated", DeprecationWarning
+                )
+                rest = flags.FLAGS(args)
             if len(rest) > 1:  # `--config.data.strict maybe`: a boolean flag, then a word
                 words = " ".join(repr(w) for w in rest[1:])
                 _usage_error(stage, f"unexpected argument {words}: write flags as --name=value")

@@ -274,7 +274,7 @@ def make_train_step(
         (loss, (metrics, rest)), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         new_state = {
             "params": params,
             "rest": rest,
