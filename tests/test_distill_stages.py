@@ -1147,3 +1147,65 @@ def test_start_epochs_are_capped_so_the_target_epoch_exists(caplog):
     c.distill.expert_epochs = 5
     with pytest.raises(ConfigError, match="distill.expert_epochs=5 > buffer.epochs=4"):
         start_epochs(c)
+
+
+def test_eval_models_compile_no_key_slice_per_epoch(monkeypatch):
+    """eval-distilled's training loop hands each block of steps its dropout keys without a new
+    compile per epoch: slicing keys[:k] / keys[k:] off a shrinking array compiled two slices
+    per block (the length left changes every block). The keys each block gets are still the
+    consecutive slices of one split of `steps` keys, in order."""
+    import logging
+    import types
+
+    import optax
+
+    from tldr_jax.distill import eval_distilled
+
+    fed: list[jax.Array] = []
+
+    def fake_trainer(self, batch, lr_img, lr_txt):
+        def run(theta, opt_state, x, t, idx, keys, targets=None):
+            fed.append(keys)
+            return theta, opt_state, jnp.float32(1.0), None
+
+        return run, optax.identity(), optax.identity()
+
+    monkeypatch.setattr(eval_distilled.Evaluator, "_trainer", fake_trainer)
+    monkeypatch.setattr(et, "init_params", lambda config, d, seed: (np.ones(3), np.ones(2)))
+    monkeypatch.setattr(eval_distilled, "retrieval_metrics", lambda *a: {})
+    monkeypatch.setattr(eval_distilled, "last_epoch_losses", lambda *a: [])
+
+    def compiles(epochs: int) -> int:
+        c = distill_config.get_config("tiny")
+        c.eval.update(num_models=1, epochs=epochs, batch_size=3, max_steps=0)
+        ev = object.__new__(eval_distilled.Evaluator)
+        ev.config = c
+        ev.data = types.SimpleNamespace(test_images=None, test_txt=None, txt2img=None)
+        ev.embed = lambda theta, i, t: (np.zeros((2, 2), np.float32),) * 2
+        ev._trainers = {}
+        fed.clear()
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda r: records.append(r.getMessage())
+        logger = logging.getLogger("jax")
+        logger.addHandler(handler)
+        try:
+            with jax.log_compiles(True):
+                ev.train_and_eval(np.zeros((8, 2), np.float32), np.zeros((8, 2)), 0.1, 0.1, tag=0)
+        finally:
+            logger.removeHandler(handler)
+        # 8 pairs at batch 3: blocks of 2 and 1 steps per epoch; their keys are one split of
+        # all the steps' keys, cut in order
+        steps = 3 * epochs
+        key = jax.random.fold_in(jax.random.key(1_000_003 + int(c.seed) * 1000), 0)
+        want = jax.random.split(jax.random.split(key)[1], steps)
+        got = jnp.concatenate(fed)
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+        assert [len(k) for k in fed] == [2, 1] * epochs
+        return sum(m.startswith("Compiling") for m in records)
+
+    compiles(2)  # warm-up: what compiles once whatever the number of steps
+    assert compiles(2) == 0
+    # a new number of steps compiles its split and one slice per block size, however many
+    # epochs (before: two slices per block, 2 x 2 x epochs)
+    assert compiles(4) == compiles(12) <= 4

@@ -499,3 +499,57 @@ def test_evaluate_scores_the_checkpoint_on_the_test_split(tmp_path):
     assert ev["checkpoint_step"] == trained["steps"] == 2
     for k in RECALL_KEYS:
         assert ev[k] == pytest.approx(trained[k], abs=1e-6), k
+
+
+def test_embeddings_compile_once_per_model_structure_and_shape():
+    """Evaluation embeds every batch, and every later evaluation of a model of the same
+    structure in the process (the retrieval comparison's runs, score), with one compile per
+    input shape: a jit made per call compiled on every call, and the nnx.jit's write-back
+    of the model's rng state changed its sharding after the first batch (a second compile)."""
+    import logging
+
+    from flax import nnx
+
+    from tldr_jax.data.dataset import ImageTextSet
+
+    config = tiny_config()
+    mesh = _mesh(1)
+    rng = np.random.default_rng(0)
+    n = 20  # 3 batches of 8, the last padded
+    ds = ImageTextSet(
+        ids=[str(i) for i in range(n)],
+        images=rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
+        captions=[["a"]] * n,
+        image_keys=[""] * n,
+        rows_read=n,
+        skipped={},
+        source="test",
+    )
+    text = rng.normal(size=(24, 24)).astype(np.float32)  # 3 whole batches of 8
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    embeddings = []
+    try:
+        with jax.log_compiles(True):
+            for seed in (0, 1, 1):
+                # as training leaves it: parameters on the mesh, the rng state not
+                model = pretrain.build_model(config, 24, seed)
+                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+                params = jax.device_put(params, NamedSharding(mesh, P()))
+                model = nnx.merge(graphdef, params, rest)
+                compiled = len(records)
+                img = pretrain.embed_images(model, ds, batch_size=8)
+                txt = pretrain.embed_texts(model, text, batch_size=8)
+                new = [m for m in records[compiled:] if m.startswith("Compiling")]
+                embeddings.append((img, txt, new))
+    finally:
+        logger.removeHandler(handler)
+    enc = [[m for m in new if "_encode_" in m or "lambda" in m] for _, _, new in embeddings]
+    assert len(enc[0]) == 2 and enc[1] == enc[2] == []  # images (the last batch padded), texts
+    # the same model, the same embeddings; unit rows
+    np.testing.assert_array_equal(embeddings[1][0], embeddings[2][0])
+    np.testing.assert_allclose(np.linalg.norm(embeddings[0][0], axis=1), 1.0, rtol=1e-5)
+    assert embeddings[0][1].shape == (24, int(config.model.embed_dim))

@@ -106,12 +106,15 @@ class Evaluator:
             k_batch, k_drop = jax.random.split(key)
             keys = jax.random.split(k_drop, steps)
             losses = []
+            done = 0
             for idx in epoch_minibatches(k_batch, n, batch, steps):
                 run = self._trainer(idx.shape[1], lr_img, lr_txt)[0]  # one per batch size
-                theta, opt_state, loss, _ = run(
-                    theta, opt_state, x, t, idx, keys[: len(idx)], targets
-                )
-                keys = keys[len(idx) :]
+                # The block's keys at a traced offset into the fixed-size `keys`: slicing
+                # keys[:k] / keys[k:] off a shrinking array compiled two slices per block (per
+                # epoch), one for each length left.
+                block_keys = jax.lax.dynamic_slice_in_dim(keys, done, len(idx))
+                theta, opt_state, loss, _ = run(theta, opt_state, x, t, idx, block_keys, targets)
+                done += len(idx)
                 losses.append((float(loss), len(idx), idx.shape[1]))  # mean of k steps
             loss = sum(v * k for v, k, _ in losses) / steps
             img, txt = self.embed(theta, self.data.test_images, self.data.test_txt)
