@@ -102,6 +102,36 @@ def test_initialize_explicit_arguments_win_and_one_process_stays_local(monkeypat
     assert calls[-1] == {"coordinator_address": "env:1", "num_processes": 4, "process_id": 3}
 
 
+def test_slurm_task_whose_runtime_fails_stops_an_allocation_shell_runs_alone(monkeypatch, caplog):
+    """Under `srun` (a job step's variables), a jax.distributed that cannot start stops the
+    task: alone, every task would redo the stage in one workdir. In an allocation's own
+    shell (SLURM_NTASKS but no step) one process runs, with a warning."""
+    import jax
+
+    from tldr_jax.utils import dist
+
+    def fail(**kw):
+        raise ValueError("coordinator unreachable")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    monkeypatch.setattr(dist, "_initialized", False)
+    for key in ("TLDR_COORDINATOR", "TLDR_NUM_PROCESSES", "TLDR_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for key in ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level("WARNING", logger="tldr_jax.utils.dist"):
+        dist.initialize()
+    assert not dist._initialized and "running single-process" in caplog.text
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-4]")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    with pytest.raises(RuntimeError, match="SLURM task 2 of 4: jax.distributed could not start"):
+        dist.initialize()
+    assert not dist._initialized
+
+
 def test_two_processes_pretrain_equals_one(pretrain_runs):
     one = json.loads((pretrain_runs / "one" / "pretrain.json").read_text())
     two = json.loads((pretrain_runs / "two" / "pretrain.json").read_text())

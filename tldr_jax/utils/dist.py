@@ -49,7 +49,23 @@ def initialize(
             jax.distributed.initialize()
             _initialized = True
         except Exception as e:  # one binary for one host or many
-            log.info("jax.distributed not initialised (%s); running single-process", e)
+            if srun_task():
+                # One of several tasks srun started: alone, each would redo the whole stage
+                # in the same workdir.
+                raise RuntimeError(
+                    f"SLURM task {os.environ['SLURM_PROCID']} of {os.environ['SLURM_NTASKS']}: "
+                    f"jax.distributed could not start ({e}); the tasks would each run the "
+                    "whole stage alone (check the nodes reach each other, or run one task)"
+                ) from e
+            log.warning("jax.distributed not initialised (%s); running single-process", e)
+
+
+def srun_task() -> bool:
+    """Whether this process is one task of a SLURM job step (what `srun` sets, and what
+    JAX's SLURM detection reads); an allocation's shell (`salloc`, the batch script itself)
+    has SLURM_NTASKS but no step."""
+    step = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    return all(k in os.environ for k in step)
 
 
 def is_main() -> bool:
