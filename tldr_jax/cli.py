@@ -80,7 +80,7 @@ def _acquire_lock(path: Path, name: str, workdir: str) -> Any:
     import fcntl
 
     while True:
-        f = open(path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the lock's lifetime)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,7 +176,58 @@ def workdir_path(workdir: str) -> str:
 
     if not str(workdir).strip():
         raise config_check.ConfigError(WORKDIR_REQUIRED)
-    return config_check.local_path(str(workdir))
+    path = config_check.local_path(str(workdir))
+    if not os.path.isabs(path) and cwd_gone():
+        raise config_check.ConfigError(f"--workdir {path}: {CWD_GONE}")
+    if re.search("[\ud800-\udfff]", path):
+        # Bytes not decodable in the locale's encoding (a non-UTF-8 name, or any non-ASCII
+        # one under LC_ALL=C with PYTHONUTF8=0): the checkpoint writer (tensorstore) took
+        # them for a traceback ("Unable to cast Python instance of type <class 'str'>").
+        raise config_check.ConfigError(
+            f"--workdir {path}: the folder's name is not text in this process's file name "
+            f"encoding ({sys.getfilesystemencoding()}), which the checkpoint writer needs: "
+            "run in a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1) or use another folder"
+        )
+    return path
+
+
+# How far below the workdir outputs reach, with room to spare: an orbax checkpoint's temporary
+# folders are ~130 bytes (`train-captioner/checkpoints/12.orbax-checkpoint-tmp/state.orbax-
+# checkpoint-tmp/ocdbt.process_0/d/<32 hex digits>`).
+OUTPUT_DEPTH_BYTES = 256
+
+
+def check_workdir_length(workdir: str) -> None:
+    """A ConfigError where the workdir's path is so long that outputs below it would pass the
+    system's limit on a path's length (PATH_MAX, 4096 bytes on Linux): that failed at the first
+    checkpoint, with hundreds of lines of tracebacks from the checkpoint writer's threads."""
+    from tldr_jax.config_check import ConfigError
+
+    try:
+        limit = os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 4096
+    size = len(os.fsencode(os.path.abspath(workdir)))
+    if size + OUTPUT_DEPTH_BYTES > limit:
+        raise ConfigError(
+            f"--workdir is {size} bytes long: outputs up to {OUTPUT_DEPTH_BYTES} bytes below it "
+            f"would pass this system's limit of {limit} bytes on a path; use a shorter one"
+        )
+
+
+CWD_GONE = (
+    "a relative path, and the current folder no longer exists (removed after the shell "
+    "entered it): cd to a folder that exists, or give an absolute path"
+)
+
+
+def cwd_gone() -> bool:
+    """Whether the current folder was removed (relative paths then name nothing)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def run_stage(name: str, config: Any, workdir: str) -> dict:
@@ -192,6 +243,7 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     mesh.check_setup(config, name)  # the mesh and sharded batches fit the devices
     if Path(workdir).exists() and not Path(workdir).is_dir():
         raise config_check.ConfigError(f"--workdir {workdir} exists and is not a directory")
+    check_workdir_length(workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with stage_lock(workdir, name, dist.is_main()):
@@ -238,6 +290,12 @@ def exit_at_once(code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`tldr-jax <stage> --config ... --workdir ...`. Ctrl-C while the program is still
     starting (importing JAX, parsing flags) is one line and exit 130 too, not a traceback."""
+    if argv is None:
+        from tldr_jax.utils import streams
+
+        # Closed or vanishing stdout / stderr and encodings that cannot write a path: the
+        # stage runs to its end all the same (utils/streams.py).
+        streams.guard()
     if argv is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, sigint_handler)
     try:
@@ -302,6 +360,8 @@ def _main_impl(argv: list[str] | None) -> None:
         if os.path.isdir(config_file):
             _usage_error(stage, f"config file {config_file} is a folder (e.g. configs/tldr.py)")
         if not os.path.isfile(config_file):
+            if not os.path.isabs(config_file) and cwd_gone():
+                _usage_error(stage, f"config file {config_file}: {CWD_GONE}")
             _usage_error(stage, f"config file {config_file} does not exist")
         _allow_sibling_imports(config_file)
         try:

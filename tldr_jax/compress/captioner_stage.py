@@ -90,7 +90,7 @@ class CompactVocab:
         digest = hashlib.sha256("\n".join(texts).encode("utf-8", "surrogateescape")).hexdigest()
         source = path.with_name(path.name + ".texts-sha256")  # what the vocabulary was built from
         if path.exists():
-            if source.exists() and source.read_text().strip() != digest:
+            if source.exists() and source.read_text(encoding="utf-8").strip() != digest:
                 raise ConfigError(
                     f"{path} was built from other captions than this run's: the workdir "
                     f"belongs to another data set or caption set. Use a new workdir, or delete "

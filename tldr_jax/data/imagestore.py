@@ -320,7 +320,7 @@ def _writer_tag() -> str | None:
     host need not share pids); None where either cannot be read."""
     try:
         ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
-        with open("/proc/sys/kernel/random/boot_id") as f:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as f:
             boot = re.sub(r"[^0-9a-f]", "", f.read().lower())
     except OSError:
         return None

@@ -118,6 +118,18 @@ def _has_bad_utf8(*texts: str) -> bool:
     return any(_SURROGATE.search(t) for t in texts)
 
 
+def _bad_utf8_path(path: str) -> bool:
+    """Whether the bytes of file path `path` (as the file system has them) are not UTF-8. In a
+    UTF-8 locale the same as `_has_bad_utf8`; in another (`LC_ALL=C` with `PYTHONUTF8=0`)
+    a folder such as `--config.data.image_root=/data/données` reaches Python with its
+    non-ASCII bytes as lone surrogates, and is UTF-8 all the same."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except (UnicodeError, ValueError):
+        return True
+    return False
+
+
 def _utf8_only(raw: list[str]) -> tuple[list[str], int]:
     """The texts of `raw` that are UTF-8, and how many are not (dropped from a row that keeps
     its other captions, as empty ones are)."""
@@ -224,9 +236,11 @@ class _RecordSink:
     ) -> bool:
         """Adds the record; False where it is unusable after all (counted as skipped): ids,
         keys, paths or captions that are not UTF-8, a NUL byte in an image path."""
-        texts = (sample_id, key, *captions, *([image] if isinstance(image, str) else []))
         where = file or self.input
-        if _has_bad_utf8(*texts):
+        # The image path joins the data folder (from the config: a path, judged by its bytes)
+        # to the name the input gives (`key`, judged as text with the ids and captions).
+        path_bad = isinstance(image, str) and _bad_utf8_path(image)
+        if path_bad or _has_bad_utf8(sample_id, key, *captions):
             self.skips.skip("non_utf8", where, row, "a name or caption that is not UTF-8")
             return False
         if isinstance(image, str) and "\x00" in image:

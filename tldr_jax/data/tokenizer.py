@@ -57,7 +57,7 @@ def wordpiece_from_vocab(folder: Path) -> _HFTokenizer:
     transformers' BertTokenizer reads), for BERT folders saved without a tokenizer.json."""
     settings = {}
     if (folder / "tokenizer_config.json").exists():
-        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     lowercase = bool(settings.get("do_lower_case", True))
     special = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
     # A token is a string, or (newer transformers) an AddedToken dict with its "content".

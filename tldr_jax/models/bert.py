@@ -165,7 +165,7 @@ def load_bert(model_dir: str | Path = "") -> BertEncoder:
     may carry the "bert." prefix (BertFor* checkpoints) or none (BertModel checkpoints).
     """
     path = text_model_dir(str(model_dir))
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: only absolute position embeddings are supported")
     if config.get("hidden_act", "gelu") != "gelu":

@@ -47,7 +47,7 @@ def glibc_version() -> tuple[int, int] | None:
 def thp_mode(path: Path = THP_ENABLED) -> str | None:
     """The kernel's transparent-huge-page mode (`always`, `madvise`, `never`), None if unknown."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError:
         return None
     for word in text.split():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,9 +137,18 @@ def _to_jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """Writes JSON atomically (numpy/jax scalars and arrays converted)."""
+    """Writes JSON atomically (numpy/jax scalars and arrays converted), as UTF-8. A string
+    that UTF-8 cannot hold (a path with bytes undecodable in the locale: Python keeps them as
+    lone surrogates) makes the file all `\\uXXXX` escapes instead, which read back as the
+    same string."""
+    obj = _to_jsonable(obj)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_to_jsonable(obj), f, indent=indent, ensure_ascii=False)
+        try:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+        except UnicodeEncodeError:
+            f.seek(0)
+            f.truncate()
+            json.dump(obj, f, indent=indent, ensure_ascii=True)
         f.write("\n")
 
 
@@ -186,7 +197,8 @@ def read_npz(
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+        # A path's bytes undecodable in the locale (lone surrogates) are written as they were.
+        Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
@@ -210,9 +222,28 @@ def write_npy(path: str | os.PathLike, array: Any) -> None:
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
-    """Saves a matplotlib figure atomically as PNG and closes it."""
+    """Saves a matplotlib figure atomically as PNG and closes it. Characters its font lacks
+    (captions in CJK scripts, emoji) are one log line, not two lines of warning for each."""
     import matplotlib.pyplot as plt
 
-    with atomic_path(path, suffix=".png") as tmp:
+    with warnings.catch_warnings(record=True) as seen, atomic_path(path, suffix=".png") as tmp:
+        warnings.filterwarnings("always", _MISSING_GLYPH.pattern, UserWarning)  # `-W error` too
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
+    missing = set()
+    for w in seen:
+        glyph = _MISSING_GLYPH.match(str(w.message))
+        if glyph and issubclass(w.category, UserWarning):
+            missing.add(chr(int(glyph[1])))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    if missing:
+        logging.getLogger(__name__).warning(
+            "%s: %d characters of its text are not in the font and show as boxes: %s",
+            path,
+            len(missing),
+            "".join(sorted(missing))[:40],
+        )
+
+
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")

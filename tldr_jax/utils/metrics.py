@@ -40,17 +40,20 @@ class MetricLogger:
             rows = [r for r in rows if int(r[0]) <= resume_step]
         else:
             rows = []
-        with io.atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
+        with (
+            io.atomic_path(self.csv_path) as tmp,
+            open(tmp, "w", newline="", encoding="utf-8") as f,
+        ):
             w = csv.writer(f)
             w.writerow(["step", "name", "value"])
             w.writerows(rows)
-        self._file = open(self.csv_path, "a", newline="")  # noqa: SIM115
+        self._file = open(self.csv_path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self._writer = csv.writer(self._file)
 
     def _read(self) -> list[list[str]]:
         if not self.csv_path.exists():
             return []
-        with open(self.csv_path, newline="") as f:
+        with open(self.csv_path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         return [r for r in rows[1:] if len(r) == 3]
 
