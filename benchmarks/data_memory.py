@@ -47,7 +47,7 @@ WDS_MODES = ("wds bytes held", "wds indexed")
 
 
 def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -56,7 +56,7 @@ def _rss_kib(field: str) -> int:
 
 def _reset_peak() -> None:
     try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
     except OSError:
         pass
@@ -79,7 +79,7 @@ def write_set(root: str, images: int, captions: int, seed: int = 0) -> str:
             for k in range(captions)
         ]
     path = os.path.join(root, "train.json")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(rows, f)
     return path
 
@@ -89,7 +89,7 @@ def write_shards(root: str, train_json: str, per_shard: int = 1000) -> str:
     import io
     import tarfile
 
-    with open(train_json) as f:
+    with open(train_json, encoding="utf-8") as f:
         rows = json.load(f)
     folder = os.path.join(root, "wds")
     os.makedirs(folder, exist_ok=True)
@@ -185,7 +185,7 @@ def main() -> None:
                 f"{r['epoch_s']} | {ratio:.3f} |"
             )
         if args.json:
-            with open(args.json, "w") as f:
+            with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=2)
     finally:
         if not args.workdir:

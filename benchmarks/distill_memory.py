@@ -56,7 +56,7 @@ TORCH_ARCH = {
 
 
 def _vm_kib(pid: int | str, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -65,7 +65,7 @@ def _vm_kib(pid: int | str, field: str) -> int:
 
 def _reset_peak() -> bool:
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
         return True
     except OSError:  # not Linux, or not permitted: the peak then includes compilation

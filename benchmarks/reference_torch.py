@@ -43,7 +43,7 @@ RELU_GAMMA = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 
 
 def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])

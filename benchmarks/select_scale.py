@@ -70,7 +70,7 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     wall = time.time() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    summary = json.loads((workdir / "select.json").read_text())
+    summary = json.loads((workdir / "select.json").read_text(encoding="utf-8"))
     print(f"load average after: {os.getloadavg()}")
     print(f"select: {wall:.1f} s wall, peak RSS {peak_gb:.2f} GB")
     print(json.dumps(summary, indent=1))
