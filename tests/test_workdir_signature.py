@@ -459,3 +459,23 @@ def test_a_fingerprint_only_one_side_has_is_a_change():
     assert signature.describe(diff) == (
         "training data changed (none recorded -> 3 pairs, sha256 abababababab)"
     )
+
+
+def test_check_stage_waits_for_every_process_before_recording_the_signature(tmp_path, monkeypatch):
+    """Multi-process: every process has read the stage's folder before the main process
+    writes the signature in it (a barrier first). Without it a process still reading found
+    the signature's temporary file (`_has_output`) but no signature yet, and warned "made
+    before signatures were recorded" on a fresh workdir."""
+    config = tldr_config.get_config("tiny")
+    w = tmp_path / "w"
+    events = []
+    write = signature.write
+    monkeypatch.setattr(
+        signature, "write", lambda path, sig: (events.append("write"), write(path, sig))
+    )
+    monkeypatch.setattr(common.dist, "barrier", lambda name: events.append(name))
+    common.check_stage(config, w, "train-captioner")
+    assert events == ["check-stage-train-captioner", "write"]
+    events.clear()
+    common.check_stage(config, w, "train-captioner")  # recorded already: nothing written
+    assert events == ["check-stage-train-captioner"]

@@ -313,7 +313,8 @@ def check_stage(config: ml_collections.ConfigDict, workdir: str | Path, stage: s
     path = signature_path(w, stage)
     want = stage_signature(config, stage, fingerprint)
     have = signature.read(path)
-    if have is None and stage not in REDO and _has_output(w, stage):
+    has_output = _has_output(w, stage)
+    if have is None and stage not in REDO and has_output:
         log.warning(
             "%s: %s has no %s (made before signatures were recorded): taking it as made with "
             "this run's settings",
@@ -321,10 +322,14 @@ def check_stage(config: ml_collections.ConfigDict, workdir: str | Path, stage: s
             path.parent,
             signature.FILE,
         )
-    if have is not None and stage in REDO and _has_output(w, stage):
+    if have is not None and stage in REDO and has_output:
         warn_stale_downstream(w, stage, signature.differences(have, want, known_only=True))
+    # Every process has read the folder before the main process writes in it: one still
+    # reading took the signature's temporary file for output (a "made before signatures"
+    # warning on a fresh workdir) or the signature just written for the one it had.
+    dist.barrier(f"check-stage-{stage}")
     if have != signature.jsonable(want):
-        if have is not None and not _has_output(w, stage) and dist.is_main():
+        if have is not None and not has_output and dist.is_main():
             for name in START_FILES.get(stage, ()):  # made with the earlier settings
                 (path.parent / name).unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
