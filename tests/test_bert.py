@@ -338,3 +338,26 @@ def test_a_bert_folder_without_tokenizer_json_uses_its_vocab(reference, tmp_path
     (folder / "vocab.txt").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         load_tokenizer(str(folder))
+
+
+def test_a_vocab_without_pad_token_still_embeds(encoder, reference, tmp_path):
+    """A vocab.txt folder whose pad token is not "[PAD]" (tokenizer_config.json names
+    another): the encoder pads with some id (padded positions are masked) instead of failing
+    in `embed` with a TypeError on a None pad id; the embeddings are the same."""
+    from tldr_jax.models.pretrained import default_text_model_dir
+
+    src = default_text_model_dir()
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).symlink_to(src / name)
+    vocab = (src / "vocab.txt").read_text(encoding="utf-8")
+    assert "\n[PAD]\n" in "\n" + vocab
+    (folder / "vocab.txt").write_text(vocab.replace("[PAD]\n", "<pad>\n", 1), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    other = TextEncoder(str(folder), pooling="mean", max_len=64)
+    sentences = [str(s) for s in reference["sentences"]]
+    np.testing.assert_allclose(
+        other.embed(sentences), encoder.embed(sentences), rtol=1e-5, atol=1e-6
+    )
+    assert isinstance(other.pad_id, int)

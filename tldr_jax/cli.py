@@ -277,7 +277,7 @@ def sigint_handler(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def exit_at_once(code: int) -> None:
+def exit_at_once(code: int) -> NoReturn:
     """Leaves without the interpreter's shutdown, after flushing the log handlers and the
     standard streams: a signal can land while XLA (or JAX's import) runs work on threads of
     its own, and tearing Python down under them crashed the process (exit 139, not 143 / 130)."""
@@ -430,7 +430,7 @@ def _main_impl(argv: list[str] | None) -> None:
         if dist.is_main():  # the process that wrote it
             print(f"tldr-jax {stage}: wrote {wrote}" + (f" ({short})" if short else ""))
 
-    def _exit_now(code: int) -> None:
+    def _exit_now(code: int) -> NoReturn:
         """Exits after a signal stopped the stage (its `finally` blocks have run): a single
         process at once (`exit_at_once`); several through `sys.exit`, whose exit handlers
         disconnect from JAX's coordination service (every process is at the same agreed

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from tldr_jax import config_lib
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.images import denormalize, normalize
+from tldr_jax.data.imagestore import NormalizedRows
 from tldr_jax.distill import expert_trajectories as et
 from tldr_jax.distill import matching
 from tldr_jax.select.kmeans import kmeans
@@ -86,7 +87,7 @@ def initial_pairs(
     init: str,
     num_pairs: int,
     seed: int,
-    images: np.ndarray,
+    images: np.ndarray | NormalizedRows,
     texts: np.ndarray,
     cluster_features: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

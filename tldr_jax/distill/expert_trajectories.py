@@ -135,7 +135,9 @@ def init_params(config: ml_collections.ConfigDict, text_dim: int, seed: int) -> 
     return flatten_params(image), flatten_params(head)
 
 
-def _batch_feeder(mesh: Mesh, batch: int) -> Callable[[np.ndarray, np.ndarray], tuple]:
+def _batch_feeder(
+    mesh: Mesh, batch: int
+) -> Callable[[np.ndarray | NormalizedRows, np.ndarray], jax.Array]:
     """(host rows, batch_idx) -> the minibatch as a global array split over the mesh.
 
     Every process holds the rows on the host and passes only its own contiguous share of the
@@ -147,7 +149,7 @@ def _batch_feeder(mesh: Mesh, batch: int) -> Callable[[np.ndarray, np.ndarray], 
     if batch % mesh.devices.size == 0 and mesh.devices.size % num_proc == 0:
         me = jax.process_index()
 
-        def feed(rows: np.ndarray, idx: np.ndarray) -> jax.Array:
+        def feed(rows: np.ndarray | NormalizedRows, idx: np.ndarray) -> jax.Array:
             local = np.asarray(idx).reshape(num_proc, -1)[me]
             return shard_batch(rows[local], mesh)
 
@@ -227,7 +229,9 @@ def make_trainer(
     return run
 
 
-def embed_fn(student: Student) -> Callable[[Params, np.ndarray, np.ndarray], tuple]:
+def embed_fn(
+    student: Student,
+) -> Callable[[Params, np.ndarray | NormalizedRows, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(theta, images, texts) -> L2-normalised joint embeddings of every image and text (eval
     mode), computed in fixed-size padded chunks so each tower compiles once."""
 
@@ -236,7 +240,9 @@ def embed_fn(student: Student) -> Callable[[Params, np.ndarray, np.ndarray], tup
         module = student.image if is_img else student.text
         return l2_normalize(module.apply(theta, x, rng=None, train=False))
 
-    def run(is_img: bool, theta: jax.Array, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    def run(
+        is_img: bool, theta: jax.Array, x: np.ndarray | NormalizedRows, chunk: int = 256
+    ) -> np.ndarray:
         out = []
         for s in range(0, len(x), chunk):
             part = x[s : s + chunk]

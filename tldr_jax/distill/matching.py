@@ -30,6 +30,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from tldr_jax.distill.student import Student
 from tldr_jax.train.state import all_finite  # noqa: F401 (also imported from here)
@@ -61,7 +62,7 @@ class SyntheticSet:
     sim_scale: float = struct.field(pytree_node=False, default=0.0)
 
     @classmethod
-    def create(cls, images: jax.Array, texts: jax.Array, step_size: float = 0.1) -> SyntheticSet:
+    def create(cls, images: ArrayLike, texts: ArrayLike, step_size: float = 0.1) -> SyntheticSet:
         lr = jnp.asarray(step_size, jnp.float32)
         return cls(jnp.asarray(images), jnp.asarray(texts), lr, lr)
 

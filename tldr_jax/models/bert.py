@@ -239,7 +239,10 @@ class TextEncoder:
         self.max_len: int = max_len
         self.tokenizer = hf_tokenizer(self.model_dir)
         padding = self.tokenizer.padding
-        self.pad_id: int = padding["pad_id"] if padding else self.tokenizer.token_to_id("[PAD]")
+        pad_id = padding["pad_id"] if padding else self.tokenizer.token_to_id("[PAD]")
+        # A vocabulary without "[PAD]" (a tokenizer_config.json naming another pad token):
+        # padded positions are masked out of attention and pooling, so any id serves there.
+        self.pad_id: int = 0 if pad_id is None else int(pad_id)
         # Truncate here (keeps [SEP]); padding to a bucket length is done per batch in `embed`.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_len)
