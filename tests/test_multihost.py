@@ -218,6 +218,9 @@ def test_two_processes_one_distillation_iteration_equals_one(tmp_path):
     b = np.load(tmp_path / "two" / "distill" / "distilled.npz")
     for k in ("images", "texts", "lr_img", "lr_txt"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # the start set is process 0's on every process (broadcast), its rows of the same dtype
+    assert a["init_index"].dtype == b["init_index"].dtype
+    np.testing.assert_array_equal(a["init_index"], b["init_index"])
     one = json.loads((tmp_path / "one" / "distill.json").read_text())
     two = json.loads((tmp_path / "two" / "distill.json").read_text())
     assert two["num_processes"] == 2 and one["num_processes"] == 1

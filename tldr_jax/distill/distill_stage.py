@@ -333,6 +333,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     images0, texts0, init_idx = initial_pairs(
         d.init, m, seed, data.train_images, data.train_txt, cluster
     )
+    if jax.process_count() > 1:
+        # Process 0's start set for every process: k-means on floats (and any host's own
+        # rounding) could give each host its own, and the replicated set would then differ.
+        from jax.experimental import multihost_utils
+
+        start = (images0, texts0, init_idx)
+        shared = multihost_utils.broadcast_one_to_all(start)
+        pairs = zip(start, shared, strict=True)
+        images0, texts0, init_idx = (np.asarray(b, a.dtype) for a, b in pairs)
 
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
     rep = replicated(mesh)
