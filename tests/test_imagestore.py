@@ -314,3 +314,19 @@ def test_a_grouped_test_image_keeps_its_first_rows_id_and_image(tmp_path):
     assert ds.captions == [["a first", "a second"], ["b only"]]
     want = images_lib.decode_image(str(tmp_path / "img" / "1.png"), 8)
     np.testing.assert_array_equal(ds.images[1], want)
+
+
+def test_a_file_system_that_cannot_reserve_space_keeps_the_cache_sparse(tmp_path, monkeypatch):
+    """posix_fallocate refused as unsupported (EOPNOTSUPP, or EINVAL as some file systems
+    answer): the cache file stays sparse and the set loads, as before the reservation."""
+    import errno
+
+    path = str(_karpathy_train(tmp_path))
+    for code in (errno.EOPNOTSUPP, errno.EINVAL):
+
+        def unsupported(fd, offset, length, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "posix_fallocate", unsupported)
+        cache = tmp_path / f"cache{code}"
+        assert len(load_set(path, _cfg(cache_dir=str(cache)), "train")) == 6

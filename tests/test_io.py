@@ -319,3 +319,98 @@ def test_an_output_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypa
     io.write_npy(tmp_path / "b.npy", np.arange(3))
     assert events == ["fsync", "rename", "fsync", "rename"]
     assert io.read_json(tmp_path / "a.json") == {"x": 1}
+
+
+def test_a_json_output_that_is_not_utf8_is_damaged_not_a_decode_traceback(tmp_path):
+    """Bytes that are not UTF-8 in an earlier stage's JSON (overwritten by something else)
+    are a DamagedFileError naming the file and its stage, as a cut-short one is."""
+    import pytest
+
+    js = tmp_path / "generated.json"
+    js.write_bytes(b'{"a": "caf\xe9"}')  # Latin-1
+    with pytest.raises(io.DamagedFileError, match=r"generated.json is damaged \(UnicodeDecode"):
+        io.read_json(js, made_by="caption")
+
+
+def test_write_text_keeps_a_paths_undecodable_bytes(tmp_path):
+    """A path whose bytes the locale cannot decode (lone surrogates in Python) is written as
+    those bytes, not a UnicodeEncodeError."""
+    io.write_text(tmp_path / "r.md", "/data/donn\udce9es\n")
+    assert (tmp_path / "r.md").read_bytes() == b"/data/donn\xe9es\n"
+
+
+def test_a_checkpoints_damaged_json_extras_are_an_error_naming_it(tmp_path):
+    """The JSON extras (data-loader state, counters) of a step cut short since the save are
+    the DamagedFileError naming the step, as its arrays are: not json's traceback."""
+    import jax.numpy as jnp
+    import pytest
+
+    from tldr_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(3, {"w": jnp.ones((4, 4))}, extra={"loss": 1.0})
+    (tmp_path / "ckpt" / "3" / "extra" / "metadata").write_text('{"loss": 1.')
+    with pytest.raises(io.DamagedFileError, match=f"checkpoint {tmp_path / 'ckpt' / '3'} is dam"):
+        ckpt.restore(3, {"w": jnp.zeros((4, 4))})
+    ckpt.close()
+
+
+def test_a_checkpoints_cut_short_manifest_is_an_error_naming_it(tmp_path):
+    """The OCDBT manifest of the arrays cut short (TensorStore: `DATA_LOSS: Error opening
+    "cast" driver: ... Error decoding manifest`) is the DamagedFileError naming the step too,
+    not TensorStore's ValueError traceback."""
+    import jax.numpy as jnp
+    import pytest
+
+    from tldr_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(3, {"w": jnp.ones((4, 4))})
+    manifest = tmp_path / "ckpt" / "3" / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    with pytest.raises(io.DamagedFileError, match=r"is damaged \(DATA_LOSS: Error opening"):
+        ckpt.restore(3, {"w": jnp.zeros((4, 4))})
+    ckpt.save(4, {"w": jnp.ones((4, 4))})
+    with pytest.raises(ValueError, match="not compatible with the stored shape") as err:
+        ckpt.restore(4, {"w": jnp.zeros((2, 4))})  # another structure: Orbax's own error
+    assert not isinstance(err.value, io.DamagedFileError)
+    ckpt.close()
+
+
+def test_checkpoint_errors_are_read_through_the_errors_that_wrap_them(tmp_path, monkeypatch):
+    """TensorStore's status under Orbax's own errors (raised from it, or while handling it):
+    a damaged restore is told as one (DATA_LOSS too), and a failed save's OS error is an
+    OSError with its errno naming the folder."""
+    import errno
+
+    import pytest
+
+    from tldr_jax.train import checkpoint
+
+    def during(inner: Exception) -> Exception:  # raised while handling `inner`: __context__
+        try:
+            try:
+                raise inner
+            except ValueError:
+                raise RuntimeError("async restore failed")  # noqa: B904
+        except RuntimeError as outer:
+            return outer
+
+    loss = ValueError('DATA_LOSS: Error reading "w/0.0" in OCDBT database')
+    assert checkpoint._damage(loss) == str(loss)
+    assert checkpoint._damage(during(loss)) == str(loss)
+    assert checkpoint._damage(during(ValueError("shapes do not match"))) is None
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+
+    def full(*a, **k):
+        try:
+            raise ValueError("INTERNAL: Error writing local file [os_error_code='28']")
+        except ValueError as e:
+            raise RuntimeError("save failed") from e
+
+    monkeypatch.setattr(ckpt._mngr, "save", full)
+    with pytest.raises(OSError, match="saving checkpoint step 5") as err:
+        ckpt.save(5, {"w": np.ones(2)})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "ckpt")
+    ckpt.close()

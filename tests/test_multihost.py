@@ -426,3 +426,16 @@ def test_a_busy_workdir_stops_every_process_with_one_line(tmp_path):
         line = f"error: another `tldr-jax pretrain` (pid 424242) is running on {work}"
         assert f"tldr-jax pretrain: {line}" in log, log[-3000:]
     assert not (work / "pretrain.json").exists()
+
+
+def test_a_task_needs_a_job_steps_node_list(monkeypatch):
+    """A batch script's own shell has its job, task and local ids but no step node list:
+    not an srun task (it runs alone, with a warning, if jax.distributed cannot start)."""
+    from tldr_jax.utils import dist
+
+    for key, value in (("SLURM_JOB_ID", "77"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_STEP_NODELIST", raising=False)
+    assert not dist.srun_task()
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")
+    assert dist.srun_task()

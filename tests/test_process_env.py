@@ -108,3 +108,49 @@ def test_missing_font_characters_are_one_log_line(tmp_path, caplog):
     assert (tmp_path / "f.png").stat().st_size > 0
     lines = [r.getMessage() for r in caplog.records if "not in the font" in r.getMessage()]
     assert len(lines) == 1 and "日" in lines[0]
+
+
+def test_a_workdirs_length_is_counted_in_bytes(tmp_path):
+    """PATH_MAX counts bytes: a non-ASCII workdir (2 bytes a letter here) short in characters
+    but too long in bytes is refused."""
+    work = str(tmp_path) + ("/" + "é" * 100) * 19  # ~1950 characters, ~3850 bytes
+    assert len(work) + cli.OUTPUT_DEPTH_BYTES < 4096 < len(os.fsencode(work)) + 256
+    with pytest.raises(ConfigError, match="bytes long: outputs up to"):
+        cli.check_workdir_length(work)
+
+
+def test_a_stage_refuses_a_workdir_too_long_before_making_it(tmp_path):
+    from configs import tldr as tldr_config
+
+    work = tmp_path / "/".join(["d" * 200] * 19)  # mkdir makes it; a checkpoint would not fit
+    with pytest.raises(ConfigError, match="bytes long: outputs up to"):
+        cli.run_stage("make-world", tldr_config.get_config("tiny"), str(work))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_config_file_in_a_removed_current_folder_is_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    def gone() -> str:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "getcwd", gone)
+    argv = ["tldr-jax", "make-world", "--config", "my/tldr.py:tiny", "--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tldr-jax make-world: error: config file my/tldr.py: {cli.CWD_GONE}"
+    )
+
+
+def test_the_file_systems_refusals_are_one_line_other_errors_tracebacks():
+    """Permissions, a file where a folder should be, a full disk or quota, a read-only file
+    system, a name too long, a link loop: the CLI's one line; an I/O error is a traceback."""
+    import errno
+
+    names = ("EACCES", "EPERM", "ENOTDIR", "EISDIR", "ENOSPC", "EDQUOT", "EFBIG", "EROFS")
+    for name in (*names, "ENAMETOOLONG", "ELOOP"):
+        assert cli.file_system_error(OSError(getattr(errno, name), "refused", "/w/x")), name
+    assert not cli.file_system_error(OSError(errno.EIO, "I/O error"))
+    assert not cli.file_system_error(OSError("no errno"))

@@ -2036,3 +2036,34 @@ def test_an_input_or_image_root_whose_name_holds_a_comma_is_one(tmp_path):
     ds = load_set(str(path), _cfg(image_root=str(root)), "train")
     assert ds.ids == ["a,b:1", "a,b:2"] and ds.captions == [["one"], ["two"]]
     np.testing.assert_array_equal(ds.images[1], _resized(1))
+
+
+def test_a_caption_file_that_cannot_be_read_is_named_txt_before_json(tmp_path, monkeypatch):
+    """With both KEY.txt and KEY.json the caption is the .txt's: the skip names that file."""
+    root = _png_folder(tmp_path, 2)
+    for i in range(2):
+        (root / f"{i}.txt").write_text(f"caption {i}")
+        (root / f"{i}.json").write_text(json.dumps({"caption": f"json {i}"}))
+    read_bytes = Path.read_bytes
+
+    def unreadable(self):
+        if self.name == "1.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    with pytest.raises(BadRowError, match=r"1\.txt, row 1: no_caption \(cannot read: .*denied"):
+        read_records(str(root), "", Skips(strict=True))
+
+
+def test_an_image_root_whose_bytes_are_not_utf8_makes_its_rows_non_utf8(tmp_path):
+    """The image path is judged by its bytes, the data folder's included: a root in Latin-1
+    (`/data/donn\\xe9es` in Python as a lone surrogate) cannot be UTF-8, counted non_utf8."""
+    import sys
+
+    if sys.getfilesystemencoding() != "utf-8":
+        pytest.skip("needs a UTF-8 file name encoding")
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "0.png", "caption": "a dog"}]))
+    skips = Skips()
+    recs = read_records(str(tmp_path / "a.json"), str(tmp_path / "donn\udce9es"), skips)
+    assert recs == [] and skips.as_dict() == {"non_utf8": 1}

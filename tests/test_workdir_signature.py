@@ -479,3 +479,13 @@ def test_check_stage_waits_for_every_process_before_recording_the_signature(tmp_
     events.clear()
     common.check_stage(config, w, "train-captioner")  # recorded already: nothing written
     assert events == ["check-stage-train-captioner"]
+
+
+def test_a_signature_below_a_file_is_absent():
+    """No signature where its folder is a file (not a folder): None, as for a missing one,
+    not a refusal saying it cannot be read."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "distill").write_text("")
+        assert signature.read(Path(d) / "distill" / "signature.json") is None

@@ -26,10 +26,12 @@ import orbax.checkpoint as ocp
 DATA_STATE_KEY = "_data_state"
 
 # TensorStore's errors (raised as ValueError): the OS error under a failed write, and the
-# status of a read that found the files cut short or corrupt.
+# status of a read that found the files cut short or corrupt, reading an array's data or
+# opening it (its OCDBT manifest or metadata: "Error opening "cast" driver: ... Error reading").
 _OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
 _DAMAGED = re.compile(
-    r"^(OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT): Error reading"
+    r"^(OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT): "
+    r"Error (reading|opening .*: Error reading)"
 )
 
 
