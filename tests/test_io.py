@@ -370,6 +370,16 @@ def test_a_checkpoints_cut_short_manifest_is_an_error_naming_it(tmp_path):
     manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
     with pytest.raises(io.DamagedFileError, match=r"is damaged \(DATA_LOSS: Error opening"):
         ckpt.restore(3, {"w": jnp.zeros((4, 4))})
+    # a data file overwritten in place, its size kept (no status code: "... Error decoding
+    # b-tree node: ZSTD_decompressStream() failed: Data corruption detected")
+    ckpt.save(5, {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)})
+    data = sorted((tmp_path / "ckpt" / "5" / "state").rglob("d/*"))[0]
+    raw = bytearray(data.read_bytes())
+    quarter = len(raw) // 4
+    raw[quarter : quarter + 2 * quarter] = np.random.default_rng(1).bytes(2 * quarter)
+    data.write_bytes(bytes(raw))
+    with pytest.raises(io.DamagedFileError, match="5.*is damaged"):
+        ckpt.restore(5, {"w": jnp.zeros((64, 64))})
     ckpt.save(4, {"w": jnp.ones((4, 4))})
     with pytest.raises(ValueError, match="not compatible with the stored shape") as err:
         ckpt.restore(4, {"w": jnp.zeros((2, 4))})  # another structure: Orbax's own error

@@ -33,6 +33,8 @@ _DAMAGED = re.compile(
     r"^(OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT): "
     r"Error (reading|opening .*: Error reading)"
 )
+# A file read whole whose bytes do not decode (overwritten in place: no status code then).
+_CORRUPT = re.compile(r"Error reading .*(Error decoding|Data corruption detected)")
 
 
 class Checkpointer:
@@ -153,7 +155,7 @@ def _damage(error: BaseException) -> str | None:
     files are cut short or corrupt, or None."""
     for e in _chain(error):
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        if _DAMAGED.match(first) or isinstance(e, json.JSONDecodeError):
+        if _DAMAGED.match(first) or _CORRUPT.search(first) or isinstance(e, json.JSONDecodeError):
             return first
     return None
 
