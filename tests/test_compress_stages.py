@@ -238,6 +238,39 @@ def test_caption_generates_for_every_kept_id(trained, monkeypatch):
     assert reused == {**generated, "not-kept": "x"}
 
 
+def test_caption_refuses_more_beams_than_its_vocabulary_before_training(
+    trained, tmp_path, monkeypatch
+):
+    """caption.method='beam' with 2 x beam_size above the caption vocabulary (known once the
+    caption set is read) is a ConfigError before the captioner trains; it used to be the
+    decoder's ValueError traceback after training. Greedy and nucleus ignore beam_size."""
+    import shutil
+
+    config, workdir, _ = trained
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work, ignore=shutil.ignore_patterns("caption", "caption.json"))
+    train = load_train(config)
+    io.write_npz(work / "score" / "kept.npz", ids=np.array(train.ids[:3]), scores=np.zeros(3))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("refused only after training")
+
+    monkeypatch.setattr(caption_stage, "train_model", no_training)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.caption.update(method="beam", beam_size=1000)
+    with pytest.raises(ConfigError, match="caption.beam_size=1000 with caption.method='beam'"):
+        caption_stage.run(config, str(work))
+    assert not (work / "caption" / "checkpoints").exists()
+    cap = ml_collections.ConfigDict(dict(method="beam", beam_size=2))
+    for method, beams, ok in [("beam", 33, True), ("beam", 34, False), ("greedy", 1000, True)]:
+        cap.update(method=method, beam_size=beams)
+        if ok:
+            caption_stage.check_beam_fits(cap, 67)
+        else:
+            with pytest.raises(ConfigError, match="at most 33"):
+                caption_stage.check_beam_fits(cap, 67)
+
+
 def _fake_generation(
     method: str, decode_batch
 ) -> tuple[SimpleNamespace, ml_collections.ConfigDict]:

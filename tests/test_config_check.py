@@ -153,6 +153,26 @@ def test_contrastive_sets_take_two_pairs_and_expert_epochs_fit_the_buffer():
     assert config_check.problems(t) == []
 
 
+def test_micro_batches_must_divide_the_student_batch_before_buffer_trains():
+    """distill.micro_batches not dividing the student batch (batch_syn, or num_pairs where
+    batch_syn is 0 or larger) was refused only by the distill stage, after `buffer` had
+    trained the experts: config_check refuses it for buffer too (the same rule)."""
+    c = distill_config.get_config("tiny")  # num_pairs 8
+    for batch_syn, slices, ok in [(6, 4, False), (0, 3, False), (12, 3, False), (0, 2, True),
+                                  (6, 2, True), (12, 4, True), (0, 8, True)]:  # fmt: skip
+        c.distill.batch_syn, c.distill.micro_batches = batch_syn, slices
+        batch = min(batch_syn or 8, 8)
+        if ok:
+            config_check.check(c, "buffer")
+        else:
+            with pytest.raises(
+                ConfigError,
+                match=rf"distill.micro_batches={slices}: must divide the student "
+                rf"batch {batch} ",
+            ):
+                config_check.check(c, "buffer")
+
+
 @pytest.mark.parametrize(
     "target,ok",
     [

@@ -307,6 +307,25 @@ def _distill_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+def _micro_batch_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """distill.micro_batches must divide the student batch (distill.batch_syn, or num_pairs
+    where that is 0 or larger): the distill stage refused it only at its start, after
+    `buffer` had trained the experts for it."""
+    values = [lookup(config, f"distill.{k}") for k in ("micro_batches", "batch_syn", "num_pairs")]
+    if not all(ok for ok, _ in values):
+        return []
+    slices, batch_syn, num_pairs = (v for _, v in values)
+    if COUNT(slices) or integer(2, also=(0,))(batch_syn) or PAIRS(num_pairs):
+        return []  # each key's own rule says what is wrong
+    batch = min(batch_syn or num_pairs, num_pairs)
+    if batch % slices == 0:
+        return []
+    return [
+        f"distill.micro_batches={slices}: must divide the student batch {batch} "
+        "(distill.batch_syn, or distill.num_pairs where batch_syn is 0 or larger)"
+    ]
+
+
 def _min_lr_problems(config: ml_collections.ConfigDict) -> list[str]:
     """A decaying schedule's floor (min_lr) above its lr would become the learning rate."""
     out = []
@@ -332,6 +351,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
     out += _world_problems(config) + _select_problems(config) + _distill_problems(config)
+    out += _micro_batch_problems(config)
     out += _min_lr_problems(config)
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
     # must suit the encoder it names (keys only another encoder takes are left out then).

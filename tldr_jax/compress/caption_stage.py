@@ -48,6 +48,7 @@ from tldr_jax.compress.common import (
     rows_of,
     stage_dir,
 )
+from tldr_jax.config_check import ConfigError
 from tldr_jax.config_lib import max_rows_of
 from tldr_jax.data.dataset import ImageTextSet, load_set
 from tldr_jax.data.images import normalize
@@ -131,6 +132,20 @@ def build_captioner(
         rngs=rngs,
     )
     return Captioner(encoder, decoder, bos_id=bos_id)
+
+
+def check_beam_fits(cap: ml_collections.ConfigDict, vocab_size: int) -> None:
+    """A ConfigError where beam search (`caption.method='beam'`) keeps more beams than the
+    caption vocabulary allows (each step draws 2 x beam_size candidates): the vocabulary is
+    built from `caption.data`'s captions, so this is known only here, before the captioner
+    trains, where it used to surface as a traceback from the decoder after training."""
+    beam_size = int(cap.beam_size)
+    if str(cap.method) == "beam" and 2 * beam_size > vocab_size:
+        raise ConfigError(
+            f"caption.beam_size={beam_size} with caption.method='beam': beam search needs a "
+            f"vocabulary of at least {2 * beam_size} tokens, and the caption set's has "
+            f"{vocab_size}; lower caption.beam_size to at most {vocab_size // 2}"
+        )
 
 
 def generate_texts(
@@ -224,6 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     clean = with_prompt(load_set(cap.data, caption_data_config(config), "clean"), prompt)
     texts = [t for caps in clean.captions for t in caps]
     vocab = CompactVocab.cached(tokenizer, texts, seq_len, out / VOCAB_FILE)
+    check_beam_fits(cap, vocab.vocab_size)  # before the captioner trains, not after
     prompt_ids = prompt_token_ids(vocab, prompt)
     model = build_captioner(config, vocab.vocab_size, vocab.cls_id, seq_len)
 
