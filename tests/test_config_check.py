@@ -391,6 +391,26 @@ def test_cli_runs_with_deprecation_warnings_as_errors(tmp_path):
     assert json.loads((tmp_path / "w" / "make-world.json").read_text())["train_rows"] > 0
 
 
+def test_a_stage_records_the_config_it_ran_with(tmp_path):
+    """`DIR/<stage>.config.json`: the whole config, the config word's values and the
+    command line's overrides applied, beside the summary."""
+    work = tmp_path / "w"
+    r = run_cli(
+        "make-world",
+        "--config",
+        "configs/tldr.py:tiny",
+        "--workdir",
+        str(work),
+        "--config.data.world.num_pairs=150",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    recorded = json.loads((work / "make-world.config.json").read_text())
+    want = json.loads(json.dumps(tldr_config.get_config("tiny").to_dict()))  # tuples: lists
+    want["data"]["world"]["num_pairs"] = 150
+    assert recorded == want
+    assert json.loads((work / "make-world.json").read_text())["train_rows"] == 150
+
+
 def test_stage_help_lists_the_config(tmp_path):
     r = run_cli("distill", "--help")
     assert r.returncode == 0 and "distill: trajectory-matching dataset distillation" in r.stdout

@@ -261,6 +261,8 @@ def run_stage(name: str, config: Any, workdir: str) -> dict:
     summary.setdefault("malloc_hugepages", hostenv.malloc_hugepages_active())
     summary.setdefault("xla_flags", os.environ.get("XLA_FLAGS", ""))
     if dist.is_main():
+        # The whole config the summary came from (defaults, the config word and overrides).
+        io.write_json(Path(workdir) / f"{name}.config.json", config.to_dict())
         io.write_json(Path(workdir) / f"{name}.json", summary)
     dist.barrier(f"stage-{name}-done")
     return summary
