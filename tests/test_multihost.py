@@ -142,7 +142,7 @@ def test_two_processes_pretrain_equals_one(pretrain_runs):
         assert two[k] == pytest.approx(one[k], abs=0.5), k
     # Only process 0 wrote outputs: one summary, one metrics file.
     names = sorted(p.name for p in (pretrain_runs / "two").glob("*.json"))
-    assert names == ["pretrain.json", "pretrain.signature.json"]
+    assert names == ["pretrain.config.json", "pretrain.json", "pretrain.signature.json"]
 
 
 SELECT = [
