@@ -1417,6 +1417,18 @@ def test_a_missing_shard_is_met_where_the_pattern_names_it(tmp_path):
     )
 
 
+def _deny_reading(monkeypatch, name: str) -> None:
+    """Reading a file called `name` raises EACCES (chmod does not stop root, who runs CI)."""
+    read_bytes = Path.read_bytes
+
+    def unreadable(self):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+
+
 def test_an_unreadable_caption_file_in_a_folder_is_a_counted_row(tmp_path, monkeypatch):
     """A caption file that cannot be read (no permission, an I/O error) is `no_caption`,
     counted, or in strict mode an error naming it, not a traceback that stops the run.
@@ -1426,14 +1438,7 @@ def test_an_unreadable_caption_file_in_a_folder_is_a_counted_row(tmp_path, monke
     for i in range(3):
         (root / f"{i}.png").write_bytes(_encode(_image(i)))
         (root / f"{i}.txt").write_text(f"caption {i}")
-    read_bytes = Path.read_bytes
-
-    def unreadable(self):
-        if self.name == "1.txt":
-            raise PermissionError(13, "Permission denied", str(self))
-        return read_bytes(self)
-
-    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    _deny_reading(monkeypatch, "1.txt")
     skips = Skips()
     recs = read_records(str(root), "", skips)
     assert [r.sample_id for r in recs] == ["0", "2"]
@@ -2044,14 +2049,7 @@ def test_a_caption_file_that_cannot_be_read_is_named_txt_before_json(tmp_path, m
     for i in range(2):
         (root / f"{i}.txt").write_text(f"caption {i}")
         (root / f"{i}.json").write_text(json.dumps({"caption": f"json {i}"}))
-    read_bytes = Path.read_bytes
-
-    def unreadable(self):
-        if self.name == "1.txt":
-            raise PermissionError(13, "Permission denied", str(self))
-        return read_bytes(self)
-
-    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    _deny_reading(monkeypatch, "1.txt")
     with pytest.raises(BadRowError, match=r"1\.txt, row 1: no_caption \(cannot read: .*denied"):
         read_records(str(root), "", Skips(strict=True))
 
