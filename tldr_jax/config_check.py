@@ -307,10 +307,10 @@ def _distill_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
-def _micro_batch_problems(config: ml_collections.ConfigDict) -> list[str]:
+def micro_batch_problems(config: ml_collections.ConfigDict) -> list[str]:
     """distill.micro_batches must divide the student batch (distill.batch_syn, or num_pairs
-    where that is 0 or larger): the distill stage refused it only at its start, after
-    `buffer` had trained the experts for it."""
+    where that is 0 or larger): checked for `buffer` too, before it trains experts that
+    `distill` would refuse, and by `distill` itself for callers past the CLI."""
     values = [lookup(config, f"distill.{k}") for k in ("micro_batches", "batch_syn", "num_pairs")]
     if not all(ok for ok, _ in values):
         return []
@@ -351,7 +351,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         if present and (why := rule(value)) is not None:
             out.append(f"{path}={value!r}: must be {why}")
     out += _world_problems(config) + _select_problems(config) + _distill_problems(config)
-    out += _micro_batch_problems(config)
+    out += micro_batch_problems(config)
     out += _min_lr_problems(config)
     # Each block that builds an image encoder (model, captioner, caption): its image_kwargs
     # must suit the encoder it names (keys only another encoder takes are left out then).

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from tldr_jax import config_lib
+from tldr_jax import config_check, config_lib
 from tldr_jax.config_check import ConfigError
 from tldr_jax.data.images import denormalize, normalize
 from tldr_jax.data.imagestore import NormalizedRows
@@ -290,13 +290,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Each key's own range and names (max_start_epoch >= 1, grad_mode, init,
     # kmeans_features, ...) were checked by config_check before the stage; here what spans keys.
     max_start = start_epochs(config)
-    student_batch = min(int(d.batch_syn) or m, m)
-    slices = int(d.get("micro_batches", 1))
-    if student_batch % slices:
-        raise ConfigError(
-            f"distill.micro_batches={slices}: must divide the student batch {student_batch} "
-            "(distill.batch_syn, or distill.num_pairs where batch_syn is 0 or larger)"
-        )
+    if problems := config_check.micro_batch_problems(config):  # for callers past the CLI
+        raise ConfigError(problems[0])
     lors = bool(d.get("lors", False))
     scan_unroll = bool(d.get("scan_unroll", False))
     if scan_unroll and d.grad_mode != "unroll":
