@@ -1154,10 +1154,10 @@ def test_eval_models_compile_no_key_slice_per_epoch(monkeypatch):
     compile per epoch: slicing keys[:k] / keys[k:] off a shrinking array compiled two slices
     per block (the length left changes every block). The keys each block gets are still the
     consecutive slices of one split of `steps` keys, in order."""
-    import logging
     import types
 
     import optax
+    from jax_logs import compile_log
 
     from tldr_jax.distill import eval_distilled
 
@@ -1184,16 +1184,8 @@ def test_eval_models_compile_no_key_slice_per_epoch(monkeypatch):
         ev.embed = lambda theta, i, t: (np.zeros((2, 2), np.float32),) * 2
         ev._trainers = {}
         fed.clear()
-        records: list[str] = []
-        handler = logging.Handler()
-        handler.emit = lambda r: records.append(r.getMessage())
-        logger = logging.getLogger("jax")
-        logger.addHandler(handler)
-        try:
-            with jax.log_compiles(True):
-                ev.train_and_eval(np.zeros((8, 2), np.float32), np.zeros((8, 2)), 0.1, 0.1, tag=0)
-        finally:
-            logger.removeHandler(handler)
+        with compile_log() as records:
+            ev.train_and_eval(np.zeros((8, 2), np.float32), np.zeros((8, 2)), 0.1, 0.1, tag=0)
         # 8 pairs at batch 3: blocks of 2 and 1 steps per epoch; their keys are one split of
         # all the steps' keys, cut in order
         steps = 3 * epochs

@@ -506,9 +506,8 @@ def test_embeddings_compile_once_per_model_structure_and_shape():
     structure in the process (the retrieval comparison's runs, score), with one compile per
     input shape: a jit made per call compiled on every call, and the nnx.jit's write-back
     of the model's rng state changed its sharding after the first batch (a second compile)."""
-    import logging
-
     from flax import nnx
+    from jax_logs import compile_log
 
     from tldr_jax.data.dataset import ImageTextSet
 
@@ -526,27 +525,19 @@ def test_embeddings_compile_once_per_model_structure_and_shape():
         source="test",
     )
     text = rng.normal(size=(24, 24)).astype(np.float32)  # 3 whole batches of 8
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
     embeddings = []
-    try:
-        with jax.log_compiles(True):
-            for seed in (0, 1, 1):
-                # as training leaves it: parameters on the mesh, the rng state not
-                model = pretrain.build_model(config, 24, seed)
-                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-                params = jax.device_put(params, NamedSharding(mesh, P()))
-                model = nnx.merge(graphdef, params, rest)
-                compiled = len(records)
-                img = pretrain.embed_images(model, ds, batch_size=8)
-                txt = pretrain.embed_texts(model, text, batch_size=8)
-                new = [m for m in records[compiled:] if m.startswith("Compiling")]
-                embeddings.append((img, txt, new))
-    finally:
-        logger.removeHandler(handler)
+    with compile_log() as records:
+        for seed in (0, 1, 1):
+            # as training leaves it: parameters on the mesh, the rng state not
+            model = pretrain.build_model(config, 24, seed)
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            params = jax.device_put(params, NamedSharding(mesh, P()))
+            model = nnx.merge(graphdef, params, rest)
+            compiled = len(records)
+            img = pretrain.embed_images(model, ds, batch_size=8)
+            txt = pretrain.embed_texts(model, text, batch_size=8)
+            new = [m for m in records[compiled:] if m.startswith("Compiling")]
+            embeddings.append((img, txt, new))
     enc = [[m for m in new if "_encode_" in m or "lambda" in m] for _, _, new in embeddings]
     assert len(enc[0]) == 2 and enc[1] == enc[2] == []  # images (the last batch padded), texts
     # the same model, the same embeddings; unit rows
